@@ -1,0 +1,57 @@
+"""A quantized linear weight as every algorithm returns it and every format consumes it.
+
+The layout is the neutral one (HF orientation, unpacked integers): formats pack it their own way,
+and `dequantize()` is the single definition of what the numbers mean:
+``W'[n, k] = scales[n, g_idx[k]] * (codes[n, k] - zeros[n, g_idx[k]])``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bitsmith.errors import FormatError
+from bitsmith.schemes import QuantScheme
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QuantizedWeight:
+    """Integer codes of one linear, with per-(row, group) scales and zero points.
+
+    codes:  uint8 [N, K], values in [0, 2^bits - 1], in the ORIGINAL column order.
+    scales: float32 [N, G].
+    zeros:  int32 [N, G], values in [0, 2^bits - 1] (true zeros, not GPTQ v1's zero - 1).
+    g_idx:  int32 [K], the group of each input column (not monotone under act-order).
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    g_idx: torch.Tensor
+    scheme: QuantScheme
+
+    def __post_init__(self) -> None:
+        if self.codes.dim() != 2:
+            raise FormatError(f"codes must be 2-D [out, in], got shape {tuple(self.codes.shape)}")
+        n, k = self.codes.shape
+        groups = self.scales.shape[1] if self.scales.dim() == 2 else -1
+        if tuple(self.scales.shape) != (n, groups) or tuple(self.zeros.shape) != (n, groups):
+            raise FormatError(
+                f"scales {tuple(self.scales.shape)} / zeros {tuple(self.zeros.shape)} "
+                f"do not match codes [{n}, {k}]"
+            )
+        if tuple(self.g_idx.shape) != (k,):
+            raise FormatError(f"g_idx has shape {tuple(self.g_idx.shape)}, expected ({k},)")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n, k = self.codes.shape
+        return int(n), int(k)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight [N, K] these codes stand for."""
+        idx = self.g_idx.long()
+        scales = self.scales.float()[:, idx]
+        zeros = self.zeros.float()[:, idx]
+        return ((self.codes.float() - zeros) * scales).to(dtype)

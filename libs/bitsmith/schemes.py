@@ -1,0 +1,134 @@
+"""What a quantized tensor is: the grid (bits, group size, symmetry) and the method that fills it.
+
+These dataclasses are the one home of quantization configuration: the CLI builds them, the protobuf
+converter (`bitsmith.rpc.convert`) maps them to and from the wire, and algorithms and formats take
+them. They validate on construction so a bad scheme fails at the edge, never deep inside a solve.
+
+>>> QuantScheme(bits=4, group_size=128, sym=False).maxq
+15
+>>> QuantScheme(bits=5)
+Traceback (most recent call last):
+...
+bitsmith.errors.ConfigError: bits must be one of (2, 3, 4, 8), got 5
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from typing import Any
+
+from bitsmith.errors import ConfigError
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+PER_CHANNEL = -1
+
+
+class Method(StrEnum):
+    """How the integer codes are chosen."""
+
+    RTN = "rtn"
+    """Round to nearest on the grid: no calibration data needed."""
+    GPTQ = "gptq"
+    """Hessian-aware error compensation (Frantar et al.), column block by column block."""
+
+
+class Format(StrEnum):
+    """Artifact layouts the packer writes."""
+
+    GPTQ = "gptq"
+    """GPTQ safetensors (qweight/qzeros/scales/g_idx) as GPTQModel, transformers and vLLM load it."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QuantScheme:
+    """An integer grid: `bits` per weight, one (scale, zero) per `group_size` input columns of a row.
+
+    `group_size=-1` means one group per output row (per-channel). `sym` puts the zero in the middle of
+    the grid (2^(bits-1)), which is what Marlin-style kernels want; asymmetric grids fit min..max.
+    """
+
+    VERSION = 1
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    min_zero: int = 0
+    """Lowest zero point an asymmetric grid may use. GPTQ "v1" checkpoints store zero - 1 and so
+    cannot hold a zero of 0; jobs that write them quantize with ``min_zero=1`` so the solver, not
+    the packer, pays for the constraint (the packer refuses codes that break it)."""
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ConfigError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
+        if not 0 <= self.min_zero < self.maxq:
+            raise ConfigError(f"min_zero must be in [0, {self.maxq}), got {self.min_zero}")
+        if self.group_size != PER_CHANNEL and self.group_size <= 0:
+            raise ConfigError(f"group_size must be positive or -1 (per channel), got {self.group_size}")
+
+    @property
+    def maxq(self) -> int:
+        """The largest integer code."""
+        return (1 << self.bits) - 1
+
+    def groups(self, in_features: int) -> int:
+        """Number of groups along the input dimension; raises if the group size does not divide it."""
+        if self.group_size == PER_CHANNEL:
+            return 1
+        if in_features % self.group_size:
+            raise ConfigError(
+                f"group_size {self.group_size} does not divide in_features {in_features}"
+            )
+        return in_features // self.group_size
+
+    def effective_group_size(self, in_features: int) -> int:
+        """Columns per group for a layer with `in_features` inputs."""
+        return in_features if self.group_size == PER_CHANNEL else self.group_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"_version": self.VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantScheme:
+        data = dict(data)
+        version = data.pop("_version", cls.VERSION)
+        if version != cls.VERSION:
+            raise ConfigError(f"QuantScheme version {version} is not {cls.VERSION}")
+        unknown = set(data) - {"bits", "group_size", "sym", "min_zero"}
+        if unknown:
+            raise ConfigError(f"unknown QuantScheme keys: {sorted(unknown)}")
+        return cls(**data)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GPTQOptions:
+    """Knobs of the GPTQ solve (ignored by RTN).
+
+    `damp_percent` is the ridge added to the Hessian diagonal as a fraction of its mean; it escalates
+    (x10 up to `max_damp_percent`) when the Cholesky factorization fails, and the damping actually
+    used is reported per layer. `act_order` processes columns by descending Hessian diagonal;
+    `static_groups` fixes every group's scale/zero from the unquantized weights up front so groups
+    stay contiguous in the original order even with act-order. `block_size` is the width of the
+    column blocks whose trailing update is done lazily as one matrix product.
+    """
+
+    VERSION = 1
+
+    damp_percent: float = 0.01
+    max_damp_percent: float = 1.0
+    act_order: bool = False
+    static_groups: bool = False
+    true_sequential: bool = True
+    block_size: int = 128
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.damp_percent <= self.max_damp_percent:
+            raise ConfigError(
+                f"damp_percent must be in (0, max_damp_percent={self.max_damp_percent}], "
+                f"got {self.damp_percent}"
+            )
+        if self.block_size <= 0:
+            raise ConfigError(f"block_size must be positive, got {self.block_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"_version": self.VERSION, **asdict(self)}
