@@ -1,0 +1,105 @@
+"""Wire messages <-> library types: the only place both meet.
+
+Services call these at their edges, so the library never sees protobuf and the wire never sees a
+torch tensor or a Python enum.
+"""
+
+from __future__ import annotations
+
+from bitsmith.errors import ConfigError
+from bitsmith.schemes import Format, GPTQOptions, Method, QuantScheme
+from bitsmith.store import QuantizedRef, TensorRef
+from bitsmith.v1 import common_pb2
+
+_METHODS = {Method.RTN: common_pb2.METHOD_RTN, Method.GPTQ: common_pb2.METHOD_GPTQ}
+
+
+def method_to_proto(method: Method) -> common_pb2.Method.ValueType:
+    return _METHODS[method]
+
+
+def method_from_proto(value: int) -> Method:
+    for method, proto in _METHODS.items():
+        if proto == value:
+            return method
+    raise ConfigError(f"unknown or unspecified method {value}; known: {[m.value for m in Method]}")
+
+
+def scheme_to_proto(scheme: QuantScheme) -> common_pb2.QuantScheme:
+    return common_pb2.QuantScheme(
+        bits=scheme.bits, group_size=scheme.group_size, sym=scheme.sym, min_zero=scheme.min_zero
+    )
+
+
+def scheme_from_proto(msg: common_pb2.QuantScheme) -> QuantScheme:
+    if msg.bits == 0:
+        raise ConfigError("the quantization scheme has no bits set")
+    return QuantScheme(bits=msg.bits, group_size=msg.group_size, sym=msg.sym, min_zero=msg.min_zero)
+
+
+def gptq_to_proto(options: GPTQOptions) -> common_pb2.GPTQOptions:
+    return common_pb2.GPTQOptions(
+        damp_percent=options.damp_percent, act_order=options.act_order,
+        static_groups=options.static_groups, true_sequential=options.true_sequential,
+        block_size=options.block_size,
+    )
+
+
+def gptq_from_proto(msg: common_pb2.GPTQOptions) -> GPTQOptions:
+    """Unset fields (zero) take the library defaults, so a minimal request stays valid."""
+    defaults = GPTQOptions()
+    return GPTQOptions(
+        damp_percent=msg.damp_percent or defaults.damp_percent,
+        act_order=msg.act_order,
+        static_groups=msg.static_groups,
+        true_sequential=msg.true_sequential,
+        block_size=msg.block_size or defaults.block_size,
+    )
+
+
+def tensor_ref_to_proto(ref: TensorRef) -> common_pb2.TensorRef:
+    return common_pb2.TensorRef(
+        key=ref.key, name=ref.name, dtype=ref.dtype, shape=list(ref.shape), sha256=ref.sha256
+    )
+
+
+def tensor_ref_from_proto(msg: common_pb2.TensorRef) -> TensorRef:
+    if not msg.key or not msg.name:
+        raise ConfigError("a tensor reference needs a store key and a tensor name")
+    return TensorRef(key=msg.key, name=msg.name, dtype=msg.dtype, shape=tuple(msg.shape), sha256=msg.sha256)
+
+
+def quantized_ref_to_proto(name: str, ref: QuantizedRef) -> common_pb2.QuantizedRef:
+    """`name` is the full module name of the linear the stored weight belongs to."""
+    return common_pb2.QuantizedRef(
+        name=name,
+        codes=tensor_ref_to_proto(ref.codes),
+        scales=tensor_ref_to_proto(ref.scales),
+        zeros=tensor_ref_to_proto(ref.zeros),
+        g_idx=tensor_ref_to_proto(ref.g_idx),
+        scheme=scheme_to_proto(ref.scheme),
+    )
+
+
+def quantized_ref_from_proto(msg: common_pb2.QuantizedRef) -> QuantizedRef:
+    return QuantizedRef(
+        codes=tensor_ref_from_proto(msg.codes),
+        scales=tensor_ref_from_proto(msg.scales),
+        zeros=tensor_ref_from_proto(msg.zeros),
+        g_idx=tensor_ref_from_proto(msg.g_idx),
+        scheme=scheme_from_proto(msg.scheme),
+    )
+
+
+_FORMATS = {Format.GPTQ: common_pb2.FORMAT_GPTQ}
+
+
+def format_to_proto(fmt: Format) -> common_pb2.Format.ValueType:
+    return _FORMATS[fmt]
+
+
+def format_from_proto(value: int) -> Format:
+    for fmt, proto in _FORMATS.items():
+        if proto == value:
+            return fmt
+    raise ConfigError(f"unknown or unspecified format {value}; known: {[f.value for f in Format]}")

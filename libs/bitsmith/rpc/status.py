@@ -1,0 +1,80 @@
+"""Server interceptor: BitsmithError -> gRPC status with a readable reason.
+
+Every service installs it, so a servicer method simply raises `ConfigError("...")` and the caller
+sees `INVALID_ARGUMENT: ...`. Anything that is not a BitsmithError is a bug: it is logged with its
+traceback and reported as INTERNAL with the exception's type and message, never swallowed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from bitsmith.errors import BitsmithError
+
+log = logging.getLogger("bitsmith.rpc")
+
+
+def status_code(error: BitsmithError) -> grpc.StatusCode:
+    """The gRPC status code an error names."""
+    return getattr(grpc.StatusCode, error.grpc_code, grpc.StatusCode.INTERNAL)
+
+
+def _abort(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
+    if isinstance(exc, BitsmithError):
+        context.abort(status_code(exc), str(exc))
+    log.exception("unexpected error in %s", method)
+    context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+
+def _wrap_unary(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+    def wrapper(request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return behavior(request, context)
+        except Exception as exc:
+            if isinstance(exc, grpc.RpcError) and context.code() is not None:
+                raise  # already aborted by the servicer
+            _abort(context, exc, method)
+            raise  # unreachable: abort raises
+
+    return wrapper
+
+
+def _wrap_stream(behavior: Callable[..., Iterator[Any]], method: str) -> Callable[..., Iterator[Any]]:
+    def wrapper(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from behavior(request, context)
+        except Exception as exc:
+            if isinstance(exc, grpc.RpcError) and context.code() is not None:
+                raise
+            _abort(context, exc, method)
+
+    return wrapper
+
+
+class ErrorMappingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Maps exceptions raised by unary-unary and unary-stream handlers to statuses."""
+
+    def intercept_service(
+        self, continuation: Callable[[Any], Any], handler_call_details: grpc.HandlerCallDetails
+    ) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler

@@ -1,0 +1,96 @@
+from bitsmith.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class PlanRequest(_message.Message):
+    __slots__ = ("model_path", "scheme")
+    MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
+    SCHEME_FIELD_NUMBER: _ClassVar[int]
+    model_path: str
+    scheme: _common_pb2.QuantScheme
+    def __init__(self, model_path: _Optional[str] = ..., scheme: _Optional[_Union[_common_pb2.QuantScheme, _Mapping]] = ...) -> None: ...
+
+class LinearGroup(_message.Message):
+    __slots__ = ("names",)
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, names: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class BlockPlan(_message.Message):
+    __slots__ = ("prefix", "groups")
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    prefix: str
+    groups: _containers.RepeatedCompositeFieldContainer[LinearGroup]
+    def __init__(self, prefix: _Optional[str] = ..., groups: _Optional[_Iterable[_Union[LinearGroup, _Mapping]]] = ...) -> None: ...
+
+class ModelPlan(_message.Message):
+    __slots__ = ("architecture", "blocks")
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    architecture: str
+    blocks: _containers.RepeatedCompositeFieldContainer[BlockPlan]
+    def __init__(self, architecture: _Optional[str] = ..., blocks: _Optional[_Iterable[_Union[BlockPlan, _Mapping]]] = ...) -> None: ...
+
+class StartRequest(_message.Message):
+    __slots__ = ("job_id", "model_path", "calibration")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    model_path: str
+    calibration: _common_pb2.CalibrationSpec
+    def __init__(self, job_id: _Optional[str] = ..., model_path: _Optional[str] = ..., calibration: _Optional[_Union[_common_pb2.CalibrationSpec, _Mapping]] = ...) -> None: ...
+
+class StartResponse(_message.Message):
+    __slots__ = ("inputs",)
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    inputs: _common_pb2.TensorRef
+    def __init__(self, inputs: _Optional[_Union[_common_pb2.TensorRef, _Mapping]] = ...) -> None: ...
+
+class CollectRequest(_message.Message):
+    __slots__ = ("job_id", "model_path", "block", "names", "inputs", "applied")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    model_path: str
+    block: int
+    names: _containers.RepeatedScalarFieldContainer[str]
+    inputs: _common_pb2.TensorRef
+    applied: _containers.RepeatedCompositeFieldContainer[_common_pb2.QuantizedRef]
+    def __init__(self, job_id: _Optional[str] = ..., model_path: _Optional[str] = ..., block: _Optional[int] = ..., names: _Optional[_Iterable[str]] = ..., inputs: _Optional[_Union[_common_pb2.TensorRef, _Mapping]] = ..., applied: _Optional[_Iterable[_Union[_common_pb2.QuantizedRef, _Mapping]]] = ...) -> None: ...
+
+class CollectResponse(_message.Message):
+    __slots__ = ("stats",)
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    stats: _containers.RepeatedCompositeFieldContainer[_common_pb2.LinearStats]
+    def __init__(self, stats: _Optional[_Iterable[_Union[_common_pb2.LinearStats, _Mapping]]] = ...) -> None: ...
+
+class AdvanceRequest(_message.Message):
+    __slots__ = ("job_id", "model_path", "block", "inputs", "applied")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    model_path: str
+    block: int
+    inputs: _common_pb2.TensorRef
+    applied: _containers.RepeatedCompositeFieldContainer[_common_pb2.QuantizedRef]
+    def __init__(self, job_id: _Optional[str] = ..., model_path: _Optional[str] = ..., block: _Optional[int] = ..., inputs: _Optional[_Union[_common_pb2.TensorRef, _Mapping]] = ..., applied: _Optional[_Iterable[_Union[_common_pb2.QuantizedRef, _Mapping]]] = ...) -> None: ...
+
+class AdvanceResponse(_message.Message):
+    __slots__ = ("outputs",)
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    outputs: _common_pb2.TensorRef
+    def __init__(self, outputs: _Optional[_Union[_common_pb2.TensorRef, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,249 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Method(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    METHOD_UNSPECIFIED: _ClassVar[Method]
+    METHOD_RTN: _ClassVar[Method]
+    METHOD_GPTQ: _ClassVar[Method]
+
+class Format(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FORMAT_UNSPECIFIED: _ClassVar[Format]
+    FORMAT_GPTQ: _ClassVar[Format]
+
+class CalibrationMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CALIBRATION_MODE_UNSPECIFIED: _ClassVar[CalibrationMode]
+    CALIBRATION_MODE_SEQUENTIAL: _ClassVar[CalibrationMode]
+    CALIBRATION_MODE_PARALLEL: _ClassVar[CalibrationMode]
+
+class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    JOB_STATE_UNSPECIFIED: _ClassVar[JobState]
+    JOB_STATE_QUEUED: _ClassVar[JobState]
+    JOB_STATE_RUNNING: _ClassVar[JobState]
+    JOB_STATE_SUCCEEDED: _ClassVar[JobState]
+    JOB_STATE_FAILED: _ClassVar[JobState]
+    JOB_STATE_CANCELLED: _ClassVar[JobState]
+METHOD_UNSPECIFIED: Method
+METHOD_RTN: Method
+METHOD_GPTQ: Method
+FORMAT_UNSPECIFIED: Format
+FORMAT_GPTQ: Format
+CALIBRATION_MODE_UNSPECIFIED: CalibrationMode
+CALIBRATION_MODE_SEQUENTIAL: CalibrationMode
+CALIBRATION_MODE_PARALLEL: CalibrationMode
+JOB_STATE_UNSPECIFIED: JobState
+JOB_STATE_QUEUED: JobState
+JOB_STATE_RUNNING: JobState
+JOB_STATE_SUCCEEDED: JobState
+JOB_STATE_FAILED: JobState
+JOB_STATE_CANCELLED: JobState
+
+class TensorRef(_message.Message):
+    __slots__ = ("key", "name", "dtype", "shape", "sha256")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    name: str
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    sha256: str
+    def __init__(self, key: _Optional[str] = ..., name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class QuantScheme(_message.Message):
+    __slots__ = ("bits", "group_size", "sym", "min_zero")
+    BITS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SYM_FIELD_NUMBER: _ClassVar[int]
+    MIN_ZERO_FIELD_NUMBER: _ClassVar[int]
+    bits: int
+    group_size: int
+    sym: bool
+    min_zero: int
+    def __init__(self, bits: _Optional[int] = ..., group_size: _Optional[int] = ..., sym: _Optional[bool] = ..., min_zero: _Optional[int] = ...) -> None: ...
+
+class GPTQOptions(_message.Message):
+    __slots__ = ("damp_percent", "act_order", "static_groups", "true_sequential", "block_size")
+    DAMP_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    ACT_ORDER_FIELD_NUMBER: _ClassVar[int]
+    STATIC_GROUPS_FIELD_NUMBER: _ClassVar[int]
+    TRUE_SEQUENTIAL_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    damp_percent: float
+    act_order: bool
+    static_groups: bool
+    true_sequential: bool
+    block_size: int
+    def __init__(self, damp_percent: _Optional[float] = ..., act_order: _Optional[bool] = ..., static_groups: _Optional[bool] = ..., true_sequential: _Optional[bool] = ..., block_size: _Optional[int] = ...) -> None: ...
+
+class ModuleOverride(_message.Message):
+    __slots__ = ("pattern", "scheme", "method", "skip")
+    PATTERN_FIELD_NUMBER: _ClassVar[int]
+    SCHEME_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    SKIP_FIELD_NUMBER: _ClassVar[int]
+    pattern: str
+    scheme: QuantScheme
+    method: Method
+    skip: bool
+    def __init__(self, pattern: _Optional[str] = ..., scheme: _Optional[_Union[QuantScheme, _Mapping]] = ..., method: _Optional[_Union[Method, str]] = ..., skip: _Optional[bool] = ...) -> None: ...
+
+class Recipe(_message.Message):
+    __slots__ = ("method", "scheme", "gptq", "overrides", "ignore")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    SCHEME_FIELD_NUMBER: _ClassVar[int]
+    GPTQ_FIELD_NUMBER: _ClassVar[int]
+    OVERRIDES_FIELD_NUMBER: _ClassVar[int]
+    IGNORE_FIELD_NUMBER: _ClassVar[int]
+    method: Method
+    scheme: QuantScheme
+    gptq: GPTQOptions
+    overrides: _containers.RepeatedCompositeFieldContainer[ModuleOverride]
+    ignore: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, method: _Optional[_Union[Method, str]] = ..., scheme: _Optional[_Union[QuantScheme, _Mapping]] = ..., gptq: _Optional[_Union[GPTQOptions, _Mapping]] = ..., overrides: _Optional[_Iterable[_Union[ModuleOverride, _Mapping]]] = ..., ignore: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class CalibrationSpec(_message.Message):
+    __slots__ = ("files", "samples", "seq_len", "seed", "mode")
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    files: _containers.RepeatedScalarFieldContainer[str]
+    samples: int
+    seq_len: int
+    seed: int
+    mode: CalibrationMode
+    def __init__(self, files: _Optional[_Iterable[str]] = ..., samples: _Optional[int] = ..., seq_len: _Optional[int] = ..., seed: _Optional[int] = ..., mode: _Optional[_Union[CalibrationMode, str]] = ...) -> None: ...
+
+class OutputFormat(_message.Message):
+    __slots__ = ("format", "variant")
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    format: Format
+    variant: str
+    def __init__(self, format: _Optional[_Union[Format, str]] = ..., variant: _Optional[str] = ...) -> None: ...
+
+class OutputSpec(_message.Message):
+    __slots__ = ("path", "formats")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    FORMATS_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    formats: _containers.RepeatedCompositeFieldContainer[OutputFormat]
+    def __init__(self, path: _Optional[str] = ..., formats: _Optional[_Iterable[_Union[OutputFormat, _Mapping]]] = ...) -> None: ...
+
+class QualityGate(_message.Message):
+    __slots__ = ("max_ppl_increase_pct", "max_kl", "min_top1")
+    MAX_PPL_INCREASE_PCT_FIELD_NUMBER: _ClassVar[int]
+    MAX_KL_FIELD_NUMBER: _ClassVar[int]
+    MIN_TOP1_FIELD_NUMBER: _ClassVar[int]
+    max_ppl_increase_pct: float
+    max_kl: float
+    min_top1: float
+    def __init__(self, max_ppl_increase_pct: _Optional[float] = ..., max_kl: _Optional[float] = ..., min_top1: _Optional[float] = ...) -> None: ...
+
+class EvalSpec(_message.Message):
+    __slots__ = ("files", "seq_len", "gate")
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
+    GATE_FIELD_NUMBER: _ClassVar[int]
+    files: _containers.RepeatedScalarFieldContainer[str]
+    seq_len: int
+    gate: QualityGate
+    def __init__(self, files: _Optional[_Iterable[str]] = ..., seq_len: _Optional[int] = ..., gate: _Optional[_Union[QualityGate, _Mapping]] = ...) -> None: ...
+
+class ProgressEvent(_message.Message):
+    __slots__ = ("job_id", "state", "phase", "block", "num_blocks", "step", "total_steps", "message", "time", "sequence")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    state: JobState
+    phase: str
+    block: int
+    num_blocks: int
+    step: int
+    total_steps: int
+    message: str
+    time: _timestamp_pb2.Timestamp
+    sequence: int
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., phase: _Optional[str] = ..., block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., message: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sequence: _Optional[int] = ...) -> None: ...
+
+class Artifact(_message.Message):
+    __slots__ = ("format", "variant", "path", "bytes", "sha256")
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    format: Format
+    variant: str
+    path: str
+    bytes: int
+    sha256: str
+    def __init__(self, format: _Optional[_Union[Format, str]] = ..., variant: _Optional[str] = ..., path: _Optional[str] = ..., bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class EvalResult(_message.Message):
+    __slots__ = ("dataset", "ppl", "tokens", "kl", "top1", "reference_ppl")
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    PPL_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KL_FIELD_NUMBER: _ClassVar[int]
+    TOP1_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_PPL_FIELD_NUMBER: _ClassVar[int]
+    dataset: str
+    ppl: float
+    tokens: int
+    kl: float
+    top1: float
+    reference_ppl: float
+    def __init__(self, dataset: _Optional[str] = ..., ppl: _Optional[float] = ..., tokens: _Optional[int] = ..., kl: _Optional[float] = ..., top1: _Optional[float] = ..., reference_ppl: _Optional[float] = ...) -> None: ...
+
+class LinearStats(_message.Message):
+    __slots__ = ("name", "weight", "hessian", "tokens")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    HESSIAN_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    weight: TensorRef
+    hessian: TensorRef
+    tokens: int
+    def __init__(self, name: _Optional[str] = ..., weight: _Optional[_Union[TensorRef, _Mapping]] = ..., hessian: _Optional[_Union[TensorRef, _Mapping]] = ..., tokens: _Optional[int] = ...) -> None: ...
+
+class QuantizedRef(_message.Message):
+    __slots__ = ("name", "codes", "scales", "zeros", "g_idx", "scheme")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CODES_FIELD_NUMBER: _ClassVar[int]
+    SCALES_FIELD_NUMBER: _ClassVar[int]
+    ZEROS_FIELD_NUMBER: _ClassVar[int]
+    G_IDX_FIELD_NUMBER: _ClassVar[int]
+    SCHEME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    codes: TensorRef
+    scales: TensorRef
+    zeros: TensorRef
+    g_idx: TensorRef
+    scheme: QuantScheme
+    def __init__(self, name: _Optional[str] = ..., codes: _Optional[_Union[TensorRef, _Mapping]] = ..., scales: _Optional[_Union[TensorRef, _Mapping]] = ..., zeros: _Optional[_Union[TensorRef, _Mapping]] = ..., g_idx: _Optional[_Union[TensorRef, _Mapping]] = ..., scheme: _Optional[_Union[QuantScheme, _Mapping]] = ...) -> None: ...

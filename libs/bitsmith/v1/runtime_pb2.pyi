@@ -1,0 +1,42 @@
+from bitsmith.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class EvaluateRequest(_message.Message):
+    __slots__ = ("artifact_path", "reference_model_path", "data_files", "seq_len")
+    ARTIFACT_PATH_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
+    DATA_FILES_FIELD_NUMBER: _ClassVar[int]
+    SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
+    artifact_path: str
+    reference_model_path: str
+    data_files: _containers.RepeatedScalarFieldContainer[str]
+    seq_len: int
+    def __init__(self, artifact_path: _Optional[str] = ..., reference_model_path: _Optional[str] = ..., data_files: _Optional[_Iterable[str]] = ..., seq_len: _Optional[int] = ...) -> None: ...
+
+class EvaluateResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[_common_pb2.EvalResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[_common_pb2.EvalResult, _Mapping]]] = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("artifact_path", "prompt", "max_new_tokens")
+    ARTIFACT_PATH_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    artifact_path: str
+    prompt: str
+    max_new_tokens: int
+    def __init__(self, artifact_path: _Optional[str] = ..., prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
+
+class GenerateChunk(_message.Message):
+    __slots__ = ("text",)
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    def __init__(self, text: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,134 @@
+"""CalibratorService over `bitsmith.models` and `bitsmith.calib`.
+
+Stateless between calls: every request names the model and the store keys it works on, so any
+replica can serve any block, and a restarted calibrator continues from the activations in the store.
+Loaded checkpoints are cached per process (the skeleton only; block weights load per block).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+
+from bitsmith.errors import ConfigError
+from bitsmith.rpc.convert import quantized_ref_from_proto, tensor_ref_from_proto, tensor_ref_to_proto
+from bitsmith.rpc.server import ServiceBinding, create_server as _create_server
+from bitsmith.store import ArtifactStore
+from bitsmith.v1 import calibrator_pb2, calibrator_pb2_grpc, common_pb2
+
+if TYPE_CHECKING:
+    import torch
+    from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
+
+    from bitsmith.models import CheckpointModel
+
+
+@functools.lru_cache(maxsize=2)
+def _model(path: str) -> CheckpointModel:
+    from bitsmith.models import load_checkpoint
+
+    return load_checkpoint(Path(path))
+
+
+def _block_prefix(model: CheckpointModel, block: int) -> str:
+    first = model.groups(block)[0][0]
+    return model.full_name(block, first)[: -len(first) - 1]
+
+
+def _job_key(job_id: str, *parts: str) -> str:
+    if not job_id or "/" in job_id or job_id.startswith("."):
+        raise ConfigError(f"invalid job id {job_id!r}")
+    return "/".join(("jobs", job_id, *parts))
+
+
+class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
+    def __init__(self, store: ArtifactStore) -> None:
+        self._store = store
+
+    def _overrides(self, applied: RepeatedCompositeFieldContainer[common_pb2.QuantizedRef], block: int,
+                   model: CheckpointModel) -> dict[str, torch.Tensor]:
+        """Dense weights of the linears already quantized, keyed by block-local name."""
+        local = {model.full_name(block, n): n for group in model.groups(block) for n in group}
+        overrides = {}
+        for msg in applied:
+            if msg.name not in local:
+                raise ConfigError(f"{msg.name!r} is not a linear of block {block}")
+            overrides[local[msg.name]] = self._store.get_quantized(quantized_ref_from_proto(msg)).dequantize()
+        return overrides
+
+    def Plan(self, request: calibrator_pb2.PlanRequest, context: grpc.ServicerContext
+             ) -> calibrator_pb2.ModelPlan:
+        model = _model(request.model_path)
+        return calibrator_pb2.ModelPlan(
+            architecture=str(model.config.model_type),
+            blocks=[
+                calibrator_pb2.BlockPlan(
+                    prefix=_block_prefix(model, b),
+                    groups=[calibrator_pb2.LinearGroup(names=g) for g in model.groups(b)],
+                )
+                for b in range(model.num_blocks)
+            ],
+        )
+
+    def Start(self, request: calibrator_pb2.StartRequest, context: grpc.ServicerContext
+              ) -> calibrator_pb2.StartResponse:
+        from bitsmith.calib import calibration_tokens
+
+        spec = request.calibration
+        model = _model(request.model_path)
+        tokens = calibration_tokens(
+            Path(request.model_path), [Path(f) for f in spec.files],
+            samples=spec.samples, seq_len=spec.seq_len, seed=spec.seed,
+        )
+        refs = self._store.put_tensors(_job_key(request.job_id, "inputs-0.safetensors"),
+                                       {"hidden": model.embed(tokens)})
+        return calibrator_pb2.StartResponse(inputs=tensor_ref_to_proto(refs["hidden"]))
+
+    def Collect(self, request: calibrator_pb2.CollectRequest, context: grpc.ServicerContext
+                ) -> calibrator_pb2.CollectResponse:
+        from bitsmith.calib import capture_hessians
+
+        model = _model(request.model_path)
+        names = list(request.names)
+        weights = {n: model.linear_weight(request.block, n) for n in names}
+        hessians = {}
+        if request.HasField("inputs"):
+            inputs = self._store.get_tensor(tensor_ref_from_proto(request.inputs))
+            overrides = self._overrides(request.applied, request.block, model)
+            hessians = capture_hessians(model, request.block, inputs, names, overrides)
+        tensors = {f"{n}.weight": w for n, w in weights.items()}
+        tensors.update({f"{n}.hessian": h for n, (h, _) in hessians.items()})
+        group = "+".join(n.rsplit(".", 1)[-1] for n in names)
+        refs = self._store.put_tensors(_job_key(request.job_id, f"block-{request.block}", f"{group}.safetensors"),
+                                       tensors)
+        stats = []
+        for n in names:
+            msg = common_pb2.LinearStats(name=n, weight=tensor_ref_to_proto(refs[f"{n}.weight"]))
+            if n in hessians:
+                msg.hessian.CopyFrom(tensor_ref_to_proto(refs[f"{n}.hessian"]))
+                msg.tokens = hessians[n][1]
+            stats.append(msg)
+        return calibrator_pb2.CollectResponse(stats=stats)
+
+    def Advance(self, request: calibrator_pb2.AdvanceRequest, context: grpc.ServicerContext
+                ) -> calibrator_pb2.AdvanceResponse:
+        model = _model(request.model_path)
+        inputs = self._store.get_tensor(tensor_ref_from_proto(request.inputs))
+        overrides = self._overrides(request.applied, request.block, model)
+        outputs = model.block_forward(request.block, inputs, overrides)
+        refs = self._store.put_tensors(
+            _job_key(request.job_id, f"inputs-{request.block + 1}.safetensors"), {"hidden": outputs}
+        )
+        return calibrator_pb2.AdvanceResponse(outputs=tensor_ref_to_proto(refs["hidden"]))
+
+
+def create_server(address: str, *, store_root: Path) -> tuple[grpc.Server, int]:
+    binding = ServiceBinding(
+        Calibrator(ArtifactStore(store_root)),
+        calibrator_pb2_grpc.add_CalibratorServiceServicer_to_server,
+        calibrator_pb2.DESCRIPTOR.services_by_name["CalibratorService"].full_name,
+    )
+    return _create_server(address, [binding], component="calibrator")

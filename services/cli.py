@@ -1,0 +1,321 @@
+"""The `bitsmith` command line: quantize, eval, serve, up/down, jobs.
+
+Thin by design: it builds the job from flags, talks to a JobService through the SDK (starting an
+embedded stack when no --server is given), and renders progress with rich. `--json` makes the last
+line of stdout one JSON object for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from bitsmith.errors import BitsmithError, ConfigError
+from bitsmith.schemes import PER_CHANNEL, GPTQOptions, Method, QuantScheme
+
+err = Console(stderr=True)
+
+
+def _job_spec(args: argparse.Namespace) -> Any:
+    from bitsmith.rpc.convert import gptq_to_proto, method_to_proto, scheme_to_proto
+    from bitsmith.v1 import common_pb2, job_pb2
+
+    method = Method(args.method)
+    variant = args.checkpoint_format
+    # GPTQ v1 checkpoints store zero - 1, so an asymmetric grid must keep its zeros >= 1.
+    min_zero = 1 if (not args.sym and variant == "gptq") else 0
+    scheme = QuantScheme(bits=args.bits, group_size=args.group_size, sym=args.sym, min_zero=min_zero)
+    options = GPTQOptions(damp_percent=args.damp_percent, act_order=args.act_order,
+                          static_groups=args.static_groups, true_sequential=not args.no_true_sequential)
+    return job_pb2.QuantizeJob(
+        model_path=str(Path(args.model).resolve()),
+        recipe=common_pb2.Recipe(method=method_to_proto(method), scheme=scheme_to_proto(scheme),
+                                 gptq=gptq_to_proto(options)),
+        calibration=common_pb2.CalibrationSpec(
+            files=[str(Path(f).resolve()) for f in args.calib], samples=args.samples, seq_len=args.seq_len,
+            seed=args.seed, mode=common_pb2.CALIBRATION_MODE_SEQUENTIAL,
+        ),
+        output=common_pb2.OutputSpec(
+            path=str(Path(args.out).resolve()),
+            formats=[common_pb2.OutputFormat(format=common_pb2.FORMAT_GPTQ, variant=variant)
+                     for _ in (args.format or ["gptq"])],
+        ),
+        eval=common_pb2.EvalSpec(files=[str(Path(f).resolve()) for f in args.eval], seq_len=args.eval_seq_len),
+        client_request_id=args.request_id or "",
+    )
+
+
+def _follow(client: Any, job_id: str, quiet: bool) -> None:
+    """Render Watch's events as a progress bar until the job ends."""
+    with Progress(TextColumn("[bold]{task.fields[phase]:<9}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("{task.description}"), TimeElapsedColumn(), console=err, disable=quiet) as bar:
+        task = bar.add_task("", total=None, phase="queued")
+        for event in client.watch(job_id):
+            bar.update(task, completed=event.step, total=event.total_steps or None, phase=event.phase,
+                       description=event.message[:70])
+
+
+def _job_summary(job: Any) -> dict[str, Any]:
+    from bitsmith.v1 import common_pb2
+
+    metrics: dict[str, Any] = {}
+    for r in job.metrics:
+        entry = {"ppl": r.ppl, "tokens": r.tokens}
+        for name in ("kl", "top1", "reference_ppl"):
+            if r.HasField(name):
+                entry[name] = getattr(r, name)
+        metrics[r.dataset] = entry
+    return {
+        "job_id": job.job_id,
+        "state": common_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_").lower(),
+        "artifacts": [{"format": common_pb2.Format.Name(a.format).removeprefix("FORMAT_").lower(),
+                       "path": a.path, "bytes": a.bytes, "sha256": a.sha256} for a in job.artifacts],
+        "metrics": metrics,
+        "trace_id": job.trace_id,
+        "error": job.error,
+    }
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    table = Table(title=f"job {summary['job_id']}: {summary['state']}")
+    for col in ("dataset", "ppl", "reference ppl", "KL", "top-1"):
+        table.add_column(col)
+    for name, m in summary["metrics"].items():
+        table.add_row(Path(name).name, f"{m['ppl']:.3f}", f"{m.get('reference_ppl', float('nan')):.3f}",
+                      f"{m.get('kl', float('nan')):.5f}", f"{m.get('top1', float('nan')):.4f}")
+    err.print(table)
+    for a in summary["artifacts"]:
+        err.print(f"artifact [bold]{a['format']}[/]: {a['path']} ({a['bytes']:,} bytes, sha256 {a['sha256'][:16]}…)")
+    if summary["error"]:
+        err.print(f"[red]error:[/] {summary['error']}")
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from bitsmith.rpc.client import Client
+    from bitsmith_services.stack import LocalStack, default_home, running_stack
+
+    if args.method == Method.GPTQ and not args.calib:
+        raise ConfigError("--method gptq needs at least one --calib FILE")
+    spec = _job_spec(args)
+    with ExitStack() as stack:
+        address = args.server or running_stack(default_home())
+        if address is None:
+            err.print("[dim]starting an embedded bitsmith stack (local Ray + gRPC services)…[/]")
+            home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bitsmith-")))
+            address = stack.enter_context(LocalStack(home=home)).address
+        client = stack.enter_context(Client(address))
+        job = client.submit(spec)
+        err.print(f"job [bold]{job.job_id}[/] submitted to {address}")
+        _follow(client, job.job_id, args.json)
+        summary = _job_summary(client.get(job.job_id))
+    _print_summary(summary)
+    if args.json:
+        print(json.dumps(summary))
+    return 0 if summary["state"] == "succeeded" else 1
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from bitsmith.runtimes import evaluate_path
+
+    results = evaluate_path(Path(args.path), [Path(f) for f in args.data], seq_len=args.seq_len,
+                            reference=Path(args.reference) if args.reference else None)
+    for r in results:
+        line = f"{r.dataset}: ppl {r.ppl:.4f} over {r.tokens} predictions"
+        if r.kl is not None:
+            line += f", KL {r.kl:.6f}, top-1 {r.top1:.4f}"
+        err.print(line)
+    if args.json:
+        if len(results) == 1:
+            out: dict[str, Any] = results[0].as_dict()
+            out.pop("dataset")
+        else:
+            out = {"datasets": [r.as_dict() for r in results]}
+        print(json.dumps(out))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from bitsmith.logs import configure_json_logging
+    from bitsmith_services.registry import start_service
+    from bitsmith_services.stack import LocalStack, default_home, parse_services, write_stack_file
+
+    configure_json_logging()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    if args.service == "coordinator":
+        home = Path(args.home) if args.home else default_home()
+        with LocalStack(home=home, host=args.host, port=args.port, ray_address=args.ray_address,
+                        services=parse_services(args.services)) as local:
+            write_stack_file(home, local.address) if args.write_stack_file else None
+            print(local.address, flush=True)
+            stop.wait()
+        return 0
+    if not args.store:
+        raise ConfigError(f"bitsmith serve {args.service} needs --store DIR (the artifact store it shares)")
+    server, port = start_service(args.service, f"{args.host}:{args.port}", Path(args.store))
+    print(f"{args.host}:{port}", flush=True)
+    stop.wait()
+    server.stop(grace=5).wait()
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from bitsmith_services.stack import default_home, running_stack, wait_until_serving
+
+    home = default_home()
+    address = running_stack(home)
+    if address:
+        print(address)
+        return 0
+    home.mkdir(parents=True, exist_ok=True)
+    log = open(home / "stack.log", "ab")  # noqa: SIM115 - handed to the child process
+    cmd = [sys.executable, "-m", "bitsmith_services.cli", "serve", "coordinator", "--port", str(args.port),
+           "--home", str(home), "--write-stack-file"]
+    if args.ray_address:
+        cmd += ["--ray-address", args.ray_address]
+    subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while (address := running_stack(home)) is None:
+        if time.monotonic() > deadline:
+            raise BitsmithError(f"the stack did not start; see {home / 'stack.log'}")
+        time.sleep(0.5)
+    wait_until_serving(address, timeout=60)
+    print(address)
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from bitsmith_services.stack import default_home, stop_stack
+
+    stopped = stop_stack(default_home())
+    err.print("stopped" if stopped else "no bitsmith stack was running")
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from bitsmith.rpc.client import Client
+    from bitsmith.v1 import common_pb2
+    from bitsmith_services.stack import default_home, running_stack
+
+    address = args.server or running_stack(default_home())
+    if address is None:
+        raise ConfigError("no --server given and no stack from `bitsmith up` is running")
+    with Client(address) as client:
+        if args.action == "list":
+            jobs = client.list()
+            if args.json:
+                print(json.dumps([_job_summary(j) for j in jobs]))
+                return 0
+            table = Table("job", "state", "model", "phase", "error")
+            for j in jobs:
+                table.add_row(j.job_id, common_pb2.JobState.Name(j.state).removeprefix("JOB_STATE_").lower(),
+                              Path(j.spec.model_path).name, j.progress.phase, j.error[:60])
+            err.print(table)
+            return 0
+        if not args.job_id:
+            raise ConfigError(f"bitsmith jobs {args.action} needs a JOB_ID")
+        if args.action == "watch":
+            _follow(client, args.job_id, quiet=False)
+        elif args.action == "cancel":
+            client.cancel(args.job_id)
+        summary = _job_summary(client.get(args.job_id))
+    _print_summary(summary)
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bitsmith", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a checkpoint through the services")
+    q.add_argument("model", help="Hugging Face checkpoint directory")
+    q.add_argument("--method", choices=[m.value for m in Method], default=Method.GPTQ.value)
+    q.add_argument("--bits", type=int, default=4)
+    q.add_argument("--group-size", type=int, default=128, help=f"{PER_CHANNEL} for per-channel")
+    q.add_argument("--sym", action="store_true", help="symmetric grid (default asymmetric)")
+    q.add_argument("--act-order", action="store_true", help="GPTQ: columns by descending Hessian diagonal")
+    q.add_argument("--static-groups", action="store_true", help="GPTQ: fix group grids before the solve")
+    q.add_argument("--damp-percent", type=float, default=GPTQOptions().damp_percent)
+    q.add_argument("--no-true-sequential", action="store_true", help="GPTQ: one capture per block")
+    q.add_argument("--calib", action="append", default=[], metavar="FILE", help="calibration text (repeatable)")
+    q.add_argument("--samples", type=int, default=128)
+    q.add_argument("--seq-len", type=int, default=512)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--format", action="append", choices=["gptq"], default=[], help="output format (repeatable)")
+    q.add_argument("--checkpoint-format", choices=["gptq", "gptq_v2"], default="gptq",
+                   help="GPTQ v1 (loads everywhere; asymmetric zeros kept >= 1) or v2 (true zeros)")
+    q.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    q.add_argument("--eval", action="append", default=[], metavar="FILE", help="held-out text to evaluate on")
+    q.add_argument("--eval-seq-len", type=int, default=512)
+    q.add_argument("--server", help="HOST:PORT of a JobService (default: a running `bitsmith up`, else embedded)")
+    q.add_argument("--request-id", help="client request id: resubmitting it returns the same job")
+    q.add_argument("--json", action="store_true", help="print the result as JSON on the last line of stdout")
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity / KL / top-1 of a checkpoint or an artifact")
+    e.add_argument("path")
+    e.add_argument("--data", action="append", required=True, metavar="FILE")
+    e.add_argument("--reference", help="unquantized checkpoint for KL and top-1 agreement")
+    e.add_argument("--seq-len", type=int, default=512)
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("serve", help="run one service in the foreground")
+    s.add_argument("service", choices=["coordinator", "calibrator", "solver", "packer", "runtime_cpu"])
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=0)
+    s.add_argument("--store", help="artifact store directory (worker services)")
+    s.add_argument("--home", help="coordinator: job store and artifact store directory")
+    s.add_argument("--ray-address", help="coordinator: join this Ray cluster instead of starting a local one")
+    s.add_argument("--services", help="coordinator: role=host:port,... of running services, instead of Ray")
+    s.add_argument("--write-stack-file", action="store_true", help=argparse.SUPPRESS)
+    s.set_defaults(func=cmd_serve)
+
+    u = sub.add_parser("up", help="start a long-running local stack in the background; prints its address")
+    u.add_argument("--port", type=int, default=0)
+    u.add_argument("--ray-address")
+    u.set_defaults(func=cmd_up)
+    d = sub.add_parser("down", help="stop the stack `bitsmith up` started")
+    d.set_defaults(func=cmd_down)
+
+    j = sub.add_parser("jobs", help="list, show, watch or cancel jobs")
+    j.add_argument("action", choices=["list", "show", "watch", "cancel"])
+    j.add_argument("job_id", nargs="?")
+    j.add_argument("--server")
+    j.add_argument("--json", action="store_true")
+    j.set_defaults(func=cmd_jobs)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        return int(args.func(args))
+    except BitsmithError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

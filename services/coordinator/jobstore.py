@@ -1,0 +1,195 @@
+"""The job store: SQLite, so every job and its progress outlive a coordinator restart.
+
+Rows hold the job's spec and results as serialized protobuf (the wire contract is the schema), plus
+the columns queries need. Every progress event is appended with a per-job sequence number, so
+`Watch` can replay a job's history and then follow it, and a client that reconnects resumes where it
+left off. All writes go through one lock and short transactions; readers use their own connection.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from bitsmith.errors import ConfigError, NotFoundError
+from bitsmith.v1 import common_pb2, job_pb2
+
+TERMINAL = frozenset({
+    common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED,
+})
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    client_request_id TEXT UNIQUE,
+    state INTEGER NOT NULL,
+    created_ns INTEGER NOT NULL,
+    staging TEXT NOT NULL DEFAULT '',
+    job BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    job_id TEXT NOT NULL REFERENCES jobs(job_id),
+    sequence INTEGER NOT NULL,
+    event BLOB NOT NULL,
+    PRIMARY KEY (job_id, sequence)
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, created_ns);
+"""
+
+
+def _now() -> Timestamp:
+    stamp = Timestamp()
+    stamp.GetCurrentTime()
+    return stamp
+
+
+class JobStore:
+    """Durable job records. Thread-safe; one instance per coordinator process."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(f"cannot open the job store at {path}: {exc}") from exc
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+            self._changed.notify_all()
+
+    def create(self, spec: job_pb2.QuantizeJob) -> tuple[job_pb2.Job, bool]:
+        """Insert a queued job; returns (job, created). A known client_request_id returns its job."""
+        with self._tx() as db:
+            if spec.client_request_id:
+                row = db.execute(
+                    "SELECT job FROM jobs WHERE client_request_id = ?", (spec.client_request_id,)
+                ).fetchone()
+                if row:
+                    return job_pb2.Job.FromString(row[0]), False
+            job = job_pb2.Job(
+                job_id=uuid.uuid4().hex[:16], spec=spec, state=common_pb2.JOB_STATE_QUEUED,
+                created_at=_now(),
+            )
+            db.execute(
+                "INSERT INTO jobs (job_id, client_request_id, state, created_ns, job) VALUES (?, ?, ?, ?, ?)",
+                (job.job_id, spec.client_request_id or None, job.state, time.time_ns(),
+                 job.SerializeToString()),
+            )
+        self.append_event(job.job_id, phase="queued", message="job accepted")
+        return self.get(job.job_id), True
+
+    def get(self, job_id: str) -> job_pb2.Job:
+        with self._lock:
+            row = self._db.execute("SELECT job FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"no job {job_id!r}")
+        return job_pb2.Job.FromString(row[0])
+
+    def list(self, states: Sequence[int] = (), limit: int = 100) -> list[job_pb2.Job]:
+        query = "SELECT job FROM jobs"
+        args: list[object] = []
+        if states:
+            query += f" WHERE state IN ({','.join('?' * len(states))})"
+            args.extend(states)
+        query += " ORDER BY created_ns DESC LIMIT ?"
+        args.append(limit)
+        with self._lock:
+            rows = self._db.execute(query, args).fetchall()
+        return [job_pb2.Job.FromString(r[0]) for r in rows]
+
+    def update(self, job: job_pb2.Job) -> None:
+        """Persist the whole job record (state, progress, results)."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE jobs SET state = ?, job = ? WHERE job_id = ?",
+                (job.state, job.SerializeToString(), job.job_id),
+            )
+            if cur.rowcount != 1:
+                raise NotFoundError(f"no job {job.job_id!r}")
+
+    def transition(self, job_id: str, state: int, *, error: str = "", message: str = "") -> job_pb2.Job:
+        """Move a job to `state` (stamping start/finish times) and record the change as an event."""
+        with self._lock:
+            job = self.get(job_id)
+            if job.state in TERMINAL:
+                return job
+            job.state = state  # type: ignore[assignment]
+            if state == common_pb2.JOB_STATE_RUNNING:
+                job.started_at.CopyFrom(_now())
+            if state in TERMINAL:
+                job.finished_at.CopyFrom(_now())
+            if error:
+                job.error = error
+            self.update(job)
+        phase = {common_pb2.JOB_STATE_RUNNING: "start"}.get(state, "done" if state in TERMINAL else "queued")
+        self.append_event(job_id, phase=phase, message=message or error)
+        return self.get(job_id)
+
+    def append_event(self, job_id: str, *, phase: str, message: str = "", block: int = -1,
+                     num_blocks: int = 0, step: int = 0, total_steps: int = 0) -> common_pb2.ProgressEvent:
+        with self._tx() as db:
+            row = db.execute("SELECT job FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise NotFoundError(f"no job {job_id!r}")
+            job = job_pb2.Job.FromString(row[0])
+            (last,) = db.execute(
+                "SELECT COALESCE(MAX(sequence), 0) FROM events WHERE job_id = ?", (job_id,)
+            ).fetchone()
+            if step == 0 and job.HasField("progress"):
+                step, total_steps = job.progress.step, job.progress.total_steps
+            event = common_pb2.ProgressEvent(
+                job_id=job_id, state=job.state, phase=phase, block=block, num_blocks=num_blocks,
+                step=step, total_steps=total_steps, message=message, time=_now(), sequence=last + 1,
+            )
+            db.execute("INSERT INTO events (job_id, sequence, event) VALUES (?, ?, ?)",
+                       (job_id, event.sequence, event.SerializeToString()))
+            job.progress.CopyFrom(event)
+            db.execute("UPDATE jobs SET job = ? WHERE job_id = ?", (job.SerializeToString(), job_id))
+        return event
+
+    def events_after(self, job_id: str, sequence: int) -> list[common_pb2.ProgressEvent]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT event FROM events WHERE job_id = ? AND sequence > ? ORDER BY sequence",
+                (job_id, sequence),
+            ).fetchall()
+        return [common_pb2.ProgressEvent.FromString(r[0]) for r in rows]
+
+    def wait_for_change(self, timeout: float) -> None:
+        """Block until some job changes (or `timeout` passes): how Watch follows a job cheaply."""
+        with self._changed:
+            self._changed.wait(timeout)
+
+    def set_staging(self, job_id: str, paths: Sequence[str]) -> None:
+        """Remember where a job's unpublished artifacts lie, so a restart can remove them."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET staging = ? WHERE job_id = ?", ("\n".join(paths), job_id))
+
+    def staging_of(self, job_id: str) -> list[str]:
+        with self._lock:
+            row = self._db.execute("SELECT staging FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        return [p for p in (row[0] if row else "").split("\n") if p]

@@ -1,0 +1,140 @@
+"""Where the worker services run: Ray actors (the default) or addresses the operator gives.
+
+With Ray, each worker service is a gRPC server hosted inside a Ray actor, started with the resources
+its role needs and restarted by Ray if it dies; the coordinator learns the actor's address and talks
+gRPC to it like to any other server. Without Ray (a host where it is not installed, or a deployment
+that places services itself), a static map of role -> address does the same job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from bitsmith.errors import ConfigError, ServiceUnavailableError
+from bitsmith_services.registry import Role, start_service
+
+log = logging.getLogger("bitsmith.coordinator")
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceAddresses:
+    """host:port of every worker role."""
+
+    by_role: Mapping[Role, str]
+
+    def __post_init__(self) -> None:
+        missing = [r.value for r in Role if r not in self.by_role]
+        if missing:
+            raise ConfigError(f"no address for services {missing}")
+
+    def __getitem__(self, role: Role) -> str:
+        return self.by_role[role]
+
+    @classmethod
+    def parse(cls, spec: str) -> ServiceAddresses:
+        """From "calibrator=host:port,solver=host:port,packer=...,runtime_cpu=..."."""
+        by_role: dict[Role, str] = {}
+        for item in filter(None, (p.strip() for p in spec.split(","))):
+            role, sep, address = item.partition("=")
+            if not sep or not address:
+                raise ConfigError(f"expected role=host:port in --services, got {item!r}")
+            try:
+                by_role[Role(role)] = address
+            except ValueError as exc:
+                raise ConfigError(f"unknown service role {role!r}; known: {[r.value for r in Role]}") from exc
+        return cls(by_role)
+
+
+class Placement(Protocol):
+    def start(self) -> ServiceAddresses: ...
+    def stop(self) -> None: ...
+
+
+@dataclass
+class StaticPlacement:
+    """Services someone else started; nothing to start or stop."""
+
+    addresses: ServiceAddresses
+
+    def start(self) -> ServiceAddresses:
+        return self.addresses
+
+    def stop(self) -> None:
+        return None
+
+
+class ServiceHost:
+    """Hosts one worker service's gRPC server inside a Ray actor (wrapped with ray.remote at the edge)."""
+
+    def __init__(self, role: str, store_root: str) -> None:
+        import ray
+
+        host = ray.util.get_node_ip_address()
+        self._server, port = start_service(role, f"{host}:0", Path(store_root))
+        self._address = f"{host}:{port}"
+
+    def address(self) -> str:
+        return self._address
+
+    def stop(self) -> None:
+        self._server.stop(grace=2).wait()
+
+
+@dataclass
+class RayPlacement:
+    """Start the worker services as Ray actors: a local in-process Ray, or an existing cluster."""
+
+    store_root: Path
+    ray_address: str | None = None
+    _actors: list[Any] = field(default_factory=list)
+    _started_ray: bool = False
+
+    def start(self) -> ServiceAddresses:
+        try:
+            import ray
+        except ImportError as exc:
+            raise ConfigError(
+                "Ray is not installed here: start the services with `bitsmith serve <service>` and pass "
+                "their addresses with --services"
+            ) from exc
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
+            if self.ray_address:
+                kwargs["address"] = self.ray_address
+            else:
+                kwargs.update(include_dashboard=False, _node_ip_address="127.0.0.1",
+                              num_cpus=os.cpu_count() or 1)
+            try:
+                ray.init(**kwargs)
+            except ConnectionError as exc:
+                raise ServiceUnavailableError(f"cannot join the Ray cluster at {self.ray_address}: {exc}") from exc
+            self._started_ray = True
+        host_cls = ray.remote(ServiceHost)
+        by_role: dict[Role, str] = {}
+        for role in Role:
+            actor = host_cls.options(num_cpus=0, max_restarts=-1, max_task_retries=-1).remote(
+                role.value, str(self.store_root)
+            )
+            self._actors.append(actor)
+            by_role[role] = ray.get(actor.address.remote(), timeout=120)
+            log.info("service started", extra={"role": role.value, "address": by_role[role]})
+        return ServiceAddresses(by_role)
+
+    def stop(self) -> None:
+        import ray
+
+        for actor in self._actors:
+            try:
+                ray.get(actor.stop.remote(), timeout=10)
+            except Exception:  # the actor may already be gone; kill it regardless
+                log.warning("service actor did not stop cleanly", exc_info=True)
+            ray.kill(actor)
+        self._actors.clear()
+        if self._started_ray:
+            ray.shutdown()
+            self._started_ray = False

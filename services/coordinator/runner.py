@@ -1,0 +1,274 @@
+"""Runs one job across the worker services: calibrate and solve block by block, pack, evaluate,
+publish. The block loop is the library's (`bitsmith.pipeline.run_sequential`); this module only
+gives it a backend whose steps are gRPC calls and whose handles are references into the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import grpc
+
+from bitsmith.errors import BitsmithError, CancelledError, GateFailedError
+from bitsmith.rpc.client import open_channel
+from bitsmith.schemes import Method
+from bitsmith.telemetry import current_trace_id
+from bitsmith.v1 import (
+    calibrator_pb2,
+    calibrator_pb2_grpc,
+    common_pb2,
+    job_pb2,
+    packer_pb2,
+    packer_pb2_grpc,
+    runtime_pb2,
+    runtime_pb2_grpc,
+    solver_pb2,
+    solver_pb2_grpc,
+)
+from bitsmith_services.coordinator.jobstore import JobStore
+from bitsmith_services.coordinator.placement import ServiceAddresses
+from bitsmith_services.registry import Role
+
+if TYPE_CHECKING:
+    from bitsmith.pipeline import ProgressEvent
+
+log = logging.getLogger("bitsmith.coordinator")
+
+STEP_TIMEOUT_S = 3600.0
+"""Deadline of one block step; generous because a 70B block on a slow GPU is minutes, not hours."""
+
+
+@dataclass
+class Stubs:
+    """gRPC stubs of every worker role, over channels the coordinator keeps open."""
+
+    calibrator: calibrator_pb2_grpc.CalibratorServiceStub
+    solver: solver_pb2_grpc.SolverServiceStub
+    packer: packer_pb2_grpc.PackerServiceStub
+    runtime: runtime_pb2_grpc.RuntimeServiceStub
+    channels: list[grpc.Channel]
+
+    @classmethod
+    def connect(cls, addresses: ServiceAddresses) -> Stubs:
+        channels = {role: open_channel(addresses[role], component="coordinator") for role in Role}
+        return cls(
+            calibrator=calibrator_pb2_grpc.CalibratorServiceStub(channels[Role.CALIBRATOR]),
+            solver=solver_pb2_grpc.SolverServiceStub(channels[Role.SOLVER]),
+            packer=packer_pb2_grpc.PackerServiceStub(channels[Role.PACKER]),
+            runtime=runtime_pb2_grpc.RuntimeServiceStub(channels[Role.RUNTIME_CPU]),
+            channels=list(channels.values()),
+        )
+
+    def close(self) -> None:
+        for channel in self.channels:
+            channel.close()
+
+
+class RpcBackend:
+    """`bitsmith.pipeline.Backend` whose handles are TensorRef / LinearStats / QuantizedRef messages."""
+
+    def __init__(self, stubs: Stubs, job_id: str, spec: job_pb2.QuantizeJob, prefixes: Sequence[str]) -> None:
+        self._stubs = stubs
+        self._job_id = job_id
+        self._spec = spec
+        self._prefixes = prefixes
+
+    def start(self) -> common_pb2.TensorRef:
+        reply = self._stubs.calibrator.Start(
+            calibrator_pb2.StartRequest(job_id=self._job_id, model_path=self._spec.model_path,
+                                        calibration=self._spec.calibration),
+            timeout=STEP_TIMEOUT_S,
+        )
+        return reply.inputs
+
+    def collect(self, bid: int, names: Sequence[str], inputs: common_pb2.TensorRef | None,
+                applied: Mapping[str, common_pb2.QuantizedRef]) -> Sequence[common_pb2.LinearStats]:
+        request = calibrator_pb2.CollectRequest(
+            job_id=self._job_id, model_path=self._spec.model_path, block=bid, names=list(names),
+            applied=list(applied.values()),
+        )
+        if inputs is not None:
+            request.inputs.CopyFrom(inputs)
+        return self._stubs.calibrator.Collect(request, timeout=STEP_TIMEOUT_S).stats
+
+    def solve(self, bid: int, names: Sequence[str], stats: Sequence[common_pb2.LinearStats]
+              ) -> dict[str, common_pb2.QuantizedRef]:
+        wanted = set(names)
+        recipe = self._spec.recipe
+        reply = self._stubs.solver.Solve(
+            solver_pb2.SolveRequest(
+                job_id=self._job_id, block=bid, prefix=self._prefixes[bid],
+                stats=[s for s in stats if s.name in wanted], method=recipe.method, scheme=recipe.scheme,
+                gptq=recipe.gptq,
+            ),
+            timeout=STEP_TIMEOUT_S,
+        )
+        prefix = self._prefixes[bid] + "."
+        return {s.quantized.name.removeprefix(prefix): s.quantized for s in reply.solved}
+
+    def advance(self, bid: int, inputs: common_pb2.TensorRef,
+                applied: Mapping[str, common_pb2.QuantizedRef]) -> common_pb2.TensorRef:
+        reply = self._stubs.calibrator.Advance(
+            calibrator_pb2.AdvanceRequest(job_id=self._job_id, model_path=self._spec.model_path, block=bid,
+                                          inputs=inputs, applied=list(applied.values())),
+            timeout=STEP_TIMEOUT_S,
+        )
+        return reply.outputs
+
+
+def check_gate(gate: common_pb2.QualityGate, results: Sequence[common_pb2.EvalResult]) -> None:
+    """Raise GateFailedError naming every dataset and metric that missed the job's gate."""
+    misses = []
+    for r in results:
+        if gate.HasField("max_ppl_increase_pct") and r.HasField("reference_ppl"):
+            increase = 100.0 * (r.ppl / r.reference_ppl - 1.0)
+            if increase > gate.max_ppl_increase_pct:
+                misses.append(f"{r.dataset}: perplexity +{increase:.2f}% > {gate.max_ppl_increase_pct}%")
+        if gate.HasField("max_kl") and r.HasField("kl") and r.kl > gate.max_kl:
+            misses.append(f"{r.dataset}: KL {r.kl:.5f} > {gate.max_kl}")
+        if gate.HasField("min_top1") and r.HasField("top1") and r.top1 < gate.min_top1:
+            misses.append(f"{r.dataset}: top-1 {r.top1:.4f} < {gate.min_top1}")
+    if misses:
+        raise GateFailedError("quality gate failed: " + "; ".join(misses))
+
+
+class JobRunner:
+    """Executes one job to a terminal state, recording every step in the job store."""
+
+    def __init__(self, jobs: JobStore, stubs: Stubs, job_id: str, cancelled: threading.Event) -> None:
+        self._jobs = jobs
+        self._stubs = stubs
+        self._job_id = job_id
+        self._cancelled = cancelled
+        self._staging: list[str] = []
+
+    def _stop_requested(self) -> bool:
+        return self._cancelled.is_set()
+
+    def run(self) -> None:
+        from opentelemetry import trace
+
+        tracer = trace.get_tracer("bitsmith.coordinator")
+        with tracer.start_as_current_span("job", attributes={"bitsmith.job_id": self._job_id}):
+            job = self._jobs.get(self._job_id)
+            job.trace_id = current_trace_id()
+            self._jobs.update(job)
+            self._jobs.transition(self._job_id, common_pb2.JOB_STATE_RUNNING, message="job started")
+            try:
+                self._execute(job.spec)
+            except CancelledError:
+                self._cleanup()
+                self._jobs.transition(self._job_id, common_pb2.JOB_STATE_CANCELLED,
+                                      message="cancelled; partial output removed")
+            except BitsmithError as exc:
+                self._fail(f"{type(exc).__name__}: {exc}")
+            except grpc.RpcError as exc:
+                self._fail(f"{exc.code().name}: {exc.details()}")  # type: ignore[attr-defined]
+            except Exception as exc:
+                log.exception("job %s crashed", self._job_id)
+                self._fail(f"internal error: {type(exc).__name__}: {exc}")
+
+    def _fail(self, reason: str) -> None:
+        self._cleanup()
+        self._jobs.transition(self._job_id, common_pb2.JOB_STATE_FAILED, error=reason)
+
+    def _cleanup(self) -> None:
+        for staging in self._staging:
+            try:
+                self._stubs.packer.Discard(packer_pb2.DiscardRequest(staging_path=staging), timeout=60)
+            except grpc.RpcError:
+                log.warning("could not discard %s", staging, exc_info=True)
+        self._staging.clear()
+        self._jobs.set_staging(self._job_id, [])
+
+    def _event(self, phase: str, message: str, *, block: int = -1, num_blocks: int = 0, step: int = 0,
+               total: int = 0) -> None:
+        self._jobs.append_event(self._job_id, phase=phase, message=message, block=block,
+                                num_blocks=num_blocks, step=step, total_steps=total)
+
+    def _check_cancel(self) -> None:
+        if self._stop_requested():
+            raise CancelledError(f"job {self._job_id} was cancelled")
+
+    def _execute(self, spec: job_pb2.QuantizeJob) -> None:
+        from bitsmith.pipeline import Plan, run_sequential
+        from bitsmith.rpc.convert import gptq_from_proto, method_from_proto
+
+        model_plan = self._stubs.calibrator.Plan(
+            calibrator_pb2.PlanRequest(model_path=spec.model_path), timeout=600
+        )
+        plan = Plan(num_blocks=len(model_plan.blocks),
+                    groups=[[list(g.names) for g in b.groups] for b in model_plan.blocks])
+        prefixes = [b.prefix for b in model_plan.blocks]
+        solve_steps = sum(len(g) for g in plan.groups)
+        total = solve_steps + len(spec.output.formats) + (1 if spec.eval.files else 0) + 1
+        done = 0
+
+        def on_event(event: ProgressEvent) -> None:
+            nonlocal done
+            if event.phase == "solve":
+                done += 1
+            self._event(event.phase, event.message, block=event.block, num_blocks=event.num_blocks,
+                        step=done, total=total)
+
+        method = method_from_proto(spec.recipe.method)
+        backend = RpcBackend(self._stubs, self._job_id, spec, prefixes)
+        quantized = run_sequential(
+            plan, backend, needs_calibration=method is not Method.RTN,
+            true_sequential=gptq_from_proto(spec.recipe.gptq).true_sequential,
+            on_event=on_event, should_stop=self._stop_requested,
+        )
+        packed: list[tuple[str, common_pb2.Artifact]] = []
+        for fmt in spec.output.formats:
+            self._check_cancel()
+            reply = self._stubs.packer.Pack(
+                packer_pb2.PackRequest(job_id=self._job_id, model_path=spec.model_path,
+                                       quantized=list(quantized.values()), format=fmt,
+                                       out_path=_format_out(spec, fmt), recipe=spec.recipe),
+                timeout=STEP_TIMEOUT_S,
+            )
+            self._staging.append(reply.staging_path)
+            self._jobs.set_staging(self._job_id, self._staging)
+            packed.append((reply.staging_path, reply.artifact))
+            done += 1
+            self._event("pack", f"packed {common_pb2.Format.Name(fmt.format)} ({reply.artifact.bytes} bytes)",
+                        step=done, total=total)
+        metrics: list[common_pb2.EvalResult] = []
+        if spec.eval.files and packed:
+            self._check_cancel()
+            self._event("evaluate", "evaluating the written artifact", step=done, total=total)
+            reply = self._stubs.runtime.Evaluate(
+                runtime_pb2.EvaluateRequest(artifact_path=packed[0][0], reference_model_path=spec.model_path,
+                                            data_files=list(spec.eval.files), seq_len=spec.eval.seq_len or 512),
+                timeout=STEP_TIMEOUT_S,
+            )
+            metrics = list(reply.results)
+            done += 1
+            check_gate(spec.eval.gate, metrics)
+        self._check_cancel()
+        artifacts = []
+        for staging, artifact in packed:
+            artifacts.append(self._stubs.packer.Publish(
+                packer_pb2.PublishRequest(staging_path=staging, out_path=artifact.path, metrics=metrics,
+                                          trace_id=current_trace_id()),
+                timeout=600,
+            ))
+        self._staging.clear()
+        self._jobs.set_staging(self._job_id, [])
+        job = self._jobs.get(self._job_id)
+        job.artifacts.extend(artifacts)
+        job.metrics.extend(metrics)
+        self._jobs.update(job)
+        self._jobs.transition(self._job_id, common_pb2.JOB_STATE_SUCCEEDED, message="artifacts published")
+
+
+def _format_out(spec: job_pb2.QuantizeJob, fmt: common_pb2.OutputFormat) -> str:
+    """One format writes to the output path itself; several write to one sub-directory each."""
+    if len(spec.output.formats) == 1:
+        return spec.output.path
+    name = common_pb2.Format.Name(fmt.format).removeprefix("FORMAT_").lower()
+    return f"{spec.output.path}/{name}{'-' + fmt.variant if fmt.variant else ''}"

@@ -1,0 +1,165 @@
+"""JobService: accepts jobs, runs them on the worker services, and answers for them.
+
+Submit validates what it can before anything is queued (the checkpoint and the scheme through the
+calibrator's Plan, the data files and the output path here), so bad input is refused at the door with
+a clear status and nothing is written. Jobs then run on a small pool of threads; their state lives in
+the SQLite job store, so a restarted coordinator knows every job: queued ones run again, and ones
+caught running are failed with the reason and their staged output removed — never left "running".
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+
+from bitsmith.errors import AlreadyExistsError, ConfigError, NotFoundError
+from bitsmith.rpc.server import ServiceBinding, create_server as _create_server
+from bitsmith.v1 import calibrator_pb2, common_pb2, job_pb2, job_pb2_grpc, packer_pb2
+from bitsmith_services.coordinator.jobstore import TERMINAL, JobStore
+from bitsmith_services.coordinator.placement import Placement
+from bitsmith_services.coordinator.runner import JobRunner, Stubs
+
+log = logging.getLogger("bitsmith.coordinator")
+
+WATCH_POLL_S = 0.5
+MAX_CALIB_SAMPLES = 100_000
+MAX_SEQ_LEN = 1 << 17
+
+
+def validate_spec(spec: job_pb2.QuantizeJob) -> None:
+    """Checks that need no model: numbers in range, files present, the output path free."""
+    if not spec.model_path:
+        raise ConfigError("the job names no model_path")
+    if not spec.output.path:
+        raise ConfigError("the job names no output path")
+    if not spec.output.formats:
+        raise ConfigError("the job asks for no output format")
+    out = Path(spec.output.path)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise AlreadyExistsError(f"output path {out} exists and is not an empty directory")
+    needs_data = spec.recipe.method != common_pb2.METHOD_RTN
+    cal = spec.calibration
+    if needs_data:
+        if not cal.files:
+            raise ConfigError(f"{common_pb2.Method.Name(spec.recipe.method)} needs calibration files")
+        if not 0 < cal.samples <= MAX_CALIB_SAMPLES:
+            raise ConfigError(f"calibration samples must be in 1..{MAX_CALIB_SAMPLES}, got {cal.samples}")
+        if not 0 < cal.seq_len <= MAX_SEQ_LEN:
+            raise ConfigError(f"calibration seq_len must be in 1..{MAX_SEQ_LEN}, got {cal.seq_len}")
+    if spec.eval.seq_len < 0 or spec.eval.seq_len > MAX_SEQ_LEN:
+        raise ConfigError(f"eval seq_len must be in 1..{MAX_SEQ_LEN}, got {spec.eval.seq_len}")
+    for f in [*(cal.files if needs_data else []), *spec.eval.files]:
+        if not Path(f).is_file():
+            raise ConfigError(f"data file {f} does not exist or is not a file")
+
+
+class Coordinator(job_pb2_grpc.JobServiceServicer):
+    def __init__(self, jobs: JobStore, stubs: Stubs, *, max_concurrent_jobs: int = 1) -> None:
+        self._jobs = jobs
+        self._stubs = stubs
+        self._pool = ThreadPoolExecutor(max_workers=max_concurrent_jobs, thread_name_prefix="bitsmith-job")
+        self._cancel: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def recover(self) -> None:
+        """After a restart: fail jobs caught running (removing their staged output), requeue queued ones."""
+        for job in self._jobs.list([common_pb2.JOB_STATE_RUNNING], limit=1_000_000):
+            for staging in self._jobs.staging_of(job.job_id):
+                try:
+                    self._stubs.packer.Discard(packer_pb2.DiscardRequest(staging_path=staging), timeout=60)
+                except grpc.RpcError:
+                    log.warning("could not discard %s", staging, exc_info=True)
+            self._jobs.set_staging(job.job_id, [])
+            self._jobs.transition(
+                job.job_id, common_pb2.JOB_STATE_FAILED,
+                error="the coordinator restarted while the job was running; its partial output was removed",
+            )
+        for job in reversed(self._jobs.list([common_pb2.JOB_STATE_QUEUED], limit=1_000_000)):
+            self._enqueue(job.job_id)
+
+    def _enqueue(self, job_id: str) -> None:
+        with self._lock:
+            event = self._cancel.setdefault(job_id, threading.Event())
+        self._pool.submit(self._run, job_id, event)
+
+    def _run(self, job_id: str, cancelled: threading.Event) -> None:
+        try:
+            if cancelled.is_set() or self._jobs.get(job_id).state in TERMINAL:
+                return
+            JobRunner(self._jobs, self._stubs, job_id, cancelled).run()
+        finally:
+            with self._lock:
+                self._cancel.pop(job_id, None)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            for event in self._cancel.values():
+                event.set()
+        self._pool.shutdown(wait=True, cancel_futures=False)
+
+    def Submit(self, request: job_pb2.SubmitRequest, context: grpc.ServicerContext) -> job_pb2.Job:
+        spec = request.job
+        if spec.client_request_id:
+            known = [j for j in self._jobs.list(limit=1_000_000) if j.spec.client_request_id == spec.client_request_id]
+            if known:
+                return known[0]
+        validate_spec(spec)
+        self._stubs.calibrator.Plan(
+            calibrator_pb2.PlanRequest(model_path=spec.model_path, scheme=spec.recipe.scheme),
+            timeout=context.time_remaining() or 600,
+        )
+        job, created = self._jobs.create(spec)
+        if created:
+            self._enqueue(job.job_id)
+        return job
+
+    def Get(self, request: job_pb2.GetJobRequest, context: grpc.ServicerContext) -> job_pb2.Job:
+        return self._jobs.get(request.job_id)
+
+    def List(self, request: job_pb2.ListJobsRequest, context: grpc.ServicerContext) -> job_pb2.ListJobsResponse:
+        return job_pb2.ListJobsResponse(jobs=self._jobs.list(list(request.states), request.limit or 100))
+
+    def Cancel(self, request: job_pb2.CancelJobRequest, context: grpc.ServicerContext) -> job_pb2.Job:
+        job = self._jobs.get(request.job_id)
+        if job.state in TERMINAL:
+            return job
+        with self._lock:
+            event = self._cancel.get(job.job_id)
+        if event is not None:
+            event.set()
+        if job.state == common_pb2.JOB_STATE_QUEUED:
+            return self._jobs.transition(job.job_id, common_pb2.JOB_STATE_CANCELLED, message="cancelled while queued")
+        return self._jobs.get(job.job_id)
+
+    def Watch(self, request: job_pb2.WatchJobRequest, context: grpc.ServicerContext
+              ) -> Iterator[common_pb2.ProgressEvent]:
+        self._jobs.get(request.job_id)  # NOT_FOUND before streaming anything
+        last = request.after_sequence
+        while context.is_active():
+            for event in self._jobs.events_after(request.job_id, last):
+                last = event.sequence
+                yield event
+            if self._jobs.get(request.job_id).state in TERMINAL and not self._jobs.events_after(request.job_id, last):
+                return
+            self._jobs.wait_for_change(WATCH_POLL_S)
+
+
+def create_server(address: str, *, db_path: Path, placement: Placement, max_concurrent_jobs: int = 1
+                  ) -> tuple[grpc.Server, int, Coordinator]:
+    """Start the worker services (through `placement`), then the JobService on `address`."""
+    addresses = placement.start()
+    stubs = Stubs.connect(addresses)
+    coordinator = Coordinator(JobStore(db_path), stubs, max_concurrent_jobs=max_concurrent_jobs)
+    coordinator.recover()
+    binding = ServiceBinding(coordinator, job_pb2_grpc.add_JobServiceServicer_to_server,
+                             job_pb2.DESCRIPTOR.services_by_name["JobService"].full_name)
+    server, port = _create_server(address, [binding], component="coordinator")
+    return server, port, coordinator
+
+
+__all__ = ["Coordinator", "NotFoundError", "create_server", "validate_spec"]

@@ -1,0 +1,1 @@
+"""PackerService: writes the requested formats, atomically, with a manifest."""

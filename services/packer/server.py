@@ -1,0 +1,87 @@
+"""PackerService over `bitsmith.formats` and `bitsmith.manifest`.
+
+Pack writes into a staging directory beside the output and returns it; Publish adds the job's
+metrics to the manifest and renames the staging directory into place; Discard removes it. Only
+staging directories (by their name) are ever published or removed, so a request cannot make the
+packer move or delete anything else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from bitsmith.errors import ConfigError
+from bitsmith.formats import get_format
+from bitsmith.formats.base import discard, is_staging_dir, publish, stage
+from bitsmith.manifest import read_manifest, update_manifest, write_manifest
+from bitsmith.rpc.convert import format_from_proto, format_to_proto, gptq_from_proto, quantized_ref_from_proto
+from bitsmith.rpc.server import ServiceBinding, create_server as _create_server
+from bitsmith.store import ArtifactStore
+from bitsmith.telemetry import current_trace_id
+from bitsmith.v1 import common_pb2, packer_pb2, packer_pb2_grpc
+
+
+def _staging(path: str) -> Path:
+    staging = Path(path)
+    if not staging.is_absolute() or not is_staging_dir(staging):
+        raise ConfigError(f"{path!r} is not a staging directory of the packer")
+    return staging
+
+
+class Packer(packer_pb2_grpc.PackerServiceServicer):
+    def __init__(self, store: ArtifactStore) -> None:
+        self._store = store
+
+    def Pack(self, request: packer_pb2.PackRequest, context: grpc.ServicerContext) -> packer_pb2.PackResponse:
+        if not request.out_path or not Path(request.out_path).is_absolute():
+            raise ConfigError(f"the output path must be absolute, got {request.out_path!r}")
+        fmt = format_from_proto(request.format.format)
+        handler = get_format(fmt)
+        quantized = {q.name: self._store.get_quantized(quantized_ref_from_proto(q)) for q in request.quantized}
+        out = Path(request.out_path)
+        staging = stage(out)
+        try:
+            handler.write(staging, source_model_dir=Path(request.model_path), quantized=quantized,
+                          options=gptq_from_proto(request.recipe.gptq), variant=request.format.variant)
+            manifest = write_manifest(
+                staging, format=fmt, recipe=MessageToDict(request.recipe, preserving_proto_field_name=True),
+                trace_id=current_trace_id(),
+            )
+        except BaseException:
+            discard(staging)
+            raise
+        return packer_pb2.PackResponse(
+            staging_path=str(staging),
+            artifact=common_pb2.Artifact(
+                format=request.format.format, variant=request.format.variant, path=str(out),
+                bytes=sum(f.bytes for f in manifest.files), sha256=manifest.digest,
+            ),
+        )
+
+    def Publish(self, request: packer_pb2.PublishRequest, context: grpc.ServicerContext) -> common_pb2.Artifact:
+        staging = _staging(request.staging_path)
+        metrics = {r.dataset: MessageToDict(r, preserving_proto_field_name=True) for r in request.metrics}
+        manifest = update_manifest(staging, metrics=metrics) if metrics else read_manifest(staging)
+        out = Path(request.out_path)
+        publish(staging, out)
+        return common_pb2.Artifact(
+            format=format_to_proto(manifest.format), path=str(out),
+            bytes=sum(f.bytes for f in manifest.files), sha256=manifest.digest,
+        )
+
+    def Discard(self, request: packer_pb2.DiscardRequest, context: grpc.ServicerContext
+                ) -> packer_pb2.DiscardResponse:
+        discard(_staging(request.staging_path))
+        return packer_pb2.DiscardResponse()
+
+
+def create_server(address: str, *, store_root: Path) -> tuple[grpc.Server, int]:
+    binding = ServiceBinding(
+        Packer(ArtifactStore(store_root)),
+        packer_pb2_grpc.add_PackerServiceServicer_to_server,
+        packer_pb2.DESCRIPTOR.services_by_name["PackerService"].full_name,
+    )
+    return _create_server(address, [binding], component="packer")

@@ -1,0 +1,1 @@
+"""RuntimeService for x86 / ARM CPUs: loads artifacts and proves their quality."""

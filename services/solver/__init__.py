@@ -1,0 +1,1 @@
+"""SolverService: GPTQ / RTN solves, on the GPU where there is one."""

@@ -1,0 +1,64 @@
+"""SolverService over `bitsmith.algos`.
+
+One request carries the linears of one group (those that share an input, like q/k/v); the library
+solves them with one factorization. Results go to the artifact store; the reply carries references
+and the per-linear errors the job report shows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+
+from bitsmith.rpc.convert import (
+    gptq_from_proto,
+    method_from_proto,
+    quantized_ref_to_proto,
+    scheme_from_proto,
+    tensor_ref_from_proto,
+)
+from bitsmith.rpc.server import ServiceBinding, create_server as _create_server
+from bitsmith.store import ArtifactStore
+from bitsmith.v1 import solver_pb2, solver_pb2_grpc
+
+
+class Solver(solver_pb2_grpc.SolverServiceServicer):
+    def __init__(self, store: ArtifactStore) -> None:
+        self._store = store
+
+    def Solve(self, request: solver_pb2.SolveRequest, context: grpc.ServicerContext
+              ) -> solver_pb2.SolveResponse:
+        from bitsmith.algos import solve_group
+
+        weights = {s.name: self._store.get_tensor(tensor_ref_from_proto(s.weight)) for s in request.stats}
+        hessian_refs = {tensor_ref_from_proto(s.hessian) for s in request.stats if s.HasField("hessian")}
+        hessians = {ref: self._store.get_tensor(ref) for ref in hessian_refs}
+        outcomes = solve_group(
+            weights,
+            {s.name: hessians[tensor_ref_from_proto(s.hessian)] for s in request.stats if s.HasField("hessian")},
+            method=method_from_proto(request.method),
+            scheme=scheme_from_proto(request.scheme),
+            options=gptq_from_proto(request.gptq),
+            prefix=request.prefix,
+        )
+        solved = []
+        for name, outcome in outcomes.items():
+            full = f"{request.prefix}.{name}" if request.prefix else name
+            ref = self._store.put_quantized(
+                f"jobs/{request.job_id}/block-{request.block}/{name}.quantized.safetensors", full, outcome.weight
+            )
+            solved.append(solver_pb2.SolvedLinear(
+                quantized=quantized_ref_to_proto(full, ref), error=outcome.error, rtn_error=outcome.rtn_error,
+                damp_percent=outcome.damp_percent,
+            ))
+        return solver_pb2.SolveResponse(solved=solved)
+
+
+def create_server(address: str, *, store_root: Path) -> tuple[grpc.Server, int]:
+    binding = ServiceBinding(
+        Solver(ArtifactStore(store_root)),
+        solver_pb2_grpc.add_SolverServiceServicer_to_server,
+        solver_pb2.DESCRIPTOR.services_by_name["SolverService"].full_name,
+    )
+    return _create_server(address, [binding], component="solver")

@@ -1,0 +1,138 @@
+"""A whole bitsmith stack in one process: the coordinator's JobService plus its worker services.
+
+This is what `bitsmith quantize` starts when no --server is given (and stops afterwards), what
+`bitsmith up` keeps running, and what `bitsmith serve coordinator` is. Workers run as Ray actors
+by default (a local Ray, or `ray_address` to join a cluster), or at the addresses given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from bitsmith.errors import ConfigError, ServiceUnavailableError
+from bitsmith_services.coordinator.placement import Placement, RayPlacement, ServiceAddresses, StaticPlacement
+
+STACK_FILE = "stack.json"
+
+
+def default_home() -> Path:
+    """Where a long-running stack keeps its job store, artifact store and address."""
+    return Path(os.environ.get("BITSMITH_HOME", Path.home() / ".bitsmith"))
+
+
+@dataclass
+class LocalStack:
+    home: Path
+    host: str = "127.0.0.1"
+    port: int = 0
+    ray_address: str | None = None
+    services: ServiceAddresses | None = None
+    max_concurrent_jobs: int = 1
+    address: str = ""
+    _parts: list[Any] = field(default_factory=list)
+
+    def start(self) -> str:
+        from bitsmith_services.coordinator.server import create_server
+
+        self.home.mkdir(parents=True, exist_ok=True)
+        placement: Placement = (
+            StaticPlacement(self.services) if self.services
+            else RayPlacement(store_root=self.home / "store", ray_address=self.ray_address)
+        )
+        try:
+            server, port, coordinator = create_server(
+                f"{self.host}:{self.port}", db_path=self.home / "jobs.sqlite", placement=placement,
+                max_concurrent_jobs=self.max_concurrent_jobs,
+            )
+        except BaseException:
+            placement.stop()
+            raise
+        self._parts = [server, coordinator, placement]
+        self.address = f"{self.host}:{port}"
+        return self.address
+
+    def stop(self) -> None:
+        if not self._parts:
+            return
+        server, coordinator, placement = self._parts
+        server.stop(grace=5).wait()
+        coordinator.shutdown()
+        placement.stop()
+        self._parts = []
+
+    def __enter__(self) -> LocalStack:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def write_stack_file(home: Path, address: str) -> None:
+    tmp = home / f".{STACK_FILE}.tmp"
+    tmp.write_text(json.dumps({"address": address, "pid": os.getpid()}))
+    tmp.replace(home / STACK_FILE)
+
+
+def running_stack(home: Path) -> str | None:
+    """The address of the stack `bitsmith up` left running in `home`, if its process is alive."""
+    try:
+        info = json.loads((home / STACK_FILE).read_text())
+        os.kill(int(info["pid"]), 0)
+    except (OSError, ValueError, KeyError):
+        return None
+    return str(info["address"])
+
+
+def stop_stack(home: Path, timeout: float = 60.0) -> bool:
+    """Stop the stack `bitsmith up` started; False if none was running."""
+    path = home / STACK_FILE
+    try:
+        pid = int(json.loads(path.read_text())["pid"])
+        os.kill(pid, signal.SIGTERM)
+    except (OSError, ValueError, KeyError):
+        path.unlink(missing_ok=True)
+        return False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            path.unlink(missing_ok=True)
+            return True
+        time.sleep(0.2)
+    raise ServiceUnavailableError(f"the bitsmith stack (pid {pid}) did not stop within {timeout:.0f} s")
+
+
+def wait_until_serving(address: str, timeout: float) -> None:
+    """Block until the server at `address` answers its health check."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with grpc.insecure_channel(address) as channel:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+        except grpc.RpcError:
+            pass
+        if time.monotonic() > deadline:
+            raise ServiceUnavailableError(f"no bitsmith server answered at {address} within {timeout:.0f} s")
+        time.sleep(0.3)
+
+
+def parse_services(spec: str | None) -> ServiceAddresses | None:
+    if not spec:
+        return None
+    if not spec.strip():
+        raise ConfigError("--services is empty")
+    return ServiceAddresses.parse(spec)

@@ -1,0 +1,194 @@
+"""JobService end to end on real gRPC services: jobs, progress, idempotency, cancel, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from safetensors.torch import load_file, save_file
+
+from bitsmith.demo import DEMO_MODEL
+from bitsmith.errors import AlreadyExistsError, BitsmithError, ConfigError, ServiceUnavailableError
+from bitsmith.manifest import verify_manifest
+from bitsmith.rpc.client import Client
+from bitsmith.v1 import common_pb2
+from bitsmith_services.registry import Role
+
+from .conftest import Stack, make_job, wait
+
+SUCCEEDED = common_pb2.JOB_STATE_SUCCEEDED
+
+
+def _copy_model(tmp_path: Path) -> Path:
+    model = tmp_path / "model"
+    shutil.copytree(DEMO_MODEL, model)
+    for f in model.iterdir():
+        f.chmod(0o644)
+    return model
+
+
+def test_gptq_job_writes_a_verified_artifact_with_metrics(stack: Stack, tmp_path: Path) -> None:
+    out = tmp_path / "gptq"
+    job = stack.client.submit(make_job(out, evaluate=True))
+    events = list(stack.client.watch(job.job_id))
+    done = stack.client.get(job.job_id)
+
+    assert done.state == SUCCEEDED, done.error
+    sequences = [e.sequence for e in events]
+    assert sequences == sorted(sequences) and len(set(sequences)) == len(sequences)
+    phases = [e.phase for e in events]
+    assert phases[0] == "queued" and phases[-1] == "done"
+    assert phases.count("solve") == 4 * 4  # 4 blocks x 4 true-sequential groups
+    assert {e.block for e in events if e.phase == "solve"} == {0, 1, 2, 3}
+    assert events[-1].step == events[-1].total_steps
+
+    manifest = verify_manifest(out)
+    (artifact,) = done.artifacts
+    assert artifact.path == str(out) and artifact.sha256 == manifest.digest
+    assert artifact.bytes == sum(f.bytes for f in manifest.files)
+    assert manifest.trace_id == done.trace_id != ""
+    (metric,) = done.metrics
+    assert metric.ppl > metric.reference_ppl > 1.0  # quantization costs a little
+    assert 0.0 < metric.kl < 0.5 and 0.5 < metric.top1 <= 1.0
+    assert manifest.metrics[metric.dataset]["ppl"] == pytest.approx(metric.ppl)
+    assert not list(tmp_path.glob(".*partial*")), "no staging directory may remain"
+
+
+def test_rtn_job_needs_no_calibration(stack: Stack, tmp_path: Path) -> None:
+    spec = make_job(tmp_path / "rtn", method=common_pb2.METHOD_RTN)
+    del spec.calibration.files[:]
+    done = wait(stack.client, stack.client.submit(spec).job_id)
+    assert done.state == SUCCEEDED, done.error
+    config = json.loads((tmp_path / "rtn" / "config.json").read_text())
+    assert config["quantization_config"]["bits"] == 4
+
+
+def test_submit_is_idempotent_on_client_request_id(stack: Stack, tmp_path: Path) -> None:
+    spec = make_job(tmp_path / "idem", method=common_pb2.METHOD_RTN, request_id="req-42")
+    first = stack.client.submit(spec)
+    again = stack.client.submit(spec)
+    assert again.job_id == first.job_id
+    wait(stack.client, first.job_id)
+    # Even after the output exists, the same request id answers with the same job.
+    assert stack.client.submit(spec).job_id == first.job_id
+    assert sum(j.spec.client_request_id == "req-42" for j in stack.client.list()) == 1
+
+
+def test_cancel_stops_the_job_and_removes_partial_output(stack: Stack, tmp_path: Path) -> None:
+    out = tmp_path / "cancelled"
+    job = stack.client.submit(make_job(out, samples=32, seq_len=256))
+    for event in stack.client.watch(job.job_id):
+        if event.phase == "solve":
+            stack.client.cancel(job.job_id)
+            break
+    done = wait(stack.client, job.job_id)
+    assert done.state == common_pb2.JOB_STATE_CANCELLED
+    assert not out.exists() and not list(tmp_path.glob(".*partial*"))
+    assert not (stack.home / "store" / "jobs" / job.job_id).exists(), "scratch tensors are removed"
+
+
+def test_quality_gate_fails_the_job_with_numbers_and_writes_nothing(stack: Stack, tmp_path: Path) -> None:
+    out = tmp_path / "gated"
+    gate = common_pb2.QualityGate(max_kl=1e-9)
+    done = wait(stack.client, stack.client.submit(make_job(out, method=common_pb2.METHOD_RTN, evaluate=True,
+                                                           gate=gate)).job_id)
+    assert done.state == common_pb2.JOB_STATE_FAILED
+    assert "quality gate failed" in done.error and "KL" in done.error
+    assert not out.exists() and not list(tmp_path.glob(".*partial*"))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "error", "needle"),
+    [
+        (lambda m, t: t.update(model_path=str(t["tmp"] / "missing")), BitsmithError, "missing"),
+        (lambda m, t: t.update(group_size=96), ConfigError, "does not divide"),
+        (lambda m, t: (m / "model.safetensors").write_bytes((m / "model.safetensors").read_bytes()[:5000]),
+         ConfigError, "model.safetensors"),
+        (lambda m, t: (m / "config.json").write_text(
+            json.dumps({**json.loads((m / "config.json").read_text()), "model_type": "gpt_bigcode",
+                        "architectures": ["GPTBigCodeForCausalLM"]})), BitsmithError, "gpt_bigcode"),
+        (lambda m, t: _poison(m), ConfigError, "nan"),
+        (lambda m, t: (t["tmp"] / "out").mkdir() or (t["tmp"] / "out" / "x").write_text("x"),
+         AlreadyExistsError, "not empty"),
+    ],
+    ids=["missing-model", "group-size", "truncated-safetensors", "unknown-architecture", "nan-weights",
+         "output-not-empty"],
+)
+def test_bad_input_is_refused_at_submit_and_nothing_is_written(
+        stack: Stack, tmp_path: Path, mutate, error: type[Exception], needle: str) -> None:
+    model = _copy_model(tmp_path)
+    fields: dict = {"tmp": tmp_path}
+    mutate(model, fields)
+    spec = make_job(tmp_path / "out", model=Path(fields.get("model_path", model)),
+                    group_size=fields.get("group_size", 128))
+    before = len(stack.client.list(limit=1000))
+    with pytest.raises(error) as info:
+        stack.client.submit(spec)
+    assert needle.lower() in str(info.value).lower()
+    assert len(stack.client.list(limit=1000)) == before, "a refused job is not recorded"
+    out = tmp_path / "out"
+    assert not out.exists() or [p.name for p in out.iterdir()] == ["x"]
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def _poison(model: Path) -> None:
+    tensors = load_file(model / "model.safetensors")
+    name = "model.layers.1.mlp.up_proj.weight"
+    tensors[name][3, 5] = float("nan")
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_unknown_job_is_not_found(stack: Stack) -> None:
+    with pytest.raises(BitsmithError, match="NOT_FOUND"):
+        stack.client.get("nope")
+
+
+def test_unreachable_server_is_a_clear_error() -> None:
+    with pytest.raises(ServiceUnavailableError, match="127.0.0.1:9"):
+        Client("127.0.0.1:9")
+
+
+def test_every_service_serves_health_and_reflection(stack: Stack) -> None:
+    names = {
+        Role.CALIBRATOR: "bitsmith.v1.CalibratorService", Role.SOLVER: "bitsmith.v1.SolverService",
+        Role.PACKER: "bitsmith.v1.PackerService", Role.RUNTIME_CPU: "bitsmith.v1.RuntimeService",
+    }
+    targets = [(addr, names[role]) for role, addr in stack.addresses.by_role.items()]
+    targets.append((stack.address, "bitsmith.v1.JobService"))
+    for address, service in targets:
+        with grpc.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service))
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            reply = next(reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+            listed = {s.name for s in reply.list_services_response.service}
+            assert service in listed and "grpc.health.v1.Health" in listed
+
+
+def test_deadline_exceeded_is_reported_as_such(stack: Stack) -> None:
+    from bitsmith.v1 import calibrator_pb2, calibrator_pb2_grpc
+
+    with grpc.insecure_channel(stack.addresses[Role.CALIBRATOR]) as channel:
+        stub = calibrator_pb2_grpc.CalibratorServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Start(calibrator_pb2.StartRequest(job_id="deadline", model_path=str(DEMO_MODEL),
+                                                   calibration=make_job(Path("/nonexistent")).calibration),
+                       timeout=0.001)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_packer_refuses_to_touch_anything_but_staging(stack: Stack, tmp_path: Path) -> None:
+    from bitsmith.v1 import packer_pb2, packer_pb2_grpc
+
+    victim = tmp_path / "precious"
+    victim.mkdir()
+    with grpc.insecure_channel(stack.addresses[Role.PACKER]) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            packer_pb2_grpc.PackerServiceStub(channel).Discard(packer_pb2.DiscardRequest(staging_path=str(victim)))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert victim.exists()
