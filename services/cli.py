@@ -36,8 +36,10 @@ def _job_spec(args: argparse.Namespace) -> Any:
     from bitsmith.v1 import common_pb2, job_pb2
 
     method = Method(args.method)
-    variant = args.checkpoint_format
-    # GPTQ v1 checkpoints store zero - 1, so an asymmetric grid must keep its zeros >= 1.
+    # GPTQ v1 loads everywhere for symmetric grids; asymmetric ones go to v2 (true zeros), which
+    # GPTQModel/transformers require for them. A forced v1 asymmetric file keeps its zeros >= 1,
+    # because v1 stores zero - 1.
+    variant = args.checkpoint_format if args.checkpoint_format != "auto" else ("gptq" if args.sym else "gptq_v2")
     min_zero = 1 if (not args.sym and variant == "gptq") else 0
     scheme = QuantScheme(bits=args.bits, group_size=args.group_size, sym=args.sym, min_zero=min_zero)
     options = GPTQOptions(damp_percent=args.damp_percent, act_order=args.act_order,
@@ -260,8 +262,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--seq-len", type=int, default=512)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--format", action="append", choices=["gptq"], default=[], help="output format (repeatable)")
-    q.add_argument("--checkpoint-format", choices=["gptq", "gptq_v2"], default="gptq",
-                   help="GPTQ v1 (loads everywhere; asymmetric zeros kept >= 1) or v2 (true zeros)")
+    q.add_argument("--checkpoint-format", choices=["auto", "gptq", "gptq_v2"], default="auto",
+                   help="auto: v1 for --sym (loads everywhere), v2 (true zeros) for asymmetric grids")
     q.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     q.add_argument("--eval", action="append", default=[], metavar="FILE", help="held-out text to evaluate on")
     q.add_argument("--eval-seq-len", type=int, default=512)

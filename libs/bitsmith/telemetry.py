@@ -62,6 +62,7 @@ def _span_record(span: "ReadableSpan") -> dict[str, object]:
         "span_id": f"{ctx.span_id:016x}" if ctx else "",
         "parent_id": f"{parent.span_id:016x}" if parent else None,
         "service": span.resource.attributes.get("service.name", ""),
+        "pid": span.resource.attributes.get("process.pid", 0),
         "start_ns": span.start_time,
         "end_ns": span.end_time,
         "attributes": {k: v if isinstance(v, str | int | float | bool) else str(v)
@@ -78,7 +79,7 @@ def setup_tracing(service_name: str) -> "TracerProvider":
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    provider = TracerProvider(resource=Resource.create({"service.name": service_name, "process.pid": os.getpid()}))
     if os.environ.get(OTLP_ENDPOINT_ENV):
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 

@@ -14,7 +14,12 @@ from typing import TYPE_CHECKING
 import grpc
 
 from bitsmith.errors import ConfigError
-from bitsmith.rpc.convert import quantized_ref_from_proto, tensor_ref_from_proto, tensor_ref_to_proto
+from bitsmith.rpc.convert import (
+    quantized_ref_from_proto,
+    scheme_from_proto,
+    tensor_ref_from_proto,
+    tensor_ref_to_proto,
+)
 from bitsmith.rpc.server import ServiceBinding, create_server as _create_server
 from bitsmith.store import ArtifactStore
 from bitsmith.v1 import calibrator_pb2, calibrator_pb2_grpc, common_pb2
@@ -62,6 +67,15 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
     def Plan(self, request: calibrator_pb2.PlanRequest, context: grpc.ServicerContext
              ) -> calibrator_pb2.ModelPlan:
         model = _model(request.model_path)
+        if request.HasField("scheme"):
+            scheme = scheme_from_proto(request.scheme)
+            for b in range(model.num_blocks):
+                for name in (n for g in model.groups(b) for n in g):
+                    out_features, in_features = model.linear_shape(b, name)
+                    try:
+                        scheme.groups(in_features)
+                    except ConfigError as exc:
+                        raise ConfigError(f"{model.full_name(b, name)}: {exc}") from None
         return calibrator_pb2.ModelPlan(
             architecture=str(model.config.model_type),
             blocks=[
@@ -89,18 +103,21 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
 
     def Collect(self, request: calibrator_pb2.CollectRequest, context: grpc.ServicerContext
                 ) -> calibrator_pb2.CollectResponse:
-        from bitsmith.calib import capture_hessians
+        from bitsmith.pipeline import collect_stats
 
         model = _model(request.model_path)
         names = list(request.names)
-        weights = {n: model.linear_weight(request.block, n) for n in names}
+        tensors = {f"{n}.weight": model.linear_weight(request.block, n) for n in names}
         hessians = {}
         if request.HasField("inputs"):
             inputs = self._store.get_tensor(tensor_ref_from_proto(request.inputs))
             overrides = self._overrides(request.applied, request.block, model)
-            hessians = capture_hessians(model, request.block, inputs, names, overrides)
-        tensors = {f"{n}.weight": w for n, w in weights.items()}
-        tensors.update({f"{n}.hessian": h for n, (h, _) in hessians.items()})
+            hessians = collect_stats(model, request.block, names, inputs, overrides)
+        # Linears of one group share their input: store each distinct Hessian once.
+        stored: dict[int, str] = {}
+        for n, (h, _) in hessians.items():
+            stored.setdefault(id(h), f"{n}.hessian")
+            tensors[stored[id(h)]] = h
         group = "+".join(n.rsplit(".", 1)[-1] for n in names)
         refs = self._store.put_tensors(_job_key(request.job_id, f"block-{request.block}", f"{group}.safetensors"),
                                        tensors)
@@ -108,8 +125,9 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
         for n in names:
             msg = common_pb2.LinearStats(name=n, weight=tensor_ref_to_proto(refs[f"{n}.weight"]))
             if n in hessians:
-                msg.hessian.CopyFrom(tensor_ref_to_proto(refs[f"{n}.hessian"]))
-                msg.tokens = hessians[n][1]
+                h, tokens = hessians[n]
+                msg.hessian.CopyFrom(tensor_ref_to_proto(refs[stored[id(h)]]))
+                msg.tokens = tokens
             stats.append(msg)
         return calibrator_pb2.CollectResponse(stats=stats)
 

@@ -15,7 +15,7 @@ from google.protobuf.json_format import MessageToDict
 
 from bitsmith.errors import ConfigError
 from bitsmith.formats import get_format
-from bitsmith.formats.base import discard, is_staging_dir, publish, stage
+from bitsmith.formats.base import PARTIAL_MARKER, discard, publish, stage
 from bitsmith.manifest import read_manifest, update_manifest, write_manifest
 from bitsmith.rpc.convert import format_from_proto, format_to_proto, gptq_from_proto, quantized_ref_from_proto
 from bitsmith.rpc.server import ServiceBinding, create_server as _create_server
@@ -26,7 +26,7 @@ from bitsmith.v1 import common_pb2, packer_pb2, packer_pb2_grpc
 
 def _staging(path: str) -> Path:
     staging = Path(path)
-    if not staging.is_absolute() or not is_staging_dir(staging):
+    if not staging.is_absolute() or not staging.name.startswith(".") or PARTIAL_MARKER not in staging.name:
         raise ConfigError(f"{path!r} is not a staging directory of the packer")
     return staging
 
@@ -45,7 +45,7 @@ class Packer(packer_pb2_grpc.PackerServiceServicer):
         staging = stage(out)
         try:
             handler.write(staging, source_model_dir=Path(request.model_path), quantized=quantized,
-                          options=gptq_from_proto(request.recipe.gptq), variant=request.format.variant)
+                          options=gptq_from_proto(request.recipe.gptq), variant=request.format.variant or None)
             manifest = write_manifest(
                 staging, format=fmt, recipe=MessageToDict(request.recipe, preserving_proto_field_name=True),
                 trace_id=current_trace_id(),

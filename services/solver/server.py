@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 
+from bitsmith.errors import ConfigError
 from bitsmith.rpc.convert import (
     gptq_from_proto,
     method_from_proto,
@@ -29,21 +30,23 @@ class Solver(solver_pb2_grpc.SolverServiceServicer):
 
     def Solve(self, request: solver_pb2.SolveRequest, context: grpc.ServicerContext
               ) -> solver_pb2.SolveResponse:
-        from bitsmith.algos import solve_group
+        from bitsmith.pipeline import solve_group
 
-        weights = {s.name: self._store.get_tensor(tensor_ref_from_proto(s.weight)) for s in request.stats}
-        hessian_refs = {tensor_ref_from_proto(s.hessian) for s in request.stats if s.HasField("hessian")}
-        hessians = {ref: self._store.get_tensor(ref) for ref in hessian_refs}
-        outcomes = solve_group(
-            weights,
-            {s.name: hessians[tensor_ref_from_proto(s.hessian)] for s in request.stats if s.HasField("hessian")},
-            method=method_from_proto(request.method),
-            scheme=scheme_from_proto(request.scheme),
-            options=gptq_from_proto(request.gptq),
-            prefix=request.prefix,
-        )
+        if not request.stats:
+            raise ConfigError("a solve request needs at least one linear")
+        names = [s.name for s in request.stats]
+        weights = [self._store.get_tensor(tensor_ref_from_proto(s.weight)) for s in request.stats]
+        hessian_keys = {(s.hessian.key, s.hessian.name) for s in request.stats if s.HasField("hessian")}
+        if len(hessian_keys) > 1:
+            raise ConfigError(f"linears {names} do not share one input Hessian; solve them separately")
+        first = request.stats[0]
+        hessian = self._store.get_tensor(tensor_ref_from_proto(first.hessian)) if hessian_keys else None
+        label = ",".join(f"{request.prefix}.{n}" for n in names)
+        outcomes = solve_group(weights, hessian, method=method_from_proto(request.method),
+                               scheme=scheme_from_proto(request.scheme), options=gptq_from_proto(request.gptq),
+                               label=label)
         solved = []
-        for name, outcome in outcomes.items():
+        for name, outcome in zip(names, outcomes, strict=True):
             full = f"{request.prefix}.{name}" if request.prefix else name
             ref = self._store.put_quantized(
                 f"jobs/{request.job_id}/block-{request.block}/{name}.quantized.safetensors", full, outcome.weight

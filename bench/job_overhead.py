@@ -1,0 +1,153 @@
+"""What the services cost: one demo-model job through the stack vs the same work called in-process.
+
+Runs, in one process and one after the other on the same machine:
+  services:   start a local stack (Ray actors + gRPC), submit the job, follow it to the end; the time
+              of each phase is read from the job's trace (the coordinator's client spans per RPC);
+  in-process: the same calibration, solve, pack and evaluation through `bitsmith` library calls.
+Prints a table of seconds per phase and the services/in-process ratio, with the hardware.
+
+    python bench/job_overhead.py [--samples 128] [--seq-len 512] [--bits 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+PHASE_OF_RPC = {
+    "Plan": "calibrate", "Start": "calibrate", "Collect": "calibrate", "Advance": "calibrate",
+    "Solve": "solve", "Pack": "pack", "Publish": "pack", "Evaluate": "eval",
+}
+PHASES = ("stack start", "calibrate", "solve", "pack", "eval", "total")
+
+
+class TimedBackend:
+    """Wraps a pipeline backend and adds up the seconds spent in each of its steps."""
+
+    def __init__(self, inner: Any, seconds: dict[str, float]) -> None:
+        self._inner = inner
+        self._seconds = seconds
+
+    def _timed(self, phase: str, fn: Callable[..., Any], *args: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self._seconds[phase] += time.perf_counter() - t0
+
+    def start(self) -> Any:
+        return self._timed("calibrate", self._inner.start)
+
+    def collect(self, bid: int, names: Sequence[str], inputs: Any, applied: Mapping[str, Any]) -> Any:
+        return self._timed("calibrate", self._inner.collect, bid, names, inputs, applied)
+
+    def solve(self, bid: int, names: Sequence[str], stats: Any) -> Any:
+        return self._timed("solve", self._inner.solve, bid, names, stats)
+
+    def advance(self, bid: int, inputs: Any, applied: Mapping[str, Any]) -> Any:
+        return self._timed("calibrate", self._inner.advance, bid, inputs, applied)
+
+
+def in_process(args: argparse.Namespace, work: Path) -> dict[str, float]:
+    from bitsmith.calib import calibration_tokens
+    from bitsmith.demo import CALIB_FILES, DEMO_MODEL, EVAL_FILES
+    from bitsmith.formats import get_format
+    from bitsmith.manifest import build_artifact
+    from bitsmith.models import load_checkpoint
+    from bitsmith.pipeline import LocalBackend, Plan, run_sequential
+    from bitsmith.runtimes import evaluate_path
+    from bitsmith.schemes import Format, GPTQOptions, Method, QuantScheme
+
+    seconds: dict[str, float] = defaultdict(float)
+    t_all = time.perf_counter()
+    t0 = time.perf_counter()
+    model = load_checkpoint(DEMO_MODEL)
+    tokens = calibration_tokens(DEMO_MODEL, CALIB_FILES, samples=args.samples, seq_len=args.seq_len)
+    seconds["calibrate"] += time.perf_counter() - t0
+    scheme = QuantScheme(bits=args.bits, group_size=128, min_zero=1)
+    options = GPTQOptions()
+    backend = TimedBackend(LocalBackend(model, scheme=scheme, method=Method.GPTQ, options=options, tokens=tokens),
+                           seconds)
+    quantized = run_sequential(Plan.from_model(model), backend, needs_calibration=True, true_sequential=True)
+    t0 = time.perf_counter()
+    out = work / "in-process"
+    write = get_format(Format.GPTQ).write
+    build_artifact(out, lambda d: write(d, source_model_dir=DEMO_MODEL, quantized=quantized, options=options),
+                   format=Format.GPTQ, recipe={"method": "gptq", "bits": args.bits})
+    seconds["pack"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    evaluate_path(out, list(EVAL_FILES), reference=DEMO_MODEL)
+    seconds["eval"] += time.perf_counter() - t0
+    seconds["total"] = time.perf_counter() - t_all
+    return seconds
+
+
+def through_services(args: argparse.Namespace, work: Path) -> dict[str, float]:
+    from bitsmith.demo import CALIB_FILES, DEMO_MODEL, EVAL_FILES
+    from bitsmith.rpc.client import Client
+    from bitsmith.telemetry import read_spans
+    from bitsmith.v1 import common_pb2, job_pb2
+    from bitsmith_services.stack import LocalStack
+
+    seconds: dict[str, float] = defaultdict(float)
+    t_all = time.perf_counter()
+    with LocalStack(home=work / "home") as stack:
+        seconds["stack start"] = time.perf_counter() - t_all
+        spec = job_pb2.QuantizeJob(
+            model_path=str(DEMO_MODEL),
+            recipe=common_pb2.Recipe(method=common_pb2.METHOD_GPTQ,
+                                     scheme=common_pb2.QuantScheme(bits=args.bits, group_size=128, min_zero=1),
+                                     gptq=common_pb2.GPTQOptions(damp_percent=0.01, true_sequential=True)),
+            calibration=common_pb2.CalibrationSpec(files=[str(f) for f in CALIB_FILES], samples=args.samples,
+                                                   seq_len=args.seq_len),
+            output=common_pb2.OutputSpec(path=str(work / "services"),
+                                         formats=[common_pb2.OutputFormat(format=common_pb2.FORMAT_GPTQ)]),
+            eval=common_pb2.EvalSpec(files=[str(f) for f in EVAL_FILES], seq_len=512),
+        )
+        with Client(stack.address) as client:
+            job = client.submit(spec)
+            for _ in client.watch(job.job_id):
+                pass
+            job = client.get(job.job_id)
+    seconds["total"] = time.perf_counter() - t_all
+    if job.state != common_pb2.JOB_STATE_SUCCEEDED:
+        raise SystemExit(f"job failed: {job.error}")
+    for span in read_spans(os.environ["BITSMITH_TRACE_FILE"]):
+        if span["trace_id"] != job.trace_id or span["service"] != "bitsmith-coordinator":
+            continue
+        rpc = str(span["name"]).rsplit("/", 1)[-1]
+        if rpc in PHASE_OF_RPC and span["end_ns"] and span["start_ns"]:
+            seconds[PHASE_OF_RPC[rpc]] += (int(span["end_ns"]) - int(span["start_ns"])) / 1e9
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--bits", type=int, default=4)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bitsmith-bench-") as tmp:
+        work = Path(tmp)
+        os.environ["BITSMITH_TRACE_FILE"] = str(work / "spans.jsonl")
+        services = through_services(args, work)
+        local = in_process(args, work)
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.system()}, "
+          f"python {platform.python_version()}; GPTQ w{args.bits} g128 on the demo model, "
+          f"{args.samples} x {args.seq_len} calibration tokens")
+    print(f"{'phase':<12} {'services s':>11} {'in-process s':>13} {'ratio':>7}")
+    for phase in PHASES:
+        s, l = services.get(phase, 0.0), local.get(phase, 0.0)
+        ratio = f"{s / l:7.2f}" if l > 0 else "      -"
+        print(f"{phase:<12} {s:11.2f} {l:13.2f} {ratio}")
+
+
+if __name__ == "__main__":
+    main()

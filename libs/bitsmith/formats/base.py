@@ -1,0 +1,209 @@
+"""Atomic files and directories, and the contract every format's writer and reader follows.
+
+Why this exists: a packer can die at any instant (pre-emption, OOM, a full disk). Consumers and the
+coordinator decide that an artifact exists by looking at its path, so nothing may ever appear at
+that path until every byte of it is on disk. Files go through a temporary name + fsync + rename;
+whole artifacts are written into a hidden sibling staging directory and renamed into place in one
+step (`stage` → write → `publish`, or `discard` on failure).
+
+>>> import tempfile
+>>> root = Path(tempfile.mkdtemp())
+>>> staging = stage(root / "artifact")
+>>> _ = write_file_atomic(staging / "hello.txt", b"hi")
+>>> publish(staging, root / "artifact")
+>>> sorted(p.name for p in (root / "artifact").iterdir())
+['hello.txt']
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from bitsmith.errors import AlreadyExistsError, ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from bitsmith.quantized import QuantizedWeight
+    from bitsmith.schemes import GPTQOptions
+
+PARTIAL_MARKER = ".partial-"
+"""Staging directories are named `.<name>.partial-<random>`: hidden, and obviously incomplete."""
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's (or a directory's entries') data to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_sibling(path: Path) -> Path:
+    """A hidden, unique name next to `path`, so that the final rename stays on one filesystem."""
+    return path.with_name(f".{path.name}{PARTIAL_MARKER}{secrets.token_hex(6)}")
+
+
+def write_file_atomic(path: Path, data: bytes) -> Path:
+    """Write `data` to `path` so that readers see either the old file or the whole new one."""
+    tmp = temp_sibling(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
+    return path
+
+
+def save_safetensors_atomic(
+    path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> Path:
+    """`safetensors.torch.save_file` through a temporary name, fsync and rename."""
+    from safetensors.torch import save_file
+
+    tmp = temp_sibling(path)
+    try:
+        save_file(dict(tensors), str(tmp), metadata=dict(metadata) if metadata is not None else None)
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
+    return path
+
+
+def copy_file_synced(src: Path, dst: Path) -> Path:
+    """Copy a file's bytes (no metadata) and fsync the copy; used inside staging directories."""
+    shutil.copyfile(src, dst)
+    fsync_path(dst)
+    return dst
+
+
+def _is_nonempty_dir(path: Path) -> bool:
+    with os.scandir(path) as entries:
+        return any(True for _ in entries)
+
+
+def _refuse_occupied(out_dir: Path) -> None:
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise AlreadyExistsError(f"output path {out_dir} exists and is not a directory")
+    if out_dir.is_dir() and _is_nonempty_dir(out_dir):
+        raise AlreadyExistsError(f"output directory {out_dir} exists and is not empty")
+
+
+def stage(out_dir: Path) -> Path:
+    """Create and return a fresh staging directory beside `out_dir`.
+
+    Refuses early (before any work is done) when `out_dir` is occupied (`AlreadyExistsError`) or its
+    parent cannot be created or written (`ConfigError`).
+    """
+    out_dir = Path(out_dir)
+    _refuse_occupied(out_dir)
+    parent = out_dir.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the parent {parent} of output {out_dir}: {e}") from e
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"the parent {parent} of output {out_dir} is not writable")
+    staging = temp_sibling(out_dir)
+    try:
+        staging.mkdir()
+    except OSError as e:
+        raise ConfigError(f"cannot create staging directory {staging}: {e}") from e
+    return staging
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            fsync_path(Path(dirpath) / name)
+        fsync_path(Path(dirpath))
+
+
+def publish(staging: Path, out_dir: Path) -> None:
+    """Move a finished staging directory to `out_dir` in one rename (an empty `out_dir` is replaced).
+
+    Everything in the staging directory is fsynced first and the parent directory after, so after
+    this returns the artifact survives a power loss, and before it returns nothing is at `out_dir`.
+    """
+    staging, out_dir = Path(staging), Path(out_dir)
+    if not staging.is_dir():
+        raise ConfigError(f"staging directory {staging} does not exist")
+    _refuse_occupied(out_dir)
+    _fsync_tree(staging)
+    if out_dir.is_dir():
+        out_dir.rmdir()  # empty (checked above); rmdir fails rather than deleting anything that appeared
+    try:
+        os.rename(staging, out_dir)
+    except OSError as e:
+        raise AlreadyExistsError(f"cannot publish {staging} to {out_dir}: {e}") from e
+    fsync_path(out_dir.parent)
+
+
+def discard(staging: Path) -> None:
+    """Remove a staging directory and everything in it; a missing one is fine (idempotent)."""
+    staging = Path(staging)
+    if PARTIAL_MARKER not in staging.name:
+        raise ConfigError(f"refusing to discard {staging}: not a staging directory")
+    if staging.exists():
+        shutil.rmtree(staging)
+
+
+@contextmanager
+def staged(out_dir: Path) -> Iterator[Path]:
+    """`with staged(out) as tmp:` write into `tmp`; published on success, discarded on any error."""
+    staging = stage(out_dir)
+    try:
+        yield staging
+    except BaseException:
+        discard(staging)
+        raise
+    publish(staging, out_dir)
+
+
+class Writer(Protocol):
+    """Writes one format INTO an existing, empty (staging) directory and returns it.
+
+    `variant` selects a format's sub-layout (GPTQ: "gptq" v1 or "gptq_v2"); None is its default.
+    Writers never publish: `bitsmith.manifest.build_artifact` stages, calls the writer, writes the
+    manifest and publishes, so every format gets atomicity and a manifest the same way.
+    """
+
+    def __call__(
+        self,
+        out_dir: Path,
+        *,
+        source_model_dir: Path,
+        quantized: Mapping[str, QuantizedWeight],
+        options: GPTQOptions,
+        variant: str | None = None,
+    ) -> Path: ...
+
+
+class Checkpoint(Protocol):
+    """What every reader returns: enough to rebuild a float model for evaluation."""
+
+    @property
+    def config(self) -> Mapping[str, Any]: ...
+
+    def dense_state_dict(self, dtype: torch.dtype = ...) -> dict[str, torch.Tensor]: ...
+
+
+class Reader(Protocol):
+    """Reads and validates an artifact directory; raises `FormatError` on anything malformed."""
+
+    def __call__(self, path: Path) -> Checkpoint: ...

@@ -1,0 +1,339 @@
+"""Write a GPTQ safetensors checkpoint (FORMATS.md §1) from a source model and solver results.
+
+Why it validates so much: the format has one global (bits, group_size, sym, desc_act) and consumers
+trust every shape, so a mixed-scheme job, a wrong layer name or an out-of-range code would produce a
+checkpoint that loads and silently computes garbage. Every such input is refused here with the layer
+named, before the first byte is written.
+
+The writer fills an existing empty directory (a staging directory from `bitsmith.manifest.
+build_artifact`); it never publishes. Non-quantized tensors are copied with their name and dtype,
+byte for byte; each quantized linear's `.weight` is replaced by qweight / qzeros / scales / g_idx
+(and its bias becomes fp16).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from math import prod
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import bitsmith
+from bitsmith.errors import AlreadyExistsError, ConfigError, FormatError, NotFoundError, UnsupportedError
+from bitsmith.formats.base import copy_file_synced, save_safetensors_atomic, write_file_atomic
+from bitsmith.formats.gptq.constants import (
+    BIAS,
+    CONFIG_FILE,
+    COPIED_FILES,
+    DEFAULT_MAX_SHARD_BYTES,
+    G_IDX,
+    LM_HEAD,
+    PACK_DTYPE,
+    QUANT_METHOD,
+    QUANTIZATION_CONFIG_KEY,
+    QUANTIZE_CONFIG_FILE,
+    QWEIGHT,
+    QZEROS,
+    SCALES,
+    V1_ZERO_OFFSET,
+    WEIGHT,
+    CheckpointFormat,
+)
+from bitsmith.formats.gptq.packing import pack_dim0, packed_rows
+from bitsmith.formats.safetensors_io import (
+    INDEX_FILE,
+    PT_METADATA,
+    SHARD_TEMPLATE,
+    WEIGHTS_FILE,
+    TensorInfo,
+    load_tensors,
+    scan_checkpoint,
+)
+from bitsmith.quantized import QuantizedWeight
+from bitsmith.schemes import PER_CHANNEL, GPTQOptions, QuantScheme
+
+DEFAULT_QUANTIZER = f"bitsmith:{bitsmith.__version__}"
+
+
+def parse_checkpoint_format(value: str) -> CheckpointFormat:
+    """`CheckpointFormat` from its string, `ConfigError` listing the choices otherwise."""
+    try:
+        return CheckpointFormat(value)
+    except ValueError:
+        choices = ", ".join(f.value for f in CheckpointFormat)
+        raise ConfigError(f"checkpoint_format must be one of {choices}, got {value!r}") from None
+
+
+def quantization_config(
+    scheme: QuantScheme,
+    options: GPTQOptions,
+    checkpoint_format: CheckpointFormat,
+    *,
+    lm_head: bool,
+    quantizer: str,
+) -> dict[str, Any]:
+    """The `quantization_config` block (§1.7), written to config.json and quantize_config.json."""
+    return {
+        "quant_method": QUANT_METHOD,
+        "method": QUANT_METHOD,
+        "bits": scheme.bits,
+        "group_size": scheme.group_size,
+        "desc_act": options.act_order,
+        "sym": scheme.sym,
+        "lm_head": lm_head,
+        "format": checkpoint_format.value,
+        "checkpoint_format": checkpoint_format.value,
+        "pack_dtype": PACK_DTYPE,
+        "true_sequential": options.true_sequential,
+        "static_groups": options.static_groups,
+        "damp_percent": options.damp_percent,
+        "meta": {"quantizer": [quantizer]},
+    }
+
+
+def pack_layer(qw: QuantizedWeight, checkpoint_format: CheckpointFormat) -> dict[str, torch.Tensor]:
+    """qweight / qzeros / scales / g_idx of one (already validated) quantized linear."""
+    bits = qw.scheme.bits
+    stored_zeros = qw.zeros.to(torch.int64)
+    if checkpoint_format is CheckpointFormat.V1:
+        stored_zeros = stored_zeros - V1_ZERO_OFFSET
+    return {
+        QWEIGHT: pack_dim0(qw.codes.t(), bits),
+        QZEROS: pack_dim0(stored_zeros, bits).t().contiguous(),
+        SCALES: qw.scales.t().to(torch.float16).contiguous(),
+        G_IDX: qw.g_idx.to(torch.int32).contiguous(),
+    }
+
+
+def packed_nbytes(qw: QuantizedWeight) -> int:
+    """Bytes of a layer's packed tensors (for sharding before anything is packed)."""
+    n, k = qw.shape
+    groups = qw.scales.shape[1]
+    bits = qw.scheme.bits
+    return 4 * (k * bits // 32 * n) + 4 * (groups * n * bits // 32) + 2 * groups * n + 4 * k
+
+
+def common_scheme(quantized: Mapping[str, QuantizedWeight]) -> QuantScheme:
+    """The one scheme every layer shares; `UnsupportedError` naming layers of each scheme otherwise."""
+    if not quantized:
+        raise ConfigError("write_gptq got no quantized layers")
+    by_scheme: dict[QuantScheme, list[str]] = {}
+    for name, qw in sorted(quantized.items()):
+        by_scheme.setdefault(qw.scheme, []).append(name)
+    if len(by_scheme) > 1:
+        detail = "; ".join(f"{s} for {names[0]} (+{len(names) - 1} more)" for s, names in by_scheme.items())
+        raise UnsupportedError(
+            f"the GPTQ format has one global bits/group_size/sym, but the layers use "
+            f"{len(by_scheme)} schemes: {detail}"
+        )
+    return next(iter(by_scheme))
+
+
+def linear_names(source_model_dir: Path) -> frozenset[str]:
+    """Names of every `nn.Linear` of the source causal LM, from its config on the meta device.
+
+    Why not trust the tensor list: a 2-D `.weight` may be an embedding, which GPTQ consumers never
+    replace by a quantized linear. Building the model on `meta` allocates nothing.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(source_model_dir, local_files_only=True)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, OSError) as e:
+        raise UnsupportedError(
+            f"cannot build the model of {source_model_dir} to list its linears: {e}"
+        ) from e
+    return frozenset(name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear))
+
+
+def validate_layer(
+    name: str,
+    qw: QuantizedWeight,
+    source: Mapping[str, TensorInfo],
+    linears: frozenset[str],
+    options: GPTQOptions,
+    checkpoint_format: CheckpointFormat,
+) -> None:
+    """Refuse a layer that would produce a wrong or unloadable checkpoint (see the module docstring)."""
+    where = f"quantized layer {name!r}"
+    if name not in linears:
+        raise ConfigError(f"{where} is not an nn.Linear of the source model")
+    weight = source.get(f"{name}.{WEIGHT}")
+    if weight is None or len(weight.shape) != 2:
+        raise ConfigError(f"{where}: the source checkpoint has no 2-D {name}.{WEIGHT}")
+    if weight.shape != qw.shape:
+        raise ConfigError(f"{where}: source weight is {list(weight.shape)}, codes are {list(qw.shape)}")
+    scheme, (n, k) = qw.scheme, qw.shape
+    packed_rows(k, scheme.bits, what=f"{where} in_features")
+    packed_rows(n, scheme.bits, what=f"{where} out_features")
+    if scheme.group_size != PER_CHANNEL and k % scheme.group_size:
+        raise FormatError(f"{where}: group_size {scheme.group_size} does not divide in_features {k}")
+    groups = scheme.groups(k)
+    if qw.scales.shape[1] != groups:
+        raise FormatError(f"{where}: {qw.scales.shape[1]} groups, expected {groups} for K={k}")
+    _check_range(where, "codes", qw.codes, 0, scheme.maxq)
+    if scheme.sym:
+        mid = 1 << (scheme.bits - 1)
+        _check_range(where, "symmetric zeros", qw.zeros, mid, mid)
+    else:
+        low = V1_ZERO_OFFSET if checkpoint_format is CheckpointFormat.V1 else 0
+        hint = " (v1 stores zero-1; quantize with min_zero=1 or write gptq_v2)" if low else ""
+        _check_range(where, f"zeros{hint}", qw.zeros, low, scheme.maxq)
+    if not torch.isfinite(qw.scales.to(torch.float16)).all():
+        raise FormatError(f"{where}: scales are not finite in float16")
+    _check_g_idx(where, qw.g_idx, k, scheme.effective_group_size(k), groups, options)
+
+
+def _check_range(where: str, what: str, values: torch.Tensor, low: int, high: int) -> None:
+    if values.is_floating_point():
+        raise FormatError(f"{where}: {what} must be integers, got {values.dtype}")
+    if values.numel() and (int(values.min()) < low or int(values.max()) > high):
+        raise FormatError(
+            f"{where}: {what} span [{int(values.min())}, {int(values.max())}], allowed [{low}, {high}]"
+        )
+
+
+def _check_g_idx(
+    where: str, g_idx: torch.Tensor, k: int, group_size: int, groups: int, options: GPTQOptions
+) -> None:
+    trivial = torch.arange(k, dtype=torch.int64) // group_size
+    g = g_idx.to(torch.int64)
+    if not options.act_order or options.static_groups:
+        if not torch.equal(g, trivial):
+            raise FormatError(f"{where}: g_idx must be arange(K)//group_size without act-order")
+        return
+    _check_range(where, "g_idx", g_idx, 0, groups - 1)
+    if not torch.equal(torch.bincount(g, minlength=groups), torch.bincount(trivial, minlength=groups)):
+        raise FormatError(f"{where}: act-order g_idx must put exactly group_size columns in every group")
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    """One output tensor: a source tensor to copy, a bias to cast, or a layer to pack."""
+
+    name: str
+    nbytes: int
+    source: TensorInfo | None = None
+    layer: str | None = None
+
+
+def _plan(source: Mapping[str, TensorInfo], quantized: Mapping[str, QuantizedWeight]) -> list[_Item]:
+    items: list[_Item] = []
+    for tensor_name in sorted(source):
+        info = source[tensor_name]
+        prefix, _, suffix = tensor_name.rpartition(".")
+        if prefix in quantized and suffix == WEIGHT:
+            items.append(_Item(prefix, packed_nbytes(quantized[prefix]), layer=prefix))
+        elif prefix in quantized and suffix == BIAS:
+            items.append(_Item(tensor_name, 2 * prod(info.shape), source=info))
+        else:
+            items.append(_Item(tensor_name, info.nbytes, source=info))
+    return items
+
+
+def _shards(items: list[_Item], max_shard_bytes: int) -> list[list[_Item]]:
+    shards: list[list[_Item]] = [[]]
+    size = 0
+    for item in items:
+        if shards[-1] and size + item.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += item.nbytes
+    return shards
+
+
+def _materialize(
+    items: list[_Item],
+    quantized: Mapping[str, QuantizedWeight],
+    checkpoint_format: CheckpointFormat,
+) -> dict[str, torch.Tensor]:
+    loaded = load_tensors(item.source for item in items if item.source is not None)
+    tensors: dict[str, torch.Tensor] = {}
+    for item in items:
+        if item.layer is not None:
+            packed = pack_layer(quantized[item.layer], checkpoint_format)
+            tensors.update({f"{item.layer}.{suffix}": t for suffix, t in packed.items()})
+        elif item.name.rpartition(".")[0] in quantized:
+            tensors[item.name] = loaded[item.name].to(torch.float16)
+        else:
+            tensors[item.name] = loaded[item.name]
+    return tensors
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    write_file_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _read_config(source_model_dir: Path) -> dict[str, Any]:
+    path = source_model_dir / CONFIG_FILE
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise NotFoundError(f"source model {source_model_dir} has no {CONFIG_FILE}") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise FormatError(f"{path}: must hold a JSON object")
+    if QUANTIZATION_CONFIG_KEY in config:
+        raise UnsupportedError(f"source model {source_model_dir} is already quantized")
+    return config
+
+
+def write_gptq(
+    out_dir: Path,
+    *,
+    source_model_dir: Path,
+    quantized: Mapping[str, QuantizedWeight],
+    options: GPTQOptions,
+    variant: str | None = None,
+    quantizer: str = DEFAULT_QUANTIZER,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write a GPTQ checkpoint into the existing empty directory `out_dir` and return it.
+
+    `quantized` maps module names (``model.layers.0.self_attn.q_proj``, no ``.weight``) to their
+    solved weights; all must share one scheme. Weights larger than `max_shard_bytes` are split into
+    ``model-0000i-of-0000n.safetensors`` shards with an index. `variant` is the checkpoint format,
+    "gptq" (v1, the default) or "gptq_v2".
+    """
+    out_dir, source_model_dir = Path(out_dir), Path(source_model_dir)
+    fmt = parse_checkpoint_format(variant or CheckpointFormat.V1)
+    if not out_dir.is_dir():
+        raise ConfigError(f"output directory {out_dir} does not exist (stage it first)")
+    if any(out_dir.iterdir()):
+        raise AlreadyExistsError(f"output directory {out_dir} is not empty")
+    if max_shard_bytes <= 0:
+        raise ConfigError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    config = _read_config(source_model_dir)
+    source = scan_checkpoint(source_model_dir)
+    scheme = common_scheme(quantized)
+    linears = linear_names(source_model_dir)
+    for name, qw in sorted(quantized.items()):
+        validate_layer(name, qw, source, linears, options, fmt)
+
+    shards = _shards(_plan(source, quantized), max_shard_bytes)
+    weight_map: dict[str, str] = {}
+    total_size = 0
+    for index, items in enumerate(shards, start=1):
+        file = WEIGHTS_FILE if len(shards) == 1 else SHARD_TEMPLATE.format(index=index, total=len(shards))
+        tensors = _materialize(items, quantized, fmt)
+        save_safetensors_atomic(out_dir / file, tensors, PT_METADATA)
+        weight_map.update(dict.fromkeys(tensors, file))
+        total_size += sum(t.numel() * t.element_size() for t in tensors.values())
+    if len(shards) > 1:
+        _write_json(out_dir / INDEX_FILE, {"metadata": {"total_size": total_size}, "weight_map": weight_map})
+
+    qcfg = quantization_config(scheme, options, fmt, lm_head=LM_HEAD in quantized, quantizer=quantizer)
+    _write_json(out_dir / CONFIG_FILE, {**config, QUANTIZATION_CONFIG_KEY: qcfg})
+    _write_json(out_dir / QUANTIZE_CONFIG_FILE, qcfg)
+    for name in COPIED_FILES:
+        if (source_model_dir / name).is_file():
+            copy_file_synced(source_model_dir / name, out_dir / name)
+    return out_dir

@@ -1,0 +1,203 @@
+"""The artifact store: where tensors live while a job runs, addressed by `TensorRef`.
+
+Why: tensors never travel inside gRPC messages or Ray closures. A calibrator writes Hessians here,
+hands the solver `TensorRef`s; the solver writes `QuantizedWeight`s here and hands the packer
+`QuantizedRef`s. A ref carries dtype, shape and the sha256 of the raw bytes, so a reader detects a
+stale, truncated or swapped file instead of quantizing garbage.
+
+The store is a directory tree of safetensors files addressed by store-relative keys
+(``jobs/<job>/block-3/hessians.safetensors``). Keys are checked so that a key from the wire can
+never name a file outside the root.
+
+>>> import tempfile, torch
+>>> store = ArtifactStore(Path(tempfile.mkdtemp()))
+>>> refs = store.put_tensors("jobs/j1/h.safetensors", {"h": torch.eye(2)})
+>>> refs["h"].shape
+(2, 2)
+>>> store.get_tensor(refs["h"]).sum().item()
+2.0
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from bitsmith.errors import ConfigError, FormatError, NotFoundError
+from bitsmith.formats.base import save_safetensors_atomic
+from bitsmith.schemes import QuantScheme
+
+if TYPE_CHECKING:
+    import torch
+
+    from bitsmith.quantized import QuantizedWeight
+
+QUANTIZED_PARTS = ("codes", "scales", "zeros", "g_idx")
+"""The tensors of a `QuantizedWeight`, stored as `<name>.<part>`."""
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's raw little-endian bytes in row-major order (dtype-agnostic, bf16 too)."""
+    import torch
+
+    flat = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    return hashlib.sha256(flat.numpy().tobytes()).hexdigest()
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The torch name of a dtype without the module prefix: ``torch.float32`` → ``"float32"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TensorRef:
+    """Where one tensor lives in the store and what it must look like when read back."""
+
+    key: str
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QuantizedRef:
+    """A stored `QuantizedWeight`: refs to its four tensors plus its scheme."""
+
+    codes: TensorRef
+    scales: TensorRef
+    zeros: TensorRef
+    g_idx: TensorRef
+    scheme: QuantScheme
+
+
+class ArtifactStore:
+    """A local directory of safetensors files addressed by relative keys."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def resolve(self, key: str) -> Path:
+        """The path of `key`, refusing anything that could leave the root (`ConfigError`).
+
+        Refused: empty keys, absolute keys, backslashes, empty / `.` / `..` parts, and keys whose
+        resolved path (following symlinks already in the tree) is outside the root.
+        """
+        if not key or key.startswith("/") or "\\" in key or "\0" in key:
+            raise ConfigError(f"invalid store key {key!r}: must be a non-empty relative POSIX path")
+        parts = key.split("/")
+        bad = [p for p in parts if p in ("", ".", "..")]
+        if bad:
+            raise ConfigError(f"invalid store key {key!r}: empty, '.' or '..' parts are not allowed")
+        path = self.root.joinpath(*parts)
+        real = path.resolve()
+        if real != self.root and self.root not in real.parents:
+            raise ConfigError(f"store key {key!r} resolves to {real}, outside the store root {self.root}")
+        return path
+
+    def put_tensors(self, key: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, TensorRef]:
+        """Write `tensors` as one safetensors file at `key` (atomically) and return their refs."""
+        if not tensors:
+            raise ConfigError(f"put_tensors({key!r}) got no tensors")
+        path = self.resolve(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        contiguous = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+        save_safetensors_atomic(path, contiguous)
+        return {
+            name: TensorRef(
+                key=key,
+                name=name,
+                dtype=dtype_name(t.dtype),
+                shape=tuple(int(d) for d in t.shape),
+                sha256=tensor_sha256(t),
+            )
+            for name, t in contiguous.items()
+        }
+
+    def get_tensor(self, ref: TensorRef) -> torch.Tensor:
+        """Read one tensor, checking it against its ref."""
+        return self.get_tensors([ref])[ref.name]
+
+    def get_tensors(self, refs: Iterable[TensorRef]) -> dict[str, torch.Tensor]:
+        """Read several tensors (one file open per key), keyed by tensor name; names must be unique."""
+        by_key: dict[str, list[TensorRef]] = {}
+        names: set[str] = set()
+        for ref in refs:
+            if ref.name in names:
+                raise ConfigError(f"get_tensors: two refs share the tensor name {ref.name!r}")
+            names.add(ref.name)
+            by_key.setdefault(ref.key, []).append(ref)
+        out: dict[str, torch.Tensor] = {}
+        for key, key_refs in by_key.items():
+            out.update(self._read_file(key, key_refs))
+        return out
+
+    def _read_file(self, key: str, refs: list[TensorRef]) -> dict[str, torch.Tensor]:
+        from safetensors import SafetensorError, safe_open
+
+        path = self.resolve(key)
+        if not path.is_file():
+            raise NotFoundError(f"store key {key!r} does not exist ({path})")
+        out: dict[str, torch.Tensor] = {}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                available = set(f.keys())
+                for ref in refs:
+                    if ref.name not in available:
+                        raise NotFoundError(f"tensor {ref.name!r} is not in store key {key!r}")
+                    out[ref.name] = _checked(f.get_tensor(ref.name), ref)
+        except SafetensorError as e:
+            raise FormatError(f"store key {key!r} is not a readable safetensors file: {e}") from e
+        return out
+
+    def delete_prefix(self, key: str) -> None:
+        """Remove the file or directory tree at `key` (a job's scratch); missing is not an error."""
+        path = self.resolve(key)
+        if path == self.root:
+            raise ConfigError("refusing to delete the whole store")
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.is_dir():
+            shutil.rmtree(path)
+
+    def put_quantized(self, key: str, name: str, qw: QuantizedWeight) -> QuantizedRef:
+        """Store a solver's result; its tensors are named `<name>.codes`, `<name>.scales`, ..."""
+        refs = self.put_tensors(key, {f"{name}.{part}": getattr(qw, part) for part in QUANTIZED_PARTS})
+        return QuantizedRef(
+            codes=refs[f"{name}.codes"],
+            scales=refs[f"{name}.scales"],
+            zeros=refs[f"{name}.zeros"],
+            g_idx=refs[f"{name}.g_idx"],
+            scheme=qw.scheme,
+        )
+
+    def get_quantized(self, qref: QuantizedRef) -> QuantizedWeight:
+        """Load a stored `QuantizedWeight` (verified against its refs)."""
+        from bitsmith.quantized import QuantizedWeight
+
+        parts = [getattr(qref, part) for part in QUANTIZED_PARTS]
+        tensors = self.get_tensors(parts)
+        return QuantizedWeight(
+            codes=tensors[qref.codes.name],
+            scales=tensors[qref.scales.name],
+            zeros=tensors[qref.zeros.name],
+            g_idx=tensors[qref.g_idx.name],
+            scheme=qref.scheme,
+        )
+
+
+def _checked(tensor: torch.Tensor, ref: TensorRef) -> torch.Tensor:
+    where = f"tensor {ref.name!r} in store key {ref.key!r}"
+    if dtype_name(tensor.dtype) != ref.dtype:
+        raise FormatError(f"{where} has dtype {dtype_name(tensor.dtype)}, ref says {ref.dtype}")
+    if tuple(tensor.shape) != tuple(ref.shape):
+        raise FormatError(f"{where} has shape {tuple(tensor.shape)}, ref says {tuple(ref.shape)}")
+    digest = tensor_sha256(tensor)
+    if digest != ref.sha256:
+        raise FormatError(f"{where} has sha256 {digest}, ref says {ref.sha256} (stale or corrupt)")
+    return tensor

@@ -1,0 +1,69 @@
+"""Kill -9 the coordinator in the middle of a job, start it again: the job is reported failed with the
+reason (never stuck in running) and nothing complete-looking is left at the output path."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bitsmith.rpc.client import Client
+from bitsmith.v1 import common_pb2
+
+from ..integration.conftest import make_job, wait
+
+
+def _serve(*args: str) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen([sys.executable, "-m", "bitsmith_services.cli", "serve", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    address = proc.stdout.readline().strip()
+    assert address, f"bitsmith serve {args} printed no address"
+    return proc, address
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[str]:
+    procs = []
+    spec = []
+    for role in ("calibrator", "solver", "packer", "runtime_cpu"):
+        proc, address = _serve(role, "--store", str(tmp_path / "store"))
+        procs.append(proc)
+        spec.append(f"{role}={address}")
+    yield ",".join(spec)
+    for proc in procs:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_killed_coordinator_fails_the_running_job_on_restart(tmp_path: Path, workers: str) -> None:
+    home = tmp_path / "home"
+    out = tmp_path / "out"
+    coordinator, address = _serve("coordinator", "--home", str(home), "--services", workers)
+    with Client(address) as client:
+        job = client.submit(make_job(out, samples=64, seq_len=512))
+        for event in client.watch(job.job_id):
+            if event.phase == "solve" and event.block == 1:
+                break
+    os.kill(coordinator.pid, signal.SIGKILL)
+    coordinator.wait(timeout=30)
+
+    restarted, address = _serve("coordinator", "--home", str(home), "--services", workers)
+    try:
+        with Client(address) as client:
+            done = wait(client, job.job_id)
+            assert done.state == common_pb2.JOB_STATE_FAILED
+            assert "restarted while the job was running" in done.error
+            assert not out.exists() and not list(tmp_path.glob(".*partial*"))
+            # The restarted coordinator still runs new jobs.
+            again = wait(client, client.submit(make_job(tmp_path / "again", method=common_pb2.METHOD_RTN)).job_id)
+            assert again.state == common_pb2.JOB_STATE_SUCCEEDED, again.error
+    finally:
+        restarted.terminate()
+        restarted.wait(timeout=30)
