@@ -25,8 +25,9 @@ test: setup  ## the whole suite: fast tests, then the slow ones
 	$(BIN)/python -m pytest -m "not slow" -q
 	$(BIN)/python -m pytest -m slow -q
 
-lint: setup
+lint: setup  ## ruff and mypy (mypy sees services/ under its installed name through a link)
 	$(BIN)/ruff check libs services tests bench
+	mkdir -p .cache/mypy && ln -sfn ../../services .cache/mypy/bitsmith_services
 	$(BIN)/mypy
 
 proto: setup  ## regenerate the checked-in stubs in libs/bitsmith/v1 from proto/

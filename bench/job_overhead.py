@@ -144,9 +144,9 @@ def main() -> None:
           f"{args.samples} x {args.seq_len} calibration tokens")
     print(f"{'phase':<12} {'services s':>11} {'in-process s':>13} {'ratio':>7}")
     for phase in PHASES:
-        s, l = services.get(phase, 0.0), local.get(phase, 0.0)
-        ratio = f"{s / l:7.2f}" if l > 0 else "      -"
-        print(f"{phase:<12} {s:11.2f} {l:13.2f} {ratio}")
+        svc, lib = services.get(phase, 0.0), local.get(phase, 0.0)
+        ratio = f"{svc / lib:7.2f}" if lib > 0 else "      -"
+        print(f"{phase:<12} {svc:11.2f} {lib:13.2f} {ratio}")
 
 
 if __name__ == "__main__":

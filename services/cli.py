@@ -21,12 +21,11 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from bitsmith.errors import BitsmithError, ConfigError
+from bitsmith.schemes import PER_CHANNEL, GPTQOptions, Method, QuantScheme
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-
-from bitsmith.errors import BitsmithError, ConfigError
-from bitsmith.schemes import PER_CHANNEL, GPTQOptions, Method, QuantScheme
 
 err = Console(stderr=True)
 

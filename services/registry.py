@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-
 from bitsmith.errors import ConfigError
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-
 from bitsmith.errors import ConfigError, ServiceUnavailableError
 from bitsmith_services.coordinator.placement import Placement, RayPlacement, ServiceAddresses, StaticPlacement
 

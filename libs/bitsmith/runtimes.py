@@ -123,7 +123,7 @@ def generate_greedy(path: Path, prompt: str, max_new_tokens: int, *,
             if token == tokenizer.eos_token_id:
                 return
             generated.append(token)
-            text = tokenizer.decode(generated)
+            text = str(tokenizer.decode(generated))
             yield text[len(emitted):]
             emitted = text
             step_input = torch.tensor([[token]])

@@ -32,7 +32,7 @@ class _JsonLinesExporter:
         self._lock = threading.Lock()
         self._file: IO[str] | None = None
 
-    def export(self, spans: "list[ReadableSpan]") -> object:
+    def export(self, spans: list[ReadableSpan]) -> object:
         from opentelemetry.sdk.trace.export import SpanExportResult
 
         lines = "".join(json.dumps(_span_record(span)) + "\n" for span in spans)
@@ -53,7 +53,7 @@ class _JsonLinesExporter:
         return True
 
 
-def _span_record(span: "ReadableSpan") -> dict[str, object]:
+def _span_record(span: ReadableSpan) -> dict[str, object]:
     ctx = span.get_span_context()
     parent = span.parent
     return {
@@ -72,7 +72,7 @@ def _span_record(span: "ReadableSpan") -> dict[str, object]:
 
 
 @functools.cache
-def setup_tracing(service_name: str) -> "TracerProvider":
+def setup_tracing(service_name: str) -> TracerProvider:
     """Install the process's tracer provider once, named after the service, with env-chosen exporters."""
     from opentelemetry import trace
     from opentelemetry.sdk.resources import Resource

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
-
 from bitsmith.errors import ConfigError
 from bitsmith.rpc.convert import (
     quantized_ref_from_proto,
@@ -20,15 +19,15 @@ from bitsmith.rpc.convert import (
     tensor_ref_from_proto,
     tensor_ref_to_proto,
 )
-from bitsmith.rpc.server import ServiceBinding, create_server as _create_server
+from bitsmith.rpc.server import ServiceBinding
+from bitsmith.rpc.server import create_server as _create_server
 from bitsmith.store import ArtifactStore
 from bitsmith.v1 import calibrator_pb2, calibrator_pb2_grpc, common_pb2
 
 if TYPE_CHECKING:
     import torch
-    from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
-
     from bitsmith.models import CheckpointModel
+    from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 
 @functools.lru_cache(maxsize=2)
@@ -71,7 +70,7 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
             scheme = scheme_from_proto(request.scheme)
             for b in range(model.num_blocks):
                 for name in (n for g in model.groups(b) for n in g):
-                    out_features, in_features = model.linear_shape(b, name)
+                    _, in_features = model.linear_shape(b, name)
                     try:
                         scheme.groups(in_features)
                     except ConfigError as exc:
@@ -141,6 +140,12 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
             _job_key(request.job_id, f"inputs-{request.block + 1}.safetensors"), {"hidden": outputs}
         )
         return calibrator_pb2.AdvanceResponse(outputs=tensor_ref_to_proto(refs["hidden"]))
+
+
+    def Release(self, request: calibrator_pb2.ReleaseRequest, context: grpc.ServicerContext
+                ) -> calibrator_pb2.ReleaseResponse:
+        self._store.delete_prefix(_job_key(request.job_id))
+        return calibrator_pb2.ReleaseResponse()
 
 
 def create_server(address: str, *, store_root: Path) -> tuple[grpc.Server, int]:

@@ -16,10 +16,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from bitsmith.errors import ConfigError, NotFoundError
 from bitsmith.v1 import common_pb2, job_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
 
 TERMINAL = frozenset({
     common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED,
@@ -31,7 +30,6 @@ CREATE TABLE IF NOT EXISTS jobs (
     client_request_id TEXT UNIQUE,
     state INTEGER NOT NULL,
     created_ns INTEGER NOT NULL,
-    staging TEXT NOT NULL DEFAULT '',
     job BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS events (
@@ -102,6 +100,14 @@ class JobStore:
         self.append_event(job.job_id, phase="queued", message="job accepted")
         return self.get(job.job_id), True
 
+    def find_by_request_id(self, client_request_id: str) -> str | None:
+        """The id of the job submitted with `client_request_id`, if any."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT job_id FROM jobs WHERE client_request_id = ?", (client_request_id,)
+            ).fetchone()
+        return str(row[0]) if row else None
+
     def get(self, job_id: str) -> job_pb2.Job:
         with self._lock:
             row = self._db.execute("SELECT job FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
@@ -109,7 +115,7 @@ class JobStore:
             raise NotFoundError(f"no job {job_id!r}")
         return job_pb2.Job.FromString(row[0])
 
-    def list(self, states: Sequence[int] = (), limit: int = 100) -> list[job_pb2.Job]:
+    def list_jobs(self, states: Sequence[int] = (), limit: int = 100) -> list[job_pb2.Job]:
         query = "SELECT job FROM jobs"
         args: list[object] = []
         if states:
@@ -145,7 +151,7 @@ class JobStore:
             if error:
                 job.error = error
             self.update(job)
-        phase = {common_pb2.JOB_STATE_RUNNING: "start"}.get(state, "done" if state in TERMINAL else "queued")
+        phase = "start" if state == common_pb2.JOB_STATE_RUNNING else "done" if state in TERMINAL else "queued"
         self.append_event(job_id, phase=phase, message=message or error)
         return self.get(job_id)
 
@@ -183,13 +189,3 @@ class JobStore:
         """Block until some job changes (or `timeout` passes): how Watch follows a job cheaply."""
         with self._changed:
             self._changed.wait(timeout)
-
-    def set_staging(self, job_id: str, paths: Sequence[str]) -> None:
-        """Remember where a job's unpublished artifacts lie, so a restart can remove them."""
-        with self._tx() as db:
-            db.execute("UPDATE jobs SET staging = ? WHERE job_id = ?", ("\n".join(paths), job_id))
-
-    def staging_of(self, job_id: str) -> list[str]:
-        with self._lock:
-            row = self._db.execute("SELECT staging FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-        return [p for p in (row[0] if row else "").split("\n") if p]

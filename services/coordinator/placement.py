@@ -114,7 +114,7 @@ class RayPlacement:
             except ConnectionError as exc:
                 raise ServiceUnavailableError(f"cannot join the Ray cluster at {self.ray_address}: {exc}") from exc
             self._started_ray = True
-        host_cls = ray.remote(ServiceHost)
+        host_cls: Any = ray.remote(ServiceHost)
         by_role: dict[Role, str] = {}
         for role in Role:
             actor = host_cls.options(num_cpus=0, max_restarts=-1, max_task_retries=-1).remote(

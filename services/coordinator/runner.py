@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import grpc
-
 from bitsmith.errors import BitsmithError, CancelledError, GateFailedError
 from bitsmith.rpc.client import open_channel
 from bitsmith.schemes import Method
@@ -144,7 +143,6 @@ class JobRunner:
         self._stubs = stubs
         self._job_id = job_id
         self._cancelled = cancelled
-        self._staging: list[str] = []
 
     def _stop_requested(self) -> bool:
         return self._cancelled.is_set()
@@ -158,32 +156,28 @@ class JobRunner:
             job.trace_id = current_trace_id()
             self._jobs.update(job)
             self._jobs.transition(self._job_id, common_pb2.JOB_STATE_RUNNING, message="job started")
+            state, error, message = common_pb2.JOB_STATE_SUCCEEDED, "", "artifacts published"
             try:
                 self._execute(job.spec)
             except CancelledError:
-                self._cleanup()
-                self._jobs.transition(self._job_id, common_pb2.JOB_STATE_CANCELLED,
-                                      message="cancelled; partial output removed")
+                state, message = common_pb2.JOB_STATE_CANCELLED, "cancelled; partial output removed"
             except BitsmithError as exc:
-                self._fail(f"{type(exc).__name__}: {exc}")
+                state, error = common_pb2.JOB_STATE_FAILED, f"{type(exc).__name__}: {exc}"
             except grpc.RpcError as exc:
-                self._fail(f"{exc.code().name}: {exc.details()}")  # type: ignore[attr-defined]
+                state, error = common_pb2.JOB_STATE_FAILED, f"{exc.code().name}: {exc.details()}"
             except Exception as exc:
                 log.exception("job %s crashed", self._job_id)
-                self._fail(f"internal error: {type(exc).__name__}: {exc}")
+                state, error = common_pb2.JOB_STATE_FAILED, f"internal error: {type(exc).__name__}: {exc}"
+            if state != common_pb2.JOB_STATE_SUCCEEDED:
+                discard_outputs(self._stubs, job.spec)
+            self._release_scratch()
+            self._jobs.transition(self._job_id, state, error=error, message=message)
 
-    def _fail(self, reason: str) -> None:
-        self._cleanup()
-        self._jobs.transition(self._job_id, common_pb2.JOB_STATE_FAILED, error=reason)
-
-    def _cleanup(self) -> None:
-        for staging in self._staging:
-            try:
-                self._stubs.packer.Discard(packer_pb2.DiscardRequest(staging_path=staging), timeout=60)
-            except grpc.RpcError:
-                log.warning("could not discard %s", staging, exc_info=True)
-        self._staging.clear()
-        self._jobs.set_staging(self._job_id, [])
+    def _release_scratch(self) -> None:
+        try:
+            self._stubs.calibrator.Release(calibrator_pb2.ReleaseRequest(job_id=self._job_id), timeout=60)
+        except grpc.RpcError:
+            log.warning("could not release the scratch tensors of job %s", self._job_id, exc_info=True)
 
     def _event(self, phase: str, message: str, *, block: int = -1, num_blocks: int = 0, step: int = 0,
                total: int = 0) -> None:
@@ -231,8 +225,6 @@ class JobRunner:
                                        out_path=_format_out(spec, fmt), recipe=spec.recipe),
                 timeout=STEP_TIMEOUT_S,
             )
-            self._staging.append(reply.staging_path)
-            self._jobs.set_staging(self._job_id, self._staging)
             packed.append((reply.staging_path, reply.artifact))
             done += 1
             self._event("pack", f"packed {common_pb2.Format.Name(fmt.format)} ({reply.artifact.bytes} bytes)",
@@ -257,13 +249,20 @@ class JobRunner:
                                           trace_id=current_trace_id()),
                 timeout=600,
             ))
-        self._staging.clear()
-        self._jobs.set_staging(self._job_id, [])
         job = self._jobs.get(self._job_id)
         job.artifacts.extend(artifacts)
         job.metrics.extend(metrics)
         self._jobs.update(job)
-        self._jobs.transition(self._job_id, common_pb2.JOB_STATE_SUCCEEDED, message="artifacts published")
+
+
+def discard_outputs(stubs: Stubs, spec: job_pb2.QuantizeJob) -> None:
+    """Remove every staging directory of the job's outputs (also ones a crash left mid-pack)."""
+    for fmt in spec.output.formats:
+        out = _format_out(spec, fmt)
+        try:
+            stubs.packer.Discard(packer_pb2.DiscardRequest(out_path=out), timeout=60)
+        except grpc.RpcError:
+            log.warning("could not discard the staging directories of %s", out, exc_info=True)
 
 
 def _format_out(spec: job_pb2.QuantizeJob, fmt: common_pb2.OutputFormat) -> str:

@@ -16,13 +16,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-
-from bitsmith.errors import AlreadyExistsError, ConfigError, NotFoundError
-from bitsmith.rpc.server import ServiceBinding, create_server as _create_server
-from bitsmith.v1 import calibrator_pb2, common_pb2, job_pb2, job_pb2_grpc, packer_pb2
+from bitsmith.errors import AlreadyExistsError, ConfigError
+from bitsmith.rpc.server import ServiceBinding
+from bitsmith.rpc.server import create_server as _create_server
+from bitsmith.v1 import calibrator_pb2, common_pb2, job_pb2, job_pb2_grpc
 from bitsmith_services.coordinator.jobstore import TERMINAL, JobStore
 from bitsmith_services.coordinator.placement import Placement
-from bitsmith_services.coordinator.runner import JobRunner, Stubs
+from bitsmith_services.coordinator.runner import JobRunner, Stubs, discard_outputs
 
 log = logging.getLogger("bitsmith.coordinator")
 
@@ -68,18 +68,13 @@ class Coordinator(job_pb2_grpc.JobServiceServicer):
 
     def recover(self) -> None:
         """After a restart: fail jobs caught running (removing their staged output), requeue queued ones."""
-        for job in self._jobs.list([common_pb2.JOB_STATE_RUNNING], limit=1_000_000):
-            for staging in self._jobs.staging_of(job.job_id):
-                try:
-                    self._stubs.packer.Discard(packer_pb2.DiscardRequest(staging_path=staging), timeout=60)
-                except grpc.RpcError:
-                    log.warning("could not discard %s", staging, exc_info=True)
-            self._jobs.set_staging(job.job_id, [])
+        for job in self._jobs.list_jobs([common_pb2.JOB_STATE_RUNNING], limit=1_000_000):
+            discard_outputs(self._stubs, job.spec)
             self._jobs.transition(
                 job.job_id, common_pb2.JOB_STATE_FAILED,
                 error="the coordinator restarted while the job was running; its partial output was removed",
             )
-        for job in reversed(self._jobs.list([common_pb2.JOB_STATE_QUEUED], limit=1_000_000)):
+        for job in reversed(self._jobs.list_jobs([common_pb2.JOB_STATE_QUEUED], limit=1_000_000)):
             self._enqueue(job.job_id)
 
     def _enqueue(self, job_id: str) -> None:
@@ -104,10 +99,9 @@ class Coordinator(job_pb2_grpc.JobServiceServicer):
 
     def Submit(self, request: job_pb2.SubmitRequest, context: grpc.ServicerContext) -> job_pb2.Job:
         spec = request.job
-        if spec.client_request_id:
-            known = [j for j in self._jobs.list(limit=1_000_000) if j.spec.client_request_id == spec.client_request_id]
-            if known:
-                return known[0]
+        known = self._jobs.find_by_request_id(spec.client_request_id) if spec.client_request_id else None
+        if known is not None:
+            return self._jobs.get(known)
         validate_spec(spec)
         self._stubs.calibrator.Plan(
             calibrator_pb2.PlanRequest(model_path=spec.model_path, scheme=spec.recipe.scheme),
@@ -122,7 +116,7 @@ class Coordinator(job_pb2_grpc.JobServiceServicer):
         return self._jobs.get(request.job_id)
 
     def List(self, request: job_pb2.ListJobsRequest, context: grpc.ServicerContext) -> job_pb2.ListJobsResponse:
-        return job_pb2.ListJobsResponse(jobs=self._jobs.list(list(request.states), request.limit or 100))
+        return job_pb2.ListJobsResponse(jobs=self._jobs.list_jobs(list(request.states), request.limit or 100))
 
     def Cancel(self, request: job_pb2.CancelJobRequest, context: grpc.ServicerContext) -> job_pb2.Job:
         job = self._jobs.get(request.job_id)
@@ -161,5 +155,3 @@ def create_server(address: str, *, db_path: Path, placement: Placement, max_conc
     server, port = _create_server(address, [binding], component="coordinator")
     return server, port, coordinator
 
-
-__all__ = ["Coordinator", "NotFoundError", "create_server", "validate_spec"]

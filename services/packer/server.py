@@ -11,17 +11,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import grpc
-from google.protobuf.json_format import MessageToDict
-
 from bitsmith.errors import ConfigError
 from bitsmith.formats import get_format
-from bitsmith.formats.base import PARTIAL_MARKER, discard, publish, stage
+from bitsmith.formats.base import PARTIAL_MARKER, discard, publish, stage, staging_dirs
 from bitsmith.manifest import read_manifest, update_manifest, write_manifest
 from bitsmith.rpc.convert import format_from_proto, format_to_proto, gptq_from_proto, quantized_ref_from_proto
-from bitsmith.rpc.server import ServiceBinding, create_server as _create_server
+from bitsmith.rpc.server import ServiceBinding
+from bitsmith.rpc.server import create_server as _create_server
 from bitsmith.store import ArtifactStore
 from bitsmith.telemetry import current_trace_id
 from bitsmith.v1 import common_pb2, packer_pb2, packer_pb2_grpc
+from google.protobuf.json_format import MessageToDict
 
 
 def _staging(path: str) -> Path:
@@ -74,7 +74,11 @@ class Packer(packer_pb2_grpc.PackerServiceServicer):
 
     def Discard(self, request: packer_pb2.DiscardRequest, context: grpc.ServicerContext
                 ) -> packer_pb2.DiscardResponse:
-        discard(_staging(request.staging_path))
+        if request.out_path:
+            for staging in staging_dirs(Path(request.out_path)):
+                discard(staging)
+        if request.staging_path:
+            discard(_staging(request.staging_path))
         return packer_pb2.DiscardResponse()
 
 

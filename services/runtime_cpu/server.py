@@ -6,9 +6,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-
 from bitsmith.errors import ConfigError
-from bitsmith.rpc.server import ServiceBinding, create_server as _create_server
+from bitsmith.rpc.server import ServiceBinding
+from bitsmith.rpc.server import create_server as _create_server
 from bitsmith.v1 import common_pb2, runtime_pb2, runtime_pb2_grpc
 
 MAX_NEW_TOKENS = 4096

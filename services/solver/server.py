@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import grpc
-
 from bitsmith.errors import ConfigError
 from bitsmith.rpc.convert import (
     gptq_from_proto,
@@ -19,7 +18,8 @@ from bitsmith.rpc.convert import (
     scheme_from_proto,
     tensor_ref_from_proto,
 )
-from bitsmith.rpc.server import ServiceBinding, create_server as _create_server
+from bitsmith.rpc.server import ServiceBinding
+from bitsmith.rpc.server import create_server as _create_server
 from bitsmith.store import ArtifactStore
 from bitsmith.v1 import solver_pb2, solver_pb2_grpc
 

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from bitsmith.demo import CALIB_FILES, DEMO_MODEL, EVAL_FILES
 from bitsmith.manifest import verify_manifest
 from bitsmith.telemetry import TRACE_FILE_ENV, read_spans

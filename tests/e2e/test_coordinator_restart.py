@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from bitsmith.rpc.client import Client
 from bitsmith.v1 import common_pb2
 

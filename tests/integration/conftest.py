@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from bitsmith.demo import CALIB_FILES, DEMO_MODEL, EVAL_FILES
 from bitsmith.rpc.client import Client
 from bitsmith.v1 import common_pb2, job_pb2

@@ -8,16 +8,15 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from safetensors.torch import load_file, save_file
-
 from bitsmith.demo import DEMO_MODEL
 from bitsmith.errors import AlreadyExistsError, BitsmithError, ConfigError, ServiceUnavailableError
 from bitsmith.manifest import verify_manifest
 from bitsmith.rpc.client import Client
 from bitsmith.v1 import common_pb2
 from bitsmith_services.registry import Role
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from safetensors.torch import load_file, save_file
 
 from .conftest import Stack, make_job, wait
 
@@ -149,7 +148,7 @@ def test_unknown_job_is_not_found(stack: Stack) -> None:
 
 
 def test_unreachable_server_is_a_clear_error() -> None:
-    with pytest.raises(ServiceUnavailableError, match="127.0.0.1:9"):
+    with pytest.raises(ServiceUnavailableError, match=r"127\.0\.0\.1:9"):
         Client("127.0.0.1:9")
 
 
@@ -187,8 +186,7 @@ def test_packer_refuses_to_touch_anything_but_staging(stack: Stack, tmp_path: Pa
 
     victim = tmp_path / "precious"
     victim.mkdir()
-    with grpc.insecure_channel(stack.addresses[Role.PACKER]) as channel:
-        with pytest.raises(grpc.RpcError) as info:
-            packer_pb2_grpc.PackerServiceStub(channel).Discard(packer_pb2.DiscardRequest(staging_path=str(victim)))
+    with grpc.insecure_channel(stack.addresses[Role.PACKER]) as channel, pytest.raises(grpc.RpcError) as info:
+        packer_pb2_grpc.PackerServiceStub(channel).Discard(packer_pb2.DiscardRequest(staging_path=str(victim)))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert victim.exists()

@@ -154,6 +154,14 @@ def publish(staging: Path, out_dir: Path) -> None:
     fsync_path(out_dir.parent)
 
 
+def staging_dirs(out_dir: Path) -> list[Path]:
+    """Every staging directory `stage(out_dir)` may have left beside `out_dir` (e.g. after a crash)."""
+    out_dir = Path(out_dir)
+    if not out_dir.parent.is_dir():
+        return []
+    return sorted(p for p in out_dir.parent.glob(f".{out_dir.name}{PARTIAL_MARKER}*") if p.is_dir())
+
+
 def discard(staging: Path) -> None:
     """Remove a staging directory and everything in it; a missing one is fine (idempotent)."""
     staging = Path(staging)

@@ -118,9 +118,9 @@ _CODE_TO_ERROR: dict[grpc.StatusCode, type[BitsmithError]] = {
 
 def error_from_rpc(exc: grpc.RpcError) -> BitsmithError:
     """The library error a failed call stands for, with the server's reason as its message."""
-    code = exc.code()  # type: ignore[attr-defined]
+    code = exc.code()
     cls = _CODE_TO_ERROR.get(code, BitsmithError)
-    return cls(f"{code.name}: {exc.details()}")  # type: ignore[attr-defined]
+    return cls(f"{code.name}: {exc.details()}")
 
 
 def _call(method: Callable[..., T], request: object, timeout: float) -> T:

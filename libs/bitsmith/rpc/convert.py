@@ -14,7 +14,7 @@ from bitsmith.v1 import common_pb2
 _METHODS = {Method.RTN: common_pb2.METHOD_RTN, Method.GPTQ: common_pb2.METHOD_GPTQ}
 
 
-def method_to_proto(method: Method) -> common_pb2.Method.ValueType:
+def method_to_proto(method: Method) -> common_pb2.Method:
     return _METHODS[method]
 
 
@@ -94,7 +94,7 @@ def quantized_ref_from_proto(msg: common_pb2.QuantizedRef) -> QuantizedRef:
 _FORMATS = {Format.GPTQ: common_pb2.FORMAT_GPTQ}
 
 
-def format_to_proto(fmt: Format) -> common_pb2.Format.ValueType:
+def format_to_proto(fmt: Format) -> common_pb2.Format:
     return _FORMATS[fmt]
 
 

@@ -55,7 +55,7 @@ def _wrap_stream(behavior: Callable[..., Iterator[Any]], method: str) -> Callabl
     return wrapper
 
 
-class ErrorMappingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+class ErrorMappingInterceptor(grpc.ServerInterceptor):
     """Maps exceptions raised by unary-unary and unary-stream handlers to statuses."""
 
     def intercept_service(

@@ -54,6 +54,11 @@ class CalibratorServiceStub:
                 request_serializer=bitsmith_dot_v1_dot_calibrator__pb2.AdvanceRequest.SerializeToString,
                 response_deserializer=bitsmith_dot_v1_dot_calibrator__pb2.AdvanceResponse.FromString,
                 _registered_method=True)
+        self.Release = channel.unary_unary(
+                '/bitsmith.v1.CalibratorService/Release',
+                request_serializer=bitsmith_dot_v1_dot_calibrator__pb2.ReleaseRequest.SerializeToString,
+                response_deserializer=bitsmith_dot_v1_dot_calibrator__pb2.ReleaseResponse.FromString,
+                _registered_method=True)
 
 
 class CalibratorServiceServicer:
@@ -83,6 +88,13 @@ class CalibratorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Release(self, request, context):
+        """Removes the job's scratch tensors (activations, statistics, solved weights) from the store.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CalibratorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +117,11 @@ def add_CalibratorServiceServicer_to_server(servicer, server):
                     servicer.Advance,
                     request_deserializer=bitsmith_dot_v1_dot_calibrator__pb2.AdvanceRequest.FromString,
                     response_serializer=bitsmith_dot_v1_dot_calibrator__pb2.AdvanceResponse.SerializeToString,
+            ),
+            'Release': grpc.unary_unary_rpc_method_handler(
+                    servicer.Release,
+                    request_deserializer=bitsmith_dot_v1_dot_calibrator__pb2.ReleaseRequest.FromString,
+                    response_serializer=bitsmith_dot_v1_dot_calibrator__pb2.ReleaseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +232,33 @@ class CalibratorService:
             '/bitsmith.v1.CalibratorService/Advance',
             bitsmith_dot_v1_dot_calibrator__pb2.AdvanceRequest.SerializeToString,
             bitsmith_dot_v1_dot_calibrator__pb2.AdvanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Release(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bitsmith.v1.CalibratorService/Release',
+            bitsmith_dot_v1_dot_calibrator__pb2.ReleaseRequest.SerializeToString,
+            bitsmith_dot_v1_dot_calibrator__pb2.ReleaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

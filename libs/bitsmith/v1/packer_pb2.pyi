@@ -44,10 +44,12 @@ class PublishRequest(_message.Message):
     def __init__(self, staging_path: _Optional[str] = ..., out_path: _Optional[str] = ..., metrics: _Optional[_Iterable[_Union[_common_pb2.EvalResult, _Mapping]]] = ..., trace_id: _Optional[str] = ...) -> None: ...
 
 class DiscardRequest(_message.Message):
-    __slots__ = ("staging_path",)
+    __slots__ = ("staging_path", "out_path")
     STAGING_PATH_FIELD_NUMBER: _ClassVar[int]
+    OUT_PATH_FIELD_NUMBER: _ClassVar[int]
     staging_path: str
-    def __init__(self, staging_path: _Optional[str] = ...) -> None: ...
+    out_path: str
+    def __init__(self, staging_path: _Optional[str] = ..., out_path: _Optional[str] = ...) -> None: ...
 
 class DiscardResponse(_message.Message):
     __slots__ = ()
