@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bitsmith.errors import BitsmithError, ConfigError
-from bitsmith.schemes import PER_CHANNEL, GPTQOptions, Method, QuantScheme
+from bitsmith.schemes import PER_CHANNEL, GPTQOptions, GridSearch, Method, QuantScheme
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -42,7 +42,8 @@ def _job_spec(args: argparse.Namespace) -> Any:
     min_zero = 1 if (not args.sym and variant == "gptq") else 0
     scheme = QuantScheme(bits=args.bits, group_size=args.group_size, sym=args.sym, min_zero=min_zero)
     options = GPTQOptions(damp_percent=args.damp_percent, act_order=args.act_order,
-                          static_groups=args.static_groups, true_sequential=not args.no_true_sequential)
+                          static_groups=args.static_groups, true_sequential=not args.no_true_sequential,
+                          grid_search=GridSearch() if args.mse else None)
     return job_pb2.QuantizeJob(
         model_path=str(Path(args.model).resolve()),
         recipe=common_pb2.Recipe(method=method_to_proto(method), scheme=scheme_to_proto(scheme),
@@ -254,6 +255,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--sym", action="store_true", help="symmetric grid (default asymmetric)")
     q.add_argument("--act-order", action="store_true", help="GPTQ: columns by descending Hessian diagonal")
     q.add_argument("--static-groups", action="store_true", help="GPTQ: fix group grids before the solve")
+    q.add_argument("--mse", action="store_true",
+                   help="fit each group's grid to the clipped range with the least error (GPTQ and RTN)")
     q.add_argument("--damp-percent", type=float, default=GPTQOptions().damp_percent)
     q.add_argument("--no-true-sequential", action="store_true", help="GPTQ: one capture per block")
     q.add_argument("--calib", action="append", default=[], metavar="FILE", help="calibration text (repeatable)")

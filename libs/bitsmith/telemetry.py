@@ -74,7 +74,6 @@ def _span_record(span: ReadableSpan) -> dict[str, object]:
 @functools.cache
 def setup_tracing(service_name: str) -> TracerProvider:
     """Install the process's tracer provider once, named after the service, with env-chosen exporters."""
-    from opentelemetry import trace
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
@@ -87,7 +86,6 @@ def setup_tracing(service_name: str) -> TracerProvider:
     trace_file = os.environ.get(TRACE_FILE_ENV)
     if trace_file:
         provider.add_span_processor(SimpleSpanProcessor(_JsonLinesExporter(trace_file)))  # type: ignore[arg-type]
-    trace.set_tracer_provider(provider)
     return provider
 
 

@@ -9,13 +9,14 @@ import logging
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
 from bitsmith.errors import BitsmithError, CancelledError, GateFailedError
 from bitsmith.rpc.client import open_channel
 from bitsmith.schemes import Method
-from bitsmith.telemetry import current_trace_id
+from bitsmith.telemetry import current_trace_id, setup_tracing
 from bitsmith.v1 import (
     calibrator_pb2,
     calibrator_pb2_grpc,
@@ -148,9 +149,7 @@ class JobRunner:
         return self._cancelled.is_set()
 
     def run(self) -> None:
-        from opentelemetry import trace
-
-        tracer = trace.get_tracer("bitsmith.coordinator")
+        tracer = setup_tracing("bitsmith-coordinator").get_tracer("bitsmith.coordinator")
         with tracer.start_as_current_span("job", attributes={"bitsmith.job_id": self._job_id}):
             job = self._jobs.get(self._job_id)
             job.trace_id = current_trace_id()
@@ -240,6 +239,8 @@ class JobRunner:
             )
             metrics = list(reply.results)
             done += 1
+            self._event("evaluate", "; ".join(f"{Path(r.dataset).name}: ppl {r.ppl:.3f}" for r in metrics),
+                        step=done, total=total)
             check_gate(spec.eval.gate, metrics)
         self._check_cancel()
         artifacts = []
@@ -249,6 +250,8 @@ class JobRunner:
                                           trace_id=current_trace_id()),
                 timeout=600,
             ))
+        done += 1
+        self._event("publish", ", ".join(a.path for a in artifacts), step=done, total=total)
         job = self._jobs.get(self._job_id)
         job.artifacts.extend(artifacts)
         job.metrics.extend(metrics)

@@ -113,7 +113,7 @@ def test_quality_gate_fails_the_job_with_numbers_and_writes_nothing(stack: Stack
                         "architectures": ["GPTBigCodeForCausalLM"]})), BitsmithError, "gpt_bigcode"),
         (lambda m, t: _poison(m), ConfigError, "nan"),
         (lambda m, t: (t["tmp"] / "out").mkdir() or (t["tmp"] / "out" / "x").write_text("x"),
-         AlreadyExistsError, "not empty"),
+         AlreadyExistsError, "not an empty directory"),
     ],
     ids=["missing-model", "group-size", "truncated-safetensors", "unknown-architecture", "nan-weights",
          "output-not-empty"],

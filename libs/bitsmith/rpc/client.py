@@ -33,6 +33,7 @@ def open_channel(address: str, *, component: str = "client", connect_timeout: fl
                  ) -> grpc.Channel:
     """A traced channel to `address`, after waiting up to `connect_timeout` for it to be ready."""
     from opentelemetry.instrumentation.grpc import client_interceptor
+    from opentelemetry.instrumentation.grpc.grpcext import intercept_channel
 
     provider = setup_tracing(f"bitsmith-{component}")
     channel = grpc.insecure_channel(
@@ -49,7 +50,7 @@ def open_channel(address: str, *, component: str = "client", connect_timeout: fl
         raise ServiceUnavailableError(
             f"cannot reach a bitsmith service at {address} within {connect_timeout:.0f} s"
         ) from exc
-    return grpc.intercept_channel(channel, client_interceptor(tracer_provider=provider))
+    return intercept_channel(channel, client_interceptor(tracer_provider=provider))
 
 
 class Client:

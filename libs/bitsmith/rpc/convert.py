@@ -7,7 +7,7 @@ torch tensor or a Python enum.
 from __future__ import annotations
 
 from bitsmith.errors import ConfigError
-from bitsmith.schemes import Format, GPTQOptions, Method, QuantScheme
+from bitsmith.schemes import Format, GPTQOptions, GridSearch, Method, QuantScheme
 from bitsmith.store import QuantizedRef, TensorRef
 from bitsmith.v1 import common_pb2
 
@@ -38,11 +38,17 @@ def scheme_from_proto(msg: common_pb2.QuantScheme) -> QuantScheme:
 
 
 def gptq_to_proto(options: GPTQOptions) -> common_pb2.GPTQOptions:
-    return common_pb2.GPTQOptions(
+    msg = common_pb2.GPTQOptions(
         damp_percent=options.damp_percent, act_order=options.act_order,
         static_groups=options.static_groups, true_sequential=options.true_sequential,
         block_size=options.block_size,
     )
+    if options.grid_search is not None:
+        search = options.grid_search
+        msg.grid_search.CopyFrom(
+            common_pb2.GridSearch(steps=search.steps, max_shrink=search.max_shrink, norm=search.norm)
+        )
+    return msg
 
 
 def gptq_from_proto(msg: common_pb2.GPTQOptions) -> GPTQOptions:
@@ -54,6 +60,10 @@ def gptq_from_proto(msg: common_pb2.GPTQOptions) -> GPTQOptions:
         static_groups=msg.static_groups,
         true_sequential=msg.true_sequential,
         block_size=msg.block_size or defaults.block_size,
+        grid_search=(
+            GridSearch(steps=msg.grid_search.steps, max_shrink=msg.grid_search.max_shrink, norm=msg.grid_search.norm)
+            if msg.HasField("grid_search") else None
+        ),
     )
 
 

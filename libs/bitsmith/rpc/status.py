@@ -1,7 +1,7 @@
 """Server interceptor: BitsmithError -> gRPC status with a readable reason.
 
 Every service installs it, so a servicer method simply raises `ConfigError("...")` and the caller
-sees `INVALID_ARGUMENT: ...`. Anything that is not a BitsmithError is a bug: it is logged with its
+sees `INVALID_ARGUMENT: ...`; a failed call to another service passes on that service's status. Anything that is not a BitsmithError is a bug: it is logged with its
 traceback and reported as INTERNAL with the exception's type and message, never swallowed.
 """
 
@@ -24,8 +24,13 @@ def status_code(error: BitsmithError) -> grpc.StatusCode:
 
 
 def _abort(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
+    if context.code() is not None:
+        raise exc  # the servicer aborted with its own status already
     if isinstance(exc, BitsmithError):
         context.abort(status_code(exc), str(exc))
+    if isinstance(exc, grpc.Call):
+        # A call this servicer made to another service failed: pass its status and reason on.
+        context.abort(exc.code(), exc.details() or "")
     log.exception("unexpected error in %s", method)
     context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
@@ -35,8 +40,6 @@ def _wrap_unary(behavior: Callable[..., Any], method: str) -> Callable[..., Any]
         try:
             return behavior(request, context)
         except Exception as exc:
-            if isinstance(exc, grpc.RpcError) and context.code() is not None:
-                raise  # already aborted by the servicer
             _abort(context, exc, method)
             raise  # unreachable: abort raises
 
@@ -48,8 +51,6 @@ def _wrap_stream(behavior: Callable[..., Iterator[Any]], method: str) -> Callabl
         try:
             yield from behavior(request, context)
         except Exception as exc:
-            if isinstance(exc, grpc.RpcError) and context.code() is not None:
-                raise
             _abort(context, exc, method)
 
     return wrapper

@@ -25,49 +25,51 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x62itsmith/v1/common.proto\x12\x0b\x62itsmith.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"T\n\tTensorRef\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"N\n\x0bQuantScheme\x12\x0c\n\x04\x62its\x18\x01 \x01(\x05\x12\x12\n\ngroup_size\x18\x02 \x01(\x05\x12\x0b\n\x03sym\x18\x03 \x01(\x08\x12\x10\n\x08min_zero\x18\x04 \x01(\x05\"z\n\x0bGPTQOptions\x12\x14\n\x0c\x64\x61mp_percent\x18\x01 \x01(\x01\x12\x11\n\tact_order\x18\x02 \x01(\x08\x12\x15\n\rstatic_groups\x18\x03 \x01(\x08\x12\x17\n\x0ftrue_sequential\x18\x04 \x01(\x08\x12\x12\n\nblock_size\x18\x05 \x01(\x05\"~\n\x0eModuleOverride\x12\x0f\n\x07pattern\x18\x01 \x01(\t\x12(\n\x06scheme\x18\x02 \x01(\x0b\x32\x18.bitsmith.v1.QuantScheme\x12#\n\x06method\x18\x03 \x01(\x0e\x32\x13.bitsmith.v1.Method\x12\x0c\n\x04skip\x18\x04 \x01(\x08\"\xbf\x01\n\x06Recipe\x12#\n\x06method\x18\x01 \x01(\x0e\x32\x13.bitsmith.v1.Method\x12(\n\x06scheme\x18\x02 \x01(\x0b\x32\x18.bitsmith.v1.QuantScheme\x12&\n\x04gptq\x18\x03 \x01(\x0b\x32\x18.bitsmith.v1.GPTQOptions\x12.\n\toverrides\x18\x04 \x03(\x0b\x32\x1b.bitsmith.v1.ModuleOverride\x12\x0e\n\x06ignore\x18\x05 \x03(\t\"|\n\x0f\x43\x61librationSpec\x12\r\n\x05\x66iles\x18\x01 \x03(\t\x12\x0f\n\x07samples\x18\x02 \x01(\x05\x12\x0f\n\x07seq_len\x18\x03 \x01(\x05\x12\x0c\n\x04seed\x18\x04 \x01(\x05\x12*\n\x04mode\x18\x05 \x01(\x0e\x32\x1c.bitsmith.v1.CalibrationMode\"D\n\x0cOutputFormat\x12#\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x13.bitsmith.v1.Format\x12\x0f\n\x07variant\x18\x02 \x01(\t\"F\n\nOutputSpec\x12\x0c\n\x04path\x18\x01 \x01(\t\x12*\n\x07\x66ormats\x18\x02 \x03(\x0b\x32\x19.bitsmith.v1.OutputFormat\"\x8d\x01\n\x0bQualityGate\x12!\n\x14max_ppl_increase_pct\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x06max_kl\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x15\n\x08min_top1\x18\x03 \x01(\x01H\x02\x88\x01\x01\x42\x17\n\x15_max_ppl_increase_pctB\t\n\x07_max_klB\x0b\n\t_min_top1\"R\n\x08\x45valSpec\x12\r\n\x05\x66iles\x18\x01 \x03(\t\x12\x0f\n\x07seq_len\x18\x02 \x01(\x05\x12&\n\x04gate\x18\x03 \x01(\x0b\x32\x18.bitsmith.v1.QualityGate\"\xe7\x01\n\rProgressEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.bitsmith.v1.JobState\x12\r\n\x05phase\x18\x03 \x01(\t\x12\r\n\x05\x62lock\x18\x04 \x01(\x05\x12\x12\n\nnum_blocks\x18\x05 \x01(\x05\x12\x0c\n\x04step\x18\x06 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x07 \x01(\x05\x12\x0f\n\x07message\x18\x08 \x01(\t\x12(\n\x04time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08sequence\x18\n \x01(\x03\"m\n\x08\x41rtifact\x12#\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x13.bitsmith.v1.Format\x12\x0f\n\x07variant\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\r\n\x05\x62ytes\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"\x9c\x01\n\nEvalResult\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x0b\n\x03ppl\x18\x02 \x01(\x01\x12\x0e\n\x06tokens\x18\x03 \x01(\x03\x12\x0f\n\x02kl\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\x04top1\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x1a\n\rreference_ppl\x18\x06 \x01(\x01H\x02\x88\x01\x01\x42\x05\n\x03_klB\x07\n\x05_top1B\x10\n\x0e_reference_ppl\"|\n\x0bLinearStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x06weight\x18\x02 \x01(\x0b\x32\x16.bitsmith.v1.TensorRef\x12\'\n\x07hessian\x18\x03 \x01(\x0b\x32\x16.bitsmith.v1.TensorRef\x12\x0e\n\x06tokens\x18\x04 \x01(\x03\"\xe3\x01\n\x0cQuantizedRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x05\x63odes\x18\x02 \x01(\x0b\x32\x16.bitsmith.v1.TensorRef\x12&\n\x06scales\x18\x03 \x01(\x0b\x32\x16.bitsmith.v1.TensorRef\x12%\n\x05zeros\x18\x04 \x01(\x0b\x32\x16.bitsmith.v1.TensorRef\x12%\n\x05g_idx\x18\x05 \x01(\x0b\x32\x16.bitsmith.v1.TensorRef\x12(\n\x06scheme\x18\x06 \x01(\x0b\x32\x18.bitsmith.v1.QuantScheme*A\n\x06Method\x12\x16\n\x12METHOD_UNSPECIFIED\x10\x00\x12\x0e\n\nMETHOD_RTN\x10\x01\x12\x0f\n\x0bMETHOD_GPTQ\x10\x02*1\n\x06\x46ormat\x12\x16\n\x12\x46ORMAT_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x46ORMAT_GPTQ\x10\x01*s\n\x0f\x43\x61librationMode\x12 \n\x1c\x43\x41LIBRATION_MODE_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x43\x41LIBRATION_MODE_SEQUENTIAL\x10\x01\x12\x1d\n\x19\x43\x41LIBRATION_MODE_PARALLEL\x10\x02*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x62itsmith/v1/common.proto\x12\x0b\x62itsmith.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"T\n\tTensorRef\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"N\n\x0bQuantScheme\x12\x0c\n\x04\x62its\x18\x01 \x01(\x05\x12\x12\n\ngroup_size\x18\x02 \x01(\x05\x12\x0b\n\x03sym\x18\x03 \x01(\x08\x12\x10\n\x08min_zero\x18\x04 \x01(\x05\"=\n\nGridSearch\x12\r\n\x05steps\x18\x01 \x01(\x05\x12\x12\n\nmax_shrink\x18\x02 \x01(\x01\x12\x0c\n\x04norm\x18\x03 \x01(\x01\"\xa8\x01\n\x0bGPTQOptions\x12\x14\n\x0c\x64\x61mp_percent\x18\x01 \x01(\x01\x12\x11\n\tact_order\x18\x02 \x01(\x08\x12\x15\n\rstatic_groups\x18\x03 \x01(\x08\x12\x17\n\x0ftrue_sequential\x18\x04 \x01(\x08\x12\x12\n\nblock_size\x18\x05 \x01(\x05\x12,\n\x0bgrid_search\x18\x06 \x01(\x0b\x32\x17.bitsmith.v1.GridSearch\"~\n\x0eModuleOverride\x12\x0f\n\x07pattern\x18\x01 \x01(\t\x12(\n\x06scheme\x18\x02 \x01(\x0b\x32\x18.bitsmith.v1.QuantScheme\x12#\n\x06method\x18\x03 \x01(\x0e\x32\x13.bitsmith.v1.Method\x12\x0c\n\x04skip\x18\x04 \x01(\x08\"\xbf\x01\n\x06Recipe\x12#\n\x06method\x18\x01 \x01(\x0e\x32\x13.bitsmith.v1.Method\x12(\n\x06scheme\x18\x02 \x01(\x0b\x32\x18.bitsmith.v1.QuantScheme\x12&\n\x04gptq\x18\x03 \x01(\x0b\x32\x18.bitsmith.v1.GPTQOptions\x12.\n\toverrides\x18\x04 \x03(\x0b\x32\x1b.bitsmith.v1.ModuleOverride\x12\x0e\n\x06ignore\x18\x05 \x03(\t\"|\n\x0f\x43\x61librationSpec\x12\r\n\x05\x66iles\x18\x01 \x03(\t\x12\x0f\n\x07samples\x18\x02 \x01(\x05\x12\x0f\n\x07seq_len\x18\x03 \x01(\x05\x12\x0c\n\x04seed\x18\x04 \x01(\x05\x12*\n\x04mode\x18\x05 \x01(\x0e\x32\x1c.bitsmith.v1.CalibrationMode\"D\n\x0cOutputFormat\x12#\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x13.bitsmith.v1.Format\x12\x0f\n\x07variant\x18\x02 \x01(\t\"F\n\nOutputSpec\x12\x0c\n\x04path\x18\x01 \x01(\t\x12*\n\x07\x66ormats\x18\x02 \x03(\x0b\x32\x19.bitsmith.v1.OutputFormat\"\x8d\x01\n\x0bQualityGate\x12!\n\x14max_ppl_increase_pct\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x06max_kl\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x15\n\x08min_top1\x18\x03 \x01(\x01H\x02\x88\x01\x01\x42\x17\n\x15_max_ppl_increase_pctB\t\n\x07_max_klB\x0b\n\t_min_top1\"R\n\x08\x45valSpec\x12\r\n\x05\x66iles\x18\x01 \x03(\t\x12\x0f\n\x07seq_len\x18\x02 \x01(\x05\x12&\n\x04gate\x18\x03 \x01(\x0b\x32\x18.bitsmith.v1.QualityGate\"\xe7\x01\n\rProgressEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.bitsmith.v1.JobState\x12\r\n\x05phase\x18\x03 \x01(\t\x12\r\n\x05\x62lock\x18\x04 \x01(\x05\x12\x12\n\nnum_blocks\x18\x05 \x01(\x05\x12\x0c\n\x04step\x18\x06 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x07 \x01(\x05\x12\x0f\n\x07message\x18\x08 \x01(\t\x12(\n\x04time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08sequence\x18\n \x01(\x03\"m\n\x08\x41rtifact\x12#\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x13.bitsmith.v1.Format\x12\x0f\n\x07variant\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\r\n\x05\x62ytes\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"\x9c\x01\n\nEvalResult\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x0b\n\x03ppl\x18\x02 \x01(\x01\x12\x0e\n\x06tokens\x18\x03 \x01(\x03\x12\x0f\n\x02kl\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\x04top1\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x1a\n\rreference_ppl\x18\x06 \x01(\x01H\x02\x88\x01\x01\x42\x05\n\x03_klB\x07\n\x05_top1B\x10\n\x0e_reference_ppl\"|\n\x0bLinearStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x06weight\x18\x02 \x01(\x0b\x32\x16.bitsmith.v1.TensorRef\x12\'\n\x07hessian\x18\x03 \x01(\x0b\x32\x16.bitsmith.v1.TensorRef\x12\x0e\n\x06tokens\x18\x04 \x01(\x03\"\xe3\x01\n\x0cQuantizedRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x05\x63odes\x18\x02 \x01(\x0b\x32\x16.bitsmith.v1.TensorRef\x12&\n\x06scales\x18\x03 \x01(\x0b\x32\x16.bitsmith.v1.TensorRef\x12%\n\x05zeros\x18\x04 \x01(\x0b\x32\x16.bitsmith.v1.TensorRef\x12%\n\x05g_idx\x18\x05 \x01(\x0b\x32\x16.bitsmith.v1.TensorRef\x12(\n\x06scheme\x18\x06 \x01(\x0b\x32\x18.bitsmith.v1.QuantScheme*A\n\x06Method\x12\x16\n\x12METHOD_UNSPECIFIED\x10\x00\x12\x0e\n\nMETHOD_RTN\x10\x01\x12\x0f\n\x0bMETHOD_GPTQ\x10\x02*1\n\x06\x46ormat\x12\x16\n\x12\x46ORMAT_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x46ORMAT_GPTQ\x10\x01*s\n\x0f\x43\x61librationMode\x12 \n\x1c\x43\x41LIBRATION_MODE_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x43\x41LIBRATION_MODE_SEQUENTIAL\x10\x01\x12\x1d\n\x19\x43\x41LIBRATION_MODE_PARALLEL\x10\x02*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'bitsmith.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_METHOD']._serialized_start=2042
-  _globals['_METHOD']._serialized_end=2107
-  _globals['_FORMAT']._serialized_start=2109
-  _globals['_FORMAT']._serialized_end=2158
-  _globals['_CALIBRATIONMODE']._serialized_start=2160
-  _globals['_CALIBRATIONMODE']._serialized_end=2275
-  _globals['_JOBSTATE']._serialized_start=2278
-  _globals['_JOBSTATE']._serialized_end=2432
+  _globals['_METHOD']._serialized_start=2152
+  _globals['_METHOD']._serialized_end=2217
+  _globals['_FORMAT']._serialized_start=2219
+  _globals['_FORMAT']._serialized_end=2268
+  _globals['_CALIBRATIONMODE']._serialized_start=2270
+  _globals['_CALIBRATIONMODE']._serialized_end=2385
+  _globals['_JOBSTATE']._serialized_start=2388
+  _globals['_JOBSTATE']._serialized_end=2542
   _globals['_TENSORREF']._serialized_start=74
   _globals['_TENSORREF']._serialized_end=158
   _globals['_QUANTSCHEME']._serialized_start=160
   _globals['_QUANTSCHEME']._serialized_end=238
-  _globals['_GPTQOPTIONS']._serialized_start=240
-  _globals['_GPTQOPTIONS']._serialized_end=362
-  _globals['_MODULEOVERRIDE']._serialized_start=364
-  _globals['_MODULEOVERRIDE']._serialized_end=490
-  _globals['_RECIPE']._serialized_start=493
-  _globals['_RECIPE']._serialized_end=684
-  _globals['_CALIBRATIONSPEC']._serialized_start=686
-  _globals['_CALIBRATIONSPEC']._serialized_end=810
-  _globals['_OUTPUTFORMAT']._serialized_start=812
-  _globals['_OUTPUTFORMAT']._serialized_end=880
-  _globals['_OUTPUTSPEC']._serialized_start=882
-  _globals['_OUTPUTSPEC']._serialized_end=952
-  _globals['_QUALITYGATE']._serialized_start=955
-  _globals['_QUALITYGATE']._serialized_end=1096
-  _globals['_EVALSPEC']._serialized_start=1098
-  _globals['_EVALSPEC']._serialized_end=1180
-  _globals['_PROGRESSEVENT']._serialized_start=1183
-  _globals['_PROGRESSEVENT']._serialized_end=1414
-  _globals['_ARTIFACT']._serialized_start=1416
-  _globals['_ARTIFACT']._serialized_end=1525
-  _globals['_EVALRESULT']._serialized_start=1528
-  _globals['_EVALRESULT']._serialized_end=1684
-  _globals['_LINEARSTATS']._serialized_start=1686
-  _globals['_LINEARSTATS']._serialized_end=1810
-  _globals['_QUANTIZEDREF']._serialized_start=1813
-  _globals['_QUANTIZEDREF']._serialized_end=2040
+  _globals['_GRIDSEARCH']._serialized_start=240
+  _globals['_GRIDSEARCH']._serialized_end=301
+  _globals['_GPTQOPTIONS']._serialized_start=304
+  _globals['_GPTQOPTIONS']._serialized_end=472
+  _globals['_MODULEOVERRIDE']._serialized_start=474
+  _globals['_MODULEOVERRIDE']._serialized_end=600
+  _globals['_RECIPE']._serialized_start=603
+  _globals['_RECIPE']._serialized_end=794
+  _globals['_CALIBRATIONSPEC']._serialized_start=796
+  _globals['_CALIBRATIONSPEC']._serialized_end=920
+  _globals['_OUTPUTFORMAT']._serialized_start=922
+  _globals['_OUTPUTFORMAT']._serialized_end=990
+  _globals['_OUTPUTSPEC']._serialized_start=992
+  _globals['_OUTPUTSPEC']._serialized_end=1062
+  _globals['_QUALITYGATE']._serialized_start=1065
+  _globals['_QUALITYGATE']._serialized_end=1206
+  _globals['_EVALSPEC']._serialized_start=1208
+  _globals['_EVALSPEC']._serialized_end=1290
+  _globals['_PROGRESSEVENT']._serialized_start=1293
+  _globals['_PROGRESSEVENT']._serialized_end=1524
+  _globals['_ARTIFACT']._serialized_start=1526
+  _globals['_ARTIFACT']._serialized_end=1635
+  _globals['_EVALRESULT']._serialized_start=1638
+  _globals['_EVALRESULT']._serialized_end=1794
+  _globals['_LINEARSTATS']._serialized_start=1796
+  _globals['_LINEARSTATS']._serialized_end=1920
+  _globals['_QUANTIZEDREF']._serialized_start=1923
+  _globals['_QUANTIZEDREF']._serialized_end=2150
 # @@protoc_insertion_point(module_scope)

@@ -76,19 +76,31 @@ class QuantScheme(_message.Message):
     min_zero: int
     def __init__(self, bits: _Optional[int] = ..., group_size: _Optional[int] = ..., sym: _Optional[bool] = ..., min_zero: _Optional[int] = ...) -> None: ...
 
+class GridSearch(_message.Message):
+    __slots__ = ("steps", "max_shrink", "norm")
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SHRINK_FIELD_NUMBER: _ClassVar[int]
+    NORM_FIELD_NUMBER: _ClassVar[int]
+    steps: int
+    max_shrink: float
+    norm: float
+    def __init__(self, steps: _Optional[int] = ..., max_shrink: _Optional[float] = ..., norm: _Optional[float] = ...) -> None: ...
+
 class GPTQOptions(_message.Message):
-    __slots__ = ("damp_percent", "act_order", "static_groups", "true_sequential", "block_size")
+    __slots__ = ("damp_percent", "act_order", "static_groups", "true_sequential", "block_size", "grid_search")
     DAMP_PERCENT_FIELD_NUMBER: _ClassVar[int]
     ACT_ORDER_FIELD_NUMBER: _ClassVar[int]
     STATIC_GROUPS_FIELD_NUMBER: _ClassVar[int]
     TRUE_SEQUENTIAL_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    GRID_SEARCH_FIELD_NUMBER: _ClassVar[int]
     damp_percent: float
     act_order: bool
     static_groups: bool
     true_sequential: bool
     block_size: int
-    def __init__(self, damp_percent: _Optional[float] = ..., act_order: _Optional[bool] = ..., static_groups: _Optional[bool] = ..., true_sequential: _Optional[bool] = ..., block_size: _Optional[int] = ...) -> None: ...
+    grid_search: GridSearch
+    def __init__(self, damp_percent: _Optional[float] = ..., act_order: _Optional[bool] = ..., static_groups: _Optional[bool] = ..., true_sequential: _Optional[bool] = ..., block_size: _Optional[int] = ..., grid_search: _Optional[_Union[GridSearch, _Mapping]] = ...) -> None: ...
 
 class ModuleOverride(_message.Message):
     __slots__ = ("pattern", "scheme", "method", "skip")

@@ -1,0 +1,107 @@
+"""Quantization methods behind one calling convention, so services never branch on the method.
+
+Every method is a `MethodSpec`: whether it needs calibration statistics, and a `Solver` taking
+(weight [N, K], hessian [K, K] or None, scheme, options, name) and returning a `GPTQResult`.
+
+>>> get_method(Method.RTN).needs_calibration
+False
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from bitsmith.algos.gptq import GPTQResult, hessian_row_errors, solve_gptq, split_rows
+from bitsmith.algos.gptq_reference import solve_gptq_reference
+from bitsmith.algos.rtn import quantize_rtn
+from bitsmith.errors import CalibrationError, UnsupportedError
+from bitsmith.schemes import GPTQOptions, Method, QuantScheme
+
+
+class Solver(Protocol):
+    """The calling convention every method's solver follows."""
+
+    def __call__(
+        self,
+        weight: torch.Tensor,
+        hessian: torch.Tensor | None,
+        scheme: QuantScheme,
+        options: GPTQOptions,
+        name: str,
+    ) -> GPTQResult: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MethodSpec:
+    """What a method needs and the function that runs it."""
+
+    needs_calibration: bool
+    solve: Solver
+
+
+def _solve_rtn(
+    weight: torch.Tensor,
+    hessian: torch.Tensor | None,
+    scheme: QuantScheme,
+    options: GPTQOptions,
+    name: str,
+) -> GPTQResult:
+    """RTN under the common convention; errors are measured when a Hessian is given, NaN otherwise."""
+    quantized = quantize_rtn(weight, scheme, name=name, search=options.grid_search)
+    if hessian is None:
+        row_errors = torch.full((weight.shape[0],), math.nan, dtype=torch.float64)
+    else:
+        row_errors = hessian_row_errors(weight.float() - quantized.dequantize(), hessian)
+    error = float(row_errors.sum())
+    return GPTQResult(
+        weight=quantized,
+        damp_percent=0.0,
+        error=error,
+        rtn_error=error,
+        row_errors=row_errors,
+        rtn_row_errors=row_errors,
+    )
+
+
+def _solve_gptq(
+    weight: torch.Tensor,
+    hessian: torch.Tensor | None,
+    scheme: QuantScheme,
+    options: GPTQOptions,
+    name: str,
+) -> GPTQResult:
+    if hessian is None:
+        raise CalibrationError(f"{name}: GPTQ needs a Hessian from calibration data")
+    return solve_gptq(weight, hessian, scheme, options, name=name, search=options.grid_search)
+
+
+METHODS: Mapping[Method, MethodSpec] = {
+    Method.RTN: MethodSpec(needs_calibration=False, solve=_solve_rtn),
+    Method.GPTQ: MethodSpec(needs_calibration=True, solve=_solve_gptq),
+}
+
+
+def get_method(method: Method) -> MethodSpec:
+    """The spec of `method`, or `UnsupportedError` listing the known methods."""
+    try:
+        return METHODS[Method(method)]
+    except (KeyError, ValueError):
+        raise UnsupportedError(f"method {method!r} is not supported; known: {[m.value for m in METHODS]}") from None
+
+
+__all__ = [
+    "METHODS",
+    "GPTQResult",
+    "MethodSpec",
+    "Solver",
+    "get_method",
+    "quantize_rtn",
+    "solve_gptq",
+    "solve_gptq_reference",
+    "split_rows",
+]

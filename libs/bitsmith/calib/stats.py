@@ -1,0 +1,43 @@
+"""Statistics accumulators: pure, no hooks, fed one activation batch at a time."""
+
+from __future__ import annotations
+
+import torch
+
+from bitsmith.errors import CalibrationError
+
+
+class HessianAccumulator:
+    """The GPTQ Hessian H = 2/n · Σ xᵀx over all n input rows seen, for a linear with K inputs.
+
+    Each batch's XᵀX is a float32 matrix product (fast on any device); the running sum is kept in
+    float64 so a long calibration run does not lose the small contributions of late batches.
+
+    >>> acc = HessianAccumulator(2)
+    >>> acc.add(torch.tensor([[1.0, 0.0], [0.0, 3.0]]))
+    >>> acc.hessian(), acc.count
+    (tensor([[1., 0.],
+            [0., 9.]]), 2)
+    """
+
+    def __init__(self, columns: int, *, device: torch.device | str = "cpu", name: str = "") -> None:
+        self.columns = columns
+        self.name = name
+        self.count = 0
+        self._sum = torch.zeros(columns, columns, dtype=torch.float64, device=device)
+
+    def add(self, x: torch.Tensor) -> None:
+        """Accumulate activations [..., K]; every leading dimension counts as rows."""
+        if x.shape[-1] != self.columns:
+            raise CalibrationError(f"{self.name}: activations have {x.shape[-1]} columns, expected {self.columns}")
+        rows = x.reshape(-1, self.columns).to(device=self._sum.device, dtype=torch.float32)
+        if not torch.isfinite(rows).all():
+            raise CalibrationError(f"{self.name}: activations contain NaN or Inf")
+        self._sum += (rows.T @ rows).double()
+        self.count += rows.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        """float32 [K, K]; raises if nothing was accumulated."""
+        if self.count == 0:
+            raise CalibrationError(f"{self.name}: no activations were captured")
+        return (self._sum * (2.0 / self.count)).float()

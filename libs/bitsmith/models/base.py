@@ -1,0 +1,462 @@
+"""Architecture adapters as data, and a checkpoint opened block by block.
+
+An `ArchAdapter` says where an architecture keeps its tensors (name templates with ``{bid}``), which
+linears share an input (and so one Hessian), which norms feed which linears, and which linears carry a
+bias. Everything that computes — the decoder layer, rotary embeddings, the causal mask, grouped-query
+attention — is transformers' own code, so our block forward is the model's forward, not a re-derivation.
+
+`load_checkpoint` validates a checkpoint directory *before* it loads weights (config, supported
+architecture, sane dimensions, every safetensors header, every required tensor's shape, finiteness)
+and returns a `CheckpointModel` that keeps only the embedding resident and materialises one decoder
+block at a time on the compute device, so calibrating a model needs memory for one block, not the model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bitsmith.errors import ConfigError, FormatError, NotFoundError, UnsupportedError
+
+SINGLE_FILE = "model.safetensors"
+SHARD_INDEX = "model.safetensors.index.json"
+
+DIMENSION_LIMITS: Mapping[str, int] = {
+    "hidden_size": 1 << 17,
+    "intermediate_size": 1 << 20,
+    "num_attention_heads": 1 << 12,
+    "num_key_value_heads": 1 << 12,
+    "num_hidden_layers": 1 << 12,
+    "vocab_size": 1 << 23,
+    "head_dim": 1 << 12,
+}
+"""Upper bounds far above any real model: a config past them is corrupt or hostile, and is refused
+before anything is allocated for it."""
+
+OPTIONAL_DIMENSIONS = frozenset({"head_dim"})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ArchAdapter:
+    """Where one architecture keeps its tensors; a new architecture is one more instance.
+
+    `groups` lists the linears of a block by shared input in true-sequential order: each inner tuple
+    is solved against one Hessian. `bias_flags` maps a linear to ``True`` (always biased), or to the
+    name of the config flag that decides it (llama's ``attention_bias``). `norms_to_fold` pairs each
+    norm with the linears that read its output (what AWQ-style scaling folds into).
+    """
+
+    model_type: str
+    architectures: tuple[str, ...]
+    causal_lm_class: str
+    block_prefix: str = "model.layers.{bid}"
+    embed: str = "model.embed_tokens.weight"
+    final_norm: str = "model.norm.weight"
+    lm_head: str = "lm_head.weight"
+    groups: tuple[tuple[str, ...], ...] = (
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.o_proj",),
+        ("mlp.gate_proj", "mlp.up_proj"),
+        ("mlp.down_proj",),
+    )
+    norms_to_fold: tuple[tuple[str, tuple[str, ...]], ...] = (
+        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    )
+    bias_flags: Mapping[str, bool | str] = field(default_factory=dict)
+
+    @property
+    def linears(self) -> tuple[str, ...]:
+        """Block-local linear names, flattened in true-sequential order."""
+        return tuple(name for group in self.groups for name in group)
+
+    def block_name(self, bid: int, local: str) -> str:
+        """Full module name of a block-local name: ``model.layers.3.self_attn.q_proj``."""
+        return f"{self.block_prefix.format(bid=bid)}.{local}"
+
+    def has_bias(self, local: str, config: Any) -> bool:
+        """Whether the linear `local` carries a bias under `config`."""
+        flag = self.bias_flags.get(local, False)
+        return bool(getattr(config, flag, False)) if isinstance(flag, str) else flag
+
+
+_ADAPTERS: dict[str, ArchAdapter] = {}
+
+
+def register_adapter(adapter: ArchAdapter) -> ArchAdapter:
+    """Record an architecture under its `model_type`; a second registration of a type is a bug."""
+    if adapter.model_type in _ADAPTERS:
+        raise ConfigError(f"architecture {adapter.model_type!r} is already registered")
+    _ADAPTERS[adapter.model_type] = adapter
+    return adapter
+
+
+def supported_architectures() -> tuple[str, ...]:
+    """The `model_type`s bitsmith can open, sorted."""
+    return tuple(sorted(_ADAPTERS))
+
+
+def get_adapter(model_type: str) -> ArchAdapter:
+    """The adapter for `model_type`, or `UnsupportedError` listing the supported ones."""
+    try:
+        return _ADAPTERS[model_type]
+    except KeyError:
+        raise UnsupportedError(
+            f"architecture {model_type!r} is not supported; supported: {', '.join(supported_architectures())}"
+        ) from None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NotFoundError(f"{path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise FormatError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _check_dimensions(raw: Mapping[str, Any], path: Path) -> None:
+    for key, limit in DIMENSION_LIMITS.items():
+        value = raw.get(key)
+        if value is None and (key in OPTIONAL_DIMENSIONS or key == "num_key_value_heads"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
+            raise FormatError(f"{path}: {key} must be an integer in [1, {limit}], got {value!r}")
+    heads = raw["num_attention_heads"]
+    kv_heads = raw.get("num_key_value_heads") or heads
+    if heads % kv_heads:
+        raise FormatError(f"{path}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    if raw.get("head_dim") is None and raw["hidden_size"] % heads:
+        raise FormatError(f"{path}: hidden_size {raw['hidden_size']} is not divisible by {heads} heads")
+
+
+def read_config(model_dir: str | Path) -> tuple[Any, ArchAdapter]:
+    """Parse and validate `config.json` of a checkpoint into a transformers config and its adapter.
+
+    Any ``quantization_config`` is dropped: it describes an artifact's packing, and the dense model
+    we build from it must not be re-quantized by transformers.
+    """
+    from transformers import AutoConfig
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise NotFoundError(f"model directory {model_dir} does not exist")
+    path = model_dir / "config.json"
+    raw = _read_json(path)
+    model_type = raw.get("model_type")
+    if not isinstance(model_type, str):
+        raise FormatError(f"{path}: model_type is missing")
+    adapter = get_adapter(model_type)
+    architectures = raw.get("architectures") or list(adapter.architectures)
+    unknown = [arch for arch in architectures if arch not in adapter.architectures]
+    if unknown:
+        raise UnsupportedError(
+            f"{path}: architectures {unknown} are not supported for model_type {model_type!r} "
+            f"(expected one of {list(adapter.architectures)})"
+        )
+    _check_dimensions(raw, path)
+    fields = {k: v for k, v in raw.items() if k not in ("model_type", "quantization_config")}
+    try:
+        config = AutoConfig.for_model(model_type, **fields)
+    except (TypeError, ValueError) as exc:
+        raise FormatError(f"{path}: transformers rejects this config: {exc}") from exc
+    config._attn_implementation = "sdpa"
+    return config, adapter
+
+
+def _meta_state_shapes(config: Any, adapter: ArchAdapter) -> dict[str, tuple[int, ...]]:
+    """Every tensor the architecture's transformers class declares, with its shape, at zero cost."""
+    import transformers
+
+    with torch.device("meta"):
+        model = getattr(transformers, adapter.causal_lm_class)(config)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+class TensorIndex:
+    """Where every tensor of a checkpoint lives (single file or shards), validated header-first."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self._files: dict[str, Path] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        for path in self._shard_paths(model_dir):
+            self._scan_header(path)
+
+    @staticmethod
+    def _shard_paths(model_dir: Path) -> list[Path]:
+        single, index = model_dir / SINGLE_FILE, model_dir / SHARD_INDEX
+        if single.is_file():
+            return [single]
+        if not index.is_file():
+            raise NotFoundError(f"{model_dir} has neither {SINGLE_FILE} nor {SHARD_INDEX}")
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise FormatError(f"{index}: weight_map is missing or empty")
+        shards = sorted(set(weight_map.values()))
+        paths = []
+        for shard in shards:
+            if not isinstance(shard, str) or Path(shard).name != shard:
+                raise FormatError(f"{index}: shard name {shard!r} is not a plain file name")
+            path = model_dir / shard
+            if not path.is_file():
+                raise NotFoundError(f"{index} names shard {shard}, which does not exist")
+            paths.append(path)
+        return paths
+
+    def _scan_header(self, path: Path) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for name in handle.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                    if name in self._files:
+                        raise FormatError(f"{path}: tensor {name} also appears in {self._files[name]}")
+                    self._files[name] = path
+                    self._shapes[name] = tuple(handle.get_slice(name).get_shape())
+        except SafetensorError as exc:
+            raise FormatError(f"{path} is not a readable safetensors file: {exc}") from exc
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._files
+
+    def names(self) -> list[str]:
+        return list(self._files)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def read(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Load one tensor as float32 on `device`."""
+        from safetensors import safe_open
+
+        try:
+            path = self._files[name]
+        except KeyError:
+            raise NotFoundError(f"tensor {name} is not in the checkpoint") from None
+        with safe_open(str(path), framework="pt") as handle:
+            tensor = handle.get_tensor(name)
+        return tensor.to(device=device, dtype=torch.float32)
+
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor once, file by file, so a full scan holds one tensor at a time."""
+        for name in self._files:
+            yield name, self.read(name)
+
+
+def _check_tensors(
+    index: TensorIndex, config: Any, adapter: ArchAdapter, model_dir: Path, *, check_finite: bool = True
+) -> None:
+    expected = _meta_state_shapes(config, adapter)
+    if getattr(config, "tie_word_embeddings", False):
+        expected.pop(adapter.lm_head, None)
+    for name, shape in expected.items():
+        if name not in index:
+            raise FormatError(f"{model_dir}: required tensor {name} is missing")
+        if index.shape(name) != shape:
+            raise FormatError(f"{model_dir}: tensor {name} has shape {index.shape(name)}, expected {shape}")
+    for name, tensor in index.iter_tensors() if check_finite else ():
+        if not torch.isfinite(tensor).all():
+            raise FormatError(f"{model_dir}: tensor {name} contains NaN or Inf")
+
+
+class CheckpointModel:
+    """A validated checkpoint, run one decoder block at a time in float32.
+
+    Only the embedding and the rotary tables stay resident; `block_forward` materialises the block
+    it is asked for (keeping just that one cached), so a loop over blocks holds one block's weights.
+    """
+
+    def __init__(
+        self,
+        model_dir: Path,
+        config: Any,
+        adapter: ArchAdapter,
+        index: TensorIndex,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        import transformers
+
+        self.model_dir = model_dir
+        self.config = config
+        self.adapter = adapter
+        self.device = torch.device(device)
+        self._index = index
+        self._embed = index.read(adapter.embed, self.device)
+        with torch.device("meta"):
+            skeleton = getattr(transformers, adapter.causal_lm_class)(config)
+        self._layer_cls = type(skeleton.model.layers[0])
+        self._rotary = type(skeleton.model.rotary_emb)(config=config).to(self.device)
+        self._norm = type(skeleton.model.norm)(config.hidden_size, eps=config.rms_norm_eps).to(self.device)
+        self._cached: tuple[int, torch.nn.Module] | None = None
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    def groups(self, bid: int) -> list[list[str]]:
+        """Block-local linear names grouped by shared input, in true-sequential order."""
+        self._check_bid(bid)
+        return [list(group) for group in self.adapter.groups]
+
+    def full_name(self, bid: int, local: str) -> str:
+        self._check_bid(bid)
+        return self.adapter.block_name(bid, local)
+
+    def linear_weight(self, bid: int, local: str) -> torch.Tensor:
+        """The checkpoint's weight of one linear, float32 [N, K] on the compute device."""
+        return self._index.read(self._linear_key(bid, local, "weight"), self.device)
+
+    def linear_shape(self, bid: int, local: str) -> tuple[int, int]:
+        """(out_features, in_features) of one linear, from the checkpoint header (no tensor is read)."""
+        out_features, in_features = self._index.shape(self._linear_key(bid, local, "weight"))
+        return int(out_features), int(in_features)
+
+    def linear_bias(self, bid: int, local: str) -> torch.Tensor | None:
+        """The linear's bias (float32 [N]), or None for an unbiased linear."""
+        key = self._linear_key(bid, local, "bias")
+        return self._index.read(key, self.device) if key in self._index else None
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings, float32 [S, L, H]."""
+        return torch.nn.functional.embedding(input_ids.to(self.device), self._embed)
+
+    def block_forward(
+        self, bid: int, hidden: torch.Tensor, overrides: Mapping[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Run decoder block `bid` (transformers' own layer, causal, rotary) on `hidden` [S, L, H].
+
+        `overrides` maps block-local linear names to dense weights used instead of the checkpoint's,
+        without modifying the cached block (this is how quantized weights are applied).
+        """
+        from transformers.masking_utils import create_causal_mask
+
+        layer = self.block_module(bid)
+        params = self._override_params(bid, layer, overrides or {})
+        hidden = hidden.to(device=self.device, dtype=torch.float32)
+        positions = torch.arange(hidden.shape[1], device=self.device).unsqueeze(0)
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=None,
+            past_key_values=None,
+            position_ids=positions,
+        )
+        kwargs = {
+            "attention_mask": mask,
+            "position_ids": positions,
+            "position_embeddings": self._rotary(hidden, positions),
+        }
+        with torch.no_grad():
+            out = torch.func.functional_call(layer, params, (hidden,), kwargs, strict=False)
+        return out[0] if isinstance(out, tuple) else out
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head: logits [S, L, V] from the last block's output (read on demand)."""
+        lm_head = self._embed if self.adapter.lm_head not in self._index else self._index.read(self.adapter.lm_head)
+        with torch.no_grad():
+            self._norm.weight.copy_(self._index.read(self.adapter.final_norm))
+            return self._norm(hidden.to(device=self.device, dtype=torch.float32)) @ lm_head.to(self.device).T
+
+    def block_module(self, bid: int) -> torch.nn.Module:
+        """The decoder layer of block `bid` with its checkpoint weights (one block cached at a time)."""
+        self._check_bid(bid)
+        if self._cached is not None and self._cached[0] == bid:
+            return self._cached[1]
+        self._cached = None
+        layer = self._layer_cls(self.config, layer_idx=bid).to(self.device, torch.float32)
+        prefix = self.adapter.block_prefix.format(bid=bid) + "."
+        state = {name: self._index.read(prefix + name, self.device) for name in layer.state_dict()}
+        layer.load_state_dict(state, strict=True)
+        layer.eval()
+        self._cached = (bid, layer)
+        return layer
+
+    def _override_params(
+        self, bid: int, layer: torch.nn.Module, overrides: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        params = {}
+        for local, weight in overrides.items():
+            if local not in self.adapter.linears:
+                raise ConfigError(f"block {bid}: {local!r} is not a linear of {self.adapter.model_type}")
+            current = layer.get_parameter(f"{local}.weight")
+            if tuple(weight.shape) != tuple(current.shape):
+                raise ConfigError(
+                    f"{self.full_name(bid, local)}: override has shape {tuple(weight.shape)}, "
+                    f"expected {tuple(current.shape)}"
+                )
+            params[f"{local}.weight"] = weight.to(device=self.device, dtype=torch.float32)
+        return params
+
+    def _linear_key(self, bid: int, local: str, kind: str) -> str:
+        if local not in self.adapter.linears:
+            raise ConfigError(f"{local!r} is not a linear of {self.adapter.model_type}: {self.adapter.linears}")
+        return f"{self.full_name(bid, local)}.{kind}"
+
+    def _check_bid(self, bid: int) -> None:
+        if not 0 <= bid < self.num_blocks:
+            raise ConfigError(f"block {bid} is out of range: the model has {self.num_blocks} blocks")
+
+
+def load_checkpoint(
+    model_dir: str | Path, *, device: torch.device | str = "cpu", check_finite: bool = True
+) -> CheckpointModel:
+    """Validate a checkpoint directory, then open it for block-by-block use.
+
+    Headers, names and shapes are always checked without reading weights; `check_finite` also
+    streams every tensor once (one at a time) to refuse NaN/Inf before any work starts. A caller
+    that has verified the checkpoint already (a worker re-opening it) may skip that read.
+
+    >>> from bitsmith.demo import DEMO_MODEL
+    >>> model = load_checkpoint(DEMO_MODEL)
+    >>> model.num_blocks, model.full_name(3, "self_attn.q_proj")
+    (4, 'model.layers.3.self_attn.q_proj')
+    """
+    model_dir = Path(model_dir)
+    config, adapter = read_config(model_dir)
+    index = TensorIndex(model_dir)
+    _check_tensors(index, config, adapter, model_dir, check_finite=check_finite)
+    return CheckpointModel(model_dir, config, adapter, index, device)
+
+
+def build_causal_lm(model_dir: str | Path, state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """The transformers model of `model_dir`'s config, float32, eval mode, with the given dense weights.
+
+    Used to evaluate an artifact whose quantized linears a format reader has dequantized. With tied
+    embeddings the state dict may omit the LM head. Loading is strict: a missing or unexpected tensor
+    is a `FormatError` naming it.
+    """
+    import transformers
+
+    config, adapter = read_config(model_dir)
+    weights = {name: tensor.float() for name, tensor in state_dict.items()}
+    if getattr(config, "tie_word_embeddings", False) and adapter.lm_head not in weights and adapter.embed in weights:
+        weights[adapter.lm_head] = weights[adapter.embed]
+    model = getattr(transformers, adapter.causal_lm_class)(config).to(torch.float32)
+    missing, unexpected = (
+        sorted(set(model.state_dict()) - set(weights)),
+        sorted(set(weights) - set(model.state_dict())),
+    )
+    if missing or unexpected:
+        raise FormatError(f"{model_dir}: weights do not match the model: missing {missing}, unexpected {unexpected}")
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        raise FormatError(f"{model_dir}: weights do not fit the model: {exc}") from exc
+    return model.eval()
+
+
+def load_causal_lm(model_dir: str | Path) -> torch.nn.Module:
+    """The checkpoint as a float32 transformers causal LM in eval mode (validated like `load_checkpoint`)."""
+    model_dir = Path(model_dir)
+    config, adapter = read_config(model_dir)
+    index = TensorIndex(model_dir)
+    _check_tensors(index, config, adapter, model_dir)
+    return build_causal_lm(model_dir, dict(index.iter_tensors()))
