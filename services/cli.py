@@ -164,7 +164,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         home = Path(args.home) if args.home else default_home()
         with LocalStack(home=home, host=args.host, port=args.port, ray_address=args.ray_address,
                         services=parse_services(args.services)) as local:
-            write_stack_file(home, local.address) if args.write_stack_file else None
+            if args.write_stack_file:
+                write_stack_file(home, local.address)
             print(local.address, flush=True)
             stop.wait()
         return 0

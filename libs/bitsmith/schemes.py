@@ -38,6 +38,10 @@ class Format(StrEnum):
 
     GPTQ = "gptq"
     """GPTQ safetensors (qweight/qzeros/scales/g_idx) as GPTQModel, transformers and vLLM load it."""
+    ONNX = "onnx"
+    """An ONNX graph whose linears are `com.microsoft::MatMulNBits`, for ONNX Runtime on any CPU."""
+    MLX = "mlx"
+    """mlx-lm's quantized safetensors (uint32-packed codes, scales and biases per group)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

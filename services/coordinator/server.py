@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-from bitsmith.errors import AlreadyExistsError, ConfigError
+from bitsmith.errors import AlreadyExistsError, ConfigError, UnsupportedError
 from bitsmith.rpc.server import ServiceBinding
 from bitsmith.rpc.server import create_server as _create_server
 from bitsmith.v1 import calibrator_pb2, common_pb2, job_pb2, job_pb2_grpc
@@ -39,6 +39,11 @@ def validate_spec(spec: job_pb2.QuantizeJob) -> None:
         raise ConfigError("the job names no output path")
     if not spec.output.formats:
         raise ConfigError("the job asks for no output format")
+    if spec.recipe.overrides or spec.recipe.ignore:
+        raise UnsupportedError("per-module overrides and ignore lists are not supported yet: every block linear "
+                               "is quantized with the recipe's one scheme")
+    if spec.calibration.mode == common_pb2.CALIBRATION_MODE_PARALLEL:
+        raise UnsupportedError("parallel calibration mode is not supported yet; use sequential")
     out = Path(spec.output.path)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise AlreadyExistsError(f"output path {out} exists and is not an empty directory")

@@ -9,7 +9,13 @@ from pathlib import Path
 import grpc
 import pytest
 from bitsmith.demo import DEMO_MODEL
-from bitsmith.errors import AlreadyExistsError, BitsmithError, ConfigError, ServiceUnavailableError
+from bitsmith.errors import (
+    AlreadyExistsError,
+    BitsmithError,
+    ConfigError,
+    ServiceUnavailableError,
+    UnsupportedError,
+)
 from bitsmith.manifest import verify_manifest
 from bitsmith.rpc.client import Client
 from bitsmith.v1 import common_pb2
@@ -140,6 +146,17 @@ def _poison(model: Path) -> None:
     name = "model.layers.1.mlp.up_proj.weight"
     tensors[name][3, 5] = float("nan")
     save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_unsupported_recipe_parts_are_refused_not_ignored(stack: Stack, tmp_path: Path) -> None:
+    spec = make_job(tmp_path / "o")
+    spec.recipe.ignore.append("mlp")
+    with pytest.raises(UnsupportedError, match="overrides and ignore lists"):
+        stack.client.submit(spec)
+    spec = make_job(tmp_path / "o")
+    spec.calibration.mode = common_pb2.CALIBRATION_MODE_PARALLEL
+    with pytest.raises(UnsupportedError, match="parallel"):
+        stack.client.submit(spec)
 
 
 def test_unknown_job_is_not_found(stack: Stack) -> None:

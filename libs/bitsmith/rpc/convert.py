@@ -101,7 +101,7 @@ def quantized_ref_from_proto(msg: common_pb2.QuantizedRef) -> QuantizedRef:
     )
 
 
-_FORMATS = {Format.GPTQ: common_pb2.FORMAT_GPTQ}
+_FORMATS = {Format.GPTQ: common_pb2.FORMAT_GPTQ, Format.ONNX: common_pb2.FORMAT_ONNX, Format.MLX: common_pb2.FORMAT_MLX}
 
 
 def format_to_proto(fmt: Format) -> common_pb2.Format:

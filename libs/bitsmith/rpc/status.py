@@ -1,7 +1,8 @@
 """Server interceptor: BitsmithError -> gRPC status with a readable reason.
 
 Every service installs it, so a servicer method simply raises `ConfigError("...")` and the caller
-sees `INVALID_ARGUMENT: ...`; a failed call to another service passes on that service's status. Anything that is not a BitsmithError is a bug: it is logged with its
+sees `INVALID_ARGUMENT: ...`; a failed call to another service passes on that service's status.
+Anything that is not a BitsmithError is a bug: it is logged with its
 traceback and reported as INTERNAL with the exception's type and message, never swallowed.
 """
 

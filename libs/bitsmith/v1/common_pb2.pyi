@@ -20,6 +20,8 @@ class Format(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FORMAT_UNSPECIFIED: _ClassVar[Format]
     FORMAT_GPTQ: _ClassVar[Format]
+    FORMAT_ONNX: _ClassVar[Format]
+    FORMAT_MLX: _ClassVar[Format]
 
 class CalibrationMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -40,6 +42,8 @@ METHOD_RTN: Method
 METHOD_GPTQ: Method
 FORMAT_UNSPECIFIED: Format
 FORMAT_GPTQ: Format
+FORMAT_ONNX: Format
+FORMAT_MLX: Format
 CALIBRATION_MODE_UNSPECIFIED: CalibrationMode
 CALIBRATION_MODE_SEQUENTIAL: CalibrationMode
 CALIBRATION_MODE_PARALLEL: CalibrationMode

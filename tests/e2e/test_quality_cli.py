@@ -1,0 +1,80 @@
+"""The quality promise, measured the way a user would: artifacts written by `bitsmith quantize`
+through a long-running stack (`bitsmith up`), scored by `bitsmith eval` on held-out prose and code.
+
+GPTQ (w4 and w3, asymmetric g128, 128 x 512 calibration tokens half prose half code) must cut the
+perplexity increase of round-to-nearest on the same grid to <= 0.8x at w4 and <= 0.7x at w3, on both
+sets. The RTN baseline is our own RTN artifact, checked against the model README's numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from bitsmith.demo import CALIB_FILES, DEMO_MODEL, EVAL_FILES
+
+from .test_cli_ray import run_cli
+
+README_PPL = {"bf16": (19.885, 15.044), "rtn4": (20.310, 15.318), "rtn3": (21.611, 16.405)}
+BAR = {4: 0.8, 3: 0.7}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, str]]]:
+    env = {"BITSMITH_HOME": str(tmp_path_factory.mktemp("home"))}
+    up = run_cli("up", env=env, timeout=300)
+    assert up.returncode == 0, up.stderr[-3000:]
+    address = up.stdout.strip().splitlines()[-1]
+    try:
+        assert run_cli("up", env=env).stdout.strip().splitlines()[-1] == address, "up is idempotent"
+        yield address, env
+    finally:
+        down = run_cli("down", env=env)
+        assert down.returncode == 0 and "stopped" in down.stderr
+
+
+def _quantize(server: tuple[str, dict[str, str]], out: Path, method: str, bits: int) -> dict:
+    address, env = server
+    proc = run_cli("quantize", str(DEMO_MODEL), "--method", method, "--bits", str(bits), "--group-size", "128",
+                   "--calib", str(CALIB_FILES[0]), "--calib", str(CALIB_FILES[1]), "--samples", "128",
+                   "--seq-len", "512", "--format", "gptq", "--out", str(out), "--server", address, "--json",
+                   env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["state"] == "succeeded"
+    return result
+
+
+def _eval(path: Path) -> tuple[float, float]:
+    ppl = []
+    for data in EVAL_FILES:
+        proc = run_cli("eval", str(path), "--data", str(data), "--json")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        ppl.append(json.loads(proc.stdout.strip().splitlines()[-1])["ppl"])
+    return ppl[0], ppl[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [4, 3])
+def test_gptq_artifact_beats_rtn_artifact(server: tuple[str, dict[str, str]], tmp_path: Path, bits: int) -> None:
+    base = _eval(DEMO_MODEL)
+    assert base == pytest.approx(README_PPL["bf16"], rel=1e-3)
+    _quantize(server, tmp_path / "rtn", "rtn", bits)
+    rtn = _eval(tmp_path / "rtn")
+    assert rtn == pytest.approx(README_PPL[f"rtn{bits}"], rel=1e-3)
+    gptq_job = _quantize(server, tmp_path / "gptq", "gptq", bits)
+    gptq = _eval(tmp_path / "gptq")
+    ratios = [(g - b) / (r - b) for g, r, b in zip(gptq, rtn, base, strict=True)]
+    print(f"w{bits}: ppl prose/code base {base}, rtn {rtn}, gptq {gptq}; ratios {ratios}")
+    for name, ratio in zip(("eval-prose", "eval-code"), ratios, strict=True):
+        assert ratio <= BAR[bits], f"{name}: GPTQ's increase is {ratio:.3f}x RTN's (bar {BAR[bits]})"
+
+    address, env = server
+    listed = json.loads(run_cli("jobs", "list", "--json", "--server", address, env=env).stdout.strip().splitlines()[-1])
+    assert gptq_job["job_id"] in {j["job_id"] for j in listed}
+    shown = run_cli("jobs", "show", gptq_job["job_id"], "--json", env=env)  # finds the stack through its home
+    assert json.loads(shown.stdout.strip().splitlines()[-1])["state"] == "succeeded"
+    assert os.path.isdir(gptq_job["artifacts"][0]["path"])
