@@ -515,3 +515,16 @@ def test_only_quantize_config_json_is_enough(artifact: Path, tmp_path: Path) -> 
     path = _copy(artifact, tmp_path)
     _drop_qcfg(path)
     assert read_gptq(path).scheme == read_gptq(artifact).scheme
+
+
+def test_linears_solved_together_may_share_g_idx(tmp_path: Path) -> None:
+    """q/k/v solved as one problem come back sharing one g_idx tensor; the writer must still save them."""
+    from bitsmith.demo import CALIB_FILES
+    from bitsmith.pipeline import quantize_in_process
+    from bitsmith.schemes import Method
+
+    quantized = quantize_in_process(DEMO_MODEL, calib_files=CALIB_FILES, samples=2, seq_len=32,
+                                    scheme=QuantScheme(bits=4, group_size=128), method=Method.RTN,
+                                    options=GPTQOptions())
+    write(tmp_path / "art", quantized, variant="gptq_v2")
+    assert set(read_gptq(tmp_path / "art").quantized) == set(quantized)

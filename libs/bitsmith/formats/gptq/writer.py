@@ -105,7 +105,7 @@ def pack_layer(qw: QuantizedWeight, checkpoint_format: CheckpointFormat) -> dict
         QWEIGHT: pack_dim0(qw.codes.t(), bits),
         QZEROS: pack_dim0(stored_zeros, bits).t().contiguous(),
         SCALES: qw.scales.t().to(torch.float16).contiguous(),
-        G_IDX: qw.g_idx.to(torch.int32).contiguous(),
+        G_IDX: qw.g_idx.to(torch.int32, copy=True).contiguous(),  # linears solved together share g_idx
     }
 
 
