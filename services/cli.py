@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bitsmith.errors import BitsmithError, ConfigError
-from bitsmith.schemes import PER_CHANNEL, GPTQOptions, GridSearch, Method, QuantScheme
+from bitsmith.schemes import PER_CHANNEL, Format, GPTQOptions, GridSearch, Method, QuantScheme
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -31,7 +31,7 @@ err = Console(stderr=True)
 
 
 def _job_spec(args: argparse.Namespace) -> Any:
-    from bitsmith.rpc.convert import gptq_to_proto, method_to_proto, scheme_to_proto
+    from bitsmith.rpc.convert import format_to_proto, gptq_to_proto, method_to_proto, scheme_to_proto
     from bitsmith.v1 import common_pb2, job_pb2
 
     method = Method(args.method)
@@ -54,8 +54,9 @@ def _job_spec(args: argparse.Namespace) -> Any:
         ),
         output=common_pb2.OutputSpec(
             path=str(Path(args.out).resolve()),
-            formats=[common_pb2.OutputFormat(format=common_pb2.FORMAT_GPTQ, variant=variant)
-                     for _ in (args.format or ["gptq"])],
+            formats=[common_pb2.OutputFormat(format=format_to_proto(Format(name)),
+                                             variant=variant if name == Format.GPTQ else "")
+                     for name in (args.format or [Format.GPTQ.value])],
         ),
         eval=common_pb2.EvalSpec(files=[str(Path(f).resolve()) for f in args.eval], seq_len=args.eval_seq_len),
         client_request_id=args.request_id or "",
@@ -264,7 +265,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--samples", type=int, default=128)
     q.add_argument("--seq-len", type=int, default=512)
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--format", action="append", choices=["gptq"], default=[], help="output format (repeatable)")
+    q.add_argument("--format", action="append", choices=[f.value for f in Format], default=[],
+                   help="output format, repeatable: gptq (NVIDIA: vLLM/transformers), onnx (ONNX Runtime on any CPU), "
+                        "mlx (Apple Silicon); several formats share one calibration and solve")
     q.add_argument("--checkpoint-format", choices=["auto", "gptq", "gptq_v2"], default="auto",
                    help="auto: v1 for --sym (loads everywhere), v2 (true zeros) for asymmetric grids")
     q.add_argument("--out", required=True, help="output directory (must not exist or be empty)")

@@ -19,6 +19,7 @@ class Role(StrEnum):
     SOLVER = "solver"
     PACKER = "packer"
     RUNTIME_CPU = "runtime_cpu"
+    RUNTIME_APPLE = "runtime_apple"
 
 
 ServerFactory = Callable[..., tuple[grpc.Server, int]]

@@ -71,9 +71,12 @@ class StaticPlacement:
 class ServiceHost:
     """Hosts one worker service's gRPC server inside a Ray actor (wrapped with ray.remote at the edge)."""
 
-    def __init__(self, role: str, store_root: str) -> None:
+    def __init__(self, role: str, store_root: str, threads: int) -> None:
         import ray
 
+        # Ray starts a zero-CPU actor with OMP_NUM_THREADS=1; the services compute in torch, which reads
+        # it on first import (lazily, in the first request), so give them the threads they are meant to use.
+        os.environ["OMP_NUM_THREADS"] = str(threads)
         host = ray.util.get_node_ip_address()
         self._server, port = start_service(role, f"{host}:0", Path(store_root))
         self._address = f"{host}:{port}"
@@ -91,6 +94,8 @@ class RayPlacement:
 
     store_root: Path
     ray_address: str | None = None
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    """Compute threads of each service (torch's intra-op pool)."""
     _actors: list[Any] = field(default_factory=list)
     _started_ray: bool = False
 
@@ -118,7 +123,7 @@ class RayPlacement:
         by_role: dict[Role, str] = {}
         for role in Role:
             actor = host_cls.options(num_cpus=0, max_restarts=-1, max_task_retries=-1).remote(
-                role.value, str(self.store_root)
+                role.value, str(self.store_root), self.threads
             )
             self._actors.append(actor)
             by_role[role] = ray.get(actor.address.remote(), timeout=120)

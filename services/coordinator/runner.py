@@ -49,7 +49,8 @@ class Stubs:
     calibrator: calibrator_pb2_grpc.CalibratorServiceStub
     solver: solver_pb2_grpc.SolverServiceStub
     packer: packer_pb2_grpc.PackerServiceStub
-    runtime: runtime_pb2_grpc.RuntimeServiceStub
+    runtimes: dict[int, runtime_pb2_grpc.RuntimeServiceStub]
+    """The runtime that proves an artifact, by its proto format: MLX on the Apple runtime, the rest on CPU."""
     channels: list[grpc.Channel]
 
     @classmethod
@@ -59,7 +60,11 @@ class Stubs:
             calibrator=calibrator_pb2_grpc.CalibratorServiceStub(channels[Role.CALIBRATOR]),
             solver=solver_pb2_grpc.SolverServiceStub(channels[Role.SOLVER]),
             packer=packer_pb2_grpc.PackerServiceStub(channels[Role.PACKER]),
-            runtime=runtime_pb2_grpc.RuntimeServiceStub(channels[Role.RUNTIME_CPU]),
+            runtimes={
+                common_pb2.FORMAT_GPTQ: runtime_pb2_grpc.RuntimeServiceStub(channels[Role.RUNTIME_CPU]),
+                common_pb2.FORMAT_ONNX: runtime_pb2_grpc.RuntimeServiceStub(channels[Role.RUNTIME_CPU]),
+                common_pb2.FORMAT_MLX: runtime_pb2_grpc.RuntimeServiceStub(channels[Role.RUNTIME_APPLE]),
+            },
             channels=list(channels.values()),
         )
 
@@ -231,9 +236,11 @@ class JobRunner:
         metrics: list[common_pb2.EvalResult] = []
         if spec.eval.files and packed:
             self._check_cancel()
-            self._event("evaluate", "evaluating the written artifact", step=done, total=total)
-            reply = self._stubs.runtime.Evaluate(
-                runtime_pb2.EvaluateRequest(artifact_path=packed[0][0], reference_model_path=spec.model_path,
+            staged, first = packed[0]
+            self._event("evaluate", f"evaluating the written {common_pb2.Format.Name(first.format)} artifact",
+                        step=done, total=total)
+            reply = self._stubs.runtimes[first.format].Evaluate(
+                runtime_pb2.EvaluateRequest(artifact_path=staged, reference_model_path=spec.model_path,
                                             data_files=list(spec.eval.files), seq_len=spec.eval.seq_len or 512),
                 timeout=STEP_TIMEOUT_S,
             )

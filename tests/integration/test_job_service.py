@@ -173,6 +173,7 @@ def test_every_service_serves_health_and_reflection(stack: Stack) -> None:
     names = {
         Role.CALIBRATOR: "bitsmith.v1.CalibratorService", Role.SOLVER: "bitsmith.v1.SolverService",
         Role.PACKER: "bitsmith.v1.PackerService", Role.RUNTIME_CPU: "bitsmith.v1.RuntimeService",
+        Role.RUNTIME_APPLE: "bitsmith.v1.RuntimeService",
     }
     targets = [(addr, names[role]) for role, addr in stack.addresses.by_role.items()]
     targets.append((stack.address, "bitsmith.v1.JobService"))
@@ -207,3 +208,26 @@ def test_packer_refuses_to_touch_anything_but_staging(stack: Stack, tmp_path: Pa
         packer_pb2_grpc.PackerServiceStub(channel).Discard(packer_pb2.DiscardRequest(staging_path=str(victim)))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert victim.exists()
+
+
+def test_one_job_writes_several_formats_from_one_solve(stack: Stack, tmp_path: Path) -> None:
+    from bitsmith.formats import get_format
+    from bitsmith.schemes import Format
+
+    out = tmp_path / "multi"
+    spec = make_job(out, method=common_pb2.METHOD_RTN, group_size=64, min_zero=0)
+    del spec.output.formats[:]
+    for fmt in (common_pb2.FORMAT_GPTQ, common_pb2.FORMAT_ONNX, common_pb2.FORMAT_MLX):
+        spec.output.formats.add(format=fmt, variant="gptq_v2" if fmt == common_pb2.FORMAT_GPTQ else "")
+    done = wait(stack.client, stack.client.submit(spec).job_id)
+    assert done.state == SUCCEEDED, done.error
+    paths = {common_pb2.Format.Name(a.format): Path(a.path) for a in done.artifacts}
+    assert paths == {"FORMAT_GPTQ": out / "gptq-gptq_v2", "FORMAT_ONNX": out / "onnx", "FORMAT_MLX": out / "mlx"}
+    codes = {}
+    for name, path in paths.items():
+        verify_manifest(path)
+        fmt = Format(name.removeprefix("FORMAT_").lower())
+        checkpoint = get_format(fmt).read(path)
+        weights = checkpoint.quantized_weights() if fmt is Format.MLX else checkpoint.quantized
+        codes[name] = weights["model.layers.2.mlp.down_proj"].codes
+    assert all(c.equal(codes["FORMAT_GPTQ"]) for c in codes.values()), "every format carries the same codes"

@@ -18,7 +18,11 @@ from bitsmith.errors import UnsupportedError
 from bitsmith.formats.base import Reader, Writer
 from bitsmith.schemes import Format
 
-_MEMBERS = MappingProxyType({Format.GPTQ: "bitsmith.formats.gptq"})
+_MEMBERS = MappingProxyType({
+    Format.GPTQ: "bitsmith.formats.gptq",
+    Format.ONNX: "bitsmith.formats.onnx",
+    Format.MLX: "bitsmith.formats.mlx",
+})
 """Format → module exposing `write` and `read` (checked by a test to cover every `Format`)."""
 
 

@@ -1,0 +1,106 @@
+"""Write a model as an ONNX graph with `com.microsoft::MatMulNBits` linears (FORMATS.md §7).
+
+The writer validates everything before it writes a byte: one scheme for all layers, 4 or 8 bits,
+block size 32/64/128 equal to the group size, contiguous groups (no act-order g_idx), codes and zeros
+in range, every quantized name a linear the graph uses with the source's shape. It then builds the
+graph (`graph.py`), saves it with its large initializers in one external data file, and has
+`onnx.checker` check the saved model. Beside the graph go the source's config.json, with a
+`quantization_config` that names the format, and the tokenizer files.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from bitsmith.errors import AlreadyExistsError, ConfigError, FormatError
+from bitsmith.formats.base import copy_file_synced, write_file_atomic
+from bitsmith.formats.grid_checks import check_layer, single_scheme, unquantized_config
+from bitsmith.formats.onnx.constants import (
+    BITS,
+    BLOCK_SIZES,
+    CONFIG_FILE,
+    COPIED_FILES,
+    DATA_FILE,
+    EXTERNAL_THRESHOLD,
+    MODEL_FILE,
+    QUANT_METHOD,
+    QUANTIZATION_CONFIG_KEY,
+    WEIGHT,
+)
+from bitsmith.formats.onnx.graph import LlamaGraph
+from bitsmith.formats.safetensors_io import load_tensors, scan_checkpoint
+from bitsmith.models import read_config
+from bitsmith.quantized import QuantizedWeight
+from bitsmith.schemes import GPTQOptions, QuantScheme
+
+FORMAT_NAME = "ONNX MatMulNBits"
+
+
+def quantization_config(scheme: QuantScheme) -> dict[str, Any]:
+    """What config.json records about the graph's MatMulNBits nodes (the reader checks every node against it)."""
+    return {"quant_method": QUANT_METHOD, "bits": scheme.bits, "group_size": scheme.group_size, "sym": scheme.sym}
+
+
+def write_onnx(
+    out_dir: Path,
+    *,
+    source_model_dir: Path,
+    quantized: Mapping[str, QuantizedWeight],
+    options: GPTQOptions,
+    variant: str | None = None,
+) -> Path:
+    """Write `model.onnx` (+ `model.onnx.data`), config.json and the tokenizer into the empty `out_dir`.
+
+    `quantized` maps module names (``model.layers.0.self_attn.q_proj``) to solved weights; they become
+    MatMulNBits nodes of the same name, every other linear a float MatMul. `options` is accepted for the
+    writer protocol (act-order is refused through the g_idx check); there are no variants.
+    """
+    out_dir, source_model_dir = Path(out_dir), Path(source_model_dir)
+    if variant is not None:
+        raise ConfigError(f"the {FORMAT_NAME} format has no variants, got {variant!r}")
+    if not out_dir.is_dir():
+        raise ConfigError(f"output directory {out_dir} does not exist (stage it first)")
+    if any(out_dir.iterdir()):
+        raise AlreadyExistsError(f"output directory {out_dir} is not empty")
+    raw_config = unquantized_config(source_model_dir, markers=(QUANTIZATION_CONFIG_KEY,))
+    config, adapter = read_config(source_model_dir)
+    scheme = single_scheme(quantized, fmt=FORMAT_NAME, bits=BITS, group_sizes=BLOCK_SIZES)
+    source = scan_checkpoint(source_model_dir)
+    graph_linears = {adapter.block_name(bid, local) for bid in range(config.num_hidden_layers)
+                     for local in adapter.linears} | {adapter.lm_head.removesuffix(f".{WEIGHT}")}
+    for name, qw in sorted(quantized.items()):
+        if name not in graph_linears:
+            raise ConfigError(f"{FORMAT_NAME}: quantized layer {name!r} is not a linear of the graph")
+        info = source.get(f"{name}.{WEIGHT}")
+        check_layer(name, qw, info.shape if info is not None else None, fmt=FORMAT_NAME)
+
+    replaced = {f"{name}.{WEIGHT}" for name in quantized}
+    float_infos = [info for tensor, info in source.items() if tensor not in replaced]
+    tensors = {name: t.float().numpy() for name, t in load_tensors(float_infos).items()}
+    model = LlamaGraph(config, adapter, tensors, quantized).build()
+    _save(model, out_dir)
+
+    config_text = json.dumps({**raw_config, QUANTIZATION_CONFIG_KEY: quantization_config(scheme)}, indent=2,
+                             sort_keys=True)
+    write_file_atomic(out_dir / CONFIG_FILE, (config_text + "\n").encode())
+    for name in COPIED_FILES:
+        if (source_model_dir / name).is_file():
+            copy_file_synced(source_model_dir / name, out_dir / name)
+    return out_dir
+
+
+def _save(model: onnx.ModelProto, out_dir: Path) -> None:
+    """Graph + one external data file, then `onnx.checker` on the saved model (it follows the data file)."""
+    path = out_dir / MODEL_FILE
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=DATA_FILE, size_threshold=EXTERNAL_THRESHOLD)
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise FormatError(f"{path}: the graph bitsmith built does not pass onnx.checker: {e}") from e
+
