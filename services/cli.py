@@ -23,6 +23,7 @@ from typing import Any
 
 from bitsmith.errors import BitsmithError, ConfigError
 from bitsmith.schemes import PER_CHANNEL, Format, GPTQOptions, GridSearch, Method, QuantScheme
+from bitsmith_services.registry import Role
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -287,7 +288,7 @@ def _parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("serve", help="run one service in the foreground")
-    s.add_argument("service", choices=["coordinator", "calibrator", "solver", "packer", "runtime_cpu"])
+    s.add_argument("service", choices=["coordinator", *(r.value for r in Role)])
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=0)
     s.add_argument("--store", help="artifact store directory (worker services)")
