@@ -30,7 +30,7 @@ from typing import Any
 
 import bitsmith
 from bitsmith.errors import FormatError
-from bitsmith.formats.base import discard, publish, stage, write_file_atomic
+from bitsmith.formats.base import discard, publish, read_json_object, stage, write_file_atomic
 from bitsmith.schemes import Format
 
 MANIFEST_FILE = "manifest.json"
@@ -183,14 +183,7 @@ def write_manifest(
 def read_manifest(directory: Path) -> Manifest:
     """Parse `directory/manifest.json` (`FormatError` if missing or malformed)."""
     path = Path(directory) / MANIFEST_FILE
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise FormatError(f"artifact {directory} has no {MANIFEST_FILE}") from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise FormatError(f"{path} must hold a JSON object")
+    data = read_json_object(path, missing=f"artifact {directory} has no {MANIFEST_FILE}")
     return Manifest.from_dict(data, where=str(path))
 
 

@@ -17,6 +17,7 @@ step (`stage` → write → `publish`, or `discard` on failure).
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -25,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from bitsmith.errors import AlreadyExistsError, ConfigError
+from bitsmith.errors import AlreadyExistsError, ConfigError, FormatError
 
 if TYPE_CHECKING:
     import torch
@@ -35,6 +36,22 @@ if TYPE_CHECKING:
 
 PARTIAL_MARKER = ".partial-"
 """Staging directories are named `.<name>.partial-<random>`: hidden, and obviously incomplete."""
+
+
+def read_json_object(path: Path, *, missing: str | None = None) -> dict[str, Any]:
+    """Parse a file holding one JSON object; `FormatError` if it is malformed, and also if it is
+    absent when `missing` (the message) is given — otherwise FileNotFoundError is the caller's."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        if missing is None:
+            raise
+        raise FormatError(missing) from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise FormatError(f"{path}: must hold a JSON object")
+    return data
 
 
 def fsync_path(path: Path) -> None:

@@ -8,7 +8,6 @@ are not what `QuantizedWeight` promises, both naming the format and the layer.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
@@ -16,21 +15,17 @@ from typing import Any
 import torch
 
 from bitsmith.errors import ConfigError, FormatError, NotFoundError, UnsupportedError
+from bitsmith.formats.base import read_json_object
 from bitsmith.quantized import QuantizedWeight
 from bitsmith.schemes import PER_CHANNEL, QuantScheme
 
 
 def unquantized_config(source_model_dir: Path, *, markers: Collection[str]) -> dict[str, Any]:
     """The source's config.json as a dict; `UnsupportedError` if any of `markers` says it is already quantized."""
-    path = source_model_dir / "config.json"
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = read_json_object(source_model_dir / "config.json")
     except FileNotFoundError as e:
         raise NotFoundError(f"source model {source_model_dir} has no config.json") from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: not valid JSON: {e}") from e
-    if not isinstance(config, dict):
-        raise FormatError(f"{path}: must hold a JSON object")
     if found := sorted(set(markers) & set(config)):
         raise UnsupportedError(f"source model {source_model_dir} is already quantized ({found[0]} in config.json)")
     return config

@@ -11,7 +11,6 @@ against the config, g_idx ranges and group sizes, and symmetric zeros. Anything 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 
 from bitsmith.errors import FormatError
+from bitsmith.formats.base import read_json_object
 from bitsmith.formats.gptq.constants import (
     BIAS,
     BITS,
@@ -71,24 +71,14 @@ class GPTQCheckpoint:
         return state
 
 
-def _read_json_object(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise FormatError(f"{path}: must hold a JSON object")
-    return data
-
-
 def read_configs(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(config.json, quantization config); the latter from config.json and/or quantize_config.json."""
     config_path, quant_path = path / CONFIG_FILE, path / QUANTIZE_CONFIG_FILE
     if not config_path.is_file():
         raise FormatError(f"GPTQ checkpoint {path} has no {CONFIG_FILE}")
-    config = _read_json_object(config_path)
+    config = read_json_object(config_path)
     embedded = config.get(QUANTIZATION_CONFIG_KEY)
-    standalone = _read_json_object(quant_path) if quant_path.is_file() else None
+    standalone = read_json_object(quant_path) if quant_path.is_file() else None
     if embedded is not None and not isinstance(embedded, dict):
         raise FormatError(f"{config_path}: {QUANTIZATION_CONFIG_KEY} must be an object")
     qcfg = embedded if embedded is not None else standalone

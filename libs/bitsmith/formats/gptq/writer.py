@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 import bitsmith
-from bitsmith.errors import AlreadyExistsError, ConfigError, FormatError, NotFoundError, UnsupportedError
+from bitsmith.errors import AlreadyExistsError, ConfigError, FormatError, UnsupportedError
 from bitsmith.formats.base import copy_file_synced, save_safetensors_atomic, write_file_atomic
 from bitsmith.formats.gptq.constants import (
     BIAS,
@@ -44,6 +44,7 @@ from bitsmith.formats.gptq.constants import (
     CheckpointFormat,
 )
 from bitsmith.formats.gptq.packing import pack_dim0, packed_rows
+from bitsmith.formats.grid_checks import unquantized_config
 from bitsmith.formats.safetensors_io import (
     INDEX_FILE,
     PT_METADATA,
@@ -271,21 +272,6 @@ def _write_json(path: Path, data: Mapping[str, Any]) -> None:
     write_file_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
-def _read_config(source_model_dir: Path) -> dict[str, Any]:
-    path = source_model_dir / CONFIG_FILE
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise NotFoundError(f"source model {source_model_dir} has no {CONFIG_FILE}") from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: not valid JSON: {e}") from e
-    if not isinstance(config, dict):
-        raise FormatError(f"{path}: must hold a JSON object")
-    if QUANTIZATION_CONFIG_KEY in config:
-        raise UnsupportedError(f"source model {source_model_dir} is already quantized")
-    return config
-
-
 def write_gptq(
     out_dir: Path,
     *,
@@ -311,7 +297,7 @@ def write_gptq(
         raise AlreadyExistsError(f"output directory {out_dir} is not empty")
     if max_shard_bytes <= 0:
         raise ConfigError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-    config = _read_config(source_model_dir)
+    config = unquantized_config(source_model_dir, markers=(QUANTIZATION_CONFIG_KEY,))
     source = scan_checkpoint(source_model_dir)
     scheme = common_scheme(quantized)
     linears = linear_names(source_model_dir)

@@ -11,7 +11,6 @@ biases); `quantized_weights()` gives back bitsmith's zero points and refuses bia
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 
 from bitsmith.errors import FormatError, UnsupportedError
+from bitsmith.formats.base import read_json_object
 from bitsmith.formats.gptq.packing import unpack_dim0
 from bitsmith.formats.mlx.constants import (
     BIASES,
@@ -94,12 +94,7 @@ def _zero_point_form(name: str, layer: AffineLinear, scheme: QuantScheme) -> Qua
 
 def _config(path: Path) -> tuple[dict[str, Any], QuantScheme]:
     config_path = path / CONFIG_FILE
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise FormatError(f"MLX checkpoint {path} has no {CONFIG_FILE}") from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{config_path}: not valid JSON: {e}") from e
+    config = read_json_object(config_path, missing=f"MLX checkpoint {path} has no {CONFIG_FILE}")
     block = config.get(QUANTIZATION_KEY) if isinstance(config, dict) else None
     if not isinstance(block, dict):
         raise FormatError(f"{config_path}: no {QUANTIZATION_KEY!r} block")

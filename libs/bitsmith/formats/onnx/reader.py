@@ -11,7 +11,6 @@ are codes unpacked. Anything off is a `FormatError` naming the file and node.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper, helper, numpy_helper
 
 from bitsmith.errors import FormatError, NotFoundError
+from bitsmith.formats.base import read_json_object
 from bitsmith.formats.onnx.constants import (
     BIAS,
     BITS,
@@ -73,12 +73,7 @@ class OnnxCheckpoint:
 
 def _config(path: Path) -> tuple[dict[str, Any], QuantScheme]:
     config_path = path / CONFIG_FILE
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise FormatError(f"ONNX artifact {path} has no {CONFIG_FILE}") from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{config_path}: not valid JSON: {e}") from e
+    config = read_json_object(config_path, missing=f"ONNX artifact {path} has no {CONFIG_FILE}")
     qcfg = config.get(QUANTIZATION_CONFIG_KEY) if isinstance(config, dict) else None
     if not isinstance(qcfg, dict) or qcfg.get("quant_method") != QUANT_METHOD:
         raise FormatError(f"{config_path}: {QUANTIZATION_CONFIG_KEY}.quant_method is not {QUANT_METHOD!r}")
