@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from bitsmith.rpc.client import Client
 from bitsmith.v1 import common_pb2
+from bitsmith_services.registry import Role
 
 from ..integration.conftest import make_job, wait
 
@@ -30,7 +31,7 @@ def _serve(*args: str) -> tuple[subprocess.Popen[str], str]:
 def workers(tmp_path: Path) -> Iterator[str]:
     procs = []
     spec = []
-    for role in ("calibrator", "solver", "packer", "runtime_cpu"):
+    for role in (r.value for r in Role):
         proc, address = _serve(role, "--store", str(tmp_path / "store"))
         procs.append(proc)
         spec.append(f"{role}={address}")
