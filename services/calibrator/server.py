@@ -149,9 +149,6 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
 
 
 def create_server(address: str, *, store_root: Path) -> tuple[grpc.Server, int]:
-    binding = ServiceBinding(
-        Calibrator(ArtifactStore(store_root)),
-        calibrator_pb2_grpc.add_CalibratorServiceServicer_to_server,
-        calibrator_pb2.DESCRIPTOR.services_by_name["CalibratorService"].full_name,
-    )
+    servicer = Calibrator(ArtifactStore(store_root))
+    binding = ServiceBinding.of(servicer, calibrator_pb2, calibrator_pb2_grpc, "CalibratorService")
     return _create_server(address, [binding], component="calibrator")

@@ -155,8 +155,7 @@ def create_server(address: str, *, db_path: Path, placement: Placement, max_conc
     stubs = Stubs.connect(addresses)
     coordinator = Coordinator(JobStore(db_path), stubs, max_concurrent_jobs=max_concurrent_jobs)
     coordinator.recover()
-    binding = ServiceBinding(coordinator, job_pb2_grpc.add_JobServiceServicer_to_server,
-                             job_pb2.DESCRIPTOR.services_by_name["JobService"].full_name)
+    binding = ServiceBinding.of(coordinator, job_pb2, job_pb2_grpc, "JobService")
     server, port = _create_server(address, [binding], component="coordinator")
     return server, port, coordinator
 

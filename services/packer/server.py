@@ -83,9 +83,5 @@ class Packer(packer_pb2_grpc.PackerServiceServicer):
 
 
 def create_server(address: str, *, store_root: Path) -> tuple[grpc.Server, int]:
-    binding = ServiceBinding(
-        Packer(ArtifactStore(store_root)),
-        packer_pb2_grpc.add_PackerServiceServicer_to_server,
-        packer_pb2.DESCRIPTOR.services_by_name["PackerService"].full_name,
-    )
+    binding = ServiceBinding.of(Packer(ArtifactStore(store_root)), packer_pb2, packer_pb2_grpc, "PackerService")
     return _create_server(address, [binding], component="packer")

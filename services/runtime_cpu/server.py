@@ -57,11 +57,7 @@ class Runtime(runtime_pb2_grpc.RuntimeServiceServicer):
 def create_runtime_server(address: str, formats: Collection[Format | None], component: str
                           ) -> tuple[grpc.Server, int]:
     """A RuntimeService for the target that runs `formats`."""
-    binding = ServiceBinding(
-        Runtime(formats),
-        runtime_pb2_grpc.add_RuntimeServiceServicer_to_server,
-        runtime_pb2.DESCRIPTOR.services_by_name["RuntimeService"].full_name,
-    )
+    binding = ServiceBinding.of(Runtime(formats), runtime_pb2, runtime_pb2_grpc, "RuntimeService")
     return _create_server(address, [binding], component=component)
 
 

@@ -59,9 +59,5 @@ class Solver(solver_pb2_grpc.SolverServiceServicer):
 
 
 def create_server(address: str, *, store_root: Path) -> tuple[grpc.Server, int]:
-    binding = ServiceBinding(
-        Solver(ArtifactStore(store_root)),
-        solver_pb2_grpc.add_SolverServiceServicer_to_server,
-        solver_pb2.DESCRIPTOR.services_by_name["SolverService"].full_name,
-    )
+    binding = ServiceBinding.of(Solver(ArtifactStore(store_root)), solver_pb2, solver_pb2_grpc, "SolverService")
     return _create_server(address, [binding], component="solver")

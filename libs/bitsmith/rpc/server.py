@@ -32,6 +32,12 @@ class ServiceBinding:
     add_to_server: Callable[[Any, grpc.Server], None]
     service_name: str
 
+    @classmethod
+    def of(cls, servicer: object, pb2: Any, pb2_grpc: Any, service: str) -> ServiceBinding:
+        """The binding of `servicer` for proto service `service`, found in its generated modules."""
+        return cls(servicer, getattr(pb2_grpc, f"add_{service}Servicer_to_server"),
+                   pb2.DESCRIPTOR.services_by_name[service].full_name)
+
 
 def create_server(
     address: str,
