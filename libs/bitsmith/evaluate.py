@@ -19,13 +19,15 @@ from bitsmith.errors import ConfigError
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EvalResult:
-    """ppl = exp(nll); nll is the mean per prediction; kl / top1 only with a reference model."""
+    """ppl = exp(nll); nll is the mean per prediction; kl / top1 / reference_ppl only with a reference model
+    (the reference's own perplexity comes from the same forward that KL needs, not a second pass)."""
 
     ppl: float
     nll: float
     predictions: int
     kl: float | None = None
     top1: float | None = None
+    reference_ppl: float | None = None
 
 
 def _windows(tokens: torch.Tensor, seq_len: int, batch_size: int) -> list[torch.Tensor]:
@@ -61,6 +63,7 @@ def evaluate(
     tokens = tokens.reshape(-1).long()
     nll = torch.zeros((), dtype=torch.float64)
     kl = torch.zeros((), dtype=torch.float64)
+    ref_nll = torch.zeros((), dtype=torch.float64)
     agree = 0
     count = 0
     with torch.no_grad():
@@ -72,6 +75,7 @@ def evaluate(
             if reference is not None:
                 ref = _log_probs(reference, batch).to(logp.device)
                 kl += (ref.exp() * (ref - logp)).sum().double().cpu()
+                ref_nll -= ref.gather(-1, targets.unsqueeze(-1)).sum().double().cpu()
                 agree += int((ref.argmax(-1) == logp.argmax(-1)).sum())
     if count == 0:
         raise ConfigError(f"{tokens.numel()} tokens give no prediction")
@@ -82,6 +86,7 @@ def evaluate(
         predictions=count,
         kl=None if reference is None else float(kl) / count,
         top1=None if reference is None else agree / count,
+        reference_ppl=None if reference is None else math.exp(float(ref_nll) / count),
     )
 
 

@@ -140,9 +140,8 @@ def evaluate_path(path: Path, files: Sequence[Path], *, seq_len: int = 512, refe
     for file in files:
         tokens = tokenize_file(path, file)
         scored = evaluate(model, tokens, seq_len=seq_len, reference=ref_model)
-        ref_ppl = evaluate(ref_model, tokens, seq_len=seq_len).ppl if ref_model is not None else None
         results.append(DatasetResult(dataset=str(file), ppl=scored.ppl, tokens=scored.predictions,
-                                     kl=scored.kl, top1=scored.top1, reference_ppl=ref_ppl))
+                                     kl=scored.kl, top1=scored.top1, reference_ppl=scored.reference_ppl))
     return results
 
 

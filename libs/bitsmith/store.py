@@ -75,6 +75,13 @@ class QuantizedRef:
     scheme: QuantScheme
 
 
+def job_key(job_id: str, *parts: str) -> str:
+    """The store key of a job's scratch (``jobs/<job_id>/...``); refuses ids that could leave it."""
+    if not job_id or "/" in job_id or job_id.startswith("."):
+        raise ConfigError(f"invalid job id {job_id!r}")
+    return "/".join(("jobs", job_id, *parts))
+
+
 class ArtifactStore:
     """A local directory of safetensors files addressed by relative keys."""
 

@@ -21,7 +21,7 @@ from bitsmith.rpc.convert import (
 )
 from bitsmith.rpc.server import ServiceBinding
 from bitsmith.rpc.server import create_server as _create_server
-from bitsmith.store import ArtifactStore
+from bitsmith.store import ArtifactStore, job_key
 from bitsmith.v1 import calibrator_pb2, calibrator_pb2_grpc, common_pb2
 
 if TYPE_CHECKING:
@@ -40,12 +40,6 @@ def _model(path: str) -> CheckpointModel:
 def _block_prefix(model: CheckpointModel, block: int) -> str:
     first = model.groups(block)[0][0]
     return model.full_name(block, first)[: -len(first) - 1]
-
-
-def _job_key(job_id: str, *parts: str) -> str:
-    if not job_id or "/" in job_id or job_id.startswith("."):
-        raise ConfigError(f"invalid job id {job_id!r}")
-    return "/".join(("jobs", job_id, *parts))
 
 
 class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
@@ -96,7 +90,7 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
             Path(request.model_path), [Path(f) for f in spec.files],
             samples=spec.samples, seq_len=spec.seq_len, seed=spec.seed,
         )
-        refs = self._store.put_tensors(_job_key(request.job_id, "inputs-0.safetensors"),
+        refs = self._store.put_tensors(job_key(request.job_id, "inputs-0.safetensors"),
                                        {"hidden": model.embed(tokens)})
         return calibrator_pb2.StartResponse(inputs=tensor_ref_to_proto(refs["hidden"]))
 
@@ -118,7 +112,7 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
             stored.setdefault(id(h), f"{n}.hessian")
             tensors[stored[id(h)]] = h
         group = "+".join(n.rsplit(".", 1)[-1] for n in names)
-        refs = self._store.put_tensors(_job_key(request.job_id, f"block-{request.block}", f"{group}.safetensors"),
+        refs = self._store.put_tensors(job_key(request.job_id, f"block-{request.block}", f"{group}.safetensors"),
                                        tensors)
         stats = []
         for n in names:
@@ -137,14 +131,14 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
         overrides = self._overrides(request.applied, request.block, model)
         outputs = model.block_forward(request.block, inputs, overrides)
         refs = self._store.put_tensors(
-            _job_key(request.job_id, f"inputs-{request.block + 1}.safetensors"), {"hidden": outputs}
+            job_key(request.job_id, f"inputs-{request.block + 1}.safetensors"), {"hidden": outputs}
         )
         return calibrator_pb2.AdvanceResponse(outputs=tensor_ref_to_proto(refs["hidden"]))
 
 
     def Release(self, request: calibrator_pb2.ReleaseRequest, context: grpc.ServicerContext
                 ) -> calibrator_pb2.ReleaseResponse:
-        self._store.delete_prefix(_job_key(request.job_id))
+        self._store.delete_prefix(job_key(request.job_id))
         return calibrator_pb2.ReleaseResponse()
 
 

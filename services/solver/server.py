@@ -20,7 +20,7 @@ from bitsmith.rpc.convert import (
 )
 from bitsmith.rpc.server import ServiceBinding
 from bitsmith.rpc.server import create_server as _create_server
-from bitsmith.store import ArtifactStore
+from bitsmith.store import ArtifactStore, job_key
 from bitsmith.v1 import solver_pb2, solver_pb2_grpc
 
 
@@ -49,7 +49,7 @@ class Solver(solver_pb2_grpc.SolverServiceServicer):
         for name, outcome in zip(names, outcomes, strict=True):
             full = f"{request.prefix}.{name}" if request.prefix else name
             ref = self._store.put_quantized(
-                f"jobs/{request.job_id}/block-{request.block}/{name}.quantized.safetensors", full, outcome.weight
+                job_key(request.job_id, f"block-{request.block}", f"{name}.quantized.safetensors"), full, outcome.weight
             )
             solved.append(solver_pb2.SolvedLinear(
                 quantized=quantized_ref_to_proto(full, ref), error=outcome.error, rtn_error=outcome.rtn_error,

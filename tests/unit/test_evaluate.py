@@ -71,6 +71,9 @@ def test_kl_and_top1_against_reference() -> None:
     assert diff.kl == pytest.approx(float(per_token.mean()), rel=1e-5)
     agree = (p.argmax(-1) == q.argmax(-1))[prev].double().mean()
     assert diff.top1 == pytest.approx(float(agree))
+    # The reference's perplexity comes out of the same pass, equal to scoring the reference alone.
+    assert diff.reference_ppl == pytest.approx(evaluate(Bigram(table), tokens, seq_len=16).ppl, rel=1e-12)
+    assert evaluate(Bigram(table), tokens, seq_len=16).reference_ppl is None
 
 
 def test_bad_arguments() -> None:

@@ -11,7 +11,7 @@ import torch
 from bitsmith.errors import ConfigError, FormatError, NotFoundError
 from bitsmith.quantized import QuantizedWeight
 from bitsmith.schemes import QuantScheme
-from bitsmith.store import ArtifactStore, tensor_sha256
+from bitsmith.store import ArtifactStore, job_key, tensor_sha256
 
 
 @pytest.fixture
@@ -125,3 +125,10 @@ def test_quantized_weight_round_trip(store: ArtifactStore) -> None:
     assert back.scheme == scheme
     for part in ("codes", "scales", "zeros", "g_idx"):
         assert torch.equal(getattr(back, part), getattr(qw, part))
+
+
+def test_job_keys_stay_inside_the_jobs_prefix() -> None:
+    assert job_key("abc", "block-1", "h.safetensors") == "jobs/abc/block-1/h.safetensors"
+    for bad in ("", "../x", "a/b", ".hidden"):
+        with pytest.raises(ConfigError, match="invalid job id"):
+            job_key(bad)
