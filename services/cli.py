@@ -75,6 +75,7 @@ def _follow(client: Any, job_id: str, quiet: bool) -> None:
 
 
 def _job_summary(job: Any) -> dict[str, Any]:
+    from bitsmith.rpc.convert import format_from_proto
     from bitsmith.v1 import common_pb2
 
     metrics: dict[str, Any] = {}
@@ -87,7 +88,7 @@ def _job_summary(job: Any) -> dict[str, Any]:
     return {
         "job_id": job.job_id,
         "state": common_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_").lower(),
-        "artifacts": [{"format": common_pb2.Format.Name(a.format).removeprefix("FORMAT_").lower(),
+        "artifacts": [{"format": format_from_proto(a.format).value,
                        "path": a.path, "bytes": a.bytes, "sha256": a.sha256} for a in job.artifacts],
         "metrics": metrics,
         "trace_id": job.trace_id,

@@ -1,9 +1,10 @@
 """Run any checkpoint or artifact bitsmith writes on the engine its target uses, and score it.
 
 Artifacts are read back through their format's reader (never from in-memory tensors), so what is
-measured is what was written: GPTQ as a torch model of its dequantized weights, ONNX through ONNX
-Runtime, MLX through mlx (`_RUNTIMES`, the one dispatch). The format is recognised from the directory
-itself (`artifact_format`); without a quantization block the directory is an unquantized checkpoint.
+measured is what was written: GPTQ, AWQ and compressed-tensors as a torch model of their dequantized
+weights, ONNX through ONNX Runtime, MLX through mlx (`_RUNTIMES`, the one dispatch). The format is
+recognised from the directory itself (`artifact_format`); without a quantization block the directory is
+an unquantized checkpoint.
 """
 
 from __future__ import annotations
@@ -105,10 +106,13 @@ _RUNTIMES: Mapping[Format, Callable[[Path], torch.nn.Module]] = MappingProxyType
     Format.GPTQ: load_reference,
     Format.ONNX: _onnx_runtime,
     Format.MLX: _mlx_runtime,
+    Format.AWQ: load_reference,
+    Format.COMPRESSED_TENSORS: load_reference,
 })
-"""The engine each format is executed by: GPTQ by torch on its dequantized weights (the target's own
-kernels live in runtime_nvidia), ONNX by ONNX Runtime, MLX by mlx. Every engine answers the calling
-convention of a transformers causal LM (``model(ids, past_key_values=..., use_cache=...)``)."""
+"""The engine each format is executed by: GPTQ, AWQ and compressed-tensors by torch on their dequantized
+weights (the target's own kernels live in runtime_nvidia), ONNX by ONNX Runtime, MLX by mlx. Every
+engine answers the calling convention of a transformers causal LM
+(``model(ids, past_key_values=..., use_cache=...)``)."""
 
 def load_model(path: Path, *, formats: Collection[Format | None] | None = None) -> torch.nn.Module:
     """The model at `path` on the engine of its format; `formats` limits what the caller's target runs."""

@@ -31,6 +31,16 @@ class Method(StrEnum):
     """Round to nearest on the grid: no calibration data needed."""
     GPTQ = "gptq"
     """Hessian-aware error compensation (Frantar et al.), column block by column block."""
+    AWQ = "awq"
+    """Activation-aware scaling folded into the preceding op and a clipping search (Lin et al.),
+    then round to nearest on the scaled weights."""
+    AWQ_GPTQ = "awq+gptq"
+    """AWQ's scaling and clipping, then GPTQ on the scaled weights."""
+
+    @property
+    def scales_activations(self) -> bool:
+        """Whether the method rescales a block (AWQ) before its linears are solved."""
+        return self in (Method.AWQ, Method.AWQ_GPTQ)
 
 
 class Format(StrEnum):
@@ -42,6 +52,10 @@ class Format(StrEnum):
     """An ONNX graph whose linears are `com.microsoft::MatMulNBits`, for ONNX Runtime on any CPU."""
     MLX = "mlx"
     """mlx-lm's quantized safetensors (uint32-packed codes, scales and biases per group)."""
+    AWQ = "awq"
+    """AutoAWQ's "GEMM" safetensors (4-bit, packed along the output dim) as vLLM and transformers load it."""
+    COMPRESSED_TENSORS = "compressed-tensors"
+    """compressed-tensors "pack-quantized" safetensors, as llm-compressor writes and vLLM loads them."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -167,6 +181,37 @@ class GPTQOptions:
             )
         if self.block_size <= 0:
             raise ConfigError(f"block_size must be positive, got {self.block_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"_version": self.VERSION, **asdict(self)}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AWQOptions:
+    """Knobs of AWQ's searches (ignored by other methods).
+
+    Per scaling group (a norm or linear and the linears reading its output), scales
+    ``s = x_mean^r / w_mean^(1-r)`` (``x_mean^r`` without `duo_scaling`) are tried for r = i/`grid`
+    and the one with the least block-output error after quantization is folded into the preceding op.
+    `clip` then searches each group's clipping range down to (1 - `max_shrink`) of its absmax in
+    `clip_grid` steps, on `clip_tokens` sampled tokens.
+    """
+
+    VERSION = 1
+
+    grid: int = 20
+    duo_scaling: bool = True
+    clip: bool = True
+    clip_grid: int = 20
+    max_shrink: float = 0.5
+    clip_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        for name in ("grid", "clip_grid", "clip_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"AWQOptions.{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.max_shrink < 1.0:
+            raise ConfigError(f"AWQOptions.max_shrink must be in [0, 1), got {self.max_shrink}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"_version": self.VERSION, **asdict(self)}

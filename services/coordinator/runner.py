@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import grpc
 from bitsmith.errors import BitsmithError, CancelledError, GateFailedError
 from bitsmith.rpc.client import open_channel
+from bitsmith.rpc.convert import format_from_proto
 from bitsmith.schemes import Method
 from bitsmith.telemetry import current_trace_id, setup_tracing
 from bitsmith.v1 import (
@@ -279,5 +280,5 @@ def _format_out(spec: job_pb2.QuantizeJob, fmt: common_pb2.OutputFormat) -> str:
     """One format writes to the output path itself; several write to one sub-directory each."""
     if len(spec.output.formats) == 1:
         return spec.output.path
-    name = common_pb2.Format.Name(fmt.format).removeprefix("FORMAT_").lower()
+    name = format_from_proto(fmt.format).value
     return f"{spec.output.path}/{name}{'-' + fmt.variant if fmt.variant else ''}"

@@ -18,7 +18,9 @@ from bitsmith.schemes import Format
 from bitsmith.v1 import common_pb2, runtime_pb2, runtime_pb2_grpc
 
 MAX_NEW_TOKENS = 4096
-CPU_FORMATS: frozenset[Format | None] = frozenset({None, Format.GPTQ, Format.ONNX})
+CPU_FORMATS: frozenset[Format | None] = frozenset(
+    {None, Format.GPTQ, Format.ONNX, Format.AWQ, Format.COMPRESSED_TENSORS}
+)
 """Mirrors `bitsmith.runtimes.CPU_FORMATS` without importing it (that module is imported per call)."""
 
 

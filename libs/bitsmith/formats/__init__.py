@@ -22,6 +22,8 @@ _MEMBERS = MappingProxyType({
     Format.GPTQ: "bitsmith.formats.gptq",
     Format.ONNX: "bitsmith.formats.onnx",
     Format.MLX: "bitsmith.formats.mlx",
+    Format.AWQ: "bitsmith.formats.awq",
+    Format.COMPRESSED_TENSORS: "bitsmith.formats.compressed_tensors",
 })
 """Format → module exposing `write` and `read` (checked by a test to cover every `Format`)."""
 

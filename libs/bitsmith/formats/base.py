@@ -204,6 +204,10 @@ class Writer(Protocol):
     """Writes one format INTO an existing, empty (staging) directory and returns it.
 
     `variant` selects a format's sub-layout (GPTQ: "gptq" v1 or "gptq_v2"); None is its default.
+    `quantized` maps module names to solved weights; a block linear absent from it stays in float
+    (the format records it as unquantized, or refuses). `dense` maps tensor names of the source to
+    float values that replace the stored ones (AWQ folds its scales into norms and into linears kept
+    in float); writers check it with `bitsmith.formats.safetensors_io.check_dense`.
     Writers never publish: `bitsmith.manifest.build_artifact` stages, calls the writer, writes the
     manifest and publishes, so every format gets atomicity and a manifest the same way.
     """
@@ -216,6 +220,7 @@ class Writer(Protocol):
         quantized: Mapping[str, QuantizedWeight],
         options: GPTQOptions,
         variant: str | None = None,
+        dense: Mapping[str, torch.Tensor] | None = None,
     ) -> Path: ...
 
 

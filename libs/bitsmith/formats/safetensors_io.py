@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bitsmith.errors import FormatError, NotFoundError
+from bitsmith.errors import ConfigError, FormatError, NotFoundError
 
 if TYPE_CHECKING:
     import torch
@@ -193,9 +193,39 @@ def scan_checkpoint(model_dir: Path) -> dict[str, TensorInfo]:
     return tensors
 
 
-def load_tensors(infos: Iterable[TensorInfo]) -> dict[str, torch.Tensor]:
-    """Load the given tensors, opening each file once (memory-mapped by safetensors)."""
+def check_dense(
+    source: Mapping[str, TensorInfo], dense: Mapping[str, torch.Tensor], *, quantized: Collection[str] = ()
+) -> None:
+    """Refuse float replacements that would not fit the source: an unknown name, a shape that differs,
+    a NaN/Inf, or the weight of a linear that is being quantized (its codes replace it)."""
+    import torch
+
+    for name, tensor in sorted(dense.items()):
+        info = source.get(name)
+        if info is None:
+            raise ConfigError(f"replacement tensor {name!r} is not in the source checkpoint")
+        if tuple(tensor.shape) != info.shape:
+            raise ConfigError(
+                f"replacement tensor {name!r} has shape {list(tensor.shape)}, the source {list(info.shape)}"
+            )
+        if name.removesuffix(".weight") in quantized:
+            raise ConfigError(f"replacement tensor {name!r} belongs to a quantized linear")
+        if not torch.isfinite(tensor).all():
+            raise ConfigError(f"replacement tensor {name!r} contains NaN or Inf")
+
+
+def load_tensors(
+    infos: Iterable[TensorInfo], dense: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """Load the given tensors, opening each file once (memory-mapped by safetensors).
+
+    A name in `dense` (already checked by `check_dense`) takes that value instead, cast to the
+    stored dtype, so a writer copies the source except where a transform changed it.
+    """
     from safetensors import SafetensorError, safe_open
+
+    dense = dense or {}
+    infos = list(infos)
 
     by_file: dict[Path, list[str]] = {}
     for info in infos:
@@ -208,4 +238,7 @@ def load_tensors(infos: Iterable[TensorInfo]) -> dict[str, torch.Tensor]:
                     out[name] = f.get_tensor(name)
         except SafetensorError as e:
             raise FormatError(f"{file}: cannot read tensors: {e}") from e
+    for info in infos:
+        if info.name in dense:
+            out[info.name] = dense[info.name].to(device="cpu", dtype=out[info.name].dtype).contiguous()
     return out

@@ -11,7 +11,12 @@ from bitsmith.schemes import Format, GPTQOptions, GridSearch, Method, QuantSchem
 from bitsmith.store import QuantizedRef, TensorRef
 from bitsmith.v1 import common_pb2
 
-_METHODS = {Method.RTN: common_pb2.METHOD_RTN, Method.GPTQ: common_pb2.METHOD_GPTQ}
+_METHODS = {
+    Method.RTN: common_pb2.METHOD_RTN,
+    Method.GPTQ: common_pb2.METHOD_GPTQ,
+    Method.AWQ: common_pb2.METHOD_AWQ,
+    Method.AWQ_GPTQ: common_pb2.METHOD_AWQ_GPTQ,
+}
 
 
 def method_to_proto(method: Method) -> common_pb2.Method:
@@ -101,7 +106,13 @@ def quantized_ref_from_proto(msg: common_pb2.QuantizedRef) -> QuantizedRef:
     )
 
 
-_FORMATS = {Format.GPTQ: common_pb2.FORMAT_GPTQ, Format.ONNX: common_pb2.FORMAT_ONNX, Format.MLX: common_pb2.FORMAT_MLX}
+_FORMATS = {
+    Format.GPTQ: common_pb2.FORMAT_GPTQ,
+    Format.ONNX: common_pb2.FORMAT_ONNX,
+    Format.MLX: common_pb2.FORMAT_MLX,
+    Format.AWQ: common_pb2.FORMAT_AWQ,
+    Format.COMPRESSED_TENSORS: common_pb2.FORMAT_COMPRESSED_TENSORS,
+}
 
 
 def format_to_proto(fmt: Format) -> common_pb2.Format:

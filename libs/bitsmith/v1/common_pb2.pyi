@@ -15,6 +15,8 @@ class Method(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     METHOD_UNSPECIFIED: _ClassVar[Method]
     METHOD_RTN: _ClassVar[Method]
     METHOD_GPTQ: _ClassVar[Method]
+    METHOD_AWQ: _ClassVar[Method]
+    METHOD_AWQ_GPTQ: _ClassVar[Method]
 
 class Format(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -22,6 +24,8 @@ class Format(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FORMAT_GPTQ: _ClassVar[Format]
     FORMAT_ONNX: _ClassVar[Format]
     FORMAT_MLX: _ClassVar[Format]
+    FORMAT_AWQ: _ClassVar[Format]
+    FORMAT_COMPRESSED_TENSORS: _ClassVar[Format]
 
 class CalibrationMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -40,10 +44,14 @@ class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 METHOD_UNSPECIFIED: Method
 METHOD_RTN: Method
 METHOD_GPTQ: Method
+METHOD_AWQ: Method
+METHOD_AWQ_GPTQ: Method
 FORMAT_UNSPECIFIED: Format
 FORMAT_GPTQ: Format
 FORMAT_ONNX: Format
 FORMAT_MLX: Format
+FORMAT_AWQ: Format
+FORMAT_COMPRESSED_TENSORS: Format
 CALIBRATION_MODE_UNSPECIFIED: CalibrationMode
 CALIBRATION_MODE_SEQUENTIAL: CalibrationMode
 CALIBRATION_MODE_PARALLEL: CalibrationMode
@@ -106,6 +114,22 @@ class GPTQOptions(_message.Message):
     grid_search: GridSearch
     def __init__(self, damp_percent: _Optional[float] = ..., act_order: _Optional[bool] = ..., static_groups: _Optional[bool] = ..., true_sequential: _Optional[bool] = ..., block_size: _Optional[int] = ..., grid_search: _Optional[_Union[GridSearch, _Mapping]] = ...) -> None: ...
 
+class AWQOptions(_message.Message):
+    __slots__ = ("grid", "duo_scaling", "clip", "clip_grid", "max_shrink", "clip_tokens")
+    GRID_FIELD_NUMBER: _ClassVar[int]
+    DUO_SCALING_FIELD_NUMBER: _ClassVar[int]
+    CLIP_FIELD_NUMBER: _ClassVar[int]
+    CLIP_GRID_FIELD_NUMBER: _ClassVar[int]
+    MAX_SHRINK_FIELD_NUMBER: _ClassVar[int]
+    CLIP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    grid: int
+    duo_scaling: bool
+    clip: bool
+    clip_grid: int
+    max_shrink: float
+    clip_tokens: int
+    def __init__(self, grid: _Optional[int] = ..., duo_scaling: _Optional[bool] = ..., clip: _Optional[bool] = ..., clip_grid: _Optional[int] = ..., max_shrink: _Optional[float] = ..., clip_tokens: _Optional[int] = ...) -> None: ...
+
 class ModuleOverride(_message.Message):
     __slots__ = ("pattern", "scheme", "method", "skip")
     PATTERN_FIELD_NUMBER: _ClassVar[int]
@@ -119,18 +143,18 @@ class ModuleOverride(_message.Message):
     def __init__(self, pattern: _Optional[str] = ..., scheme: _Optional[_Union[QuantScheme, _Mapping]] = ..., method: _Optional[_Union[Method, str]] = ..., skip: _Optional[bool] = ...) -> None: ...
 
 class Recipe(_message.Message):
-    __slots__ = ("method", "scheme", "gptq", "overrides", "ignore")
+    __slots__ = ("method", "scheme", "gptq", "overrides", "awq")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     SCHEME_FIELD_NUMBER: _ClassVar[int]
     GPTQ_FIELD_NUMBER: _ClassVar[int]
     OVERRIDES_FIELD_NUMBER: _ClassVar[int]
-    IGNORE_FIELD_NUMBER: _ClassVar[int]
+    AWQ_FIELD_NUMBER: _ClassVar[int]
     method: Method
     scheme: QuantScheme
     gptq: GPTQOptions
     overrides: _containers.RepeatedCompositeFieldContainer[ModuleOverride]
-    ignore: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, method: _Optional[_Union[Method, str]] = ..., scheme: _Optional[_Union[QuantScheme, _Mapping]] = ..., gptq: _Optional[_Union[GPTQOptions, _Mapping]] = ..., overrides: _Optional[_Iterable[_Union[ModuleOverride, _Mapping]]] = ..., ignore: _Optional[_Iterable[str]] = ...) -> None: ...
+    awq: AWQOptions
+    def __init__(self, method: _Optional[_Union[Method, str]] = ..., scheme: _Optional[_Union[QuantScheme, _Mapping]] = ..., gptq: _Optional[_Union[GPTQOptions, _Mapping]] = ..., overrides: _Optional[_Iterable[_Union[ModuleOverride, _Mapping]]] = ..., awq: _Optional[_Union[AWQOptions, _Mapping]] = ...) -> None: ...
 
 class CalibrationSpec(_message.Message):
     __slots__ = ("files", "samples", "seq_len", "seed", "mode")

@@ -51,6 +51,7 @@ from bitsmith.formats.safetensors_io import (
     SHARD_TEMPLATE,
     WEIGHTS_FILE,
     TensorInfo,
+    check_dense,
     load_tensors,
     scan_checkpoint,
 )
@@ -254,8 +255,9 @@ def _materialize(
     items: list[_Item],
     quantized: Mapping[str, QuantizedWeight],
     checkpoint_format: CheckpointFormat,
+    dense: Mapping[str, torch.Tensor] | None,
 ) -> dict[str, torch.Tensor]:
-    loaded = load_tensors(item.source for item in items if item.source is not None)
+    loaded = load_tensors((item.source for item in items if item.source is not None), dense)
     tensors: dict[str, torch.Tensor] = {}
     for item in items:
         if item.layer is not None:
@@ -279,13 +281,15 @@ def write_gptq(
     quantized: Mapping[str, QuantizedWeight],
     options: GPTQOptions,
     variant: str | None = None,
+    dense: Mapping[str, torch.Tensor] | None = None,
     quantizer: str = DEFAULT_QUANTIZER,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
     """Write a GPTQ checkpoint into the existing empty directory `out_dir` and return it.
 
     `quantized` maps module names (``model.layers.0.self_attn.q_proj``, no ``.weight``) to their
-    solved weights; all must share one scheme. Weights larger than `max_shard_bytes` are split into
+    solved weights; all must share one scheme; `dense` replaces source tensors (see
+    `bitsmith.formats.base.Writer`). Weights larger than `max_shard_bytes` are split into
     ``model-0000i-of-0000n.safetensors`` shards with an index. `variant` is the checkpoint format,
     "gptq" (v1, the default) or "gptq_v2".
     """
@@ -303,13 +307,14 @@ def write_gptq(
     linears = linear_names(source_model_dir)
     for name, qw in sorted(quantized.items()):
         validate_layer(name, qw, source, linears, options, fmt)
+    check_dense(source, dense or {}, quantized=quantized)
 
     shards = _shards(_plan(source, quantized), max_shard_bytes)
     weight_map: dict[str, str] = {}
     total_size = 0
     for index, items in enumerate(shards, start=1):
         file = WEIGHTS_FILE if len(shards) == 1 else SHARD_TEMPLATE.format(index=index, total=len(shards))
-        tensors = _materialize(items, quantized, fmt)
+        tensors = _materialize(items, quantized, fmt, dense)
         save_safetensors_atomic(out_dir / file, tensors, PT_METADATA)
         weight_map.update(dict.fromkeys(tensors, file))
         total_size += sum(t.numel() * t.element_size() for t in tensors.values())

@@ -38,7 +38,7 @@ from bitsmith.formats.mlx.constants import (
     WEIGHT,
     WEIGHTS_FILE,
 )
-from bitsmith.formats.safetensors_io import load_tensors, scan_checkpoint
+from bitsmith.formats.safetensors_io import check_dense, load_tensors, scan_checkpoint
 from bitsmith.models import read_config
 from bitsmith.quantized import QuantizedWeight
 from bitsmith.schemes import GPTQOptions, QuantScheme
@@ -70,11 +70,13 @@ def write_mlx(
     quantized: Mapping[str, QuantizedWeight],
     options: GPTQOptions,
     variant: str | None = None,
+    dense: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write `model.safetensors`, config.json and the tokenizer into the empty `out_dir`.
 
     `quantized` maps linear module names to solved weights (one scheme: 2/3/4/8 bits, groups of
-    32/64/128, contiguous); `variant` is the model dtype (see the module docstring). `options` is
+    32/64/128, contiguous); `dense` replaces source tensors (see `bitsmith.formats.base.Writer`);
+    `variant` is the model dtype (see the module docstring). `options` is
     accepted for the writer protocol (act-order is refused through the g_idx check).
     """
     out_dir, source_model_dir = Path(out_dir), Path(source_model_dir)
@@ -96,8 +98,10 @@ def write_mlx(
         if not torch.isfinite(qw.scales.to(dtype)).all():
             raise FormatError(f"{FORMAT_NAME}: quantized layer {name!r}: scales overflow {dtype_name}")
 
+    check_dense(source, dense or {}, quantized=quantized)
     replaced = {f"{name}.{WEIGHT}" for name in quantized}
-    tensors = {name: t.to(dtype) for name, t in load_tensors(i for n, i in source.items() if n not in replaced).items()}
+    float_infos = (info for tensor, info in source.items() if tensor not in replaced)
+    tensors = {name: t.to(dtype) for name, t in load_tensors(float_infos, dense).items()}
     for name, qw in quantized.items():
         tensors.update({f"{name}.{suffix}": t for suffix, t in affine_tensors(qw, dtype).items()})
     save_safetensors_atomic(out_dir / WEIGHTS_FILE, tensors, METADATA)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx
 
@@ -33,10 +33,13 @@ from bitsmith.formats.onnx.constants import (
     WEIGHT,
 )
 from bitsmith.formats.onnx.graph import LlamaGraph
-from bitsmith.formats.safetensors_io import load_tensors, scan_checkpoint
+from bitsmith.formats.safetensors_io import check_dense, load_tensors, scan_checkpoint
 from bitsmith.models import read_config
 from bitsmith.quantized import QuantizedWeight
 from bitsmith.schemes import GPTQOptions, QuantScheme
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_NAME = "ONNX MatMulNBits"
 
@@ -53,11 +56,13 @@ def write_onnx(
     quantized: Mapping[str, QuantizedWeight],
     options: GPTQOptions,
     variant: str | None = None,
+    dense: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write `model.onnx` (+ `model.onnx.data`), config.json and the tokenizer into the empty `out_dir`.
 
     `quantized` maps module names (``model.layers.0.self_attn.q_proj``) to solved weights; they become
-    MatMulNBits nodes of the same name, every other linear a float MatMul. `options` is accepted for the
+    MatMulNBits nodes of the same name, every other linear a float MatMul (`dense` replaces source
+    tensors, see `bitsmith.formats.base.Writer`). `options` is accepted for the
     writer protocol (act-order is refused through the g_idx check); there are no variants.
     """
     out_dir, source_model_dir = Path(out_dir), Path(source_model_dir)
@@ -78,10 +83,11 @@ def write_onnx(
             raise ConfigError(f"{FORMAT_NAME}: quantized layer {name!r} is not a linear of the graph")
         info = source.get(f"{name}.{WEIGHT}")
         check_layer(name, qw, info.shape if info is not None else None, fmt=FORMAT_NAME)
+    check_dense(source, dense or {}, quantized=quantized)
 
     replaced = {f"{name}.{WEIGHT}" for name in quantized}
     float_infos = [info for tensor, info in source.items() if tensor not in replaced]
-    tensors = {name: t.float().numpy() for name, t in load_tensors(float_infos).items()}
+    tensors = {name: t.float().numpy() for name, t in load_tensors(float_infos, dense).items()}
     model = LlamaGraph(config, adapter, tensors, quantized).build()
     _save(model, out_dir)
 
