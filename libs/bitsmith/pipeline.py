@@ -229,7 +229,7 @@ class LocalBackend:
 
     @staticmethod
     def _dense(applied: Mapping[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
-        return {name: qw.dequantize() for name, qw in applied.items()}
+        return {f"{name}.weight": qw.dequantize() for name, qw in applied.items()}
 
 
 def quantize_in_process(

@@ -48,13 +48,14 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
 
     def _overrides(self, applied: RepeatedCompositeFieldContainer[common_pb2.QuantizedRef], block: int,
                    model: CheckpointModel) -> dict[str, torch.Tensor]:
-        """Dense weights of the linears already quantized, keyed by block-local name."""
+        """Dense weights of the linears already quantized, keyed by block-local parameter name."""
         local = {model.full_name(block, n): n for group in model.groups(block) for n in group}
         overrides = {}
         for msg in applied:
             if msg.name not in local:
                 raise ConfigError(f"{msg.name!r} is not a linear of block {block}")
-            overrides[local[msg.name]] = self._store.get_quantized(quantized_ref_from_proto(msg)).dequantize()
+            weight = self._store.get_quantized(quantized_ref_from_proto(msg)).dequantize()
+            overrides[f"{local[msg.name]}.weight"] = weight
         return overrides
 
     def Plan(self, request: calibrator_pb2.PlanRequest, context: grpc.ServicerContext

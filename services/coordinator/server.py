@@ -39,7 +39,7 @@ def validate_spec(spec: job_pb2.QuantizeJob) -> None:
         raise ConfigError("the job names no output path")
     if not spec.output.formats:
         raise ConfigError("the job asks for no output format")
-    if spec.recipe.overrides or spec.recipe.ignore:
+    if spec.recipe.overrides:
         raise UnsupportedError("per-module overrides and ignore lists are not supported yet: every block linear "
                                "is quantized with the recipe's one scheme")
     if spec.calibration.mode == common_pb2.CALIBRATION_MODE_PARALLEL:

@@ -150,8 +150,8 @@ def _poison(model: Path) -> None:
 
 def test_unsupported_recipe_parts_are_refused_not_ignored(stack: Stack, tmp_path: Path) -> None:
     spec = make_job(tmp_path / "o")
-    spec.recipe.ignore.append("mlp")
-    with pytest.raises(UnsupportedError, match="overrides and ignore lists"):
+    spec.recipe.overrides.add(pattern="mlp", skip=True)
+    with pytest.raises(UnsupportedError, match="overrides"):
         stack.client.submit(spec)
     spec = make_job(tmp_path / "o")
     spec.calibration.mode = common_pb2.CALIBRATION_MODE_PARALLEL

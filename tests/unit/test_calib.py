@@ -96,7 +96,7 @@ def test_capture_sees_overrides(demo_checkpoint) -> None:  # type: ignore[no-unt
     hidden = demo_checkpoint.embed(torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(2)))
     plain = capture_hessians(demo_checkpoint, 0, hidden, ["self_attn.o_proj"])
     silenced = capture_hessians(
-        demo_checkpoint, 0, hidden, ["self_attn.o_proj"], {"self_attn.v_proj": torch.zeros(128, 256)}
+        demo_checkpoint, 0, hidden, ["self_attn.o_proj"], {"self_attn.v_proj.weight": torch.zeros(128, 256)}
     )
     assert plain["self_attn.o_proj"][0].abs().sum() > 0
     assert silenced["self_attn.o_proj"][0].abs().sum() == 0

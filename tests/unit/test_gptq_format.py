@@ -385,7 +385,7 @@ def test_writer_refuses_a_non_empty_out_dir_and_bad_format(tmp_path: Path) -> No
 def test_registry_covers_every_format() -> None:
     assert set(known_formats()) == set(Format)
     assert get_format(Format.GPTQ).read is read_gptq
-    with pytest.raises(UnsupportedError, match="known formats: .*gptq"):
+    with pytest.raises(UnsupportedError, match=r"known formats: .*gptq"):
         get_format("gguf")  # type: ignore[arg-type]
 
 

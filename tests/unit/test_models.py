@@ -81,7 +81,7 @@ def test_overrides_replace_weights_without_touching_checkpoint(demo_checkpoint, 
     ids = torch.randint(0, 4096, (1, 32), generator=torch.Generator().manual_seed(2))
     new = torch.zeros(768, 256)
     hidden = demo_checkpoint.embed(ids)
-    overridden = demo_checkpoint.block_forward(0, hidden, {"mlp.up_proj": new})
+    overridden = demo_checkpoint.block_forward(0, hidden, {"mlp.up_proj.weight": new})
     plain = demo_checkpoint.block_forward(0, hidden)
     assert not torch.allclose(overridden, plain)
     # up_proj = 0 silences the MLP: the block output is the attention residual alone.
@@ -99,9 +99,9 @@ def test_overrides_replace_weights_without_touching_checkpoint(demo_checkpoint, 
             layer.mlp.up_proj.weight.copy_(original)
     torch.testing.assert_close(overridden, expected if isinstance(expected, torch.Tensor) else expected[0])
     with pytest.raises(ConfigError, match="expected"):
-        demo_checkpoint.block_forward(0, hidden, {"mlp.up_proj": torch.zeros(3, 3)})
-    with pytest.raises(ConfigError, match="not a linear"):
-        demo_checkpoint.block_forward(0, hidden, {"mlp.nope": new})
+        demo_checkpoint.block_forward(0, hidden, {"mlp.up_proj.weight": torch.zeros(3, 3)})
+    with pytest.raises(ConfigError, match="not a parameter"):
+        demo_checkpoint.block_forward(0, hidden, {"mlp.up_proj": new})
 
 
 def test_registered_architectures_match_transformers() -> None:

@@ -48,7 +48,7 @@ def capture_hessians(
 ) -> dict[str, tuple[torch.Tensor, int]]:
     """Hessian and token count of the input of each linear in `names` while block `bid` runs `inputs`.
 
-    `overrides` (block-local name -> dense weight) lets earlier groups' quantized weights shape the
+    `overrides` (block-local parameter name -> value) lets earlier groups' quantized weights shape the
     activations that later groups see (true-sequential quantization).
     """
     layer = model.block_module(bid)

@@ -333,8 +333,9 @@ class CheckpointModel:
     ) -> torch.Tensor:
         """Run decoder block `bid` (transformers' own layer, causal, rotary) on `hidden` [S, L, H].
 
-        `overrides` maps block-local linear names to dense weights used instead of the checkpoint's,
-        without modifying the cached block (this is how quantized weights are applied).
+        `overrides` maps block-local parameter names (``self_attn.q_proj.weight``,
+        ``input_layernorm.weight``) to values used instead of the checkpoint's, without modifying the
+        cached block: this is how quantized weights and AWQ's rescaled weights and norms are applied.
         """
         from transformers.masking_utils import create_causal_mask
 
@@ -382,17 +383,17 @@ class CheckpointModel:
     def _override_params(
         self, bid: int, layer: torch.nn.Module, overrides: Mapping[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
+        current = dict(layer.named_parameters())
         params = {}
-        for local, weight in overrides.items():
-            if local not in self.adapter.linears:
-                raise ConfigError(f"block {bid}: {local!r} is not a linear of {self.adapter.model_type}")
-            current = layer.get_parameter(f"{local}.weight")
-            if tuple(weight.shape) != tuple(current.shape):
+        for name, value in overrides.items():
+            if name not in current:
+                raise ConfigError(f"block {bid}: {name!r} is not a parameter of a {self.adapter.model_type} block")
+            if tuple(value.shape) != tuple(current[name].shape):
                 raise ConfigError(
-                    f"{self.full_name(bid, local)}: override has shape {tuple(weight.shape)}, "
-                    f"expected {tuple(current.shape)}"
+                    f"{self.full_name(bid, name)}: override has shape {tuple(value.shape)}, "
+                    f"expected {tuple(current[name].shape)}"
                 )
-            params[f"{local}.weight"] = weight.to(device=self.device, dtype=torch.float32)
+            params[name] = value.to(device=self.device, dtype=torch.float32)
         return params
 
     def _linear_key(self, bid: int, local: str, kind: str) -> str:
