@@ -127,7 +127,7 @@ def test_gptq_local_backend_is_sequential(demo_checkpoint) -> None:  # type: ign
     out = run_sequential(plan, backend, needs_calibration=True, true_sequential=True, on_event=events.append)
     assert len(out) == 10 and len(events) == (4 * 2 + 2) + (1 * 2 + 2)
 
-    block0 = {name.split(".", 3)[3]: qw.dequantize() for name, qw in out.items() if ".0." in name}
+    block0 = {name.split(".", 3)[3] + ".weight": qw.dequantize() for name, qw in out.items() if ".0." in name}
     inputs = forward_block(demo_checkpoint, 0, demo_checkpoint.embed(tokens), block0)
     hessian = capture_hessians(demo_checkpoint, 1, inputs, ["self_attn.q_proj"])["self_attn.q_proj"][0]
     qkv = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
