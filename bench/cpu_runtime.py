@@ -81,14 +81,15 @@ def main() -> None:
     from bitsmith.formats import get_format
     from bitsmith.manifest import build_artifact
     from bitsmith.pipeline import quantize_in_process
+    from bitsmith.recipes import Recipe
     from bitsmith.runtimes import load_model
     from bitsmith.schemes import Format, GPTQOptions, Method, QuantScheme
 
     print(f"hardware: {hardware()}")
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime {onnxruntime.__version__}")
     scheme = QuantScheme(bits=args.bits, group_size=args.group_size)
-    quantized = quantize_in_process(DEMO_MODEL, calib_files=CALIB_FILES, samples=1, seq_len=16, scheme=scheme,
-                                    method=Method.RTN, options=GPTQOptions())
+    quantized = quantize_in_process(DEMO_MODEL, calib_files=CALIB_FILES, samples=1, seq_len=16,
+                                    recipe=Recipe(scheme=scheme, method=Method.RTN)).quantized
     with tempfile.TemporaryDirectory() as tmp:
         artifact = Path(tmp) / "onnx"
         build_artifact(artifact, lambda d: get_format(Format.ONNX).write(

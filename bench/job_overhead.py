@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 PHASE_OF_RPC = {
-    "Plan": "calibrate", "Start": "calibrate", "Collect": "calibrate", "Advance": "calibrate",
+    "Plan": "calibrate", "Start": "calibrate", "Scale": "calibrate", "Collect": "calibrate", "Advance": "calibrate",
     "Solve": "solve", "Pack": "pack", "Publish": "pack", "Evaluate": "eval",
 }
 PHASES = ("stack start", "calibrate", "solve", "pack", "eval", "total")
@@ -45,14 +45,18 @@ class TimedBackend:
     def start(self) -> Any:
         return self._timed("calibrate", self._inner.start)
 
-    def collect(self, bid: int, names: Sequence[str], inputs: Any, applied: Mapping[str, Any]) -> Any:
-        return self._timed("calibrate", self._inner.collect, bid, names, inputs, applied)
+    def scale(self, bid: int, inputs: Any, targets: Mapping[str, Any]) -> Any:
+        return self._timed("calibrate", self._inner.scale, bid, inputs, targets)
 
-    def solve(self, bid: int, names: Sequence[str], stats: Any) -> Any:
-        return self._timed("solve", self._inner.solve, bid, names, stats)
+    def collect(self, bid: int, names: Sequence[str], inputs: Any, applied: Mapping[str, Any],
+                scaled: Mapping[str, Any]) -> Any:
+        return self._timed("calibrate", self._inner.collect, bid, names, inputs, applied, scaled)
 
-    def advance(self, bid: int, inputs: Any, applied: Mapping[str, Any]) -> Any:
-        return self._timed("calibrate", self._inner.advance, bid, inputs, applied)
+    def solve(self, bid: int, names: Sequence[str], assignment: Any, stats: Any, scaled: Mapping[str, Any]) -> Any:
+        return self._timed("solve", self._inner.solve, bid, names, assignment, stats, scaled)
+
+    def advance(self, bid: int, inputs: Any, applied: Mapping[str, Any], scaled: Mapping[str, Any]) -> Any:
+        return self._timed("calibrate", self._inner.advance, bid, inputs, applied, scaled)
 
 
 def in_process(args: argparse.Namespace, work: Path) -> dict[str, float]:
@@ -62,8 +66,9 @@ def in_process(args: argparse.Namespace, work: Path) -> dict[str, float]:
     from bitsmith.manifest import build_artifact
     from bitsmith.models import load_checkpoint
     from bitsmith.pipeline import LocalBackend, Plan, run_sequential
+    from bitsmith.recipes import Recipe
     from bitsmith.runtimes import evaluate_path
-    from bitsmith.schemes import Format, GPTQOptions, Method, QuantScheme
+    from bitsmith.schemes import Format, Method, QuantScheme
 
     seconds: dict[str, float] = defaultdict(float)
     t_all = time.perf_counter()
@@ -71,11 +76,10 @@ def in_process(args: argparse.Namespace, work: Path) -> dict[str, float]:
     model = load_checkpoint(DEMO_MODEL)
     tokens = calibration_tokens(DEMO_MODEL, CALIB_FILES, samples=args.samples, seq_len=args.seq_len)
     seconds["calibrate"] += time.perf_counter() - t0
-    scheme = QuantScheme(bits=args.bits, group_size=128, min_zero=1)
-    options = GPTQOptions()
-    backend = TimedBackend(LocalBackend(model, scheme=scheme, method=Method.GPTQ, options=options, tokens=tokens),
-                           seconds)
-    quantized = run_sequential(Plan.from_model(model), backend, needs_calibration=True, true_sequential=True)
+    recipe = Recipe(method=Method.GPTQ, scheme=QuantScheme(bits=args.bits, group_size=128, min_zero=1))
+    options = recipe.gptq
+    backend = TimedBackend(LocalBackend(model, recipe=recipe, tokens=tokens), seconds)
+    quantized = run_sequential(Plan.from_model(model, recipe), backend).quantized
     t0 = time.perf_counter()
     out = work / "in-process"
     write = get_format(Format.GPTQ).write

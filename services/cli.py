@@ -18,10 +18,12 @@ import threading
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from bitsmith.errors import BitsmithError, ConfigError
+from bitsmith.recipes import Recipe
 from bitsmith.schemes import PER_CHANNEL, Format, GPTQOptions, GridSearch, Method, QuantScheme
 from bitsmith_services.registry import Role
 from rich.console import Console
@@ -31,24 +33,60 @@ from rich.table import Table
 err = Console(stderr=True)
 
 
+RECIPE_FLAGS = ("method", "bits", "group_size", "sym", "act_order", "static_groups", "mse", "damp_percent",
+                "no_true_sequential")
+"""Flags that build a recipe; a --recipe file is the whole recipe, so they are refused beside it."""
+
+
+def _recipe(args: argparse.Namespace) -> Recipe:
+    """The job's recipe: the --recipe file, or one built from the flags (defaults where unset)."""
+    given = [name for name in RECIPE_FLAGS if getattr(args, name) not in (None, False)]
+    if args.recipe:
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise ConfigError(f"--recipe holds the method, scheme and options; drop {flags}")
+        return Recipe.from_yaml(args.recipe)
+    defaults = Recipe()
+    return Recipe(
+        method=Method(args.method) if args.method else defaults.method,
+        scheme=QuantScheme(bits=defaults.scheme.bits if args.bits is None else args.bits,
+                           group_size=defaults.scheme.group_size if args.group_size is None else args.group_size,
+                           sym=args.sym),
+        gptq=GPTQOptions(damp_percent=defaults.gptq.damp_percent if args.damp_percent is None else args.damp_percent,
+                         act_order=args.act_order,
+                         static_groups=args.static_groups, true_sequential=not args.no_true_sequential,
+                         grid_search=GridSearch() if args.mse else None),
+    )
+
+
+def _gptq_variant(recipe: Recipe, requested: str) -> tuple[Recipe, str]:
+    """The GPTQ checkpoint variant, and the recipe with every asymmetric grid kept off zero 0 for v1.
+
+    v1 loads everywhere for symmetric grids; asymmetric ones go to v2 (true zeros), which GPTQModel and
+    transformers require for them. A forced v1 asymmetric file keeps its zeros >= 1 (v1 stores zero - 1).
+    """
+    schemes = [recipe.scheme, *(o.scheme for o in recipe.overrides if o.scheme is not None)]
+    variant = requested if requested != "auto" else ("gptq" if all(s.sym for s in schemes) else "gptq_v2")
+    if variant != "gptq":
+        return recipe, variant
+
+    def v1(scheme: QuantScheme) -> QuantScheme:
+        return scheme if scheme.sym else replace(scheme, min_zero=max(scheme.min_zero, 1))
+
+    overrides = tuple(replace(o, scheme=v1(o.scheme)) if o.scheme is not None else o for o in recipe.overrides)
+    return replace(recipe, scheme=v1(recipe.scheme), overrides=overrides), variant
+
+
 def _job_spec(args: argparse.Namespace) -> Any:
-    from bitsmith.rpc.convert import format_to_proto, gptq_to_proto, method_to_proto, scheme_to_proto
+    from bitsmith.rpc.convert import format_to_proto, recipe_to_proto
     from bitsmith.v1 import common_pb2, job_pb2
 
-    method = Method(args.method)
-    # GPTQ v1 loads everywhere for symmetric grids; asymmetric ones go to v2 (true zeros), which
-    # GPTQModel/transformers require for them. A forced v1 asymmetric file keeps its zeros >= 1,
-    # because v1 stores zero - 1.
-    variant = args.checkpoint_format if args.checkpoint_format != "auto" else ("gptq" if args.sym else "gptq_v2")
-    min_zero = 1 if (not args.sym and variant == "gptq") else 0
-    scheme = QuantScheme(bits=args.bits, group_size=args.group_size, sym=args.sym, min_zero=min_zero)
-    options = GPTQOptions(damp_percent=args.damp_percent, act_order=args.act_order,
-                          static_groups=args.static_groups, true_sequential=not args.no_true_sequential,
-                          grid_search=GridSearch() if args.mse else None)
+    recipe, variant = _gptq_variant(_recipe(args), args.checkpoint_format)
+    if not args.calib and (calibrated := sorted(m.value for m in recipe.methods if m.needs_calibration)):
+        raise ConfigError(f"{' and '.join(calibrated)} need at least one --calib FILE")
     return job_pb2.QuantizeJob(
         model_path=str(Path(args.model).resolve()),
-        recipe=common_pb2.Recipe(method=method_to_proto(method), scheme=scheme_to_proto(scheme),
-                                 gptq=gptq_to_proto(options)),
+        recipe=recipe_to_proto(recipe),
         calibration=common_pb2.CalibrationSpec(
             files=[str(Path(f).resolve()) for f in args.calib], samples=args.samples, seq_len=args.seq_len,
             seed=args.seed, mode=common_pb2.CALIBRATION_MODE_SEQUENTIAL,
@@ -114,8 +152,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from bitsmith.rpc.client import Client
     from bitsmith_services.stack import LocalStack, default_home, running_stack
 
-    if args.method == Method.GPTQ and not args.calib:
-        raise ConfigError("--method gptq needs at least one --calib FILE")
     spec = _job_spec(args)
     with ExitStack() as stack:
         address = args.server or running_stack(default_home())
@@ -253,23 +289,27 @@ def _parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a checkpoint through the services")
     q.add_argument("model", help="Hugging Face checkpoint directory")
-    q.add_argument("--method", choices=[m.value for m in Method], default=Method.GPTQ.value)
-    q.add_argument("--bits", type=int, default=4)
-    q.add_argument("--group-size", type=int, default=128, help=f"{PER_CHANNEL} for per-channel")
+    q.add_argument("--recipe", metavar="FILE",
+                   help="YAML recipe: default method and scheme, options, ordered per-module overrides "
+                        "(replaces the method/scheme flags below)")
+    q.add_argument("--method", choices=[m.value for m in Method], help=f"default {Recipe().method.value}")
+    q.add_argument("--bits", type=int, help=f"default {QuantScheme().bits}")
+    q.add_argument("--group-size", type=int, help=f"default {QuantScheme().group_size}; {PER_CHANNEL} for per-channel")
     q.add_argument("--sym", action="store_true", help="symmetric grid (default asymmetric)")
     q.add_argument("--act-order", action="store_true", help="GPTQ: columns by descending Hessian diagonal")
     q.add_argument("--static-groups", action="store_true", help="GPTQ: fix group grids before the solve")
     q.add_argument("--mse", action="store_true",
                    help="fit each group's grid to the clipped range with the least error (GPTQ and RTN)")
-    q.add_argument("--damp-percent", type=float, default=GPTQOptions().damp_percent)
+    q.add_argument("--damp-percent", type=float, help=f"GPTQ: default {GPTQOptions().damp_percent}")
     q.add_argument("--no-true-sequential", action="store_true", help="GPTQ: one capture per block")
     q.add_argument("--calib", action="append", default=[], metavar="FILE", help="calibration text (repeatable)")
     q.add_argument("--samples", type=int, default=128)
     q.add_argument("--seq-len", type=int, default=512)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--format", action="append", choices=[f.value for f in Format], default=[],
-                   help="output format, repeatable: gptq (NVIDIA: vLLM/transformers), onnx (ONNX Runtime on any CPU), "
-                        "mlx (Apple Silicon); several formats share one calibration and solve")
+                   help="output format, repeatable: gptq, awq, compressed-tensors (NVIDIA: vLLM/transformers), "
+                        "onnx (ONNX Runtime on any CPU), mlx (Apple Silicon); several formats share one "
+                        "calibration and solve")
     q.add_argument("--checkpoint-format", choices=["auto", "gptq", "gptq_v2"], default="auto",
                    help="auto: v1 for --sym (loads everywhere), v2 (true zeros) for asymmetric grids")
     q.add_argument("--out", required=True, help="output directory (must not exist or be empty)")

@@ -2,12 +2,17 @@
 
 The same `run_sequential` drives the in-process path (`LocalBackend`, tensors in memory) and the
 distributed coordinator (a backend whose handles are references into the artifact store and whose
-steps are gRPC calls). The loop knows the order of work, not where tensors live or which method runs:
+steps are gRPC calls). The loop knows the order of work, not where tensors live or how a method runs.
+The recipe decides per linear (`Plan.units`): linears sharing an input are solved as one problem
+when they share a method and scheme, skipped linears are never solved, and per block:
 
-* no calibration (RTN): per block, one `collect` with no inputs, then `solve` each group;
-* calibration, true-sequential: per group, `collect` with the groups already quantized in this block
-  applied, `solve`, apply;
-* calibration, not true-sequential: one `collect` for the whole block, then `solve` each group;
+* AWQ (any linear of the block assigned an AWQ method): first `scale`, which returns the block's
+  rescaled parameters; every later step of the block sees them, and the changed tensors that are not
+  replaced by codes (norms, biases, linears kept in float) become the result's `dense` tensors;
+* no calibration (RTN only): one `collect` with no inputs, then `solve` each unit;
+* calibration, true-sequential: per input group, `collect` with the units already quantized in this
+  block applied, then `solve` its units;
+* calibration, not true-sequential: one `collect` for the whole block, then `solve` each unit;
 * after a calibrated block, `advance` with all its quantized linears applied, so block i+1 calibrates
   on the outputs of the *quantized* block i (sequential mode).
 """
@@ -15,67 +20,118 @@ steps are gRPC calls). The loop knows the order of work, not where tensors live 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import torch
 
 from bitsmith.algos import GPTQResult, get_method, split_rows
 from bitsmith.calib.capture import capture_hessians, forward_block
 from bitsmith.calib.data import calibration_tokens
-from bitsmith.errors import CancelledError
+from bitsmith.errors import CancelledError, ConfigError
 from bitsmith.models.base import CheckpointModel, load_checkpoint
 from bitsmith.quantized import QuantizedWeight
+from bitsmith.recipes import Assignment, Recipe
 from bitsmith.schemes import GPTQOptions, Method, QuantScheme
 
 A = TypeVar("A")
 S = TypeVar("S")
 Q = TypeVar("Q")
+D = TypeVar("D")
 
 
-class Backend(Protocol[A, S, Q]):
-    """Where activations (A), statistics (S) and quantized weights (Q) live; handles are opaque."""
+class Backend(Protocol[A, S, Q, D]):
+    """Where activations (A), statistics (S), quantized weights (Q) and dense tensors (D) live.
+
+    Handles are opaque to the loop. `scaled` maps block-local parameter names to AWQ's replacements
+    (empty for other methods); `applied` maps block-local linear names to their quantized weights.
+    """
 
     def start(self) -> A | None:
         """Block-0 inputs, or None when the method needs no calibration."""
         ...
 
-    def collect(self, bid: int, names: Sequence[str], inputs: A | None, applied: Mapping[str, Q]) -> S:
-        """Statistics for `names` of block `bid`, with the `applied` quantized linears in place."""
+    def scale(self, bid: int, inputs: A, targets: Mapping[str, QuantScheme]) -> Mapping[str, D]:
+        """AWQ's replacements for block `bid`, searched for the `targets` linears and their schemes."""
         ...
 
-    def solve(self, bid: int, names: Sequence[str], stats: S) -> Mapping[str, Q]:
-        """Quantize the linears `names` (one group) of block `bid`; keys are block-local names."""
+    def collect(self, bid: int, names: Sequence[str], inputs: A | None, applied: Mapping[str, Q],
+                scaled: Mapping[str, D]) -> S:
+        """Statistics for `names` of block `bid`, with `scaled` and the `applied` quantized linears in place."""
         ...
 
-    def advance(self, bid: int, inputs: A, applied: Mapping[str, Q]) -> A:
-        """Block `bid`'s outputs (the next block's inputs) with `applied` in place."""
+    def solve(self, bid: int, names: Sequence[str], assignment: Assignment, stats: S,
+              scaled: Mapping[str, D]) -> Mapping[str, Q]:
+        """Quantize the linears `names` (one unit) of block `bid`; keys are block-local names."""
+        ...
+
+    def advance(self, bid: int, inputs: A, applied: Mapping[str, Q], scaled: Mapping[str, D]) -> A:
+        """Block `bid`'s outputs (the next block's inputs) with `scaled` and `applied` in place."""
         ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Unit:
+    """Linears solved as one problem: they share an input, a method and a scheme."""
+
+    names: tuple[str, ...]
+    assignment: Assignment
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Plan:
-    """Blocks and, per block, its linears grouped by shared input in true-sequential order.
+    """Blocks and, per block, its linears grouped by shared input in true-sequential order, and the
+    recipe that assigns each linear its method and scheme.
 
     `block_prefix` turns a block-local name into the model-wide one (``{bid}`` is the block index).
     """
 
     num_blocks: int
     groups: list[list[list[str]]]
+    recipe: Recipe = field(default_factory=Recipe)
     block_prefix: str = "model.layers.{bid}"
 
     @classmethod
-    def from_model(cls, model: CheckpointModel) -> Plan:
+    def from_model(cls, model: CheckpointModel, recipe: Recipe) -> Plan:
         return cls(
             num_blocks=model.num_blocks,
             groups=[model.groups(bid) for bid in range(model.num_blocks)],
+            recipe=recipe,
             block_prefix=model.adapter.block_prefix,
         )
 
     def full_name(self, bid: int, local: str) -> str:
         """``model.layers.3.self_attn.q_proj`` for block 3's ``self_attn.q_proj``."""
         return f"{self.block_prefix.format(bid=bid)}.{local}"
+
+    def units(self, bid: int) -> list[list[Unit]]:
+        """Per input group, its units in order of first appearance; skipped linears are left out."""
+        out = []
+        for group in self.groups[bid]:
+            by_assignment: dict[Assignment, list[str]] = {}
+            for name in group:
+                assignment = self.recipe.assign(self.full_name(bid, name))
+                if assignment is not None:
+                    by_assignment.setdefault(assignment, []).append(name)
+            out.append([Unit(names=tuple(names), assignment=a) for a, names in by_assignment.items()])
+        return out
+
+    def scale_targets(self, bid: int) -> dict[str, QuantScheme]:
+        """The linears of block `bid` whose method rescales the block (AWQ), with their schemes."""
+        return {name: unit.assignment.scheme for group in self.units(bid) for unit in group
+                if unit.assignment.method.scales_activations for name in unit.names}
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether any linear's method needs calibration data."""
+        return any(unit.assignment.method.needs_calibration
+                   for bid in range(self.num_blocks) for group in self.units(bid) for unit in group)
+
+    @property
+    def solve_steps(self) -> int:
+        """How many `solve` calls the loop makes (one per unit)."""
+        return sum(len(group) for bid in range(self.num_blocks) for group in self.units(bid))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -90,16 +146,36 @@ class ProgressEvent:
     message: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class QuantizedModel(Generic[Q, D]):
+    """What a run produces, by full name: quantized linears, and float tensors that replace the
+    checkpoint's (AWQ's folded norms and rescaled biases, rescaled linears kept in float)."""
+
+    quantized: dict[str, Q]
+    dense: dict[str, D]
+
+
+def check_recipe(model: CheckpointModel, recipe: Recipe) -> None:
+    """Refuse, before any work, a recipe that cannot apply to `model`: one that skips every linear,
+    or a scheme whose group size does not divide the linear it is assigned to (named)."""
+    names = {model.full_name(bid, local): (bid, local)
+             for bid in range(model.num_blocks) for group in model.groups(bid) for local in group}
+    for full, assignment in recipe.assignments(names).items():
+        if assignment is not None:
+            try:
+                assignment.scheme.groups(model.linear_shape(*names[full])[1])
+            except ConfigError as exc:
+                raise ConfigError(f"{full}: {exc}") from None
+
+
 def run_sequential(
     plan: Plan,
-    backend: Backend[A, S, Q],
+    backend: Backend[A, S, Q, D],
     *,
-    needs_calibration: bool,
-    true_sequential: bool,
     on_event: Callable[[ProgressEvent], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
-) -> dict[str, Q]:
-    """Quantize every linear of `plan` through `backend`; results keyed by full linear name."""
+) -> QuantizedModel[Q, D]:
+    """Quantize every assigned linear of `plan` through `backend`."""
 
     def step(phase: str, bid: int, group: int, names: Sequence[str], message: str = "") -> None:
         if should_stop is not None and should_stop():
@@ -116,28 +192,38 @@ def run_sequential(
                 )
             )
 
-    results: dict[str, Q] = {}
-    inputs = backend.start() if needs_calibration else None
+    calibrate = plan.needs_calibration
+    true_sequential = calibrate and plan.recipe.gptq.true_sequential
+    result: QuantizedModel[Q, D] = QuantizedModel({}, {})
+    inputs = backend.start() if calibrate else None
     for bid in range(plan.num_blocks):
-        groups = plan.groups[bid]
-        every = [name for group in groups for name in group]
+        units = plan.units(bid)
+        every = [name for group in units for unit in group for name in unit.names]
         applied: dict[str, Q] = {}
+        scaled: Mapping[str, D] = {}
+        if targets := plan.scale_targets(bid):
+            step("scale", bid, -1, list(targets))
+            scaled = backend.scale(bid, inputs, targets)  # type: ignore[arg-type]  # AWQ implies calibration
+            result.dense.update({plan.full_name(bid, param): value for param, value in scaled.items()
+                                 if param.removesuffix(".weight") not in every})
         stats = None
-        if not (needs_calibration and true_sequential):
+        if every and not true_sequential:
             step("calibrate", bid, -1, every)
-            stats = backend.collect(bid, every, inputs, applied)
-        for index, names in enumerate(groups):
-            if needs_calibration and true_sequential:
+            stats = backend.collect(bid, every, inputs, applied, scaled)
+        for index, group in enumerate(units):
+            names = [name for unit in group for name in unit.names]
+            if names and true_sequential:
                 step("calibrate", bid, index, names)
-                stats = backend.collect(bid, names, inputs, applied)
-            step("solve", bid, index, names)
-            applied.update(backend.solve(bid, names, stats))  # type: ignore[arg-type]
-        results.update({plan.full_name(bid, name): applied[name] for name in every})
+                stats = backend.collect(bid, names, inputs, applied, scaled)
+            for unit in group:
+                step("solve", bid, index, unit.names)
+                applied.update(backend.solve(bid, unit.names, unit.assignment, stats, scaled))  # type: ignore[arg-type]
+        result.quantized.update({plan.full_name(bid, name): applied[name] for name in every})
         if inputs is not None:
             step("advance", bid, -1, every)
-            inputs = backend.advance(bid, inputs, applied)
+            inputs = backend.advance(bid, inputs, applied, scaled)
         step("done", bid, -1, every, f"block {bid + 1}/{plan.num_blocks} quantized")
-    return results
+    return result
 
 
 Stats = dict[str, tuple[torch.Tensor, int]] | None
@@ -179,29 +265,29 @@ def solve_group(
 
 
 class LocalBackend:
-    """Everything in this process: activations, Hessians and quantized weights as tensors.
+    """Everything in this process: activations, Hessians, quantized weights and AWQ's tensors.
 
-    `results` keeps each linear's solve report (damping used, errors) by full name.
+    `results` keeps each linear's solve report (damping used, errors) by full name, `scale_reports`
+    AWQ's search report per block.
     """
 
-    def __init__(
-        self,
-        model: CheckpointModel,
-        *,
-        scheme: QuantScheme,
-        method: Method,
-        options: GPTQOptions,
-        tokens: torch.Tensor | None = None,
-    ) -> None:
+    def __init__(self, model: CheckpointModel, *, recipe: Recipe, tokens: torch.Tensor | None = None) -> None:
         self.model = model
-        self.scheme = scheme
-        self.options = options
-        self.method = method
+        self.recipe = recipe
         self.tokens = tokens
         self.results: dict[str, GPTQResult] = {}
+        self.scale_reports: dict[int, object] = {}
 
     def start(self) -> torch.Tensor | None:
         return None if self.tokens is None else self.model.embed(self.tokens)
+
+    def scale(self, bid: int, inputs: torch.Tensor, targets: Mapping[str, QuantScheme]) -> dict[str, torch.Tensor]:
+        from bitsmith.algos.awq import awq_block
+
+        transform = awq_block(self.model, bid, inputs, targets, self.recipe.awq,
+                              grid_search=self.recipe.gptq.grid_search)
+        self.scale_reports[bid] = transform.report
+        return transform.tensors
 
     def collect(
         self,
@@ -209,27 +295,34 @@ class LocalBackend:
         names: Sequence[str],
         inputs: torch.Tensor | None,
         applied: Mapping[str, QuantizedWeight],
+        scaled: Mapping[str, torch.Tensor],
     ) -> Stats:
         if inputs is None:
             return None
-        return collect_stats(self.model, bid, names, inputs, self._dense(applied))
+        return collect_stats(self.model, bid, names, inputs, self._overrides(applied, scaled))
 
-    def solve(self, bid: int, names: Sequence[str], stats: Stats) -> dict[str, QuantizedWeight]:
-        weights = [self.model.linear_weight(bid, name) for name in names]
+    def solve(self, bid: int, names: Sequence[str], assignment: Assignment, stats: Stats,
+              scaled: Mapping[str, torch.Tensor]) -> dict[str, QuantizedWeight]:
+        weights = [scaled[f"{n}.weight"] if f"{n}.weight" in scaled else self.model.linear_weight(bid, n)
+                   for n in names]
         hessian = None if stats is None else stats[names[0]][0]
         label = ",".join(self.model.full_name(bid, name) for name in names)
-        parts = solve_group(weights, hessian, method=self.method, scheme=self.scheme, options=self.options,
-                            label=label)
+        parts = solve_group(weights, hessian, method=assignment.method, scheme=assignment.scheme,
+                            options=self.recipe.gptq, label=label)
         for name, part in zip(names, parts, strict=True):
             self.results[self.model.full_name(bid, name)] = part
         return {name: part.weight for name, part in zip(names, parts, strict=True)}
 
-    def advance(self, bid: int, inputs: torch.Tensor, applied: Mapping[str, QuantizedWeight]) -> torch.Tensor:
-        return forward_block(self.model, bid, inputs, self._dense(applied))
+    def advance(self, bid: int, inputs: torch.Tensor, applied: Mapping[str, QuantizedWeight],
+                scaled: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return forward_block(self.model, bid, inputs, self._overrides(applied, scaled))
 
     @staticmethod
-    def _dense(applied: Mapping[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
-        return {f"{name}.weight": qw.dequantize() for name, qw in applied.items()}
+    def _overrides(
+        applied: Mapping[str, QuantizedWeight], scaled: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """AWQ's tensors, with the quantized weights (solved from them) on top."""
+        return {**scaled, **{f"{name}.weight": qw.dequantize() for name, qw in applied.items()}}
 
 
 def quantize_in_process(
@@ -238,33 +331,24 @@ def quantize_in_process(
     calib_files: Sequence[Path],
     samples: int,
     seq_len: int,
-    scheme: QuantScheme,
-    method: Method,
-    options: GPTQOptions,
+    recipe: Recipe,
     seed: int = 0,
     device: str = "cpu",
     on_event: Callable[[ProgressEvent], None] | None = None,
-) -> dict[str, QuantizedWeight]:
-    """Quantize a checkpoint in this process; returns every block linear by full name.
+) -> QuantizedModel[QuantizedWeight, torch.Tensor]:
+    """Quantize a checkpoint in this process; linears and replaced float tensors by full name.
 
     >>> from bitsmith.demo import CALIB_FILES, DEMO_MODEL
     >>> out = quantize_in_process(DEMO_MODEL, calib_files=CALIB_FILES, samples=2, seq_len=32,
-    ...     scheme=QuantScheme(bits=4), method=Method.RTN, options=GPTQOptions())
-    >>> len(out), out["model.layers.0.self_attn.q_proj"].shape
-    (28, (256, 256))
+    ...     recipe=Recipe(method=Method.RTN, scheme=QuantScheme(bits=4)))
+    >>> len(out.quantized), out.quantized["model.layers.0.self_attn.q_proj"].shape, out.dense
+    (28, (256, 256), {})
     """
     model = load_checkpoint(model_dir, device=device)
-    spec = get_method(method)
+    plan = Plan.from_model(model, recipe)
     tokens = (
         calibration_tokens(model_dir, calib_files, samples=samples, seq_len=seq_len, seed=seed)
-        if spec.needs_calibration
+        if plan.needs_calibration
         else None
     )
-    backend = LocalBackend(model, scheme=scheme, method=method, options=options, tokens=tokens)
-    return run_sequential(
-        Plan.from_model(model),
-        backend,
-        needs_calibration=spec.needs_calibration,
-        true_sequential=options.true_sequential,
-        on_event=on_event,
-    )
+    return run_sequential(plan, LocalBackend(model, recipe=recipe, tokens=tokens), on_event=on_event)

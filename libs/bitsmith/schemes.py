@@ -38,6 +38,11 @@ class Method(StrEnum):
     """AWQ's scaling and clipping, then GPTQ on the scaled weights."""
 
     @property
+    def needs_calibration(self) -> bool:
+        """Whether the method needs activations from calibration data (all but RTN do)."""
+        return self is not Method.RTN
+
+    @property
     def scales_activations(self) -> bool:
         """Whether the method rescales a block (AWQ) before its linears are solved."""
         return self in (Method.AWQ, Method.AWQ_GPTQ)

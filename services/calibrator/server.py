@@ -8,13 +8,16 @@ Loaded checkpoints are cached per process (the skeleton only; block weights load
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
 from bitsmith.errors import ConfigError
 from bitsmith.rpc.convert import (
+    awq_from_proto,
     quantized_ref_from_proto,
+    recipe_from_proto,
     scheme_from_proto,
     tensor_ref_from_proto,
     tensor_ref_to_proto,
@@ -47,10 +50,12 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
         self._store = store
 
     def _overrides(self, applied: RepeatedCompositeFieldContainer[common_pb2.QuantizedRef], block: int,
-                   model: CheckpointModel) -> dict[str, torch.Tensor]:
-        """Dense weights of the linears already quantized, keyed by block-local parameter name."""
+                   model: CheckpointModel, scaled: RepeatedCompositeFieldContainer[common_pb2.NamedTensor],
+                   ) -> dict[str, torch.Tensor]:
+        """AWQ's rescaled parameters, then the dense weights of the linears already quantized (from
+        them) on top, keyed by block-local parameter name."""
         local = {model.full_name(block, n): n for group in model.groups(block) for n in group}
-        overrides = {}
+        overrides = self._scaled(scaled)
         for msg in applied:
             if msg.name not in local:
                 raise ConfigError(f"{msg.name!r} is not a linear of block {block}")
@@ -58,18 +63,16 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
             overrides[f"{local[msg.name]}.weight"] = weight
         return overrides
 
+    def _scaled(self, scaled: RepeatedCompositeFieldContainer[common_pb2.NamedTensor]) -> dict[str, torch.Tensor]:
+        return {t.name: self._store.get_tensor(tensor_ref_from_proto(t.tensor)) for t in scaled}
+
     def Plan(self, request: calibrator_pb2.PlanRequest, context: grpc.ServicerContext
              ) -> calibrator_pb2.ModelPlan:
+        from bitsmith.pipeline import check_recipe
+
         model = _model(request.model_path)
-        if request.HasField("scheme"):
-            scheme = scheme_from_proto(request.scheme)
-            for b in range(model.num_blocks):
-                for name in (n for g in model.groups(b) for n in g):
-                    _, in_features = model.linear_shape(b, name)
-                    try:
-                        scheme.groups(in_features)
-                    except ConfigError as exc:
-                        raise ConfigError(f"{model.full_name(b, name)}: {exc}") from None
+        if request.HasField("recipe"):
+            check_recipe(model, recipe_from_proto(request.recipe))
         return calibrator_pb2.ModelPlan(
             architecture=str(model.config.model_type),
             blocks=[
@@ -101,11 +104,14 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
 
         model = _model(request.model_path)
         names = list(request.names)
-        tensors = {f"{n}.weight": model.linear_weight(request.block, n) for n in names}
+        scaled = self._scaled(request.scaled)
+        tensors = {f"{n}.weight": scaled.get(f"{n}.weight", None) for n in names}
+        tensors = {k: model.linear_weight(request.block, k.removesuffix(".weight")) if v is None else v
+                   for k, v in tensors.items()}
         hessians = {}
         if request.HasField("inputs"):
             inputs = self._store.get_tensor(tensor_ref_from_proto(request.inputs))
-            overrides = self._overrides(request.applied, request.block, model)
+            overrides = self._overrides(request.applied, request.block, model, request.scaled)
             hessians = collect_stats(model, request.block, names, inputs, overrides)
         # Linears of one group share their input: store each distinct Hessian once.
         stored: dict[int, str] = {}
@@ -127,14 +133,37 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
 
     def Advance(self, request: calibrator_pb2.AdvanceRequest, context: grpc.ServicerContext
                 ) -> calibrator_pb2.AdvanceResponse:
+        from bitsmith.calib import forward_block
+
         model = _model(request.model_path)
         inputs = self._store.get_tensor(tensor_ref_from_proto(request.inputs))
-        overrides = self._overrides(request.applied, request.block, model)
-        outputs = model.block_forward(request.block, inputs, overrides)
+        overrides = self._overrides(request.applied, request.block, model, request.scaled)
+        outputs = forward_block(model, request.block, inputs, overrides)
         refs = self._store.put_tensors(
             job_key(request.job_id, f"inputs-{request.block + 1}.safetensors"), {"hidden": outputs}
         )
         return calibrator_pb2.AdvanceResponse(outputs=tensor_ref_to_proto(refs["hidden"]))
+
+    def Scale(self, request: calibrator_pb2.ScaleRequest, context: grpc.ServicerContext
+              ) -> calibrator_pb2.ScaleResponse:
+        from bitsmith.algos.awq import awq_block
+        from bitsmith.rpc.convert import grid_search_from_proto
+
+        model = _model(request.model_path)
+        if not request.targets:
+            raise ConfigError(f"block {request.block}: Scale names no target linears")
+        inputs = self._store.get_tensor(tensor_ref_from_proto(request.inputs))
+        transform = awq_block(
+            model, request.block, inputs, {t.name: scheme_from_proto(t.scheme) for t in request.targets},
+            awq_from_proto(request.awq),
+            grid_search=grid_search_from_proto(request.grid_search) if request.HasField("grid_search") else None,
+        )
+        refs = self._store.put_tensors(job_key(request.job_id, f"block-{request.block}", "scaled.safetensors"),
+                                       transform.tensors)
+        return calibrator_pb2.ScaleResponse(
+            scaled=[common_pb2.NamedTensor(name=name, tensor=tensor_ref_to_proto(ref)) for name, ref in refs.items()],
+            report_json=json.dumps(transform.report_dict()),
+        )
 
 
     def Release(self, request: calibrator_pb2.ReleaseRequest, context: grpc.ServicerContext

@@ -16,7 +16,6 @@ import grpc
 from bitsmith.errors import BitsmithError, CancelledError, GateFailedError
 from bitsmith.rpc.client import open_channel
 from bitsmith.rpc.convert import format_from_proto
-from bitsmith.schemes import Method
 from bitsmith.telemetry import current_trace_id, setup_tracing
 from bitsmith.v1 import (
     calibrator_pb2,
@@ -36,6 +35,8 @@ from bitsmith_services.registry import Role
 
 if TYPE_CHECKING:
     from bitsmith.pipeline import ProgressEvent
+    from bitsmith.recipes import Assignment
+    from bitsmith.schemes import QuantScheme
 
 log = logging.getLogger("bitsmith.coordinator")
 
@@ -64,6 +65,8 @@ class Stubs:
             runtimes={
                 common_pb2.FORMAT_GPTQ: runtime_pb2_grpc.RuntimeServiceStub(channels[Role.RUNTIME_CPU]),
                 common_pb2.FORMAT_ONNX: runtime_pb2_grpc.RuntimeServiceStub(channels[Role.RUNTIME_CPU]),
+                common_pb2.FORMAT_AWQ: runtime_pb2_grpc.RuntimeServiceStub(channels[Role.RUNTIME_CPU]),
+                common_pb2.FORMAT_COMPRESSED_TENSORS: runtime_pb2_grpc.RuntimeServiceStub(channels[Role.RUNTIME_CPU]),
                 common_pb2.FORMAT_MLX: runtime_pb2_grpc.RuntimeServiceStub(channels[Role.RUNTIME_APPLE]),
             },
             channels=list(channels.values()),
@@ -75,7 +78,8 @@ class Stubs:
 
 
 class RpcBackend:
-    """`bitsmith.pipeline.Backend` whose handles are TensorRef / LinearStats / QuantizedRef messages."""
+    """`bitsmith.pipeline.Backend` whose handles are TensorRef / LinearStats / QuantizedRef / NamedTensor
+    messages; AWQ's scaled parameters travel as block-local NamedTensors."""
 
     def __init__(self, stubs: Stubs, job_id: str, spec: job_pb2.QuantizeJob, prefixes: Sequence[str]) -> None:
         self._stubs = stubs
@@ -91,36 +95,55 @@ class RpcBackend:
         )
         return reply.inputs
 
+    def scale(self, bid: int, inputs: common_pb2.TensorRef, targets: Mapping[str, QuantScheme]
+              ) -> dict[str, common_pb2.NamedTensor]:
+        from bitsmith.rpc.convert import scheme_to_proto
+
+        recipe = self._spec.recipe
+        request = calibrator_pb2.ScaleRequest(
+            job_id=self._job_id, model_path=self._spec.model_path, block=bid, inputs=inputs,
+            targets=[calibrator_pb2.ScaleTarget(name=n, scheme=scheme_to_proto(s)) for n, s in targets.items()],
+            awq=recipe.awq,
+        )
+        if recipe.gptq.HasField("grid_search"):
+            request.grid_search.CopyFrom(recipe.gptq.grid_search)
+        reply = self._stubs.calibrator.Scale(request, timeout=STEP_TIMEOUT_S)
+        return {t.name: t for t in reply.scaled}
+
     def collect(self, bid: int, names: Sequence[str], inputs: common_pb2.TensorRef | None,
-                applied: Mapping[str, common_pb2.QuantizedRef]) -> Sequence[common_pb2.LinearStats]:
+                applied: Mapping[str, common_pb2.QuantizedRef], scaled: Mapping[str, common_pb2.NamedTensor],
+                ) -> Sequence[common_pb2.LinearStats]:
         request = calibrator_pb2.CollectRequest(
             job_id=self._job_id, model_path=self._spec.model_path, block=bid, names=list(names),
-            applied=list(applied.values()),
+            applied=list(applied.values()), scaled=list(scaled.values()),
         )
         if inputs is not None:
             request.inputs.CopyFrom(inputs)
         return self._stubs.calibrator.Collect(request, timeout=STEP_TIMEOUT_S).stats
 
-    def solve(self, bid: int, names: Sequence[str], stats: Sequence[common_pb2.LinearStats]
+    def solve(self, bid: int, names: Sequence[str], assignment: Assignment,
+              stats: Sequence[common_pb2.LinearStats], scaled: Mapping[str, common_pb2.NamedTensor],
               ) -> dict[str, common_pb2.QuantizedRef]:
+        from bitsmith.rpc.convert import method_to_proto, scheme_to_proto
+
         wanted = set(names)
-        recipe = self._spec.recipe
         reply = self._stubs.solver.Solve(
             solver_pb2.SolveRequest(
                 job_id=self._job_id, block=bid, prefix=self._prefixes[bid],
-                stats=[s for s in stats if s.name in wanted], method=recipe.method, scheme=recipe.scheme,
-                gptq=recipe.gptq,
+                stats=[s for s in stats if s.name in wanted], method=method_to_proto(assignment.method),
+                scheme=scheme_to_proto(assignment.scheme), gptq=self._spec.recipe.gptq,
             ),
             timeout=STEP_TIMEOUT_S,
         )
         prefix = self._prefixes[bid] + "."
         return {s.quantized.name.removeprefix(prefix): s.quantized for s in reply.solved}
 
-    def advance(self, bid: int, inputs: common_pb2.TensorRef,
-                applied: Mapping[str, common_pb2.QuantizedRef]) -> common_pb2.TensorRef:
+    def advance(self, bid: int, inputs: common_pb2.TensorRef, applied: Mapping[str, common_pb2.QuantizedRef],
+                scaled: Mapping[str, common_pb2.NamedTensor]) -> common_pb2.TensorRef:
         reply = self._stubs.calibrator.Advance(
             calibrator_pb2.AdvanceRequest(job_id=self._job_id, model_path=self._spec.model_path, block=bid,
-                                          inputs=inputs, applied=list(applied.values())),
+                                          inputs=inputs, applied=list(applied.values()),
+                                          scaled=list(scaled.values())),
             timeout=STEP_TIMEOUT_S,
         )
         return reply.outputs
@@ -195,16 +218,16 @@ class JobRunner:
 
     def _execute(self, spec: job_pb2.QuantizeJob) -> None:
         from bitsmith.pipeline import Plan, run_sequential
-        from bitsmith.rpc.convert import gptq_from_proto, method_from_proto
+        from bitsmith.rpc.convert import recipe_from_proto
 
+        recipe = recipe_from_proto(spec.recipe)
         model_plan = self._stubs.calibrator.Plan(
             calibrator_pb2.PlanRequest(model_path=spec.model_path), timeout=600
         )
         plan = Plan(num_blocks=len(model_plan.blocks),
-                    groups=[[list(g.names) for g in b.groups] for b in model_plan.blocks])
+                    groups=[[list(g.names) for g in b.groups] for b in model_plan.blocks], recipe=recipe)
         prefixes = [b.prefix for b in model_plan.blocks]
-        solve_steps = sum(len(g) for g in plan.groups)
-        total = solve_steps + len(spec.output.formats) + (1 if spec.eval.files else 0) + 1
+        total = plan.solve_steps + len(spec.output.formats) + (1 if spec.eval.files else 0) + 1
         done = 0
 
         def on_event(event: ProgressEvent) -> None:
@@ -214,31 +237,29 @@ class JobRunner:
             self._event(event.phase, event.message, block=event.block, num_blocks=event.num_blocks,
                         step=done, total=total)
 
-        method = method_from_proto(spec.recipe.method)
         backend = RpcBackend(self._stubs, self._job_id, spec, prefixes)
-        quantized = run_sequential(
-            plan, backend, needs_calibration=method is not Method.RTN,
-            true_sequential=gptq_from_proto(spec.recipe.gptq).true_sequential,
-            on_event=on_event, should_stop=self._stop_requested,
-        )
+        result = run_sequential(plan, backend, on_event=on_event,
+                                should_stop=self._stop_requested)
         packed: list[tuple[str, common_pb2.Artifact]] = []
         for fmt in spec.output.formats:
             self._check_cancel()
             reply = self._stubs.packer.Pack(
                 packer_pb2.PackRequest(job_id=self._job_id, model_path=spec.model_path,
-                                       quantized=list(quantized.values()), format=fmt,
-                                       out_path=_format_out(spec, fmt), recipe=spec.recipe),
+                                       quantized=list(result.quantized.values()), format=fmt,
+                                       out_path=_format_out(spec, fmt), recipe=spec.recipe,
+                                       dense=[common_pb2.NamedTensor(name=name, tensor=t.tensor)
+                                              for name, t in result.dense.items()]),
                 timeout=STEP_TIMEOUT_S,
             )
             packed.append((reply.staging_path, reply.artifact))
             done += 1
-            self._event("pack", f"packed {common_pb2.Format.Name(fmt.format)} ({reply.artifact.bytes} bytes)",
+            self._event("pack", f"packed {format_from_proto(fmt.format).value} ({reply.artifact.bytes} bytes)",
                         step=done, total=total)
         metrics: list[common_pb2.EvalResult] = []
         if spec.eval.files and packed:
             self._check_cancel()
             staged, first = packed[0]
-            self._event("evaluate", f"evaluating the written {common_pb2.Format.Name(first.format)} artifact",
+            self._event("evaluate", f"evaluating the written {format_from_proto(first.format).value} artifact",
                         step=done, total=total)
             reply = self._stubs.runtimes[first.format].Evaluate(
                 runtime_pb2.EvaluateRequest(artifact_path=staged, reference_model_path=spec.model_path,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 from bitsmith.errors import AlreadyExistsError, ConfigError, UnsupportedError
+from bitsmith.rpc.convert import recipe_from_proto
 from bitsmith.rpc.server import ServiceBinding
 from bitsmith.rpc.server import create_server as _create_server
 from bitsmith.v1 import calibrator_pb2, common_pb2, job_pb2, job_pb2_grpc
@@ -39,19 +40,18 @@ def validate_spec(spec: job_pb2.QuantizeJob) -> None:
         raise ConfigError("the job names no output path")
     if not spec.output.formats:
         raise ConfigError("the job asks for no output format")
-    if spec.recipe.overrides:
-        raise UnsupportedError("per-module overrides and ignore lists are not supported yet: every block linear "
-                               "is quantized with the recipe's one scheme")
+    recipe = recipe_from_proto(spec.recipe)
     if spec.calibration.mode == common_pb2.CALIBRATION_MODE_PARALLEL:
         raise UnsupportedError("parallel calibration mode is not supported yet; use sequential")
     out = Path(spec.output.path)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise AlreadyExistsError(f"output path {out} exists and is not an empty directory")
-    needs_data = spec.recipe.method != common_pb2.METHOD_RTN
+    calibrated = sorted(m.value for m in recipe.methods if m.needs_calibration)
+    needs_data = bool(calibrated)
     cal = spec.calibration
     if needs_data:
         if not cal.files:
-            raise ConfigError(f"{common_pb2.Method.Name(spec.recipe.method)} needs calibration files")
+            raise ConfigError(f"the recipe's {', '.join(calibrated)} needs calibration files")
         if not 0 < cal.samples <= MAX_CALIB_SAMPLES:
             raise ConfigError(f"calibration samples must be in 1..{MAX_CALIB_SAMPLES}, got {cal.samples}")
         if not 0 < cal.seq_len <= MAX_SEQ_LEN:
@@ -109,7 +109,7 @@ class Coordinator(job_pb2_grpc.JobServiceServicer):
             return self._jobs.get(known)
         validate_spec(spec)
         self._stubs.calibrator.Plan(
-            calibrator_pb2.PlanRequest(model_path=spec.model_path, scheme=spec.recipe.scheme),
+            calibrator_pb2.PlanRequest(model_path=spec.model_path, recipe=spec.recipe),
             timeout=context.time_remaining() or 600,
         )
         job, created = self._jobs.create(spec)

@@ -15,7 +15,13 @@ from bitsmith.errors import ConfigError
 from bitsmith.formats import get_format
 from bitsmith.formats.base import PARTIAL_MARKER, discard, publish, stage, staging_dirs
 from bitsmith.manifest import read_manifest, update_manifest, write_manifest
-from bitsmith.rpc.convert import format_from_proto, format_to_proto, gptq_from_proto, quantized_ref_from_proto
+from bitsmith.rpc.convert import (
+    format_from_proto,
+    format_to_proto,
+    gptq_from_proto,
+    quantized_ref_from_proto,
+    tensor_ref_from_proto,
+)
 from bitsmith.rpc.server import ServiceBinding
 from bitsmith.rpc.server import create_server as _create_server
 from bitsmith.store import ArtifactStore
@@ -41,11 +47,13 @@ class Packer(packer_pb2_grpc.PackerServiceServicer):
         fmt = format_from_proto(request.format.format)
         handler = get_format(fmt)
         quantized = {q.name: self._store.get_quantized(quantized_ref_from_proto(q)) for q in request.quantized}
+        dense = {t.name: self._store.get_tensor(tensor_ref_from_proto(t.tensor)) for t in request.dense}
         out = Path(request.out_path)
         staging = stage(out)
         try:
             handler.write(staging, source_model_dir=Path(request.model_path), quantized=quantized,
-                          options=gptq_from_proto(request.recipe.gptq), variant=request.format.variant or None)
+                          options=gptq_from_proto(request.recipe.gptq), variant=request.format.variant or None,
+                          dense=dense)
             manifest = write_manifest(
                 staging, format=fmt, recipe=MessageToDict(request.recipe, preserving_proto_field_name=True),
                 trace_id=current_trace_id(),

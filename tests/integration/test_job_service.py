@@ -148,11 +148,21 @@ def _poison(model: Path) -> None:
     save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
 
 
-def test_unsupported_recipe_parts_are_refused_not_ignored(stack: Stack, tmp_path: Path) -> None:
-    spec = make_job(tmp_path / "o")
-    spec.recipe.overrides.add(pattern="mlp", skip=True)
-    with pytest.raises(UnsupportedError, match="overrides"):
-        stack.client.submit(spec)
+def test_invalid_recipes_are_refused_before_anything_runs(stack: Stack, tmp_path: Path) -> None:
+    bad_regex = make_job(tmp_path / "o")
+    bad_regex.recipe.overrides.add(pattern="mlp(", skip=True)
+    skip_all = make_job(tmp_path / "o")
+    skip_all.recipe.overrides.add(pattern=".", skip=True)
+    bad_group = make_job(tmp_path / "o")
+    bad_group.recipe.overrides.add(pattern="down_proj", scheme=common_pb2.QuantScheme(bits=4, group_size=100))
+    for spec, reason in [(bad_regex, "not a valid regex"), (skip_all, "nothing to quantize"),
+                         (bad_group, r"layers\.0\.mlp\.down_proj: group_size 100 does not divide")]:
+        with pytest.raises(ConfigError, match=reason):
+            stack.client.submit(spec)
+    assert not (tmp_path / "o").exists()
+
+
+def test_parallel_calibration_is_refused_not_ignored(stack: Stack, tmp_path: Path) -> None:
     spec = make_job(tmp_path / "o")
     spec.calibration.mode = common_pb2.CALIBRATION_MODE_PARALLEL
     with pytest.raises(UnsupportedError, match="parallel"):

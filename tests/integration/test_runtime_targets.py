@@ -12,6 +12,7 @@ from bitsmith.demo import CALIB_FILES, DEMO_MODEL, EVAL_FILES
 from bitsmith.formats import get_format
 from bitsmith.manifest import build_artifact
 from bitsmith.pipeline import quantize_in_process
+from bitsmith.recipes import Recipe
 from bitsmith.runtimes import evaluate_path
 from bitsmith.schemes import Format, GPTQOptions, Method, QuantScheme
 from bitsmith.v1 import runtime_pb2, runtime_pb2_grpc
@@ -25,8 +26,8 @@ pytest.importorskip("mlx_lm")
 def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[Format, Path]:
     root = tmp_path_factory.mktemp("targets")
     quantized = quantize_in_process(DEMO_MODEL, calib_files=CALIB_FILES, samples=1, seq_len=16,
-                                    scheme=QuantScheme(bits=4, group_size=64), method=Method.RTN,
-                                    options=GPTQOptions())
+                                    recipe=Recipe(scheme=QuantScheme(bits=4, group_size=64), method=Method.RTN),
+                                    ).quantized
     out = {}
     for fmt in (Format.ONNX, Format.MLX):
         writer = get_format(fmt).write

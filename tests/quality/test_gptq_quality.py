@@ -18,6 +18,7 @@ from bitsmith.evaluate import evaluate, tokenize_file
 from bitsmith.models import build_causal_lm
 from bitsmith.models.base import TensorIndex
 from bitsmith.pipeline import quantize_in_process
+from bitsmith.recipes import Recipe
 from bitsmith.schemes import GPTQOptions, GridSearch, Method, QuantScheme
 
 BASELINE = {"eval-prose.txt": 19.885, "eval-code.txt": 15.044}
@@ -42,10 +43,12 @@ def test_gptq_beats_rtn_on_demo_model(bits: int, min_zero: int, search: GridSear
         calib_files=CALIB_FILES,
         samples=128,
         seq_len=512,
-        scheme=QuantScheme(bits=bits, group_size=128, sym=False, min_zero=min_zero),
-        method=Method.GPTQ,
-        options=GPTQOptions(true_sequential=True, grid_search=search),
-    )
+        recipe=Recipe(
+            scheme=QuantScheme(bits=bits, group_size=128, sym=False, min_zero=min_zero),
+            method=Method.GPTQ,
+            gptq=GPTQOptions(true_sequential=True, grid_search=search),
+        ),
+    ).quantized
     solve_s = time.perf_counter() - started
     state = dict(TensorIndex(DEMO_MODEL).iter_tensors())
     state.update({f"{name}.weight": qw.dequantize() for name, qw in quantized.items()})

@@ -521,10 +521,11 @@ def test_linears_solved_together_may_share_g_idx(tmp_path: Path) -> None:
     """q/k/v solved as one problem come back sharing one g_idx tensor; the writer must still save them."""
     from bitsmith.demo import CALIB_FILES
     from bitsmith.pipeline import quantize_in_process
+    from bitsmith.recipes import Recipe
     from bitsmith.schemes import Method
 
     quantized = quantize_in_process(DEMO_MODEL, calib_files=CALIB_FILES, samples=2, seq_len=32,
-                                    scheme=QuantScheme(bits=4, group_size=128), method=Method.RTN,
-                                    options=GPTQOptions())
+                                    recipe=Recipe(scheme=QuantScheme(bits=4, group_size=128), method=Method.RTN),
+                                    ).quantized
     write(tmp_path / "art", quantized, variant="gptq_v2")
     assert set(read_gptq(tmp_path / "art").quantized) == set(quantized)

@@ -20,6 +20,7 @@ from bitsmith.formats.mlx.runtime import MlxCausalLM
 from bitsmith.manifest import build_artifact
 from bitsmith.pipeline import quantize_in_process
 from bitsmith.quantized import QuantizedWeight
+from bitsmith.recipes import Recipe
 from bitsmith.runtimes import artifact_format, load_reference
 from bitsmith.schemes import Format, GPTQOptions, Method, QuantScheme
 from safetensors.torch import load_file, save_file
@@ -31,8 +32,8 @@ SCHEMES = [QuantScheme(bits=4, group_size=64), QuantScheme(bits=3, group_size=32
 
 
 def rtn(scheme: QuantScheme) -> dict[str, QuantizedWeight]:
-    return quantize_in_process(DEMO_MODEL, calib_files=CALIB_FILES, samples=1, seq_len=16, scheme=scheme,
-                               method=Method.RTN, options=GPTQOptions())
+    return quantize_in_process(DEMO_MODEL, calib_files=CALIB_FILES, samples=1, seq_len=16,
+                               recipe=Recipe(scheme=scheme, method=Method.RTN)).quantized
 
 
 def pack(out: Path, quantized: dict[str, QuantizedWeight], variant: str | None = None) -> Path:
@@ -163,8 +164,8 @@ def test_perplexity_equals_the_gptq_artifact_with_the_same_codes(tmp_path: Path)
     from bitsmith.runtimes import evaluate_path
 
     scheme = QuantScheme(bits=4, group_size=64, min_zero=1)
-    solved = quantize_in_process(DEMO_MODEL, calib_files=CALIB_FILES, samples=16, seq_len=256, scheme=scheme,
-                                 method=Method.GPTQ, options=GPTQOptions())
+    solved = quantize_in_process(DEMO_MODEL, calib_files=CALIB_FILES, samples=16, seq_len=256,
+                                 recipe=Recipe(scheme=scheme, method=Method.GPTQ)).quantized
     quantized = {name: replace(qw, g_idx=qw.g_idx.clone()) for name, qw in solved.items()}  # see test_onnx_format
     gptq = tmp_path / "gptq"
     build_artifact(gptq, lambda d: get_format(Format.GPTQ).write(d, source_model_dir=DEMO_MODEL, quantized=quantized,

@@ -21,6 +21,7 @@ from bitsmith.formats.onnx.runtime import OnnxCausalLM
 from bitsmith.manifest import build_artifact, verify_manifest
 from bitsmith.pipeline import quantize_in_process
 from bitsmith.quantized import QuantizedWeight
+from bitsmith.recipes import Recipe
 from bitsmith.runtimes import artifact_format, evaluate_path, load_reference
 from bitsmith.schemes import Format, GPTQOptions, Method, QuantScheme
 
@@ -31,8 +32,8 @@ SCHEMES = [QuantScheme(bits=4, group_size=128), QuantScheme(bits=4, group_size=3
 def rtn(scheme: QuantScheme) -> dict[str, QuantizedWeight]:
     from bitsmith.demo import CALIB_FILES
 
-    return quantize_in_process(DEMO_MODEL, calib_files=CALIB_FILES, samples=1, seq_len=16, scheme=scheme,
-                               method=Method.RTN, options=GPTQOptions())
+    return quantize_in_process(DEMO_MODEL, calib_files=CALIB_FILES, samples=1, seq_len=16,
+                               recipe=Recipe(scheme=scheme, method=Method.RTN)).quantized
 
 
 def pack(out: Path, quantized: dict[str, QuantizedWeight], fmt: Format = Format.ONNX) -> Path:
@@ -185,7 +186,7 @@ def test_perplexity_equals_the_gptq_artifact_with_the_same_codes(tmp_path: Path)
 
     for scheme in (QuantScheme(bits=4, group_size=128, min_zero=1),):
         quantized = own_g_idx(quantize_in_process(DEMO_MODEL, calib_files=CALIB_FILES, samples=16, seq_len=256,
-                                                  scheme=scheme, method=Method.GPTQ, options=GPTQOptions()))
+                                                  recipe=Recipe(scheme=scheme, method=Method.GPTQ)).quantized)
         gptq = pack(tmp_path / f"gptq{scheme.bits}", quantized, Format.GPTQ)
         onnx_dir = pack(tmp_path / f"onnx{scheme.bits}", quantized, Format.ONNX)
         ours = evaluate_path(onnx_dir, EVAL_FILES, seq_len=512)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,9 +12,12 @@ from bitsmith.calib import calibration_tokens, capture_hessians, forward_block
 from bitsmith.demo import CALIB_FILES, DEMO_MODEL
 from bitsmith.errors import CancelledError
 from bitsmith.pipeline import LocalBackend, Plan, ProgressEvent, quantize_in_process, run_sequential
+from bitsmith.recipes import Assignment, ModuleOverride, Recipe
 from bitsmith.schemes import GPTQOptions, GridSearch, Method, QuantScheme
 
 GROUPS = [["a", "b"], ["c"], ["d"]]
+GPTQ = Recipe(method=Method.GPTQ)
+RTN = Recipe(method=Method.RTN)
 
 
 class Recorder:
@@ -26,76 +30,127 @@ class Recorder:
         self.calls.append(("start",))
         return "x0"
 
-    def collect(self, bid: int, names: Sequence[str], inputs: str | None, applied: Mapping[str, str]) -> str:
+    def scale(self, bid: int, inputs: str, targets: Mapping[str, QuantScheme]) -> dict[str, str]:
+        self.calls.append(("scale", bid, inputs, tuple(sorted(targets))))
+        return {"norm.weight": f"n{bid}", "a.weight": f"s{bid}a", "c.weight": f"s{bid}c"}
+
+    def collect(self, bid: int, names: Sequence[str], inputs: str | None, applied: Mapping[str, str],
+                scaled: Mapping[str, str]) -> str:
         self.calls.append(("collect", bid, tuple(names), inputs, tuple(sorted(applied))))
         return f"stats{bid}{''.join(names)}"
 
-    def solve(self, bid: int, names: Sequence[str], stats: str) -> dict[str, str]:
-        self.calls.append(("solve", bid, tuple(names), stats))
+    def solve(self, bid: int, names: Sequence[str], assignment: Assignment, stats: str,
+              scaled: Mapping[str, str]) -> dict[str, str]:
+        self.calls.append(("solve", bid, tuple(names), stats, assignment.method.value, assignment.scheme.bits))
         return {name: f"q{bid}{name}" for name in names}
 
-    def advance(self, bid: int, inputs: str, applied: Mapping[str, str]) -> str:
-        self.calls.append(("advance", bid, inputs, tuple(sorted(applied))))
+    def advance(self, bid: int, inputs: str, applied: Mapping[str, str], scaled: Mapping[str, str]) -> str:
+        self.calls.append(("advance", bid, inputs, tuple(sorted(applied)), tuple(sorted(scaled))))
         return f"x{bid + 1}"
 
 
-PLAN = Plan(num_blocks=2, groups=[GROUPS, GROUPS])
+def plan(recipe: Recipe) -> Plan:
+    return Plan(num_blocks=2, groups=[GROUPS, GROUPS], recipe=recipe)
 
 
 def test_true_sequential_order() -> None:
     backend = Recorder()
     events: list[ProgressEvent] = []
-    out = run_sequential(PLAN, backend, needs_calibration=True, true_sequential=True, on_event=events.append)
+    out = run_sequential(plan(GPTQ), backend, on_event=events.append)
     assert backend.calls[:8] == [
         ("start",),
         ("collect", 0, ("a", "b"), "x0", ()),
-        ("solve", 0, ("a", "b"), "stats0ab"),
+        ("solve", 0, ("a", "b"), "stats0ab", "gptq", 4),
         ("collect", 0, ("c",), "x0", ("a", "b")),
-        ("solve", 0, ("c",), "stats0c"),
+        ("solve", 0, ("c",), "stats0c", "gptq", 4),
         ("collect", 0, ("d",), "x0", ("a", "b", "c")),
-        ("solve", 0, ("d",), "stats0d"),
-        ("advance", 0, "x0", ("a", "b", "c", "d")),
+        ("solve", 0, ("d",), "stats0d", "gptq", 4),
+        ("advance", 0, "x0", ("a", "b", "c", "d"), ()),
     ]
     assert backend.calls[8] == ("collect", 1, ("a", "b"), "x1", ())
-    assert out == {f"model.layers.{b}.{n}": f"q{b}{n}" for b in range(2) for n in "abcd"}
+    assert out.quantized == {f"model.layers.{b}.{n}": f"q{b}{n}" for b in range(2) for n in "abcd"}
+    assert out.dense == {}
     assert [e.phase for e in events[:3]] == ["calibrate", "solve", "calibrate"]
     assert events[-1].phase == "done" and events[-1].block == 1 and events[-1].num_blocks == 2
 
 
 def test_block_wide_collect_without_true_sequential() -> None:
     backend = Recorder()
-    run_sequential(PLAN, backend, needs_calibration=True, true_sequential=False)
+    run_sequential(plan(replace(GPTQ, gptq=GPTQOptions(true_sequential=False))), backend)
     assert backend.calls[1:6] == [
         ("collect", 0, ("a", "b", "c", "d"), "x0", ()),
-        ("solve", 0, ("a", "b"), "stats0abcd"),
-        ("solve", 0, ("c",), "stats0abcd"),
-        ("solve", 0, ("d",), "stats0abcd"),
-        ("advance", 0, "x0", ("a", "b", "c", "d")),
+        ("solve", 0, ("a", "b"), "stats0abcd", "gptq", 4),
+        ("solve", 0, ("c",), "stats0abcd", "gptq", 4),
+        ("solve", 0, ("d",), "stats0abcd", "gptq", 4),
+        ("advance", 0, "x0", ("a", "b", "c", "d"), ()),
     ]
 
 
 def test_no_calibration_never_starts_or_advances() -> None:
     backend = Recorder()
-    out = run_sequential(PLAN, backend, needs_calibration=False, true_sequential=True)
+    out = run_sequential(plan(RTN), backend)
     kinds = [call[0] for call in backend.calls]
     assert "start" not in kinds and "advance" not in kinds
     assert backend.calls[0] == ("collect", 0, ("a", "b", "c", "d"), None, ())
-    assert len(out) == 8
+    assert len(out.quantized) == 8
+
+
+def test_overrides_split_shared_inputs_and_skip_linears() -> None:
+    """b at 8 bits is its own unit beside a (one collect serves both); d is skipped in block 1 only."""
+    recipe = replace(GPTQ, overrides=(
+        ModuleOverride(pattern=r"\.b$", scheme=QuantScheme(bits=8)),
+        ModuleOverride(pattern=r"layers\.1\.d", skip=True),
+        ModuleOverride(pattern=r"\.c$", method=Method.RTN),
+    ))
+    backend = Recorder()
+    out = run_sequential(plan(recipe), backend)
+    block0 = backend.calls[1:9]
+    assert block0 == [
+        ("collect", 0, ("a", "b"), "x0", ()),
+        ("solve", 0, ("a",), "stats0ab", "gptq", 4),
+        ("solve", 0, ("b",), "stats0ab", "gptq", 8),
+        ("collect", 0, ("c",), "x0", ("a", "b")),
+        ("solve", 0, ("c",), "stats0c", "rtn", 4),
+        ("collect", 0, ("d",), "x0", ("a", "b", "c")),
+        ("solve", 0, ("d",), "stats0d", "gptq", 4),
+        ("advance", 0, "x0", ("a", "b", "c", "d"), ()),
+    ]
+    assert ("collect", 1, ("d",), "x1", ("a", "b", "c")) not in backend.calls
+    assert backend.calls[-1] == ("advance", 1, "x1", ("a", "b", "c"), ())
+    assert "model.layers.1.d" not in out.quantized and len(out.quantized) == 7
+    assert plan(recipe).solve_steps == 7
+
+
+def test_awq_scales_each_block_first_and_returns_what_codes_do_not_replace() -> None:
+    """AWQ on a and c only (b, d by GPTQ): scale sees those targets; the folded norm and the rescaled
+    weight of the skipped c (block 1) come back as dense tensors, the quantized a's does not."""
+    recipe = Recipe(method=Method.GPTQ, overrides=(
+        ModuleOverride(pattern=r"layers\.1\.c", skip=True),
+        ModuleOverride(pattern=r"\.(a|c)$", method=Method.AWQ),
+    ))
+    backend = Recorder()
+    out = run_sequential(plan(recipe), backend)
+    assert backend.calls[1] == ("scale", 0, "x0", ("a", "c"))
+    assert ("scale", 1, "x1", ("a",)) in backend.calls
+    assert backend.calls[-1] == ("advance", 1, "x1", ("a", "b", "d"), ("a.weight", "c.weight", "norm.weight"))
+    assert out.dense == {"model.layers.0.norm.weight": "n0", "model.layers.1.norm.weight": "n1",
+                         "model.layers.1.c.weight": "s1c"}
 
 
 def test_should_stop_cancels_between_steps() -> None:
     backend = Recorder()
     polls = iter([False, False, False, True])
     with pytest.raises(CancelledError, match="block 0"):
-        run_sequential(PLAN, backend, needs_calibration=True, true_sequential=True, should_stop=lambda: next(polls))
+        run_sequential(plan(GPTQ), backend, should_stop=lambda: next(polls))
     assert [c[0] for c in backend.calls] == ["start", "collect", "solve", "collect"][: len(backend.calls)]
     assert len(backend.calls) == 4
 
 
 def test_plan_from_model(demo_checkpoint) -> None:  # type: ignore[no-untyped-def]
-    plan = Plan.from_model(demo_checkpoint)
+    plan = Plan.from_model(demo_checkpoint, GPTQ)
     assert plan.num_blocks == 4 and plan.groups[0] == demo_checkpoint.groups(0)
     assert plan.full_name(2, "mlp.up_proj") == "model.layers.2.mlp.up_proj"
+    assert plan.needs_calibration and not Plan.from_model(demo_checkpoint, RTN).needs_calibration
 
 
 @pytest.mark.parametrize("search", [None, GridSearch(steps=20)], ids=["minmax", "grid-search"])
@@ -106,10 +161,8 @@ def test_rtn_in_process_equals_rtn_per_weight(demo_checkpoint, search: GridSearc
         calib_files=CALIB_FILES,
         samples=1,
         seq_len=8,
-        scheme=scheme,
-        method=Method.RTN,
-        options=GPTQOptions(grid_search=search),
-    )
+        recipe=Recipe(scheme=scheme, method=Method.RTN, gptq=GPTQOptions(grid_search=search)),
+    ).quantized
     assert len(out) == 28
     for bid, local in [(0, "self_attn.k_proj"), (3, "mlp.down_proj")]:
         expected = quantize_rtn(demo_checkpoint.linear_weight(bid, local), scheme, search=search)
@@ -120,11 +173,12 @@ def test_gptq_local_backend_is_sequential(demo_checkpoint) -> None:  # type: ign
     """Block 1's q/k/v are solved on Hessians of block 0's *quantized* output, as one problem."""
     scheme, options = QuantScheme(bits=4, group_size=128), GPTQOptions()
     tokens = calibration_tokens(DEMO_MODEL, CALIB_FILES, samples=2, seq_len=32)
-    backend = LocalBackend(demo_checkpoint, scheme=scheme, method=Method.GPTQ, options=options, tokens=tokens)
+    recipe = Recipe(scheme=scheme, method=Method.GPTQ, gptq=options)
+    backend = LocalBackend(demo_checkpoint, recipe=recipe, tokens=tokens)
     # Block 1 is cut to its first group to keep this fast; the loop does not care.
-    plan = Plan(num_blocks=2, groups=[demo_checkpoint.groups(0), demo_checkpoint.groups(1)[:1]])
+    plan = Plan(num_blocks=2, groups=[demo_checkpoint.groups(0), demo_checkpoint.groups(1)[:1]], recipe=recipe)
     events: list[ProgressEvent] = []
-    out = run_sequential(plan, backend, needs_calibration=True, true_sequential=True, on_event=events.append)
+    out = run_sequential(plan, backend, on_event=events.append).quantized
     assert len(out) == 10 and len(events) == (4 * 2 + 2) + (1 * 2 + 2)
 
     block0 = {name.split(".", 3)[3] + ".weight": qw.dequantize() for name, qw in out.items() if ".0." in name}

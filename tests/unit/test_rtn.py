@@ -49,7 +49,7 @@ def test_bad_inputs_name_the_layer() -> None:
 
 def test_registry() -> None:
     rtn = get_method(Method.RTN)
-    assert not rtn.needs_calibration and get_method(Method.GPTQ).needs_calibration
+    assert not Method.RTN.needs_calibration and Method.GPTQ.needs_calibration and Method.AWQ.needs_calibration
     w = torch.randn(4, 128, generator=torch.Generator().manual_seed(1))
     result = rtn.solve(w, None, QuantScheme(), GPTQOptions(), "x")
     assert torch.equal(result.weight.codes, quantize_rtn(w, QuantScheme()).codes)
@@ -57,4 +57,4 @@ def test_registry() -> None:
     measured = rtn.solve(w, h, QuantScheme(), GPTQOptions(), "x")
     assert measured.error == pytest.approx(float(((w - result.weight.dequantize()) ** 2).sum()), rel=1e-5)
     with pytest.raises(UnsupportedError, match="known"):
-        get_method("awq")  # type: ignore[arg-type]
+        get_method("bogus")  # type: ignore[arg-type]

@@ -1,10 +1,12 @@
 """Quantization methods behind one calling convention, so services never branch on the method.
 
-Every method is a `MethodSpec`: whether it needs calibration statistics, and a `Solver` taking
-(weight [N, K], hessian [K, K] or None, scheme, options, name) and returning a `GPTQResult`.
+Every method is a `MethodSpec`: a `Solver` taking
+(weight [N, K], hessian [K, K] or None, scheme, options, name) and returning a `GPTQResult`. AWQ's
+block rescaling (`bitsmith.algos.awq`) runs before the solve, so its solvers are RTN's and GPTQ's
+applied to the rescaled weights.
 
->>> get_method(Method.RTN).needs_calibration
-False
+>>> get_method(Method.AWQ).solve.__name__
+'_solve_rtn'
 """
 
 from __future__ import annotations
@@ -38,9 +40,8 @@ class Solver(Protocol):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MethodSpec:
-    """What a method needs and the function that runs it."""
+    """The function that runs a method (whether it needs calibration is `Method.needs_calibration`)."""
 
-    needs_calibration: bool
     solve: Solver
 
 
@@ -81,8 +82,10 @@ def _solve_gptq(
 
 
 METHODS: Mapping[Method, MethodSpec] = {
-    Method.RTN: MethodSpec(needs_calibration=False, solve=_solve_rtn),
-    Method.GPTQ: MethodSpec(needs_calibration=True, solve=_solve_gptq),
+    Method.RTN: MethodSpec(solve=_solve_rtn),
+    Method.GPTQ: MethodSpec(solve=_solve_gptq),
+    Method.AWQ: MethodSpec(solve=_solve_rtn),
+    Method.AWQ_GPTQ: MethodSpec(solve=_solve_gptq),
 }
 
 

@@ -7,7 +7,8 @@ torch tensor or a Python enum.
 from __future__ import annotations
 
 from bitsmith.errors import ConfigError
-from bitsmith.schemes import Format, GPTQOptions, GridSearch, Method, QuantScheme
+from bitsmith.recipes import ModuleOverride, Recipe
+from bitsmith.schemes import AWQOptions, Format, GPTQOptions, GridSearch, Method, QuantScheme
 from bitsmith.store import QuantizedRef, TensorRef
 from bitsmith.v1 import common_pb2
 
@@ -49,11 +50,16 @@ def gptq_to_proto(options: GPTQOptions) -> common_pb2.GPTQOptions:
         block_size=options.block_size,
     )
     if options.grid_search is not None:
-        search = options.grid_search
-        msg.grid_search.CopyFrom(
-            common_pb2.GridSearch(steps=search.steps, max_shrink=search.max_shrink, norm=search.norm)
-        )
+        msg.grid_search.CopyFrom(grid_search_to_proto(options.grid_search))
     return msg
+
+
+def grid_search_to_proto(search: GridSearch) -> common_pb2.GridSearch:
+    return common_pb2.GridSearch(steps=search.steps, max_shrink=search.max_shrink, norm=search.norm)
+
+
+def grid_search_from_proto(msg: common_pb2.GridSearch) -> GridSearch:
+    return GridSearch(steps=msg.steps, max_shrink=msg.max_shrink, norm=msg.norm)
 
 
 def gptq_from_proto(msg: common_pb2.GPTQOptions) -> GPTQOptions:
@@ -65,9 +71,58 @@ def gptq_from_proto(msg: common_pb2.GPTQOptions) -> GPTQOptions:
         static_groups=msg.static_groups,
         true_sequential=msg.true_sequential,
         block_size=msg.block_size or defaults.block_size,
-        grid_search=(
-            GridSearch(steps=msg.grid_search.steps, max_shrink=msg.grid_search.max_shrink, norm=msg.grid_search.norm)
-            if msg.HasField("grid_search") else None
+        grid_search=grid_search_from_proto(msg.grid_search) if msg.HasField("grid_search") else None,
+    )
+
+
+def awq_to_proto(options: AWQOptions) -> common_pb2.AWQOptions:
+    return common_pb2.AWQOptions(
+        grid=options.grid, duo_scaling=options.duo_scaling, clip=options.clip, clip_grid=options.clip_grid,
+        max_shrink=options.max_shrink, clip_tokens=options.clip_tokens,
+    )
+
+
+def awq_from_proto(msg: common_pb2.AWQOptions) -> AWQOptions:
+    """An unset message takes the library defaults; inside a set one, zero counts take the defaults."""
+    defaults = AWQOptions()
+    if not msg.ByteSize():
+        return defaults
+    return AWQOptions(
+        grid=msg.grid or defaults.grid, duo_scaling=msg.duo_scaling, clip=msg.clip,
+        clip_grid=msg.clip_grid or defaults.clip_grid, max_shrink=msg.max_shrink,
+        clip_tokens=msg.clip_tokens or defaults.clip_tokens,
+    )
+
+
+def recipe_to_proto(recipe: Recipe) -> common_pb2.Recipe:
+    msg = common_pb2.Recipe(
+        method=method_to_proto(recipe.method), scheme=scheme_to_proto(recipe.scheme),
+        gptq=gptq_to_proto(recipe.gptq), awq=awq_to_proto(recipe.awq),
+    )
+    for override in recipe.overrides:
+        item = msg.overrides.add(pattern=override.pattern, skip=override.skip)
+        if override.scheme is not None:
+            item.scheme.CopyFrom(scheme_to_proto(override.scheme))
+        if override.method is not None:
+            item.method = method_to_proto(override.method)
+    return msg
+
+
+def recipe_from_proto(msg: common_pb2.Recipe) -> Recipe:
+    """Validates as it converts: a bad regex, scheme or method is a `ConfigError` naming it."""
+    return Recipe(
+        method=method_from_proto(msg.method),
+        scheme=scheme_from_proto(msg.scheme),
+        gptq=gptq_from_proto(msg.gptq),
+        awq=awq_from_proto(msg.awq),
+        overrides=tuple(
+            ModuleOverride(
+                pattern=o.pattern,
+                scheme=scheme_from_proto(o.scheme) if o.HasField("scheme") else None,
+                method=method_from_proto(o.method) if o.method != common_pb2.METHOD_UNSPECIFIED else None,
+                skip=o.skip,
+            )
+            for o in msg.overrides
         ),
     )
 

@@ -8,12 +8,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PlanRequest(_message.Message):
-    __slots__ = ("model_path", "scheme")
+    __slots__ = ("model_path", "recipe")
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
-    SCHEME_FIELD_NUMBER: _ClassVar[int]
+    RECIPE_FIELD_NUMBER: _ClassVar[int]
     model_path: str
-    scheme: _common_pb2.QuantScheme
-    def __init__(self, model_path: _Optional[str] = ..., scheme: _Optional[_Union[_common_pb2.QuantScheme, _Mapping]] = ...) -> None: ...
+    recipe: _common_pb2.Recipe
+    def __init__(self, model_path: _Optional[str] = ..., recipe: _Optional[_Union[_common_pb2.Recipe, _Mapping]] = ...) -> None: ...
 
 class LinearGroup(_message.Message):
     __slots__ = ("names",)
@@ -54,20 +54,22 @@ class StartResponse(_message.Message):
     def __init__(self, inputs: _Optional[_Union[_common_pb2.TensorRef, _Mapping]] = ...) -> None: ...
 
 class CollectRequest(_message.Message):
-    __slots__ = ("job_id", "model_path", "block", "names", "inputs", "applied")
+    __slots__ = ("job_id", "model_path", "block", "names", "inputs", "applied", "scaled")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     BLOCK_FIELD_NUMBER: _ClassVar[int]
     NAMES_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     APPLIED_FIELD_NUMBER: _ClassVar[int]
+    SCALED_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     model_path: str
     block: int
     names: _containers.RepeatedScalarFieldContainer[str]
     inputs: _common_pb2.TensorRef
     applied: _containers.RepeatedCompositeFieldContainer[_common_pb2.QuantizedRef]
-    def __init__(self, job_id: _Optional[str] = ..., model_path: _Optional[str] = ..., block: _Optional[int] = ..., names: _Optional[_Iterable[str]] = ..., inputs: _Optional[_Union[_common_pb2.TensorRef, _Mapping]] = ..., applied: _Optional[_Iterable[_Union[_common_pb2.QuantizedRef, _Mapping]]] = ...) -> None: ...
+    scaled: _containers.RepeatedCompositeFieldContainer[_common_pb2.NamedTensor]
+    def __init__(self, job_id: _Optional[str] = ..., model_path: _Optional[str] = ..., block: _Optional[int] = ..., names: _Optional[_Iterable[str]] = ..., inputs: _Optional[_Union[_common_pb2.TensorRef, _Mapping]] = ..., applied: _Optional[_Iterable[_Union[_common_pb2.QuantizedRef, _Mapping]]] = ..., scaled: _Optional[_Iterable[_Union[_common_pb2.NamedTensor, _Mapping]]] = ...) -> None: ...
 
 class CollectResponse(_message.Message):
     __slots__ = ("stats",)
@@ -76,24 +78,60 @@ class CollectResponse(_message.Message):
     def __init__(self, stats: _Optional[_Iterable[_Union[_common_pb2.LinearStats, _Mapping]]] = ...) -> None: ...
 
 class AdvanceRequest(_message.Message):
-    __slots__ = ("job_id", "model_path", "block", "inputs", "applied")
+    __slots__ = ("job_id", "model_path", "block", "inputs", "applied", "scaled")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     BLOCK_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     APPLIED_FIELD_NUMBER: _ClassVar[int]
+    SCALED_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     model_path: str
     block: int
     inputs: _common_pb2.TensorRef
     applied: _containers.RepeatedCompositeFieldContainer[_common_pb2.QuantizedRef]
-    def __init__(self, job_id: _Optional[str] = ..., model_path: _Optional[str] = ..., block: _Optional[int] = ..., inputs: _Optional[_Union[_common_pb2.TensorRef, _Mapping]] = ..., applied: _Optional[_Iterable[_Union[_common_pb2.QuantizedRef, _Mapping]]] = ...) -> None: ...
+    scaled: _containers.RepeatedCompositeFieldContainer[_common_pb2.NamedTensor]
+    def __init__(self, job_id: _Optional[str] = ..., model_path: _Optional[str] = ..., block: _Optional[int] = ..., inputs: _Optional[_Union[_common_pb2.TensorRef, _Mapping]] = ..., applied: _Optional[_Iterable[_Union[_common_pb2.QuantizedRef, _Mapping]]] = ..., scaled: _Optional[_Iterable[_Union[_common_pb2.NamedTensor, _Mapping]]] = ...) -> None: ...
 
 class AdvanceResponse(_message.Message):
     __slots__ = ("outputs",)
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     outputs: _common_pb2.TensorRef
     def __init__(self, outputs: _Optional[_Union[_common_pb2.TensorRef, _Mapping]] = ...) -> None: ...
+
+class ScaleTarget(_message.Message):
+    __slots__ = ("name", "scheme")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SCHEME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    scheme: _common_pb2.QuantScheme
+    def __init__(self, name: _Optional[str] = ..., scheme: _Optional[_Union[_common_pb2.QuantScheme, _Mapping]] = ...) -> None: ...
+
+class ScaleRequest(_message.Message):
+    __slots__ = ("job_id", "model_path", "block", "inputs", "targets", "awq", "grid_search")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    AWQ_FIELD_NUMBER: _ClassVar[int]
+    GRID_SEARCH_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    model_path: str
+    block: int
+    inputs: _common_pb2.TensorRef
+    targets: _containers.RepeatedCompositeFieldContainer[ScaleTarget]
+    awq: _common_pb2.AWQOptions
+    grid_search: _common_pb2.GridSearch
+    def __init__(self, job_id: _Optional[str] = ..., model_path: _Optional[str] = ..., block: _Optional[int] = ..., inputs: _Optional[_Union[_common_pb2.TensorRef, _Mapping]] = ..., targets: _Optional[_Iterable[_Union[ScaleTarget, _Mapping]]] = ..., awq: _Optional[_Union[_common_pb2.AWQOptions, _Mapping]] = ..., grid_search: _Optional[_Union[_common_pb2.GridSearch, _Mapping]] = ...) -> None: ...
+
+class ScaleResponse(_message.Message):
+    __slots__ = ("scaled", "report_json")
+    SCALED_FIELD_NUMBER: _ClassVar[int]
+    REPORT_JSON_FIELD_NUMBER: _ClassVar[int]
+    scaled: _containers.RepeatedCompositeFieldContainer[_common_pb2.NamedTensor]
+    report_json: str
+    def __init__(self, scaled: _Optional[_Iterable[_Union[_common_pb2.NamedTensor, _Mapping]]] = ..., report_json: _Optional[str] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("job_id",)

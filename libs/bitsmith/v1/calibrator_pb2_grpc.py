@@ -54,6 +54,11 @@ class CalibratorServiceStub:
                 request_serializer=bitsmith_dot_v1_dot_calibrator__pb2.AdvanceRequest.SerializeToString,
                 response_deserializer=bitsmith_dot_v1_dot_calibrator__pb2.AdvanceResponse.FromString,
                 _registered_method=True)
+        self.Scale = channel.unary_unary(
+                '/bitsmith.v1.CalibratorService/Scale',
+                request_serializer=bitsmith_dot_v1_dot_calibrator__pb2.ScaleRequest.SerializeToString,
+                response_deserializer=bitsmith_dot_v1_dot_calibrator__pb2.ScaleResponse.FromString,
+                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/bitsmith.v1.CalibratorService/Release',
                 request_serializer=bitsmith_dot_v1_dot_calibrator__pb2.ReleaseRequest.SerializeToString,
@@ -88,6 +93,13 @@ class CalibratorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Scale(self, request, context):
+        """AWQ: search the block's activation-aware scales and clipping; the block stays equivalent in float.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Release(self, request, context):
         """Removes the job's scratch tensors (activations, statistics, solved weights) from the store.
         """
@@ -117,6 +129,11 @@ def add_CalibratorServiceServicer_to_server(servicer, server):
                     servicer.Advance,
                     request_deserializer=bitsmith_dot_v1_dot_calibrator__pb2.AdvanceRequest.FromString,
                     response_serializer=bitsmith_dot_v1_dot_calibrator__pb2.AdvanceResponse.SerializeToString,
+            ),
+            'Scale': grpc.unary_unary_rpc_method_handler(
+                    servicer.Scale,
+                    request_deserializer=bitsmith_dot_v1_dot_calibrator__pb2.ScaleRequest.FromString,
+                    response_serializer=bitsmith_dot_v1_dot_calibrator__pb2.ScaleResponse.SerializeToString,
             ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
@@ -232,6 +249,33 @@ class CalibratorService:
             '/bitsmith.v1.CalibratorService/Advance',
             bitsmith_dot_v1_dot_calibrator__pb2.AdvanceRequest.SerializeToString,
             bitsmith_dot_v1_dot_calibrator__pb2.AdvanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Scale(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bitsmith.v1.CalibratorService/Scale',
+            bitsmith_dot_v1_dot_calibrator__pb2.ScaleRequest.SerializeToString,
+            bitsmith_dot_v1_dot_calibrator__pb2.ScaleResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -260,6 +260,14 @@ class EvalResult(_message.Message):
     reference_ppl: float
     def __init__(self, dataset: _Optional[str] = ..., ppl: _Optional[float] = ..., tokens: _Optional[int] = ..., kl: _Optional[float] = ..., top1: _Optional[float] = ..., reference_ppl: _Optional[float] = ...) -> None: ...
 
+class NamedTensor(_message.Message):
+    __slots__ = ("name", "tensor")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    tensor: TensorRef
+    def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[TensorRef, _Mapping]] = ...) -> None: ...
+
 class LinearStats(_message.Message):
     __slots__ = ("name", "weight", "hessian", "tokens")
     NAME_FIELD_NUMBER: _ClassVar[int]

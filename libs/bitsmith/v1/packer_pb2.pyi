@@ -8,20 +8,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PackRequest(_message.Message):
-    __slots__ = ("job_id", "model_path", "quantized", "format", "out_path", "recipe")
+    __slots__ = ("job_id", "model_path", "quantized", "format", "out_path", "recipe", "dense")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     QUANTIZED_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     OUT_PATH_FIELD_NUMBER: _ClassVar[int]
     RECIPE_FIELD_NUMBER: _ClassVar[int]
+    DENSE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     model_path: str
     quantized: _containers.RepeatedCompositeFieldContainer[_common_pb2.QuantizedRef]
     format: _common_pb2.OutputFormat
     out_path: str
     recipe: _common_pb2.Recipe
-    def __init__(self, job_id: _Optional[str] = ..., model_path: _Optional[str] = ..., quantized: _Optional[_Iterable[_Union[_common_pb2.QuantizedRef, _Mapping]]] = ..., format: _Optional[_Union[_common_pb2.OutputFormat, _Mapping]] = ..., out_path: _Optional[str] = ..., recipe: _Optional[_Union[_common_pb2.Recipe, _Mapping]] = ...) -> None: ...
+    dense: _containers.RepeatedCompositeFieldContainer[_common_pb2.NamedTensor]
+    def __init__(self, job_id: _Optional[str] = ..., model_path: _Optional[str] = ..., quantized: _Optional[_Iterable[_Union[_common_pb2.QuantizedRef, _Mapping]]] = ..., format: _Optional[_Union[_common_pb2.OutputFormat, _Mapping]] = ..., out_path: _Optional[str] = ..., recipe: _Optional[_Union[_common_pb2.Recipe, _Mapping]] = ..., dense: _Optional[_Iterable[_Union[_common_pb2.NamedTensor, _Mapping]]] = ...) -> None: ...
 
 class PackResponse(_message.Message):
     __slots__ = ("staging_path", "artifact")

@@ -1,0 +1,241 @@
+"""A recipe: what happens to every linear of a model — one default, ordered per-module overrides.
+
+Users mix precision by module (attention at 8 bits, MLP at 4, a sensitive layer kept in float); the
+recipe is where that choice lives, in one dataclass that the CLI loads from YAML, the wire carries as
+`bitsmith.v1.Recipe`, and the pipeline asks per linear (`Recipe.assign`). Overrides are tried in
+order and the first whose regex is found in the module's full name (``re.search``) wins; what an
+override leaves unset (bits, method, ...) comes from the recipe's default.
+
+>>> recipe = Recipe.from_mapping({
+...     "method": "gptq", "scheme": {"bits": 4, "group_size": 128},
+...     "overrides": [{"pattern": r"self_attn\\.", "bits": 8}, {"pattern": r"layers\\.0\\.mlp", "skip": True}],
+... })
+>>> recipe.assign("model.layers.1.self_attn.q_proj").scheme.bits
+8
+>>> recipe.assign("model.layers.0.mlp.up_proj") is None
+True
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from bitsmith.errors import ConfigError, NotFoundError
+from bitsmith.schemes import AWQOptions, GPTQOptions, GridSearch, Method, QuantScheme
+
+MAX_RECIPE_BYTES = 1 << 20
+"""A recipe is a few hundred bytes; a larger file is a mistake (or hostile), refused before parsing."""
+
+MAX_OVERRIDES = 10_000
+
+_SCHEME_KEYS = frozenset(f.name for f in fields(QuantScheme))
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Assignment:
+    """How one linear is quantized: the method that fills the grid and the grid itself."""
+
+    method: Method
+    scheme: QuantScheme
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModuleOverride:
+    """Modules whose full name matches `pattern` (``re.search``) take this method/scheme, or stay float.
+
+    `scheme` and `method` are None where the recipe's default applies; `skip` excludes both.
+    """
+
+    pattern: str
+    scheme: QuantScheme | None = None
+    method: Method | None = None
+    skip: bool = False
+    _regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.pattern:
+            raise ConfigError("an override needs a non-empty pattern")
+        try:
+            object.__setattr__(self, "_regex", re.compile(self.pattern))
+        except re.error as exc:
+            raise ConfigError(f"override pattern {self.pattern!r} is not a valid regex: {exc}") from None
+        if self.skip and (self.scheme is not None or self.method is not None):
+            raise ConfigError(f"override {self.pattern!r} skips its modules, so it cannot also set a scheme or method")
+        if not self.skip and self.scheme is None and self.method is None:
+            raise ConfigError(f"override {self.pattern!r} changes nothing: give a scheme field, a method or skip")
+
+    def matches(self, module: str) -> bool:
+        return self._regex.search(module) is not None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Recipe:
+    """The default method and scheme, the methods' options, and ordered per-module overrides."""
+
+    VERSION = 1
+
+    method: Method = Method.GPTQ
+    scheme: QuantScheme = field(default_factory=QuantScheme)
+    gptq: GPTQOptions = field(default_factory=GPTQOptions)
+    awq: AWQOptions = field(default_factory=AWQOptions)
+    overrides: tuple[ModuleOverride, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.overrides) > MAX_OVERRIDES:
+            raise ConfigError(f"a recipe takes at most {MAX_OVERRIDES} overrides, got {len(self.overrides)}")
+
+    def assign(self, module: str) -> Assignment | None:
+        """The method and scheme of the linear `module` (full name), or None when it stays float."""
+        for override in self.overrides:
+            if override.matches(module):
+                if override.skip:
+                    return None
+                return Assignment(method=override.method or self.method, scheme=override.scheme or self.scheme)
+        return Assignment(method=self.method, scheme=self.scheme)
+
+    def assignments(self, modules: Iterable[str]) -> dict[str, Assignment | None]:
+        """`assign` for each module; `ConfigError` when nothing at all would be quantized."""
+        out = {module: self.assign(module) for module in modules}
+        if out and all(a is None for a in out.values()):
+            raise ConfigError("the recipe skips every linear of the model: there is nothing to quantize")
+        return out
+
+    @property
+    def methods(self) -> frozenset[Method]:
+        """Every method the recipe can assign."""
+        return frozenset([self.method, *(o.method for o in self.overrides if o.method is not None)])
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for manifests and YAML: schemes of overrides are written in full."""
+        return {
+            "_version": self.VERSION,
+            "method": self.method.value,
+            "scheme": asdict(self.scheme),
+            "gptq": asdict(self.gptq),
+            "awq": asdict(self.awq),
+            "overrides": [
+                {"pattern": o.pattern, "skip": o.skip, "method": o.method.value if o.method else None,
+                 "scheme": asdict(o.scheme) if o.scheme else None}
+                for o in self.overrides
+            ],
+        }
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], *, where: str = "recipe") -> Recipe:
+        """Build from plain data (a parsed YAML file); unknown keys and bad values are `ConfigError`s.
+
+        Overrides give scheme fields flat (``bits: 8``) or nested (``scheme: {bits: 8}``); either way
+        they are merged onto the default scheme, so the result holds full schemes.
+        """
+        _check_keys(data, {"_version", "method", "scheme", "gptq", "awq", "overrides"}, where)
+        version = data.get("_version", cls.VERSION)
+        if version != cls.VERSION:
+            raise ConfigError(f"{where}: version {version!r} is not {cls.VERSION}")
+        scheme = _scheme(QuantScheme(), _mapping(data.get("scheme", {}), f"{where}.scheme"), f"{where}.scheme")
+        overrides = data.get("overrides", [])
+        if not isinstance(overrides, list):
+            raise ConfigError(f"{where}.overrides must be a list, got {type(overrides).__name__}")
+        return cls(
+            method=_method(data.get("method", Method.GPTQ.value), f"{where}.method"),
+            scheme=scheme,
+            gptq=_gptq(_mapping(data.get("gptq", {}), f"{where}.gptq"), f"{where}.gptq"),
+            awq=_options(AWQOptions, _mapping(data.get("awq", {}), f"{where}.awq"), f"{where}.awq"),
+            overrides=tuple(
+                _override(_mapping(item, f"{where}.overrides[{i}]"), scheme, f"{where}.overrides[{i}]")
+                for i, item in enumerate(overrides)
+            ),
+        )
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Recipe:
+        """Load a recipe file (see `from_mapping` for its keys)."""
+        import yaml
+
+        path = Path(path)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise NotFoundError(f"recipe file {path} does not exist") from None
+        if size > MAX_RECIPE_BYTES:
+            raise ConfigError(f"recipe file {path} is {size} bytes; the limit is {MAX_RECIPE_BYTES}")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise ConfigError(f"recipe file {path} is not valid YAML: {exc}") from None
+        return cls.from_mapping(_mapping(data, str(path)), where=str(path))
+
+
+def _check_keys(data: Mapping[str, Any], allowed: Iterable[str], where: str) -> None:
+    if unknown := sorted(set(data) - set(allowed)):
+        raise ConfigError(f"{where}: unknown keys {unknown}; allowed: {sorted(allowed)}")
+
+
+def _mapping(value: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where} must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _method(value: Any, where: str) -> Method:
+    try:
+        return Method(value)
+    except ValueError:
+        raise ConfigError(f"{where}: unknown method {value!r}; known: {[m.value for m in Method]}") from None
+
+
+def _options(cls: type[T], data: Mapping[str, Any], where: str) -> T:
+    _check_keys(data, {f.name for f in fields(cls)}, where)  # type: ignore[arg-type]
+    try:
+        return cls(**data)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _scheme(base: QuantScheme, data: Mapping[str, Any], where: str) -> QuantScheme:
+    _check_keys(data, _SCHEME_KEYS, where)
+    for key, value in data.items():
+        wanted = bool if key == "sym" else int
+        if not isinstance(value, wanted) or (wanted is int and isinstance(value, bool)):
+            raise ConfigError(f"{where}.{key} must be {wanted.__name__}, got {value!r}")
+    try:
+        return replace(base, **data)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _gptq(data: Mapping[str, Any], where: str) -> GPTQOptions:
+    data = dict(data)
+    search = data.pop("grid_search", None)
+    options = _options(GPTQOptions, data, where)
+    if search is None or search is False:
+        return options
+    grid = GridSearch() if search is True else _options(GridSearch, _mapping(search, f"{where}.grid_search"),
+                                                          f"{where}.grid_search")
+    return replace(options, grid_search=grid)
+
+
+def _override(data: Mapping[str, Any], default: QuantScheme, where: str) -> ModuleOverride:
+    _check_keys(data, {"pattern", "method", "skip", "scheme", *_SCHEME_KEYS}, where)
+    pattern = data.get("pattern")
+    if not isinstance(pattern, str):
+        raise ConfigError(f"{where}.pattern must be a string, got {pattern!r}")
+    skip = data.get("skip", False)
+    if not isinstance(skip, bool):
+        raise ConfigError(f"{where}.skip must be true or false, got {skip!r}")
+    flat = {k: v for k, v in data.items() if k in _SCHEME_KEYS}
+    nested = _mapping(data.get("scheme", {}), f"{where}.scheme")
+    if flat and nested:
+        raise ConfigError(f"{where}: give scheme fields either flat or under 'scheme', not both")
+    fields_given = flat or nested
+    return ModuleOverride(
+        pattern=pattern,
+        scheme=_scheme(default, fields_given, where) if fields_given else None,
+        method=_method(data["method"], f"{where}.method") if data.get("method") is not None else None,
+        skip=skip,
+    )
