@@ -13,10 +13,7 @@ byte for byte; each quantized linear's `.weight` is replaced by qweight / qzeros
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
-from dataclasses import dataclass
-from math import prod
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +21,8 @@ import torch
 
 import bitsmith
 from bitsmith.errors import AlreadyExistsError, ConfigError, FormatError, UnsupportedError
-from bitsmith.formats.base import copy_file_synced, save_safetensors_atomic, write_file_atomic
+from bitsmith.formats.base import copy_file_synced
 from bitsmith.formats.gptq.constants import (
-    BIAS,
     CONFIG_FILE,
     COPIED_FILES,
     DEFAULT_MAX_SHARD_BYTES,
@@ -45,16 +41,8 @@ from bitsmith.formats.gptq.constants import (
 )
 from bitsmith.formats.gptq.packing import pack_dim0, packed_rows
 from bitsmith.formats.grid_checks import unquantized_config
-from bitsmith.formats.safetensors_io import (
-    INDEX_FILE,
-    PT_METADATA,
-    SHARD_TEMPLATE,
-    WEIGHTS_FILE,
-    TensorInfo,
-    check_dense,
-    load_tensors,
-    scan_checkpoint,
-)
+from bitsmith.formats.packed_checkpoint import write_json, write_packed_weights
+from bitsmith.formats.safetensors_io import TensorInfo, check_dense, scan_checkpoint
 from bitsmith.quantized import QuantizedWeight
 from bitsmith.schemes import PER_CHANNEL, GPTQOptions, QuantScheme
 
@@ -215,65 +203,6 @@ def _check_g_idx(
         raise FormatError(f"{where}: act-order g_idx must put exactly group_size columns in every group")
 
 
-@dataclass(frozen=True, slots=True)
-class _Item:
-    """One output tensor: a source tensor to copy, a bias to cast, or a layer to pack."""
-
-    name: str
-    nbytes: int
-    source: TensorInfo | None = None
-    layer: str | None = None
-
-
-def _plan(source: Mapping[str, TensorInfo], quantized: Mapping[str, QuantizedWeight]) -> list[_Item]:
-    items: list[_Item] = []
-    for tensor_name in sorted(source):
-        info = source[tensor_name]
-        prefix, _, suffix = tensor_name.rpartition(".")
-        if prefix in quantized and suffix == WEIGHT:
-            items.append(_Item(prefix, packed_nbytes(quantized[prefix]), layer=prefix))
-        elif prefix in quantized and suffix == BIAS:
-            items.append(_Item(tensor_name, 2 * prod(info.shape), source=info))
-        else:
-            items.append(_Item(tensor_name, info.nbytes, source=info))
-    return items
-
-
-def _shards(items: list[_Item], max_shard_bytes: int) -> list[list[_Item]]:
-    shards: list[list[_Item]] = [[]]
-    size = 0
-    for item in items:
-        if shards[-1] and size + item.nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(item)
-        size += item.nbytes
-    return shards
-
-
-def _materialize(
-    items: list[_Item],
-    quantized: Mapping[str, QuantizedWeight],
-    checkpoint_format: CheckpointFormat,
-    dense: Mapping[str, torch.Tensor] | None,
-) -> dict[str, torch.Tensor]:
-    loaded = load_tensors((item.source for item in items if item.source is not None), dense)
-    tensors: dict[str, torch.Tensor] = {}
-    for item in items:
-        if item.layer is not None:
-            packed = pack_layer(quantized[item.layer], checkpoint_format)
-            tensors.update({f"{item.layer}.{suffix}": t for suffix, t in packed.items()})
-        elif item.name.rpartition(".")[0] in quantized:
-            tensors[item.name] = loaded[item.name].to(torch.float16)
-        else:
-            tensors[item.name] = loaded[item.name]
-    return tensors
-
-
-def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    write_file_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
-
-
 def write_gptq(
     out_dir: Path,
     *,
@@ -309,21 +238,19 @@ def write_gptq(
         validate_layer(name, qw, source, linears, options, fmt)
     check_dense(source, dense or {}, quantized=quantized)
 
-    shards = _shards(_plan(source, quantized), max_shard_bytes)
-    weight_map: dict[str, str] = {}
-    total_size = 0
-    for index, items in enumerate(shards, start=1):
-        file = WEIGHTS_FILE if len(shards) == 1 else SHARD_TEMPLATE.format(index=index, total=len(shards))
-        tensors = _materialize(items, quantized, fmt, dense)
-        save_safetensors_atomic(out_dir / file, tensors, PT_METADATA)
-        weight_map.update(dict.fromkeys(tensors, file))
-        total_size += sum(t.numel() * t.element_size() for t in tensors.values())
-    if len(shards) > 1:
-        _write_json(out_dir / INDEX_FILE, {"metadata": {"total_size": total_size}, "weight_map": weight_map})
+    write_packed_weights(
+        out_dir,
+        source=source,
+        quantized=quantized,
+        pack=lambda qw: pack_layer(qw, fmt),
+        packed_nbytes=packed_nbytes,
+        dense=dense,
+        max_shard_bytes=max_shard_bytes,
+    )
 
     qcfg = quantization_config(scheme, options, fmt, lm_head=LM_HEAD in quantized, quantizer=quantizer)
-    _write_json(out_dir / CONFIG_FILE, {**config, QUANTIZATION_CONFIG_KEY: qcfg})
-    _write_json(out_dir / QUANTIZE_CONFIG_FILE, qcfg)
+    write_json(out_dir / CONFIG_FILE, {**config, QUANTIZATION_CONFIG_KEY: qcfg})
+    write_json(out_dir / QUANTIZE_CONFIG_FILE, qcfg)
     for name in COPIED_FILES:
         if (source_model_dir / name).is_file():
             copy_file_synced(source_model_dir / name, out_dir / name)
