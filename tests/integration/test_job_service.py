@@ -8,6 +8,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 from bitsmith.demo import DEMO_MODEL
 from bitsmith.errors import (
     AlreadyExistsError,
@@ -18,6 +19,7 @@ from bitsmith.errors import (
 )
 from bitsmith.manifest import verify_manifest
 from bitsmith.rpc.client import Client
+from bitsmith.rpc.convert import format_from_proto
 from bitsmith.v1 import common_pb2
 from bitsmith_services.registry import Role
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -241,3 +243,34 @@ def test_one_job_writes_several_formats_from_one_solve(stack: Stack, tmp_path: P
         weights = checkpoint.quantized_weights() if fmt is Format.MLX else checkpoint.quantized
         codes[name] = weights["model.layers.2.mlp.down_proj"].codes
     assert all(c.equal(codes["FORMAT_GPTQ"]) for c in codes.values()), "every format carries the same codes"
+
+
+def test_mixed_precision_recipe_reads_back_identically_from_gptq_and_compressed_tensors(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """Attention at 8 bits, MLP at 4, one linear kept in float: both formats carry it, to the same weights."""
+    from bitsmith.formats import get_format
+    from bitsmith.schemes import Format
+
+    out = tmp_path / "mixed"
+    spec = make_job(out, min_zero=0)
+    spec.recipe.overrides.add(pattern=r"layers\.1\.mlp\.down_proj", skip=True)
+    spec.recipe.overrides.add(pattern=r"self_attn\.", scheme=common_pb2.QuantScheme(bits=8, group_size=128))
+    del spec.output.formats[:]
+    spec.output.formats.add(format=common_pb2.FORMAT_GPTQ, variant="gptq_v2")
+    spec.output.formats.add(format=common_pb2.FORMAT_COMPRESSED_TENSORS)
+    done = wait(stack.client, stack.client.submit(spec).job_id)
+    assert done.state == SUCCEEDED, done.error
+    dense = {}
+    for artifact in done.artifacts:
+        fmt = format_from_proto(artifact.format)
+        verify_manifest(Path(artifact.path))
+        checkpoint = get_format(fmt).read(Path(artifact.path))
+        bits = {name: qw.scheme.bits for name, qw in checkpoint.quantized.items()}
+        assert bits["model.layers.0.self_attn.k_proj"] == 8 and bits["model.layers.0.mlp.down_proj"] == 4
+        assert "model.layers.1.mlp.down_proj" not in bits and len(bits) == 27
+        dense[fmt] = checkpoint.dense_state_dict()
+    gptq, ct = dense[Format.GPTQ], dense[Format.COMPRESSED_TENSORS]
+    assert gptq.keys() == ct.keys()
+    for name in gptq:
+        assert torch.equal(gptq[name], ct[name]), name

@@ -313,13 +313,54 @@ def test_v1_refuses_asymmetric_zero_of_zero_naming_the_layer(tmp_path: Path) -> 
     write(tmp_path / "v2", quantized, variant="gptq_v2")  # v2 stores true zeros: fine
 
 
-def test_mixed_schemes_are_refused(tmp_path: Path) -> None:
-    quantized = random_layers(QuantScheme(bits=4, group_size=128, sym=True))
+def test_mixed_precision_and_float_linears_go_to_dynamic(tmp_path: Path) -> None:
+    """The most common scheme is global; an 8-bit q/k/v and a 3-bit down_proj are `dynamic` overrides (with
+    vLLM's fused name where a whole fused set shares one), and a linear left out stays float behind "-:"."""
+    shapes = {"self_attn.q_proj": (256, 256), "self_attn.k_proj": (128, 256), "self_attn.v_proj": (128, 256),
+              "self_attn.o_proj": (256, 256), "mlp.gate_proj": (768, 256), "mlp.up_proj": (768, 256),
+              "mlp.down_proj": (256, 768)}
+    four, eight = QuantScheme(bits=4, group_size=128, sym=True), QuantScheme(bits=8, group_size=128, sym=True)
+    quantized = {
+        f"model.layers.{b}.{local}": random_qw(n, k, eight if b == 1 and "attn" in local and "o_" not in local
+                                               else four, act_order=False, seed=b)
+        for b in range(4) for local, (n, k) in shapes.items()
+    }
     quantized["model.layers.2.mlp.down_proj"] = random_qw(
-        256, 768, QuantScheme(bits=8, group_size=128, sym=True), act_order=False, seed=9
+        256, 768, QuantScheme(bits=3, group_size=64, sym=False), act_order=False, seed=9
     )
-    with pytest.raises(UnsupportedError, match=r"one global bits/group_size/sym.*2 schemes"):
-        write(tmp_path / "art", quantized)
+    del quantized["model.layers.3.mlp.up_proj"]
+    write(tmp_path / "art", quantized, variant="gptq_v2")
+    qcfg = json.loads((tmp_path / "art" / "quantize_config.json").read_text())
+    assert (qcfg["bits"], qcfg["group_size"], qcfg["sym"]) == (4, 128, True)
+    assert qcfg["dynamic"] == {
+        r"-:model\.layers\.3\.mlp\.(?:up_proj)$": {},
+        r"+:model\.layers\.2\.mlp\.(?:down_proj)$": {"bits": 3, "group_size": 64, "sym": False},
+        r"+:model\.layers\.1\.self_attn\.(?:k_proj|q_proj|qkv_proj|v_proj)$": {
+            "bits": 8, "group_size": 128, "sym": True},
+    }
+    ckpt = read_gptq(tmp_path / "art")
+    assert set(ckpt.quantized) == set(quantized)
+    for name, qw in quantized.items():
+        got = ckpt.quantized[name]
+        assert got.scheme == qw.scheme and torch.equal(got.codes, qw.codes) and torch.equal(got.zeros, qw.zeros)
+    source = load_file(str(DEMO_MODEL / "model.safetensors"))
+    up = "model.layers.3.mlp.up_proj.weight"
+    assert torch.equal(ckpt.tensors[up], source[up])
+
+
+def test_dynamic_that_contradicts_the_tensors_is_refused(tmp_path: Path) -> None:
+    write(tmp_path / "art", random_layers(QuantScheme(bits=4, group_size=128, sym=True)))
+    for dynamic, reason in [({"-:.*q_proj$": {}}, "dynamic says it is not quantized"),
+                            ({"+:.*q_proj$": {"bits": 8}}, r"q_proj.*qweight.*expected"),
+                            ({"+:(": {}}, "not a valid regex"),
+                            ({"+:.*q_proj$": {"bits": "8"}}, "sets bits to '8'")]:
+        for name in ("config.json", "quantize_config.json"):
+            path = tmp_path / "art" / name
+            data = json.loads(path.read_text())
+            (data["quantization_config"] if name == "config.json" else data)["dynamic"] = dynamic
+            path.write_text(json.dumps(data))
+        with pytest.raises(FormatError, match=reason):
+            read_gptq(tmp_path / "art")
 
 
 @pytest.mark.parametrize(

@@ -39,6 +39,7 @@ from bitsmith.formats.gptq.constants import (
     WEIGHT,
     CheckpointFormat,
 )
+from bitsmith.formats.gptq.dynamic import resolve
 from bitsmith.formats.gptq.packing import packed_rows, unpack_dim0
 from bitsmith.formats.safetensors_io import TensorInfo, load_tensors, scan_checkpoint
 from bitsmith.quantized import QuantizedWeight
@@ -203,14 +204,22 @@ def read_gptq(path: Path) -> GPTQCheckpoint:
     path = Path(path)
     config, qcfg = read_configs(path)
     scheme, fmt, desc_act = parse_quantization_config(qcfg, str(path))
+    dynamic = qcfg.get("dynamic") or {}
+    if not isinstance(dynamic, dict):
+        raise FormatError(f"{path}: dynamic must be an object, got {dynamic!r}")
     infos = scan_checkpoint(path)
     prefixes = sorted(name.removesuffix(f".{QWEIGHT}") for name in infos if name.endswith(f".{QWEIGHT}"))
     if not prefixes:
         raise FormatError(f"GPTQ checkpoint {path} has no {QWEIGHT} tensors")
     owned: set[str] = set()
     layer_infos: dict[str, dict[str, TensorInfo]] = {}
+    schemes: dict[str, QuantScheme] = {}
     for prefix in prefixes:
-        layer_infos[prefix] = _layer_infos(prefix, infos, scheme)
+        layer_scheme = resolve(dynamic, prefix, scheme, where=f"{path}: dynamic")
+        if layer_scheme is None:
+            raise FormatError(f"{path}: {prefix} is packed but dynamic says it is not quantized")
+        schemes[prefix] = layer_scheme
+        layer_infos[prefix] = _layer_infos(prefix, infos, layer_scheme)
         owned.update(f"{prefix}.{suffix}" for suffix in QUANTIZED_SUFFIXES)
     stray = sorted(name for name in set(infos) - owned if name.rpartition(".")[2] in QUANTIZED_SUFFIXES)
     if stray:
@@ -218,7 +227,7 @@ def read_gptq(path: Path) -> GPTQCheckpoint:
     loaded = load_tensors(info for parts in layer_infos.values() for info in parts.values())
     quantized = {
         prefix: unpack_layer(
-            prefix, {suffix: loaded[info.name] for suffix, info in parts.items()}, scheme, fmt, desc_act
+            prefix, {suffix: loaded[info.name] for suffix, info in parts.items()}, schemes[prefix], fmt, desc_act
         )
         for prefix, parts in layer_infos.items()
     }

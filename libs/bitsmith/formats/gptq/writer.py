@@ -1,8 +1,8 @@
 """Write a GPTQ safetensors checkpoint (FORMATS.md §1) from a source model and solver results.
 
-Why it validates so much: the format has one global (bits, group_size, sym, desc_act) and consumers
-trust every shape, so a mixed-scheme job, a wrong layer name or an out-of-range code would produce a
-checkpoint that loads and silently computes garbage. Every such input is refused here with the layer
+Why it validates so much: the format has one global (bits, group_size, sym, desc_act) plus per-module
+`dynamic` overrides, and consumers trust every shape, so a wrong layer name or an out-of-range code
+would produce a checkpoint that loads and silently computes garbage. Every such input is refused here with the layer
 named, before the first byte is written.
 
 The writer fills an existing empty directory (a staging directory from `bitsmith.manifest.
@@ -39,6 +39,7 @@ from bitsmith.formats.gptq.constants import (
     WEIGHT,
     CheckpointFormat,
 )
+from bitsmith.formats.gptq.dynamic import default_scheme, dynamic_config
 from bitsmith.formats.gptq.packing import pack_dim0, packed_rows
 from bitsmith.formats.grid_checks import unquantized_config
 from bitsmith.formats.packed_checkpoint import write_json, write_packed_weights
@@ -65,9 +66,12 @@ def quantization_config(
     *,
     lm_head: bool,
     quantizer: str,
+    dynamic: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The `quantization_config` block (§1.7), written to config.json and quantize_config.json."""
+    """The `quantization_config` block (§1.7), written to config.json and quantize_config.json;
+    `dynamic` (per-module overrides, see `bitsmith.formats.gptq.dynamic`) only when there are any."""
     return {
+        **({"dynamic": dict(dynamic)} if dynamic else {}),
         "quant_method": QUANT_METHOD,
         "method": QUANT_METHOD,
         "bits": scheme.bits,
@@ -105,22 +109,6 @@ def packed_nbytes(qw: QuantizedWeight) -> int:
     groups = qw.scales.shape[1]
     bits = qw.scheme.bits
     return 4 * (k * bits // 32 * n) + 4 * (groups * n * bits // 32) + 2 * groups * n + 4 * k
-
-
-def common_scheme(quantized: Mapping[str, QuantizedWeight]) -> QuantScheme:
-    """The one scheme every layer shares; `UnsupportedError` naming layers of each scheme otherwise."""
-    if not quantized:
-        raise ConfigError("write_gptq got no quantized layers")
-    by_scheme: dict[QuantScheme, list[str]] = {}
-    for name, qw in sorted(quantized.items()):
-        by_scheme.setdefault(qw.scheme, []).append(name)
-    if len(by_scheme) > 1:
-        detail = "; ".join(f"{s} for {names[0]} (+{len(names) - 1} more)" for s, names in by_scheme.items())
-        raise UnsupportedError(
-            f"the GPTQ format has one global bits/group_size/sym, but the layers use "
-            f"{len(by_scheme)} schemes: {detail}"
-        )
-    return next(iter(by_scheme))
 
 
 def linear_names(source_model_dir: Path) -> frozenset[str]:
@@ -217,7 +205,8 @@ def write_gptq(
     """Write a GPTQ checkpoint into the existing empty directory `out_dir` and return it.
 
     `quantized` maps module names (``model.layers.0.self_attn.q_proj``, no ``.weight``) to their
-    solved weights; all must share one scheme; `dense` replaces source tensors (see
+    solved weights; the most common scheme is the global one, the others and the linears left out
+    (kept in float) go to `dynamic`; `dense` replaces source tensors (see
     `bitsmith.formats.base.Writer`). Weights larger than `max_shard_bytes` are split into
     ``model-0000i-of-0000n.safetensors`` shards with an index. `variant` is the checkpoint format,
     "gptq" (v1, the default) or "gptq_v2".
@@ -232,7 +221,9 @@ def write_gptq(
         raise ConfigError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     config = unquantized_config(source_model_dir, markers=(QUANTIZATION_CONFIG_KEY,))
     source = scan_checkpoint(source_model_dir)
-    scheme = common_scheme(quantized)
+    if not quantized:
+        raise ConfigError("write_gptq got no quantized layers")
+    scheme = default_scheme(quantized)
     linears = linear_names(source_model_dir)
     for name, qw in sorted(quantized.items()):
         validate_layer(name, qw, source, linears, options, fmt)
@@ -248,7 +239,9 @@ def write_gptq(
         max_shard_bytes=max_shard_bytes,
     )
 
-    qcfg = quantization_config(scheme, options, fmt, lm_head=LM_HEAD in quantized, quantizer=quantizer)
+    skipped = sorted(linears - set(quantized) - {LM_HEAD})
+    qcfg = quantization_config(scheme, options, fmt, lm_head=LM_HEAD in quantized, quantizer=quantizer,
+                               dynamic=dynamic_config(quantized, skipped, scheme))
     write_json(out_dir / CONFIG_FILE, {**config, QUANTIZATION_CONFIG_KEY: qcfg})
     write_json(out_dir / QUANTIZE_CONFIG_FILE, qcfg)
     for name in COPIED_FILES:
