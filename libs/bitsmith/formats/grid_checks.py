@@ -63,9 +63,10 @@ def check_layer(name: str, qw: QuantizedWeight, source_shape: tuple[int, ...] | 
     if tuple(source_shape) != qw.shape:
         raise ConfigError(f"{where}: source weight is {list(source_shape)}, codes are {list(qw.shape)}")
     scheme, (_, k) = qw.scheme, qw.shape
-    if k % scheme.group_size:
+    group_size = scheme.effective_group_size(k)
+    if k % group_size:
         raise UnsupportedError(f"{where}: group_size {scheme.group_size} does not divide in_features {k}")
-    if not torch.equal(qw.g_idx.to(torch.int64), torch.arange(k) // scheme.group_size):
+    if not torch.equal(qw.g_idx.to(torch.int64), torch.arange(k) // group_size):
         raise UnsupportedError(
             f"{where}: g_idx is not arange(K)//group_size (act-order); the {fmt} format stores contiguous "
             "groups only — quantize without act_order, or with static_groups"
