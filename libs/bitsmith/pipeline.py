@@ -14,7 +14,9 @@ when they share a method and scheme, skipped linears are never solved, and per b
   block applied, then `solve` its units;
 * calibration, not true-sequential: one `collect` for the whole block, then `solve` each unit;
 * after a calibrated block, `advance` with all its quantized linears applied, so block i+1 calibrates
-  on the outputs of the *quantized* block i (sequential mode).
+  on the outputs of the *quantized* block i (sequential mode); in parallel mode `advance` runs the
+  float block instead, so every block's statistics come from the unquantized model and blocks no
+  longer depend on each other's solves.
 """
 
 from __future__ import annotations
@@ -84,21 +86,24 @@ class Plan:
     """Blocks and, per block, its linears grouped by shared input in true-sequential order, and the
     recipe that assigns each linear its method and scheme.
 
-    `block_prefix` turns a block-local name into the model-wide one (``{bid}`` is the block index).
+    `block_prefix` turns a block-local name into the model-wide one (``{bid}`` is the block index);
+    `parallel` selects parallel calibration (statistics from the unquantized model).
     """
 
     num_blocks: int
     groups: list[list[list[str]]]
     recipe: Recipe = field(default_factory=Recipe)
     block_prefix: str = "model.layers.{bid}"
+    parallel: bool = False
 
     @classmethod
-    def from_model(cls, model: CheckpointModel, recipe: Recipe) -> Plan:
+    def from_model(cls, model: CheckpointModel, recipe: Recipe, *, parallel: bool = False) -> Plan:
         return cls(
             num_blocks=model.num_blocks,
             groups=[model.groups(bid) for bid in range(model.num_blocks)],
             recipe=recipe,
             block_prefix=model.adapter.block_prefix,
+            parallel=parallel,
         )
 
     def full_name(self, bid: int, local: str) -> str:
@@ -221,7 +226,8 @@ def run_sequential(
         result.quantized.update({plan.full_name(bid, name): applied[name] for name in every})
         if inputs is not None:
             step("advance", bid, -1, every)
-            inputs = backend.advance(bid, inputs, applied, scaled)
+            inputs = backend.advance(bid, inputs, {}, {}) if plan.parallel else backend.advance(
+                bid, inputs, applied, scaled)
         step("done", bid, -1, every, f"block {bid + 1}/{plan.num_blocks} quantized")
     return result
 
@@ -334,6 +340,7 @@ def quantize_in_process(
     recipe: Recipe,
     seed: int = 0,
     device: str = "cpu",
+    parallel: bool = False,
     on_event: Callable[[ProgressEvent], None] | None = None,
 ) -> QuantizedModel[QuantizedWeight, torch.Tensor]:
     """Quantize a checkpoint in this process; linears and replaced float tensors by full name.
@@ -345,7 +352,7 @@ def quantize_in_process(
     (28, (256, 256), {})
     """
     model = load_checkpoint(model_dir, device=device)
-    plan = Plan.from_model(model, recipe)
+    plan = Plan.from_model(model, recipe, parallel=parallel)
     tokens = (
         calibration_tokens(model_dir, calib_files, samples=samples, seq_len=seq_len, seed=seed)
         if plan.needs_calibration

@@ -225,7 +225,8 @@ class JobRunner:
             calibrator_pb2.PlanRequest(model_path=spec.model_path), timeout=600
         )
         plan = Plan(num_blocks=len(model_plan.blocks),
-                    groups=[[list(g.names) for g in b.groups] for b in model_plan.blocks], recipe=recipe)
+                    groups=[[list(g.names) for g in b.groups] for b in model_plan.blocks], recipe=recipe,
+                    parallel=spec.calibration.mode == common_pb2.CALIBRATION_MODE_PARALLEL)
         prefixes = [b.prefix for b in model_plan.blocks]
         total = plan.solve_steps + len(spec.output.formats) + (1 if spec.eval.files else 0) + 1
         done = 0

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-from bitsmith.errors import AlreadyExistsError, ConfigError, UnsupportedError
+from bitsmith.errors import AlreadyExistsError, ConfigError
 from bitsmith.rpc.convert import recipe_from_proto
 from bitsmith.rpc.server import ServiceBinding
 from bitsmith.rpc.server import create_server as _create_server
@@ -41,8 +41,6 @@ def validate_spec(spec: job_pb2.QuantizeJob) -> None:
     if not spec.output.formats:
         raise ConfigError("the job asks for no output format")
     recipe = recipe_from_proto(spec.recipe)
-    if spec.calibration.mode == common_pb2.CALIBRATION_MODE_PARALLEL:
-        raise UnsupportedError("parallel calibration mode is not supported yet; use sequential")
     out = Path(spec.output.path)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise AlreadyExistsError(f"output path {out} exists and is not an empty directory")

@@ -15,7 +15,6 @@ from bitsmith.errors import (
     BitsmithError,
     ConfigError,
     ServiceUnavailableError,
-    UnsupportedError,
 )
 from bitsmith.manifest import verify_manifest
 from bitsmith.rpc.client import Client
@@ -164,11 +163,22 @@ def test_invalid_recipes_are_refused_before_anything_runs(stack: Stack, tmp_path
     assert not (tmp_path / "o").exists()
 
 
-def test_parallel_calibration_is_refused_not_ignored(stack: Stack, tmp_path: Path) -> None:
-    spec = make_job(tmp_path / "o")
-    spec.calibration.mode = common_pb2.CALIBRATION_MODE_PARALLEL
-    with pytest.raises(UnsupportedError, match="parallel"):
-        stack.client.submit(spec)
+def test_parallel_calibration_takes_statistics_from_the_float_model(stack: Stack, tmp_path: Path) -> None:
+    """Block 0 sees the same inputs either way; later blocks see float (not quantized) outputs in parallel mode."""
+    from bitsmith.formats.gptq import read
+
+    codes = {}
+    for mode in (common_pb2.CALIBRATION_MODE_SEQUENTIAL, common_pb2.CALIBRATION_MODE_PARALLEL):
+        spec = make_job(tmp_path / str(mode))
+        spec.calibration.mode = mode
+        done = wait(stack.client, stack.client.submit(spec).job_id)
+        assert done.state == SUCCEEDED, done.error
+        codes[mode] = read(Path(done.artifacts[0].path)).quantized
+    sequential, parallel = codes[common_pb2.CALIBRATION_MODE_SEQUENTIAL], codes[common_pb2.CALIBRATION_MODE_PARALLEL]
+    first = "model.layers.0.mlp.down_proj"
+    assert torch.equal(sequential[first].codes, parallel[first].codes)
+    last = "model.layers.3.mlp.down_proj"
+    assert not torch.equal(sequential[last].codes, parallel[last].codes)
 
 
 def test_unknown_job_is_not_found(stack: Stack) -> None:

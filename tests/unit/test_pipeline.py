@@ -137,6 +137,15 @@ def test_awq_scales_each_block_first_and_returns_what_codes_do_not_replace() -> 
                          "model.layers.1.c.weight": "s1c"}
 
 
+def test_parallel_mode_advances_the_float_block() -> None:
+    recipe = Recipe(method=Method.AWQ)
+    backend = Recorder()
+    run_sequential(Plan(num_blocks=2, groups=[GROUPS, GROUPS], recipe=recipe, parallel=True), backend)
+    advances = [call for call in backend.calls if call[0] == "advance"]
+    assert advances == [("advance", 0, "x0", (), ()), ("advance", 1, "x1", (), ())]
+    assert ("collect", 1, ("a", "b"), "x1", ()) in backend.calls
+
+
 def test_should_stop_cancels_between_steps() -> None:
     backend = Recorder()
     polls = iter([False, False, False, True])
