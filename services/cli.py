@@ -89,7 +89,7 @@ def _job_spec(args: argparse.Namespace) -> Any:
         recipe=recipe_to_proto(recipe),
         calibration=common_pb2.CalibrationSpec(
             files=[str(Path(f).resolve()) for f in args.calib], samples=args.samples, seq_len=args.seq_len,
-            seed=args.seed, mode=common_pb2.CALIBRATION_MODE_SEQUENTIAL,
+            seed=args.seed, mode=common_pb2.CalibrationMode.Value(f"CALIBRATION_MODE_{args.calibration_mode.upper()}"),
         ),
         output=common_pb2.OutputSpec(
             path=str(Path(args.out).resolve()),
@@ -306,6 +306,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--samples", type=int, default=128)
     q.add_argument("--seq-len", type=int, default=512)
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--calibration-mode", choices=["sequential", "parallel"], default="sequential",
+                   help="sequential: block i+1 calibrates on quantized block i's outputs; parallel: every block "
+                        "on the float model's activations")
     q.add_argument("--format", action="append", choices=[f.value for f in Format], default=[],
                    help="output format, repeatable: gptq, awq, compressed-tensors (NVIDIA: vLLM/transformers), "
                         "onnx (ONNX Runtime on any CPU), mlx (Apple Silicon); several formats share one "
