@@ -1,8 +1,10 @@
 """MLX format: exact round trips of our codes, mlx's own dequantize and mlx-lm's model against our
-dequantized reference, mlx-lm's loader, refusals, and hostile files."""
+dequantized reference, mlx-lm's loader, mixed precision (per-module entries, a linear kept in float),
+refusals, and hostile files."""
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import struct
@@ -20,7 +22,7 @@ from bitsmith.formats.mlx.runtime import MlxCausalLM
 from bitsmith.manifest import build_artifact
 from bitsmith.pipeline import quantize_in_process
 from bitsmith.quantized import QuantizedWeight
-from bitsmith.recipes import Recipe
+from bitsmith.recipes import ModuleOverride, Recipe
 from bitsmith.runtimes import artifact_format, load_reference
 from bitsmith.schemes import Format, GPTQOptions, Method, QuantScheme
 from safetensors.torch import load_file, save_file
@@ -31,9 +33,24 @@ SCHEMES = [QuantScheme(bits=4, group_size=64), QuantScheme(bits=3, group_size=32
            QuantScheme(bits=2, group_size=128), QuantScheme(bits=8, group_size=64)]
 
 
+FLOAT = "model.layers.1.mlp.down_proj"
+TWO_BIT = "model.layers.3.mlp.up_proj"
+MIXED = Recipe(method=Method.RTN, scheme=QuantScheme(bits=4, group_size=128), overrides=(
+    ModuleOverride(pattern=r"layers\.1\.mlp\.down_proj", skip=True),
+    ModuleOverride(pattern=r"layers\.3\.mlp\.up_proj", scheme=QuantScheme(bits=2, group_size=32, sym=True)),
+    ModuleOverride(pattern=r"self_attn\.", scheme=QuantScheme(bits=8, group_size=64)),
+))
+"""Attention 8-bit groups of 64 (16 linears: the global scheme), MLP 4-bit groups of 128, one MLP linear
+2-bit symmetric groups of 32, one kept in float."""
+
+
+@functools.cache
+def solve(recipe: Recipe) -> dict[str, QuantizedWeight]:
+    return quantize_in_process(DEMO_MODEL, calib_files=CALIB_FILES, samples=1, seq_len=16, recipe=recipe).quantized
+
+
 def rtn(scheme: QuantScheme) -> dict[str, QuantizedWeight]:
-    return quantize_in_process(DEMO_MODEL, calib_files=CALIB_FILES, samples=1, seq_len=16,
-                               recipe=Recipe(scheme=scheme, method=Method.RTN)).quantized
+    return solve(Recipe(scheme=scheme, method=Method.RTN))
 
 
 def pack(out: Path, quantized: dict[str, QuantizedWeight], variant: str | None = None) -> Path:
@@ -52,6 +69,16 @@ def rtn4() -> dict[str, QuantizedWeight]:
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory: pytest.TempPathFactory, rtn4: dict[str, QuantizedWeight]) -> Path:
     return pack(tmp_path_factory.mktemp("mlx") / "a", rtn4)
+
+
+@pytest.fixture(scope="module")
+def mixed() -> dict[str, QuantizedWeight]:
+    return solve(MIXED)
+
+
+@pytest.fixture(scope="module")
+def mixed_artifact(tmp_path_factory: pytest.TempPathFactory, mixed: dict[str, QuantizedWeight]) -> Path:
+    return pack(tmp_path_factory.mktemp("mlx") / "mixed", mixed)
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=str)
@@ -100,17 +127,70 @@ def test_mlx_lm_loader_accepts_the_directory(artifact: Path) -> None:
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "QuantizedLinear"
 
 
+def test_mixed_precision_round_trips_through_per_module_entries(
+    mixed_artifact: Path, mixed: dict[str, QuantizedWeight]
+) -> None:
+    assert len(mixed) == 27 and FLOAT not in mixed
+    config = json.loads((mixed_artifact / "config.json").read_text())
+    block = config["quantization"]
+    assert config["quantization_config"] == block
+    expected = {"group_size": 64, "bits": 8, "mode": "affine"}  # the most common scheme: attention
+    for name, qw in mixed.items():
+        if "self_attn" not in name:
+            expected[name] = {"group_size": qw.scheme.group_size, "bits": qw.scheme.bits, "mode": "affine"}
+    assert block == expected and block[TWO_BIT]["bits"] == 2 and FLOAT not in block
+    raw = load_file(str(mixed_artifact / WEIGHTS_FILE))
+    source = load_file(str(DEMO_MODEL / "model.safetensors"))
+    assert f"{FLOAT}.scales" not in raw and torch.equal(raw[f"{FLOAT}.weight"], source[f"{FLOAT}.weight"].half())
+
+    checkpoint = read_mlx(mixed_artifact)
+    assert checkpoint.scheme == QuantScheme(bits=8, group_size=64) and len(checkpoint.overrides) == 11
+    back = checkpoint.quantized_weights()
+    assert set(back) == set(mixed)
+    for name, qw in mixed.items():
+        got = back[name]
+        assert got.scheme == QuantScheme(bits=qw.scheme.bits, group_size=qw.scheme.group_size), name  # no sym in MLX
+        assert torch.equal(got.codes, qw.codes) and torch.equal(got.zeros, qw.zeros), name
+        assert torch.equal(got.scales, qw.scales.half().float()), name  # stored in the model dtype
+    dense = checkpoint.dense_state_dict()
+    assert torch.equal(dense[f"{FLOAT}.weight"], source[f"{FLOAT}.weight"].half().float())
+
+
+def test_mixed_precision_runs_in_mlx_lm_and_our_runtime(mixed_artifact: Path) -> None:
+    mlx_lm = pytest.importorskip("mlx_lm")
+    reference = load_reference(mixed_artifact)
+    ids = torch.randint(0, 4096, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference(ids).logits
+    runtime = MlxCausalLM(mixed_artifact)
+    assert (runtime(ids).logits - expected).abs().max() < 1e-3
+    first = runtime(ids[:1, :40], use_cache=True)
+    step = runtime(ids[:1, 40:], past_key_values=first.past_key_values, use_cache=True)
+    assert (step.logits - expected[:1, 40:]).abs().max() < 1e-3
+
+    model, _ = mlx_lm.load(str(mixed_artifact))
+    layers = model.model.layers
+    layouts = {name: (type(m).__name__, getattr(m, "bits", None), getattr(m, "group_size", None))
+               for name, m in [("q", layers[0].self_attn.q_proj), ("gate", layers[0].mlp.gate_proj),
+                                ("two", layers[3].mlp.up_proj), ("float", layers[1].mlp.down_proj)]}
+    assert layouts == {"q": ("QuantizedLinear", 8, 64), "gate": ("QuantizedLinear", 4, 128),
+                       "two": ("QuantizedLinear", 2, 32), "float": ("Linear", None, None)}
+    model.set_dtype(mx.float32)  # float16 activations are emulated on mlx's CPU backend: slow and noisy
+    logits = torch.from_numpy(np.array(model(mx.array(ids.numpy().astype(np.int32)))))
+    assert (logits - expected).abs().max() < 1e-3
+
+
 def test_refuses_what_mlx_cannot_carry(tmp_path: Path, rtn4: dict[str, QuantizedWeight]) -> None:
     name = "model.layers.0.self_attn.q_proj"
     with pytest.raises(UnsupportedError, match="per-channel"):
         pack(tmp_path / "pc", {name: rtn(QuantScheme(bits=4, group_size=-1))[name]})
-    with pytest.raises(UnsupportedError, match="one scheme"):
-        pack(tmp_path / "mixed", {**rtn4, name: rtn(SCHEMES[3])[name]})
+    with pytest.raises(UnsupportedError, match=rf"{name}'.*group sizes \[32, 64, 128\], not 256"):
+        pack(tmp_path / "g256", {**rtn4, name: rtn(QuantScheme(bits=4, group_size=256))[name]})
     qw = rtn4[name]
     shuffled = QuantizedWeight(codes=qw.codes, scales=qw.scales, zeros=qw.zeros,
                                g_idx=qw.g_idx[torch.randperm(qw.g_idx.numel())], scheme=qw.scheme)
-    with pytest.raises(UnsupportedError, match="act-order"):
-        pack(tmp_path / "act", {name: shuffled})
+    with pytest.raises(UnsupportedError, match=rf"{name}'.*act-order"):
+        pack(tmp_path / "act", {**rtn4, name: shuffled})
     assert not any(tmp_path.iterdir())
 
 
@@ -146,13 +226,23 @@ def test_wrong_shapes_and_foreign_biases_are_format_errors(artifact: Path, tmp_p
         read_mlx(out)
 
 
-def test_config_overrides_and_other_modes_are_refused(artifact: Path, tmp_path: Path) -> None:
-    out = _copy(artifact, tmp_path)
+def test_per_module_entries_are_validated(mixed_artifact: Path, tmp_path: Path) -> None:
+    out = _copy(mixed_artifact, tmp_path)
     config = json.loads((out / "config.json").read_text())
-    for block in ({**config["quantization"], "model.layers.0.mlp.up_proj": {"bits": 8, "group_size": 64}},
-                  {**config["quantization"], "mode": "mxfp4"}):
+    good = config["quantization"]
+    entry = {"group_size": 32, "bits": 2, "mode": "affine"}
+    cases = [
+        (UnsupportedError, "mode", {**good, "mode": "mxfp4"}),
+        (UnsupportedError, "bits must be one of", {**good, TWO_BIT: {**entry, "bits": 5}}),
+        (UnsupportedError, "group_size must be one of", {**good, TWO_BIT: {**entry, "group_size": 16}}),
+        (UnsupportedError, "unknown keys", {**good, TWO_BIT: {**entry, "quantize_input": True}}),
+        (UnsupportedError, "objects", {**good, TWO_BIT: True}),
+        (FormatError, "does not store quantized", {**good, FLOAT: {"group_size": 64, "bits": 8}}),
+        (FormatError, "up_proj'.weight", {k: v for k, v in good.items() if k != TWO_BIT}),  # read as 8-bit
+    ]
+    for error, match, block in cases:
         (out / "config.json").write_text(json.dumps({**config, "quantization": block, "quantization_config": block}))
-        with pytest.raises(UnsupportedError):
+        with pytest.raises(error, match=match):
             read_mlx(out)
 
 

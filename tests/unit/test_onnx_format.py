@@ -1,8 +1,10 @@
 """ONNX MatMulNBits format: exact round trips of our codes on the demo model, ONNX Runtime's logits
-against our dequantized reference (with and without the KV cache), refusals, and hostile files."""
+against our dequantized reference (with and without the KV cache), mixed precision (per-node bits and
+block sizes, a linear kept as a float MatMul), refusals, and hostile files."""
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from dataclasses import replace
@@ -21,19 +23,33 @@ from bitsmith.formats.onnx.runtime import OnnxCausalLM
 from bitsmith.manifest import build_artifact, verify_manifest
 from bitsmith.pipeline import quantize_in_process
 from bitsmith.quantized import QuantizedWeight
-from bitsmith.recipes import Recipe
+from bitsmith.recipes import ModuleOverride, Recipe
 from bitsmith.runtimes import artifact_format, evaluate_path, load_reference
 from bitsmith.schemes import Format, GPTQOptions, Method, QuantScheme
+from safetensors.torch import load_file
 
 SCHEMES = [QuantScheme(bits=4, group_size=128), QuantScheme(bits=4, group_size=32, sym=True),
-           QuantScheme(bits=8, group_size=64)]
+           QuantScheme(bits=8, group_size=64), QuantScheme(bits=2, group_size=64)]
+FLOAT = "model.layers.1.mlp.down_proj"
+TWO_BIT = "model.layers.3.mlp.up_proj"
+MIXED = Recipe(method=Method.RTN, scheme=QuantScheme(bits=4, group_size=128), overrides=(
+    ModuleOverride(pattern=r"layers\.1\.mlp\.down_proj", skip=True),
+    ModuleOverride(pattern=r"layers\.3\.mlp\.up_proj", scheme=QuantScheme(bits=2, group_size=32, sym=True)),
+    ModuleOverride(pattern=r"self_attn\.", scheme=QuantScheme(bits=8, group_size=64)),
+))
+"""Attention 8-bit groups of 64 (16 linears: the global scheme), MLP 4-bit groups of 128, one MLP linear
+2-bit symmetric groups of 32, one kept in float."""
+
+
+@functools.cache
+def solve(recipe: Recipe) -> dict[str, QuantizedWeight]:
+    from bitsmith.demo import CALIB_FILES
+
+    return quantize_in_process(DEMO_MODEL, calib_files=CALIB_FILES, samples=1, seq_len=16, recipe=recipe).quantized
 
 
 def rtn(scheme: QuantScheme) -> dict[str, QuantizedWeight]:
-    from bitsmith.demo import CALIB_FILES
-
-    return quantize_in_process(DEMO_MODEL, calib_files=CALIB_FILES, samples=1, seq_len=16,
-                               recipe=Recipe(scheme=scheme, method=Method.RTN)).quantized
+    return solve(Recipe(scheme=scheme, method=Method.RTN))
 
 
 def pack(out: Path, quantized: dict[str, QuantizedWeight], fmt: Format = Format.ONNX) -> Path:
@@ -57,6 +73,22 @@ def rtn4() -> dict[str, QuantizedWeight]:
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory: pytest.TempPathFactory, rtn4: dict[str, QuantizedWeight]) -> Path:
     return pack(tmp_path_factory.mktemp("onnx") / "a", rtn4)
+
+
+@pytest.fixture(scope="module")
+def mixed() -> dict[str, QuantizedWeight]:
+    return solve(MIXED)
+
+
+@pytest.fixture(scope="module")
+def mixed_artifact(tmp_path_factory: pytest.TempPathFactory, mixed: dict[str, QuantizedWeight]) -> Path:
+    return pack(tmp_path_factory.mktemp("onnx") / "mixed", mixed)
+
+
+def _node_attrs(out: Path) -> dict[str, tuple[str, dict[str, object], list[str]]]:
+    model = onnx.load(str(out / MODEL_FILE), load_external_data=False)
+    return {n.name: (n.op_type, {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}, list(n.input))
+            for n in model.graph.node}
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=str)
@@ -94,23 +126,62 @@ def test_onnxruntime_logits_match_dequantized_reference(artifact: Path) -> None:
     assert (step.logits - expected[:, 40:]).abs().max() < 1e-3
 
 
+def test_mixed_precision_round_trips_with_each_node_on_its_own_scheme(
+    mixed_artifact: Path, mixed: dict[str, QuantizedWeight]
+) -> None:
+    assert len(mixed) == 27 and FLOAT not in mixed
+    qcfg = json.loads((mixed_artifact / "config.json").read_text())["quantization_config"]
+    modules = {name: {"bits": qw.scheme.bits, "group_size": qw.scheme.group_size, "sym": qw.scheme.sym}
+               for name, qw in mixed.items() if "self_attn" not in name}
+    assert qcfg == {"quant_method": "onnx", "bits": 8, "group_size": 64, "sym": False,  # the most common scheme
+                    "modules": modules, "not_quantized": [FLOAT]}
+    assert modules[TWO_BIT] == {"bits": 2, "group_size": 32, "sym": True}
+    nodes = _node_attrs(mixed_artifact)
+    for name, qw in mixed.items():
+        op, attrs, inputs = nodes[name]
+        assert op == MATMUL_NBITS and (attrs["bits"], attrs["block_size"]) == (qw.scheme.bits, qw.scheme.group_size)
+        assert (len(inputs) > 3 and inputs[3] != "") is not qw.scheme.sym, name  # zero points iff asymmetric
+    assert nodes[FLOAT][0] == "MatMul"
+
+    checkpoint = read_onnx(mixed_artifact)
+    assert checkpoint.scheme == QuantScheme(bits=8, group_size=64) and checkpoint.not_quantized == (FLOAT,)
+    assert set(checkpoint.quantized) == set(mixed)
+    for name, qw in mixed.items():
+        back = checkpoint.quantized[name]
+        assert back.scheme == qw.scheme, name
+        assert torch.equal(back.codes, qw.codes) and torch.equal(back.zeros, qw.zeros), name
+        assert torch.equal(back.scales, qw.scales.float()), name
+    source = load_file(str(DEMO_MODEL / "model.safetensors"))
+    assert torch.equal(checkpoint.dense_state_dict()[f"{FLOAT}.weight"], source[f"{FLOAT}.weight"].float())
+
+
+def test_mixed_precision_runs_in_onnxruntime(mixed_artifact: Path) -> None:
+    reference = load_reference(mixed_artifact)
+    runtime = OnnxCausalLM(mixed_artifact)
+    ids = torch.randint(0, 4096, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference(ids).logits
+    assert (runtime(ids).logits - expected).abs().max() < 1e-3
+    first = runtime(ids[:, :40], use_cache=True)
+    step = runtime(ids[:, 40:], past_key_values=first.past_key_values, use_cache=True)
+    assert (step.logits - expected[:, 40:]).abs().max() < 1e-3
+
+
 def test_refuses_what_matmulnbits_cannot_carry(tmp_path: Path, rtn4: dict[str, QuantizedWeight]) -> None:
     name = "model.layers.0.self_attn.q_proj"
     qw = rtn4[name]
     cases = {
-        "per-channel": QuantScheme(bits=4, group_size=-1),
-        "3-bit": QuantScheme(bits=3, group_size=128),
-        "group 256": QuantScheme(bits=4, group_size=256),
+        "per-channel": (QuantScheme(bits=4, group_size=-1), "per-channel"),
+        "3-bit": (QuantScheme(bits=3, group_size=128), r"\[2, 4, 8\]-bit codes, not 3-bit"),
+        "group 256": (QuantScheme(bits=4, group_size=256), r"group sizes \[32, 64, 128\], not 256"),
     }
-    for what, scheme in cases.items():
-        with pytest.raises(UnsupportedError, match=r"per-channel|bit|group sizes"):
-            pack(tmp_path / what, {name: rtn(scheme)[name]})
-    with pytest.raises(UnsupportedError, match="one scheme"):
-        pack(tmp_path / "mixed", {**rtn4, name: rtn(SCHEMES[2])[name]})
+    for what, (scheme, match) in cases.items():  # one layer the format cannot carry among ones it can
+        with pytest.raises(UnsupportedError, match=rf"layer '{name}'.*{match}"):
+            pack(tmp_path / what, {**rtn4, name: rtn(scheme)[name]})
     shuffled = QuantizedWeight(codes=qw.codes, scales=qw.scales, zeros=qw.zeros,
                                g_idx=qw.g_idx[torch.randperm(qw.g_idx.numel())], scheme=qw.scheme)
-    with pytest.raises(UnsupportedError, match="act-order"):
-        pack(tmp_path / "act", {name: shuffled})
+    with pytest.raises(UnsupportedError, match=rf"{name}'.*act-order"):
+        pack(tmp_path / "act", {**rtn4, name: shuffled})
     with pytest.raises(ConfigError, match="not a linear"):
         pack(tmp_path / "embed", {"model.embed_tokens": qw})
     assert not any(tmp_path.iterdir())  # every refusal happened before anything was published
@@ -178,6 +249,28 @@ def test_config_disagreeing_with_nodes_is_a_format_error(artifact: Path, tmp_pat
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(FormatError, match="disagree"):
         read_onnx(out)
+
+
+def test_mixed_config_disagreeing_with_nodes_is_a_format_error(mixed_artifact: Path, tmp_path: Path) -> None:
+    out = _copy(mixed_artifact, tmp_path)
+    config = json.loads((out / "config.json").read_text())
+    good = config["quantization_config"]
+    modules = good["modules"]
+    cases = [
+        ("disagree", {**good, "modules": {k: v for k, v in modules.items() if k != TWO_BIT}}),
+        ("disagree", {**good, "modules": {**modules, TWO_BIT: {**modules[TWO_BIT], "bits": 4}}}),
+        ("exactly", {**good, "modules": {**modules, TWO_BIT: {"bits": 2, "group_size": 32}}}),
+        ("bits must be one of", {**good, "modules": {**modules, TWO_BIT: {**modules[TWO_BIT], "bits": 3}}}),
+        ("not MatMulNBits nodes", {**good, "modules": {**modules, "model.layers.9.mlp.up_proj": modules[TWO_BIT]}}),
+        ("both in", {**good, "modules": {**modules, FLOAT: modules[TWO_BIT]}}),
+        ("expected a float MatMul", {**good, "not_quantized": [FLOAT, "model.layers.0.self_attn.q_proj"]}),
+        ("expected a float MatMul", {**good, "not_quantized": ["model.layers.9.mlp.down_proj"]}),
+        ("list of distinct names", {**good, "not_quantized": FLOAT}),
+    ]
+    for match, qcfg in cases:
+        (out / "config.json").write_text(json.dumps({**config, "quantization_config": qcfg}))
+        with pytest.raises(FormatError, match=match):
+            read_onnx(out)
 
 
 @pytest.mark.slow

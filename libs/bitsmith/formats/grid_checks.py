@@ -1,9 +1,11 @@
 """Checks every integer-grid format's writer makes before it packs `QuantizedWeight`s.
 
 Why shared: each format carries a subset of what solvers produce (some bit widths, some group sizes,
-one scheme per file, no act-order permutation), and refusing the rest must read the same way
+one scheme per file for some, no act-order permutation), and refusing the rest must read the same way
 everywhere: `UnsupportedError` for valid codes the format cannot hold, `FormatError` for codes that
-are not what `QuantizedWeight` promises, both naming the format and the layer.
+are not what `QuantizedWeight` promises, both naming the format and the layer. Formats that hold one
+scheme per layer (mixed precision) check each layer with `check_schemes`; formats with one scheme per
+file use `single_scheme`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,37 @@ def unquantized_config(source_model_dir: Path, *, markers: Collection[str]) -> d
     return config
 
 
+def check_scheme(
+    scheme: QuantScheme, *, fmt: str, bits: Collection[int], group_sizes: Collection[int], layer: str | None = None
+) -> None:
+    """`UnsupportedError` if `fmt` cannot carry `scheme`; the message names `layer` when given."""
+    subject = f"{fmt}: quantized layer {layer!r}: " if layer is not None else ""
+    if scheme.bits not in bits:
+        raise UnsupportedError(f"{subject}the {fmt} format carries {sorted(bits)}-bit codes, not {scheme.bits}-bit")
+    if scheme.group_size == PER_CHANNEL:
+        raise UnsupportedError(
+            f"{subject}the {fmt} format needs groups of {sorted(group_sizes)} columns; per-channel scales are "
+            "not supported"
+        )
+    if scheme.group_size not in group_sizes:
+        raise UnsupportedError(
+            f"{subject}the {fmt} format takes group sizes {sorted(group_sizes)}, not {scheme.group_size}"
+        )
+
+
+def check_schemes(
+    quantized: Mapping[str, QuantizedWeight], *, fmt: str, bits: Collection[int], group_sizes: Collection[int]
+) -> None:
+    """Every layer's own scheme is one `fmt` can carry (mixed precision); `UnsupportedError` naming the layer.
+
+    The caller picks the global scheme (`bitsmith.formats.gptq.dynamic.default_scheme`) and records the others.
+    """
+    if not quantized:
+        raise ConfigError(f"the {fmt} writer got no quantized layers")
+    for name, qw in sorted(quantized.items()):
+        check_scheme(qw.scheme, fmt=fmt, bits=bits, group_sizes=group_sizes, layer=name)
+
+
 def single_scheme(
     quantized: Mapping[str, QuantizedWeight], *, fmt: str, bits: Collection[int], group_sizes: Collection[int]
 ) -> QuantScheme:
@@ -44,14 +77,7 @@ def single_scheme(
         detail = "; ".join(f"{s} for {names[0]} (+{len(names) - 1} more)" for s, names in by_scheme.items())
         raise UnsupportedError(f"the {fmt} format holds one scheme, but the layers use {len(by_scheme)}: {detail}")
     scheme = next(iter(by_scheme))
-    if scheme.bits not in bits:
-        raise UnsupportedError(f"the {fmt} format carries {sorted(bits)}-bit codes, not {scheme.bits}-bit")
-    if scheme.group_size == PER_CHANNEL:
-        raise UnsupportedError(
-            f"the {fmt} format needs groups of {sorted(group_sizes)} columns; per-channel scales are not supported"
-        )
-    if scheme.group_size not in group_sizes:
-        raise UnsupportedError(f"the {fmt} format takes group sizes {sorted(group_sizes)}, not {scheme.group_size}")
+    check_scheme(scheme, fmt=fmt, bits=bits, group_sizes=group_sizes)
     return scheme
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from bitsmith.formats.gptq.constants import COPIED_FILES as GPTQ_COPIED_FILES
 
 QUANTIZATION_KEY = "quantization"
-"""mlx-lm's own block in config.json; a module is quantized iff `<module>.scales` exists."""
+"""mlx-lm's own block in config.json: global `group_size`/`bits`/`mode`, plus an entry per module path
+whose parameters differ; mlx-lm quantizes a module iff it has an entry or `<module>.scales` exists."""
 QUANTIZATION_CONFIG_KEY = "quantization_config"
 """mlx-lm writes an identical copy under this key."""
 MODE = "affine"

@@ -2,7 +2,9 @@
 
 Why mlx-lm's models: they are what an Apple user runs (`mlx_lm.load`), so executing the artifact with
 them proves the layout end to end — `nn.quantize` turns every module that has `.scales` into a
-`QuantizedLinear` calling `mx.quantized_matmul`. On Linux this is mlx's CPU backend (`mlx[cpu]`), on a
+`QuantizedLinear` calling `mx.quantized_matmul`, with its own bits and group size where config.json's
+`quantization` block has an entry for its path (mixed precision), and leaves a linear stored without
+`.scales` (kept in float) an `nn.Linear`. On Linux this is mlx's CPU backend (`mlx[cpu]`), on a
 Mac the GPU. The wrapper gives `bitsmith.evaluate` and `generate_greedy` the same interface as the
 torch and ONNX targets; the KV cache is mlx-lm's prompt cache, updated in place. On the CPU backend the
 model computes in float32 (see `MlxCausalLM.__init__`).

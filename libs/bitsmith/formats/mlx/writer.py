@@ -7,6 +7,15 @@ one little-endian bit stream, the same stream GPTQ packs along K), `<p>.scales` 
 [N, K/group]; everything else is copied in the model dtype. config.json gains mlx-lm's `quantization`
 block and its copy `quantization_config`. The variant is the model dtype: "float16" (default),
 "bfloat16" or "float32".
+
+Mixed precision: the block's global bits/group_size are the most common scheme's
+(`bitsmith.formats.gptq.dynamic.default_scheme`), and every linear stored with another bits/group_size
+gets its own entry keyed by its module path, ``"model.layers.0.self_attn.q_proj": {"group_size": 64,
+"bits": 8, "mode": "affine"}`` — the entries mlx-lm's `quantize_model` writes and its `load_model`
+looks up first (`class_predicate`: ``if p in config["quantization"]``). A linear left out of `quantized`
+is stored as its float `.weight` with no `.scales` and no entry: mlx-lm quantizes a module only if it
+has an entry or `<p>.scales` exists, so it stays an `nn.Linear`. MLX grids have no `sym`: a symmetric
+layer is the affine grid whose zero is 2^(bits-1), so entries differ by bits and group size only.
 """
 
 from __future__ import annotations
@@ -20,8 +29,9 @@ import torch
 
 from bitsmith.errors import AlreadyExistsError, ConfigError, FormatError
 from bitsmith.formats.base import copy_file_synced, save_safetensors_atomic, write_file_atomic
+from bitsmith.formats.gptq.dynamic import default_scheme
 from bitsmith.formats.gptq.packing import pack_dim0
-from bitsmith.formats.grid_checks import check_layer, single_scheme, unquantized_config
+from bitsmith.formats.grid_checks import check_layer, check_schemes, unquantized_config
 from bitsmith.formats.mlx.constants import (
     BIASES,
     BITS,
@@ -46,9 +56,18 @@ from bitsmith.schemes import GPTQOptions, QuantScheme
 FORMAT_NAME = "MLX"
 
 
-def quantization_block(scheme: QuantScheme) -> dict[str, Any]:
-    """mlx-lm's `quantization` block for one global scheme."""
+def module_entry(scheme: QuantScheme) -> dict[str, Any]:
+    """mlx-lm's quantization parameters of one scheme (the global ones, or one module's entry)."""
     return {"group_size": scheme.group_size, "bits": scheme.bits, "mode": MODE}
+
+
+def quantization_block(scheme: QuantScheme, modules: Mapping[str, QuantScheme] | None = None) -> dict[str, Any]:
+    """mlx-lm's `quantization` block: the global `scheme`, and an entry for each of `modules` that differs."""
+    block = module_entry(scheme)
+    for name, own in sorted((modules or {}).items()):
+        if (own.bits, own.group_size) != (scheme.bits, scheme.group_size):
+            block[name] = module_entry(own)
+    return block
 
 
 def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -74,8 +93,9 @@ def write_mlx(
 ) -> Path:
     """Write `model.safetensors`, config.json and the tokenizer into the empty `out_dir`.
 
-    `quantized` maps linear module names to solved weights (one scheme: 2/3/4/8 bits, groups of
-    32/64/128, contiguous); `dense` replaces source tensors (see `bitsmith.formats.base.Writer`);
+    `quantized` maps linear module names to solved weights (each layer its own scheme: 2/3/4/8 bits,
+    groups of 32/64/128, contiguous); linears absent from it stay float (see the module docstring);
+    `dense` replaces source tensors (see `bitsmith.formats.base.Writer`);
     `variant` is the model dtype (see the module docstring). `options` is
     accepted for the writer protocol (act-order is refused through the g_idx check).
     """
@@ -90,7 +110,8 @@ def write_mlx(
         raise AlreadyExistsError(f"output directory {out_dir} is not empty")
     raw_config = unquantized_config(source_model_dir, markers=(QUANTIZATION_KEY, QUANTIZATION_CONFIG_KEY))
     read_config(source_model_dir)  # an architecture bitsmith (and so mlx-lm's llama family) knows
-    scheme = single_scheme(quantized, fmt=FORMAT_NAME, bits=BITS, group_sizes=GROUP_SIZES)
+    check_schemes(quantized, fmt=FORMAT_NAME, bits=BITS, group_sizes=GROUP_SIZES)
+    scheme = default_scheme(quantized)
     source = scan_checkpoint(source_model_dir)
     for name, qw in sorted(quantized.items()):
         info = source.get(f"{name}.{WEIGHT}")
@@ -106,7 +127,7 @@ def write_mlx(
         tensors.update({f"{name}.{suffix}": t for suffix, t in affine_tensors(qw, dtype).items()})
     save_safetensors_atomic(out_dir / WEIGHTS_FILE, tensors, METADATA)
 
-    block = quantization_block(scheme)
+    block = quantization_block(scheme, {name: qw.scheme for name, qw in quantized.items()})
     config = {**raw_config, QUANTIZATION_KEY: block, QUANTIZATION_CONFIG_KEY: block}
     write_file_atomic(out_dir / CONFIG_FILE, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     for name in COPIED_FILES:

@@ -23,8 +23,9 @@ MS_OPSET = 1
 PRODUCER = "bitsmith"
 
 MATMUL_NBITS = "MatMulNBits"
-BITS = (4, 8)
-"""Widths ONNX Runtime's CPU MatMulNBits kernel runs."""
+BITS = (2, 4, 8)
+"""Widths ONNX Runtime's CPU MatMulNBits kernel runs (1.32: "Only 2b, 4b and 8b quantization is supported";
+3-bit fails at session creation). bitsmith's 3-bit layers are refused per layer."""
 BLOCK_SIZES = (32, 64, 128)
 """Block (= group) sizes we write; the kernel needs a power of two ≥ 16."""
 ACCURACY_LEVEL = 0
@@ -51,6 +52,13 @@ TOTAL_DIM = "total_sequence"
 
 CONFIG_FILE = "config.json"
 QUANTIZATION_CONFIG_KEY = "quantization_config"
+MODULES_KEY = "modules"
+"""`quantization_config.modules`: MatMulNBits node name → its own {bits, group_size, sym} where it
+differs from the global scheme (mixed precision; layout in `writer.py`'s docstring)."""
+NOT_QUANTIZED_KEY = "not_quantized"
+"""`quantization_config.not_quantized`: block linears kept as float MatMul nodes."""
+SCHEME_KEYS = ("bits", "group_size", "sym")
+"""The keys of the global scheme and of every `modules` entry."""
 COPIED_FILES = GPTQ_COPIED_FILES
 """Files copied verbatim from the source checkpoint when present (the tokenizer travels with the graph)."""
 

@@ -4,8 +4,10 @@ Why the reader checks before ONNX Runtime sees the file: ORT's errors on a bad g
 layer nor the artifact, and a graph can point its external data anywhere on disk. So: config.json's
 `quantization_config` first; then the protobuf parses (no external data yet), its opsets are the ones
 we write, every external initializer lives in `model.onnx.data` inside its bounds with exactly the
-bytes its shape needs; then `onnx.checker`; then every MatMulNBits node's attributes agree with the
-config and its B / scales / zero points have the shapes and dtypes those attributes imply. Only then
+bytes its shape needs; then `onnx.checker`; then every MatMulNBits node's attributes agree with its
+own scheme in the config (its `modules` entry, else the global scheme; layout in `writer.py`) and its
+B / scales / zero points have the shapes and dtypes those attributes imply; every `modules` entry names
+a MatMulNBits node and every `not_quantized` linear is a float MatMul of its own `.weight`. Only then
 are codes unpacked. Anything off is a `FormatError` naming the file and node.
 """
 
@@ -35,11 +37,14 @@ from bitsmith.formats.onnx.constants import (
     MATMUL_NBITS,
     MAX_GRAPH_NODES,
     MODEL_FILE,
+    MODULES_KEY,
     MS_DOMAIN,
     MS_OPSET,
+    NOT_QUANTIZED_KEY,
     OPSET,
     QUANT_METHOD,
     QUANTIZATION_CONFIG_KEY,
+    SCHEME_KEYS,
     WEIGHT,
 )
 from bitsmith.formats.onnx.packing import blob_size, unpack_codes, unpack_zero_points, zero_point_bytes
@@ -52,12 +57,14 @@ _A, _B, _SCALES, _ZERO_POINTS, _G_IDX, _BIAS = range(6)
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OnnxCheckpoint:
-    """A validated ONNX artifact: its config, the codes of every MatMulNBits node, and its float tensors."""
+    """A validated ONNX artifact: its config, the codes of every MatMulNBits node (each with its own
+    scheme; `scheme` is the global one), the block linears kept in float, and its float tensors."""
 
     path: Path
     config: Mapping[str, Any]
     scheme: QuantScheme
     quantized: Mapping[str, QuantizedWeight]
+    not_quantized: tuple[str, ...]
     tensors: Mapping[str, torch.Tensor]
 
     @property
@@ -71,20 +78,46 @@ class OnnxCheckpoint:
         return state
 
 
-def _config(path: Path) -> tuple[dict[str, Any], QuantScheme]:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _QuantConfig:
+    scheme: QuantScheme
+    modules: Mapping[str, QuantScheme]
+    not_quantized: tuple[str, ...]
+
+
+def _scheme(where: str, fields: Mapping[str, Any]) -> QuantScheme:
+    bits, group_size, sym = (fields.get(key) for key in SCHEME_KEYS)
+    if type(bits) is not int or bits not in BITS:
+        raise FormatError(f"{where}: bits must be one of {BITS}, got {bits!r}")
+    if type(group_size) is not int or group_size not in BLOCK_SIZES:
+        raise FormatError(f"{where}: group_size must be one of {BLOCK_SIZES}, got {group_size!r}")
+    if type(sym) is not bool:
+        raise FormatError(f"{where}: sym must be true/false, got {sym!r}")
+    return QuantScheme(bits=bits, group_size=group_size, sym=sym)
+
+
+def _config(path: Path) -> tuple[dict[str, Any], _QuantConfig]:
     config_path = path / CONFIG_FILE
     config = read_json_object(config_path, missing=f"ONNX artifact {path} has no {CONFIG_FILE}")
     qcfg = config.get(QUANTIZATION_CONFIG_KEY) if isinstance(config, dict) else None
     if not isinstance(qcfg, dict) or qcfg.get("quant_method") != QUANT_METHOD:
         raise FormatError(f"{config_path}: {QUANTIZATION_CONFIG_KEY}.quant_method is not {QUANT_METHOD!r}")
-    bits, group_size, sym = qcfg.get("bits"), qcfg.get("group_size"), qcfg.get("sym")
-    if type(bits) is not int or bits not in BITS:
-        raise FormatError(f"{config_path}: bits must be one of {BITS}, got {bits!r}")
-    if type(group_size) is not int or group_size not in BLOCK_SIZES:
-        raise FormatError(f"{config_path}: group_size must be one of {BLOCK_SIZES}, got {group_size!r}")
-    if type(sym) is not bool:
-        raise FormatError(f"{config_path}: sym must be true/false, got {sym!r}")
-    return config, QuantScheme(bits=bits, group_size=group_size, sym=sym)
+    scheme = _scheme(str(config_path), qcfg)
+    entries = qcfg.get(MODULES_KEY, {})
+    if not isinstance(entries, dict):
+        raise FormatError(f"{config_path}: {MODULES_KEY} must map node names to schemes, got {entries!r}")
+    modules = {}
+    for name, fields in sorted(entries.items()):
+        where = f"{config_path}: {MODULES_KEY}[{name!r}]"
+        if not isinstance(fields, dict) or set(fields) != set(SCHEME_KEYS):
+            raise FormatError(f"{where} must be an object with exactly {list(SCHEME_KEYS)}, got {fields!r}")
+        modules[name] = _scheme(where, fields)
+    floats = qcfg.get(NOT_QUANTIZED_KEY, [])
+    if not isinstance(floats, list) or not all(isinstance(n, str) for n in floats) or len(set(floats)) != len(floats):
+        raise FormatError(f"{config_path}: {NOT_QUANTIZED_KEY} must be a list of distinct names, got {floats!r}")
+    if both := sorted(set(floats) & set(modules)):
+        raise FormatError(f"{config_path}: {both[:3]} are both in {MODULES_KEY} and {NOT_QUANTIZED_KEY}")
+    return config, _QuantConfig(scheme=scheme, modules=modules, not_quantized=tuple(floats))
 
 
 def _load_graph(path: Path) -> onnx.ModelProto:
@@ -156,6 +189,7 @@ def _array(initializers: Mapping[str, onnx.TensorProto], name: str, where: str, 
 
 def _unpack_node(node: onnx.NodeProto, initializers: Mapping[str, onnx.TensorProto], scheme: QuantScheme,
                  where: str) -> tuple[QuantizedWeight, np.ndarray | None]:
+    """The codes of one MatMulNBits node, checked against `scheme` (its own scheme in config.json)."""
     attrs = _attrs(node)
     expected = {"bits": scheme.bits, "block_size": scheme.group_size}
     if any(attrs.get(key) != value for key, value in expected.items()):
@@ -190,7 +224,7 @@ def _unpack_node(node: onnx.NodeProto, initializers: Mapping[str, onnx.TensorPro
 def read_onnx(path: Path) -> OnnxCheckpoint:
     """Validate the ONNX artifact at `path` and return its codes and float tensors."""
     path = Path(path)
-    config, scheme = _config(path)
+    config, qcfg = _config(path)
     model = _load_graph(path)
     initializers = {t.name: t for t in model.graph.initializer}
     if len(initializers) != len(model.graph.initializer):
@@ -204,13 +238,38 @@ def read_onnx(path: Path) -> OnnxCheckpoint:
         where = f"{path / MODEL_FILE}: node {node.name!r}"
         if node.domain != MS_DOMAIN or not node.name or node.name in quantized:
             raise FormatError(f"{where}: a {MATMUL_NBITS} node needs domain {MS_DOMAIN!r} and a unique name")
+        scheme = qcfg.modules.get(node.name, qcfg.scheme)
         quantized[node.name], bias = _unpack_node(node, initializers, scheme, where)
         owned.update(node.input[1:])
         if bias is not None:
             tensors[f"{node.name}.{BIAS}"] = torch.from_numpy(bias.copy())
     if not quantized:
         raise FormatError(f"{path / MODEL_FILE}: the graph has no {MATMUL_NBITS} node")
+    if unknown := sorted(set(qcfg.modules) - set(quantized)):
+        raise FormatError(f"{path / CONFIG_FILE}: {MODULES_KEY} names {unknown[:3]}, which are not "
+                          f"{MATMUL_NBITS} nodes of the graph")
+    _check_float_linears(model, qcfg.not_quantized, initializers, path)
     for name, tensor in initializers.items():
         if name not in owned and name.endswith((f".{WEIGHT}", f".{BIAS}")):
             tensors[name] = torch.from_numpy(numpy_helper.to_array(tensor).copy())
-    return OnnxCheckpoint(path=path, config=config, scheme=scheme, quantized=quantized, tensors=tensors)
+    return OnnxCheckpoint(path=path, config=config, scheme=qcfg.scheme, quantized=quantized,
+                          not_quantized=qcfg.not_quantized, tensors=tensors)
+
+
+def _check_float_linears(model: onnx.ModelProto, names: tuple[str, ...],
+                         initializers: Mapping[str, onnx.TensorProto], path: Path) -> None:
+    """Each linear config.json says is float is a MatMul node of that name reading its own 2-D `.weight`."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    by_name = {node.name: node for node in model.graph.node}
+    for name in names:
+        node = by_name.get(name)
+        where = f"{path / CONFIG_FILE}: {NOT_QUANTIZED_KEY} linear {name!r}"
+        if node is None or node.op_type != "MatMul" or len(node.input) != 2:
+            found = "no node" if node is None else f"a {node.op_type} node"
+            raise FormatError(f"{where}: the graph has {found} of that name, expected a float MatMul")
+        weight = f"{name}.{WEIGHT}"
+        transpose, tensor = producers.get(node.input[1]), initializers.get(weight)
+        reads = transpose is not None and transpose.op_type == "Transpose" and list(transpose.input) == [weight]
+        if not reads or tensor is None or len(tensor.dims) != 2:
+            raise FormatError(f"{where}: its MatMul does not read the float initializer {weight!r}")
+

@@ -1,17 +1,31 @@
 """Write a model as an ONNX graph with `com.microsoft::MatMulNBits` linears (FORMATS.md §7).
 
-The writer validates everything before it writes a byte: one scheme for all layers, 4 or 8 bits,
-block size 32/64/128 equal to the group size, contiguous groups (no act-order g_idx), codes and zeros
-in range, every quantized name a linear the graph uses with the source's shape. It then builds the
-graph (`graph.py`), saves it with its large initializers in one external data file, and has
+The writer validates everything before it writes a byte: every layer's own scheme has 2, 4 or 8 bits
+(what ONNX Runtime's CPU kernel runs; 3-bit is refused at session creation) and a block size 32/64/128
+equal to its group size, contiguous groups (no act-order g_idx), codes and zeros in range, every
+quantized name a linear the graph uses with the source's shape. It then builds the graph (`graph.py`:
+each MatMulNBits node carries its own layer's `bits` and `block_size`; linears left out of `quantized`
+stay float MatMuls), saves it with its large initializers in one external data file, and has
 `onnx.checker` check the saved model. Beside the graph go the source's config.json, with a
 `quantization_config` that names the format, and the tokenizer files.
+
+`quantization_config` (the reader checks every node against it)::
+
+    {"quant_method": "onnx", "bits": 4, "group_size": 128, "sym": false,     # the global scheme
+     "modules": {"model.layers.0.self_attn.q_proj":                         # nodes with their own
+                 {"bits": 8, "group_size": 64, "sym": false}},
+     "not_quantized": ["model.layers.1.mlp.down_proj"]}                      # block linears in float
+
+The global scheme is the most common one (`bitsmith.formats.gptq.dynamic.default_scheme`); `modules`
+maps each MatMulNBits node whose bits/group_size/sym differ to its full scheme; `not_quantized` lists the
+block linears kept as float MatMul (the lm_head is float unless quantized, as in every format, and is
+not listed). Both keys appear only when non-empty, so a one-scheme artifact's config is unchanged.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +33,8 @@ import onnx
 
 from bitsmith.errors import AlreadyExistsError, ConfigError, FormatError
 from bitsmith.formats.base import copy_file_synced, write_file_atomic
-from bitsmith.formats.grid_checks import check_layer, single_scheme, unquantized_config
+from bitsmith.formats.gptq.dynamic import default_scheme
+from bitsmith.formats.grid_checks import check_layer, check_schemes, unquantized_config
 from bitsmith.formats.onnx.constants import (
     BITS,
     BLOCK_SIZES,
@@ -28,6 +43,8 @@ from bitsmith.formats.onnx.constants import (
     DATA_FILE,
     EXTERNAL_THRESHOLD,
     MODEL_FILE,
+    MODULES_KEY,
+    NOT_QUANTIZED_KEY,
     QUANT_METHOD,
     QUANTIZATION_CONFIG_KEY,
     WEIGHT,
@@ -44,9 +61,22 @@ if TYPE_CHECKING:
 FORMAT_NAME = "ONNX MatMulNBits"
 
 
-def quantization_config(scheme: QuantScheme) -> dict[str, Any]:
-    """What config.json records about the graph's MatMulNBits nodes (the reader checks every node against it)."""
-    return {"quant_method": QUANT_METHOD, "bits": scheme.bits, "group_size": scheme.group_size, "sym": scheme.sym}
+def _scheme_fields(scheme: QuantScheme) -> dict[str, Any]:
+    return {"bits": scheme.bits, "group_size": scheme.group_size, "sym": scheme.sym}
+
+
+def quantization_config(scheme: QuantScheme, modules: Mapping[str, QuantScheme] | None = None,
+                        not_quantized: Collection[str] = ()) -> dict[str, Any]:
+    """What config.json records about the graph's MatMulNBits nodes (layout in the module docstring):
+    the global `scheme`, each of `modules` whose scheme differs from it, and the float block linears."""
+    config = {"quant_method": QUANT_METHOD, **_scheme_fields(scheme)}
+    overrides = {name: _scheme_fields(own) for name, own in sorted((modules or {}).items())
+                 if _scheme_fields(own) != _scheme_fields(scheme)}
+    if overrides:
+        config[MODULES_KEY] = overrides
+    if not_quantized:
+        config[NOT_QUANTIZED_KEY] = sorted(not_quantized)
+    return config
 
 
 def write_onnx(
@@ -60,9 +90,9 @@ def write_onnx(
 ) -> Path:
     """Write `model.onnx` (+ `model.onnx.data`), config.json and the tokenizer into the empty `out_dir`.
 
-    `quantized` maps module names (``model.layers.0.self_attn.q_proj``) to solved weights; they become
-    MatMulNBits nodes of the same name, every other linear a float MatMul (`dense` replaces source
-    tensors, see `bitsmith.formats.base.Writer`). `options` is accepted for the
+    `quantized` maps module names (``model.layers.0.self_attn.q_proj``) to solved weights, each with its
+    own scheme; they become MatMulNBits nodes of the same name, every other linear a float MatMul
+    (`dense` replaces source tensors, see `bitsmith.formats.base.Writer`). `options` is accepted for the
     writer protocol (act-order is refused through the g_idx check); there are no variants.
     """
     out_dir, source_model_dir = Path(out_dir), Path(source_model_dir)
@@ -74,10 +104,12 @@ def write_onnx(
         raise AlreadyExistsError(f"output directory {out_dir} is not empty")
     raw_config = unquantized_config(source_model_dir, markers=(QUANTIZATION_CONFIG_KEY,))
     config, adapter = read_config(source_model_dir)
-    scheme = single_scheme(quantized, fmt=FORMAT_NAME, bits=BITS, group_sizes=BLOCK_SIZES)
+    check_schemes(quantized, fmt=FORMAT_NAME, bits=BITS, group_sizes=BLOCK_SIZES)
+    scheme = default_scheme(quantized)
     source = scan_checkpoint(source_model_dir)
-    graph_linears = {adapter.block_name(bid, local) for bid in range(config.num_hidden_layers)
-                     for local in adapter.linears} | {adapter.lm_head.removesuffix(f".{WEIGHT}")}
+    block_linears = {adapter.block_name(bid, local) for bid in range(config.num_hidden_layers)
+                     for local in adapter.linears}
+    graph_linears = block_linears | {adapter.lm_head.removesuffix(f".{WEIGHT}")}
     for name, qw in sorted(quantized.items()):
         if name not in graph_linears:
             raise ConfigError(f"{FORMAT_NAME}: quantized layer {name!r} is not a linear of the graph")
@@ -91,8 +123,9 @@ def write_onnx(
     model = LlamaGraph(config, adapter, tensors, quantized).build()
     _save(model, out_dir)
 
-    config_text = json.dumps({**raw_config, QUANTIZATION_CONFIG_KEY: quantization_config(scheme)}, indent=2,
-                             sort_keys=True)
+    qcfg = quantization_config(scheme, {name: qw.scheme for name, qw in quantized.items()},
+                               block_linears - set(quantized))
+    config_text = json.dumps({**raw_config, QUANTIZATION_CONFIG_KEY: qcfg}, indent=2, sort_keys=True)
     write_file_atomic(out_dir / CONFIG_FILE, (config_text + "\n").encode())
     for name in COPIED_FILES:
         if (source_model_dir / name).is_file():
