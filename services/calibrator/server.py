@@ -162,7 +162,7 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
                                        transform.tensors)
         return calibrator_pb2.ScaleResponse(
             scaled=[common_pb2.NamedTensor(name=name, tensor=tensor_ref_to_proto(ref)) for name, ref in refs.items()],
-            report_json=json.dumps(transform.report_dict()),
+            report_json=json.dumps(transform.report.to_dict()),
         )
 
 
