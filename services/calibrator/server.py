@@ -105,9 +105,8 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
         model = _model(request.model_path)
         names = list(request.names)
         scaled = self._scaled(request.scaled)
-        tensors = {f"{n}.weight": scaled.get(f"{n}.weight", None) for n in names}
-        tensors = {k: model.linear_weight(request.block, k.removesuffix(".weight")) if v is None else v
-                   for k, v in tensors.items()}
+        tensors = {f"{n}.weight": scaled[f"{n}.weight"] if f"{n}.weight" in scaled
+                   else model.linear_weight(request.block, n) for n in names}
         hessians = {}
         if request.HasField("inputs"):
             inputs = self._store.get_tensor(tensor_ref_from_proto(request.inputs))

@@ -42,13 +42,48 @@ OPTIONAL_DIMENSIONS = frozenset({"head_dim"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class SmoothPair:
+    """One AWQ scaling group: an op (`smooth`, a norm or a linear) and the `balance` linears that read its output.
+
+    Dividing channel c of smooth's output by s[c] and multiplying the input columns of every balance linear that
+    read channel c by s[c] leaves the block computing the same function. Nothing else may read smooth's output.
+    `inspect` is the block module whose output AWQ's scale search compares: it holds every balance linear, and
+    its one input is what they read (the attention for q/k/v, the MLP for gate/up, the linear itself for a single
+    balance linear). `repeat_kv` marks a balance linear whose input is smooth's output with each key/value head
+    repeated for its group of query heads: o_proj reading v_proj under grouped-query attention, where one scale
+    of v's channel d of KV head g multiplies o's columns of channel d of every query head in group g.
+    """
+
+    smooth: str
+    balance: tuple[str, ...]
+    inspect: str
+    repeat_kv: bool = False
+
+
+LLAMA_SMOOTH_PAIRS = (
+    SmoothPair(
+        smooth="input_layernorm",
+        balance=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        inspect="self_attn",
+    ),
+    SmoothPair(smooth="self_attn.v_proj", balance=("self_attn.o_proj",), inspect="self_attn.o_proj", repeat_kv=True),
+    SmoothPair(smooth="post_attention_layernorm", balance=("mlp.gate_proj", "mlp.up_proj"), inspect="mlp"),
+    SmoothPair(smooth="mlp.up_proj", balance=("mlp.down_proj",), inspect="mlp.down_proj"),
+)
+"""The llama block's scaling groups, in block order (what AutoAWQ and llm-compressor map for llama)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ArchAdapter:
     """Where one architecture keeps its tensors; a new architecture is one more instance.
 
     `groups` lists the linears of a block by shared input in true-sequential order: each inner tuple
     is solved against one Hessian. `bias_flags` maps a linear to ``True`` (always biased), or to the
     name of the config flag that decides it (llama's ``attention_bias``). `norms_to_fold` pairs each
-    norm with the linears that read its output (what AWQ-style scaling folds into).
+    norm with the linears that read its output (what AWQ-style scaling folds into); `smooth_pairs` are AWQ's
+    scaling groups, norms and linears alike (see `SmoothPair`). `attention` is the block's attention module,
+    which runs with the causal mask and rotary embeddings; `score_linears` are the linears whose outputs meet
+    only inside the attention scores (q and k), where a linear's own output error says little.
     """
 
     model_type: str
@@ -69,6 +104,9 @@ class ArchAdapter:
         ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
     )
     bias_flags: Mapping[str, bool | str] = field(default_factory=dict)
+    smooth_pairs: tuple[SmoothPair, ...] = LLAMA_SMOOTH_PAIRS
+    attention: str = "self_attn"
+    score_linears: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj")
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -337,11 +375,50 @@ class CheckpointModel:
         ``input_layernorm.weight``) to values used instead of the checkpoint's, without modifying the
         cached block: this is how quantized weights and AWQ's rescaled weights and norms are applied.
         """
-        from transformers.masking_utils import create_causal_mask
-
         layer = self.block_module(bid)
         params = self._override_params(bid, layer, overrides or {})
         hidden = hidden.to(device=self.device, dtype=torch.float32)
+        with torch.no_grad():
+            out = torch.func.functional_call(layer, params, (hidden,), self._context(hidden), strict=False)
+        return out[0] if isinstance(out, tuple) else out
+
+    def module_forward(
+        self, bid: int, local: str, hidden: torch.Tensor, overrides: Mapping[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Run one module of block `bid` (``self_attn``, ``mlp``, ``mlp.down_proj``) on its input `hidden`.
+
+        `hidden` is what the module reads inside the block, [S, L, K]; the attention module gets the block's
+        causal mask and rotary embeddings as in `block_forward`. `overrides` are block-local parameter names,
+        as in `block_forward`; those outside the module are refused.
+        """
+        layer = self.block_module(bid)
+        try:
+            module = layer.get_submodule(local)
+        except AttributeError:
+            raise ConfigError(f"block {bid}: {local!r} is not a module of a {self.adapter.model_type} block") from None
+        params = self._override_params(bid, layer, overrides or {})
+        prefix = local + "."
+        outside = sorted(name for name in params if not name.startswith(prefix))
+        if outside:
+            raise ConfigError(f"block {bid}: overrides {outside} are not parameters of {local}")
+        params = {name[len(prefix) :]: value for name, value in params.items()}
+        hidden = hidden.to(device=self.device, dtype=torch.float32)
+        kwargs = self._context(hidden) if local == self.adapter.attention else {}
+        with torch.no_grad():
+            out = torch.func.functional_call(module, params, (hidden,), kwargs, strict=False)
+        return out[0] if isinstance(out, tuple) else out
+
+    def block_tensor(self, bid: int, name: str) -> torch.Tensor:
+        """A block-local parameter of the checkpoint (``input_layernorm.weight``), float32 on the compute device."""
+        key = self.full_name(bid, name)
+        if key not in self._index:
+            raise ConfigError(f"block {bid}: {name!r} is not a tensor of a {self.adapter.model_type} block")
+        return self._index.read(key, self.device)
+
+    def _context(self, hidden: torch.Tensor) -> dict[str, Any]:
+        """What the decoder layer (and its attention) is called with: causal mask, positions, rotary tables."""
+        from transformers.masking_utils import create_causal_mask
+
         positions = torch.arange(hidden.shape[1], device=self.device).unsqueeze(0)
         mask = create_causal_mask(
             config=self.config,
@@ -350,14 +427,11 @@ class CheckpointModel:
             past_key_values=None,
             position_ids=positions,
         )
-        kwargs = {
+        return {
             "attention_mask": mask,
             "position_ids": positions,
             "position_embeddings": self._rotary(hidden, positions),
         }
-        with torch.no_grad():
-            out = torch.func.functional_call(layer, params, (hidden,), kwargs, strict=False)
-        return out[0] if isinstance(out, tuple) else out
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: logits [S, L, V] from the last block's output (read on demand)."""
