@@ -79,8 +79,7 @@ class ArchAdapter:
 
     `groups` lists the linears of a block by shared input in true-sequential order: each inner tuple
     is solved against one Hessian. `bias_flags` maps a linear to ``True`` (always biased), or to the
-    name of the config flag that decides it (llama's ``attention_bias``). `norms_to_fold` pairs each
-    norm with the linears that read its output (what AWQ-style scaling folds into); `smooth_pairs` are AWQ's
+    name of the config flag that decides it (llama's ``attention_bias``). `smooth_pairs` are AWQ's
     scaling groups, norms and linears alike (see `SmoothPair`). `attention` is the block's attention module,
     which runs with the causal mask and rotary embeddings; `score_linears` are the linears whose outputs meet
     only inside the attention scores (q and k), where a linear's own output error says little.
@@ -98,10 +97,6 @@ class ArchAdapter:
         ("self_attn.o_proj",),
         ("mlp.gate_proj", "mlp.up_proj"),
         ("mlp.down_proj",),
-    )
-    norms_to_fold: tuple[tuple[str, tuple[str, ...]], ...] = (
-        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
     )
     bias_flags: Mapping[str, bool | str] = field(default_factory=dict)
     smooth_pairs: tuple[SmoothPair, ...] = LLAMA_SMOOTH_PAIRS
