@@ -12,8 +12,6 @@ come with the GGUF issue. Prints the hardware first.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -21,17 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-
-def hardware() -> str:
-    model = "unknown CPU"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    system = f"{platform.system()} {platform.machine()}"
-    return f"{model}; {os.cpu_count()} logical CPUs; {system}; Python {platform.python_version()}"
+from machine import hardware
 
 
 def best_of(repeats: int, fn: Callable[[], int]) -> float:
