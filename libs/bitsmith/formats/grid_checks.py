@@ -81,13 +81,18 @@ def single_scheme(
     return scheme
 
 
-def check_layer(name: str, qw: QuantizedWeight, source_shape: tuple[int, ...] | None, *, fmt: str) -> None:
-    """One layer fits its source linear, its groups are contiguous, and its numbers are in range."""
-    where = f"{fmt}: quantized layer {name!r}"
+def check_source_weight(where: str, name: str, qw: QuantizedWeight, source_shape: tuple[int, ...] | None) -> None:
+    """The source checkpoint has a 2-D `name`.weight of exactly the codes' shape (`ConfigError` otherwise)."""
     if source_shape is None or len(source_shape) != 2:
         raise ConfigError(f"{where}: the source checkpoint has no 2-D {name}.weight")
     if tuple(source_shape) != qw.shape:
         raise ConfigError(f"{where}: source weight is {list(source_shape)}, codes are {list(qw.shape)}")
+
+
+def check_layer(name: str, qw: QuantizedWeight, source_shape: tuple[int, ...] | None, *, fmt: str) -> None:
+    """One layer fits its source linear, its groups are contiguous, and its numbers are in range."""
+    where = f"{fmt}: quantized layer {name!r}"
+    check_source_weight(where, name, qw, source_shape)
     scheme, (_, k) = qw.scheme, qw.shape
     group_size = scheme.effective_group_size(k)
     if k % group_size:

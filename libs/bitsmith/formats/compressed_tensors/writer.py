@@ -30,7 +30,6 @@ differently and refuse these shapes). The writer fills an existing empty directo
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from typing import Any
 import torch
 
 from bitsmith.errors import AlreadyExistsError, ConfigError, FormatError, UnsupportedError
-from bitsmith.formats.base import copy_file_synced, save_safetensors_atomic, write_file_atomic
+from bitsmith.formats.base import copy_file_synced, save_safetensors_atomic
 from bitsmith.formats.compressed_tensors.constants import (
     ACTORDER_GROUP,
     BITS,
@@ -70,7 +69,8 @@ from bitsmith.formats.compressed_tensors.constants import (
 )
 from bitsmith.formats.compressed_tensors.matching import model_modules
 from bitsmith.formats.compressed_tensors.packing import pack_rows, packed_width
-from bitsmith.formats.grid_checks import unquantized_config
+from bitsmith.formats.grid_checks import check_source_weight, unquantized_config
+from bitsmith.formats.packed_checkpoint import write_json
 from bitsmith.formats.safetensors_io import (
     INDEX_FILE,
     PT_METADATA,
@@ -132,10 +132,7 @@ def validate_layer(
     if name not in linears:
         raise ConfigError(f"{where} is not an nn.Linear of the source model")
     weight = source.get(f"{name}.{WEIGHT}")
-    if weight is None or len(weight.shape) != 2:
-        raise ConfigError(f"{where}: the source checkpoint has no 2-D {name}.{WEIGHT}")
-    if weight.shape != qw.shape:
-        raise ConfigError(f"{where}: source weight is {list(weight.shape)}, codes are {list(qw.shape)}")
+    check_source_weight(where, name, qw, weight.shape if weight is not None else None)
     scheme, (_, k) = qw.scheme, qw.shape
     if scheme.bits not in BITS:
         raise UnsupportedError(f"{where}: {scheme.bits}-bit codes; the writer carries {list(BITS)}-bit")
@@ -151,7 +148,7 @@ def validate_layer(
         _check_range(where, "symmetric zeros", qw.zeros, mid, mid)
     else:
         _check_range(where, "zeros", qw.zeros, 0, scheme.maxq)
-    stored = qw.scales.to(scale_dtype(weight))
+    stored = qw.scales.to(scale_dtype(source[f"{name}.{WEIGHT}"]))  # present: checked above
     if not torch.isfinite(qw.scales).all() or not torch.isfinite(stored).all():
         raise FormatError(f"{where}: scales are not finite in {stored.dtype}")
     if bool(((stored == 0) & (qw.scales != 0)).any()):
@@ -267,10 +264,6 @@ class _Item:
     layer: str | None = None
 
 
-def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    write_file_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
-
-
 def write_compressed_tensors(
     out_dir: Path,
     *,
@@ -340,12 +333,12 @@ def write_compressed_tensors(
         weight_map.update(dict.fromkeys(tensors, file))
         total_size += sum(t.numel() * t.element_size() for t in tensors.values())
     if len(shards) > 1:
-        _write_json(out_dir / INDEX_FILE, {"metadata": {"total_size": total_size}, "weight_map": weight_map})
+        write_json(out_dir / INDEX_FILE, {"metadata": {"total_size": total_size}, "weight_map": weight_map})
 
     ignore = sorted(linears - set(quantized))
     version = LEGACY_ACTORDER_VERSION if act_order else WRITTEN_VERSION
     qcfg = quantization_config(plan_groups(quantized, act_order), ignore, version=version)
-    _write_json(out_dir / CONFIG_FILE, {**config, QUANTIZATION_CONFIG_KEY: qcfg})
+    write_json(out_dir / CONFIG_FILE, {**config, QUANTIZATION_CONFIG_KEY: qcfg})
     for name in COPIED_FILES:
         if (source_model_dir / name).is_file():
             copy_file_synced(source_model_dir / name, out_dir / name)

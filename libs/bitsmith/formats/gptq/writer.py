@@ -41,7 +41,7 @@ from bitsmith.formats.gptq.constants import (
 )
 from bitsmith.formats.gptq.dynamic import default_scheme, dynamic_config
 from bitsmith.formats.gptq.packing import pack_dim0, packed_rows
-from bitsmith.formats.grid_checks import unquantized_config
+from bitsmith.formats.grid_checks import check_source_weight, unquantized_config
 from bitsmith.formats.packed_checkpoint import write_json, write_packed_weights
 from bitsmith.formats.safetensors_io import TensorInfo, check_dense, scan_checkpoint
 from bitsmith.quantized import QuantizedWeight
@@ -143,10 +143,7 @@ def validate_layer(
     if name not in linears:
         raise ConfigError(f"{where} is not an nn.Linear of the source model")
     weight = source.get(f"{name}.{WEIGHT}")
-    if weight is None or len(weight.shape) != 2:
-        raise ConfigError(f"{where}: the source checkpoint has no 2-D {name}.{WEIGHT}")
-    if weight.shape != qw.shape:
-        raise ConfigError(f"{where}: source weight is {list(weight.shape)}, codes are {list(qw.shape)}")
+    check_source_weight(where, name, qw, weight.shape if weight is not None else None)
     scheme, (n, k) = qw.scheme, qw.shape
     packed_rows(k, scheme.bits, what=f"{where} in_features")
     packed_rows(n, scheme.bits, what=f"{where} out_features")
