@@ -4,7 +4,6 @@ refusals, and hostile files."""
 
 from __future__ import annotations
 
-import functools
 import json
 import shutil
 import struct
@@ -22,35 +21,17 @@ from bitsmith.formats.mlx.runtime import MlxCausalLM
 from bitsmith.manifest import build_artifact
 from bitsmith.pipeline import quantize_in_process
 from bitsmith.quantized import QuantizedWeight
-from bitsmith.recipes import ModuleOverride, Recipe
+from bitsmith.recipes import Recipe
 from bitsmith.runtimes import artifact_format, load_reference
 from bitsmith.schemes import Format, GPTQOptions, Method, QuantScheme
 from safetensors.torch import load_file, save_file
+
+from .solved import FLOAT, MIXED, TWO_BIT, rtn, solve
 
 mx = pytest.importorskip("mlx.core")
 
 SCHEMES = [QuantScheme(bits=4, group_size=64), QuantScheme(bits=3, group_size=32),
            QuantScheme(bits=2, group_size=128), QuantScheme(bits=8, group_size=64)]
-
-
-FLOAT = "model.layers.1.mlp.down_proj"
-TWO_BIT = "model.layers.3.mlp.up_proj"
-MIXED = Recipe(method=Method.RTN, scheme=QuantScheme(bits=4, group_size=128), overrides=(
-    ModuleOverride(pattern=r"layers\.1\.mlp\.down_proj", skip=True),
-    ModuleOverride(pattern=r"layers\.3\.mlp\.up_proj", scheme=QuantScheme(bits=2, group_size=32, sym=True)),
-    ModuleOverride(pattern=r"self_attn\.", scheme=QuantScheme(bits=8, group_size=64)),
-))
-"""Attention 8-bit groups of 64 (16 linears: the global scheme), MLP 4-bit groups of 128, one MLP linear
-2-bit symmetric groups of 32, one kept in float."""
-
-
-@functools.cache
-def solve(recipe: Recipe) -> dict[str, QuantizedWeight]:
-    return quantize_in_process(DEMO_MODEL, calib_files=CALIB_FILES, samples=1, seq_len=16, recipe=recipe).quantized
-
-
-def rtn(scheme: QuantScheme) -> dict[str, QuantizedWeight]:
-    return solve(Recipe(scheme=scheme, method=Method.RTN))
 
 
 def pack(out: Path, quantized: dict[str, QuantizedWeight], variant: str | None = None) -> Path:

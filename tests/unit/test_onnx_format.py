@@ -4,7 +4,6 @@ block sizes, a linear kept as a float MatMul), refusals, and hostile files."""
 
 from __future__ import annotations
 
-import functools
 import json
 import shutil
 from dataclasses import replace
@@ -23,35 +22,15 @@ from bitsmith.formats.onnx.runtime import OnnxCausalLM
 from bitsmith.manifest import build_artifact, verify_manifest
 from bitsmith.pipeline import quantize_in_process
 from bitsmith.quantized import QuantizedWeight
-from bitsmith.recipes import ModuleOverride, Recipe
+from bitsmith.recipes import Recipe
 from bitsmith.runtimes import artifact_format, evaluate_path, load_reference
 from bitsmith.schemes import Format, GPTQOptions, Method, QuantScheme
 from safetensors.torch import load_file
 
+from .solved import FLOAT, MIXED, TWO_BIT, rtn, solve
+
 SCHEMES = [QuantScheme(bits=4, group_size=128), QuantScheme(bits=4, group_size=32, sym=True),
            QuantScheme(bits=8, group_size=64), QuantScheme(bits=2, group_size=64)]
-FLOAT = "model.layers.1.mlp.down_proj"
-TWO_BIT = "model.layers.3.mlp.up_proj"
-MIXED = Recipe(method=Method.RTN, scheme=QuantScheme(bits=4, group_size=128), overrides=(
-    ModuleOverride(pattern=r"layers\.1\.mlp\.down_proj", skip=True),
-    ModuleOverride(pattern=r"layers\.3\.mlp\.up_proj", scheme=QuantScheme(bits=2, group_size=32, sym=True)),
-    ModuleOverride(pattern=r"self_attn\.", scheme=QuantScheme(bits=8, group_size=64)),
-))
-"""Attention 8-bit groups of 64 (16 linears: the global scheme), MLP 4-bit groups of 128, one MLP linear
-2-bit symmetric groups of 32, one kept in float."""
-
-
-@functools.cache
-def solve(recipe: Recipe) -> dict[str, QuantizedWeight]:
-    from bitsmith.demo import CALIB_FILES
-
-    return quantize_in_process(DEMO_MODEL, calib_files=CALIB_FILES, samples=1, seq_len=16, recipe=recipe).quantized
-
-
-def rtn(scheme: QuantScheme) -> dict[str, QuantizedWeight]:
-    return solve(Recipe(scheme=scheme, method=Method.RTN))
-
-
 def pack(out: Path, quantized: dict[str, QuantizedWeight], fmt: Format = Format.ONNX) -> Path:
     handler = get_format(fmt)
     build_artifact(out, lambda d: handler.write(d, source_model_dir=DEMO_MODEL, quantized=quantized,
