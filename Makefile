@@ -7,10 +7,12 @@ PROTOS := $(wildcard proto/bitsmith/v1/*.proto)
 
 .PHONY: setup demo test test-fast test-slow lint proto proto-check bench clean
 
+# llama-cpp-python compiles llama.cpp on install: GGML_NATIVE=OFF keeps that build portable (AVX2, not
+# -march=native), so a wheel pip cached on one machine runs on another.
 $(BIN)/bitsmith: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip==25.3
-	$(BIN)/pip install --quiet -e '.[dev]'
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
 setup: $(BIN)/bitsmith  ## create .venv and install bitsmith with its pinned dependencies

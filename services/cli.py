@@ -65,7 +65,7 @@ def _gptq_variant(recipe: Recipe, requested: str) -> tuple[Recipe, str]:
     v1 loads everywhere for symmetric grids; asymmetric ones go to v2 (true zeros), which GPTQModel and
     transformers require for them. A forced v1 asymmetric file keeps its zeros >= 1 (v1 stores zero - 1).
     """
-    schemes = [recipe.scheme, *(o.scheme for o in recipe.overrides if o.scheme is not None)]
+    schemes = [recipe.scheme, *(o.scheme for o in recipe.overrides if isinstance(o.scheme, QuantScheme))]
     variant = requested if requested != "auto" else ("gptq" if all(s.sym for s in schemes) else "gptq_v2")
     if variant != "gptq":
         return recipe, variant
@@ -73,8 +73,22 @@ def _gptq_variant(recipe: Recipe, requested: str) -> tuple[Recipe, str]:
     def v1(scheme: QuantScheme) -> QuantScheme:
         return scheme if scheme.sym else replace(scheme, min_zero=max(scheme.min_zero, 1))
 
-    overrides = tuple(replace(o, scheme=v1(o.scheme)) if o.scheme is not None else o for o in recipe.overrides)
+    overrides = tuple(replace(o, scheme=v1(o.scheme)) if isinstance(o.scheme, QuantScheme) else o
+                      for o in recipe.overrides)
     return replace(recipe, scheme=v1(recipe.scheme), overrides=overrides), variant
+
+
+def _output_format(text: str) -> tuple[Format, str | None]:
+    """``gguf:Q4_K_M`` → (Format.GGUF, "Q4_K_M"); a bare name has no variant."""
+    name, _, variant = text.partition(":")
+    try:
+        fmt = Format(name)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"unknown format {name!r}; known: {', '.join(f.value for f in Format)}"
+                                         ) from None
+    if variant and fmt is not Format.GGUF:
+        raise argparse.ArgumentTypeError(f"{name} takes no ':{variant}' (only gguf:MIX does)")
+    return fmt, variant or None
 
 
 def _job_spec(args: argparse.Namespace) -> Any:
@@ -93,9 +107,9 @@ def _job_spec(args: argparse.Namespace) -> Any:
         ),
         output=common_pb2.OutputSpec(
             path=str(Path(args.out).resolve()),
-            formats=[common_pb2.OutputFormat(format=format_to_proto(Format(name)),
-                                             variant=variant if name == Format.GPTQ else "")
-                     for name in (args.format or [Format.GPTQ.value])],
+            formats=[common_pb2.OutputFormat(format=format_to_proto(fmt),
+                                             variant=variant if fmt is Format.GPTQ else (given or ""))
+                     for fmt, given in (args.format or [(Format.GPTQ, None)])],
         ),
         eval=common_pb2.EvalSpec(files=[str(Path(f).resolve()) for f in args.eval], seq_len=args.eval_seq_len),
         client_request_id=args.request_id or "",
@@ -309,10 +323,10 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--calibration-mode", choices=["sequential", "parallel"], default="sequential",
                    help="sequential: block i+1 calibrates on quantized block i's outputs; parallel: every block "
                         "on the float model's activations")
-    q.add_argument("--format", action="append", choices=[f.value for f in Format], default=[],
+    q.add_argument("--format", action="append", type=_output_format, default=[], metavar="FORMAT[:VARIANT]",
                    help="output format, repeatable: gptq, awq, compressed-tensors (NVIDIA: vLLM/transformers), "
-                        "onnx (ONNX Runtime on any CPU), mlx (Apple Silicon); several formats share one "
-                        "calibration and solve")
+                        "onnx (ONNX Runtime on any CPU), mlx (Apple Silicon), gguf:MIX (llama.cpp; MIX is a "
+                        "llama-quantize type such as Q4_K_M, Q8_0 or F16); several formats share one calibration")
     q.add_argument("--checkpoint-format", choices=["auto", "gptq", "gptq_v2"], default="auto",
                    help="auto: v1 for --sym (loads everywhere), v2 (true zeros) for asymmetric grids")
     q.add_argument("--out", required=True, help="output directory (must not exist or be empty)")

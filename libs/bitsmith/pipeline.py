@@ -17,6 +17,11 @@ when they share a method and scheme, skipped linears are never solved, and per b
   on the outputs of the *quantized* block i (sequential mode); in parallel mode `advance` runs the
   float block instead, so every block's statistics come from the unquantized model and blocks no
   longer depend on each other's solves.
+
+A plan may carry `extra` targets: further recipes (a GGUF mix's ggml grids beside the integer grid
+of the other formats) solved on the same statistics, so several artifacts cost one calibration. The
+primary recipe alone decides what is applied when the loop moves on; each extra target's results
+come back under its key.
 """
 
 from __future__ import annotations
@@ -33,9 +38,12 @@ from bitsmith.calib.capture import capture_hessians, forward_block
 from bitsmith.calib.data import calibration_tokens
 from bitsmith.errors import CancelledError, ConfigError
 from bitsmith.models.base import CheckpointModel, load_checkpoint
-from bitsmith.quantized import QuantizedWeight
+from bitsmith.quantized import GGMLWeight, QuantizedWeight
 from bitsmith.recipes import Assignment, Recipe
-from bitsmith.schemes import GPTQOptions, Method, QuantScheme
+from bitsmith.schemes import GPTQOptions, Method, QuantScheme, Scheme
+
+Solved = QuantizedWeight | GGMLWeight
+"""A linear as any method returns it: on an integer grid or on ggml blocks."""
 
 A = TypeVar("A")
 S = TypeVar("S")
@@ -95,48 +103,64 @@ class Plan:
     recipe: Recipe = field(default_factory=Recipe)
     block_prefix: str = "model.layers.{bid}"
     parallel: bool = False
+    extra: tuple[tuple[str, Recipe], ...] = ()
+    """Further targets solved on the same statistics, by key (e.g. ``gguf:Q4_K_M``)."""
 
     @classmethod
-    def from_model(cls, model: CheckpointModel, recipe: Recipe, *, parallel: bool = False) -> Plan:
+    def from_model(cls, model: CheckpointModel, recipe: Recipe, *, parallel: bool = False,
+                   extra: Sequence[tuple[str, Recipe]] = ()) -> Plan:
         return cls(
             num_blocks=model.num_blocks,
             groups=[model.groups(bid) for bid in range(model.num_blocks)],
             recipe=recipe,
             block_prefix=model.adapter.block_prefix,
             parallel=parallel,
+            extra=tuple(extra),
         )
+
+    @property
+    def recipes(self) -> list[Recipe]:
+        """The primary recipe, then the extra targets'."""
+        return [self.recipe, *(recipe for _, recipe in self.extra)]
 
     def full_name(self, bid: int, local: str) -> str:
         """``model.layers.3.self_attn.q_proj`` for block 3's ``self_attn.q_proj``."""
         return f"{self.block_prefix.format(bid=bid)}.{local}"
 
-    def units(self, bid: int) -> list[list[Unit]]:
-        """Per input group, its units in order of first appearance; skipped linears are left out."""
+    def units(self, bid: int, recipe: Recipe | None = None) -> list[list[Unit]]:
+        """Per input group, its units in order of first appearance; skipped linears are left out.
+
+        `recipe` is one of `recipes` (default: the primary one)."""
+        recipe = recipe or self.recipe
         out = []
         for group in self.groups[bid]:
             by_assignment: dict[Assignment, list[str]] = {}
             for name in group:
-                assignment = self.recipe.assign(self.full_name(bid, name))
+                assignment = recipe.assign(self.full_name(bid, name))
                 if assignment is not None:
                     by_assignment.setdefault(assignment, []).append(name)
             out.append([Unit(names=tuple(names), assignment=a) for a, names in by_assignment.items()])
         return out
 
     def scale_targets(self, bid: int) -> dict[str, QuantScheme]:
-        """The linears of block `bid` whose method rescales the block (AWQ), with their schemes."""
+        """The linears of block `bid` whose method rescales the block (AWQ), with their schemes
+        (the primary recipe's: AWQ's rescaling is one per block, shared by every target; its search
+        runs on integer grids, which `check_recipe` enforces)."""
         return {name: unit.assignment.scheme for group in self.units(bid) for unit in group
-                if unit.assignment.method.scales_activations for name in unit.names}
+                if unit.assignment.method.scales_activations and isinstance(unit.assignment.scheme, QuantScheme)
+                for name in unit.names}
 
     @property
     def needs_calibration(self) -> bool:
         """Whether any linear's method needs calibration data."""
-        return any(unit.assignment.method.needs_calibration
-                   for bid in range(self.num_blocks) for group in self.units(bid) for unit in group)
+        return any(unit.assignment.method.needs_calibration for recipe in self.recipes
+                   for bid in range(self.num_blocks) for group in self.units(bid, recipe) for unit in group)
 
     @property
     def solve_steps(self) -> int:
-        """How many `solve` calls the loop makes (one per unit)."""
-        return sum(len(group) for bid in range(self.num_blocks) for group in self.units(bid))
+        """How many `solve` calls the loop makes (one per unit of every target)."""
+        return sum(len(group) for recipe in self.recipes
+                   for bid in range(self.num_blocks) for group in self.units(bid, recipe))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -154,23 +178,30 @@ class ProgressEvent:
 @dataclass(frozen=True, slots=True)
 class QuantizedModel(Generic[Q, D]):
     """What a run produces, by full name: quantized linears, and float tensors that replace the
-    checkpoint's (AWQ's folded norms and rescaled biases, rescaled linears kept in float)."""
+    checkpoint's (AWQ's folded norms and rescaled biases, rescaled linears kept in float); `extra`
+    holds each extra target's quantized linears under its key."""
 
     quantized: dict[str, Q]
     dense: dict[str, D]
+    extra: dict[str, dict[str, Q]] = field(default_factory=dict)
 
 
 def check_recipe(model: CheckpointModel, recipe: Recipe) -> None:
     """Refuse, before any work, a recipe that cannot apply to `model`: one that skips every linear,
-    or a scheme whose group size does not divide the linear it is assigned to (named)."""
+    a scheme whose group size does not divide the linear it is assigned to, or AWQ on a ggml grid
+    (its search rounds on integer grids) — naming the linear."""
     names = {model.full_name(bid, local): (bid, local)
              for bid in range(model.num_blocks) for group in model.groups(bid) for local in group}
     for full, assignment in recipe.assignments(names).items():
-        if assignment is not None:
-            try:
-                assignment.scheme.groups(model.linear_shape(*names[full])[1])
-            except ConfigError as exc:
-                raise ConfigError(f"{full}: {exc}") from None
+        if assignment is None:
+            continue
+        if assignment.method.scales_activations and not isinstance(assignment.scheme, QuantScheme):
+            raise ConfigError(f"{full}: {assignment.method.value} searches integer grids and cannot target "
+                              f"{assignment.scheme.type.value}; use rtn or gptq for GGUF")
+        try:
+            assignment.scheme.groups(model.linear_shape(*names[full])[1])
+        except ConfigError as exc:
+            raise ConfigError(f"{full}: {exc}") from None
 
 
 def run_sequential(
@@ -199,11 +230,13 @@ def run_sequential(
 
     calibrate = plan.needs_calibration
     true_sequential = calibrate and plan.recipe.gptq.true_sequential
-    result: QuantizedModel[Q, D] = QuantizedModel({}, {})
+    result: QuantizedModel[Q, D] = QuantizedModel({}, {}, {key: {} for key, _ in plan.extra})
     inputs = backend.start() if calibrate else None
     for bid in range(plan.num_blocks):
         units = plan.units(bid)
+        extra = [(key, plan.units(bid, recipe)) for key, recipe in plan.extra]
         every = [name for group in units for unit in group for name in unit.names]
+        wanted = _in_group_order(plan.groups[bid], [units, *(u for _, u in extra)])
         applied: dict[str, Q] = {}
         scaled: Mapping[str, D] = {}
         if targets := plan.scale_targets(bid):
@@ -212,17 +245,21 @@ def run_sequential(
             result.dense.update({plan.full_name(bid, param): value for param, value in scaled.items()
                                  if param.removesuffix(".weight") not in every})
         stats = None
-        if every and not true_sequential:
-            step("calibrate", bid, -1, every)
-            stats = backend.collect(bid, every, inputs, applied, scaled)
-        for index, group in enumerate(units):
-            names = [name for unit in group for name in unit.names]
+        if not true_sequential and (names := [n for group in wanted for n in group]):
+            step("calibrate", bid, -1, names)
+            stats = backend.collect(bid, names, inputs, applied, scaled)
+        for index, names in enumerate(wanted):
             if names and true_sequential:
                 step("calibrate", bid, index, names)
                 stats = backend.collect(bid, names, inputs, applied, scaled)
-            for unit in group:
+            for unit in units[index]:
                 step("solve", bid, index, unit.names)
                 applied.update(backend.solve(bid, unit.names, unit.assignment, stats, scaled))  # type: ignore[arg-type]
+            for key, target_units in extra:
+                for unit in target_units[index]:
+                    step("solve", bid, index, unit.names, key)
+                    solved = backend.solve(bid, unit.names, unit.assignment, stats, scaled)  # type: ignore[arg-type]
+                    result.extra[key].update({plan.full_name(bid, name): solved[name] for name in unit.names})
         result.quantized.update({plan.full_name(bid, name): applied[name] for name in every})
         if inputs is not None:
             step("advance", bid, -1, every)
@@ -230,6 +267,12 @@ def run_sequential(
                 bid, inputs, applied, scaled)
         step("done", bid, -1, every, f"block {bid + 1}/{plan.num_blocks} quantized")
     return result
+
+
+def _in_group_order(groups: Sequence[Sequence[str]], targets: Sequence[Sequence[Sequence[Unit]]]) -> list[list[str]]:
+    """Per input group, the linears any target solves, in the group's own order (one capture serves all)."""
+    return [[name for name in group if any(name in unit.names for units in targets for unit in units[index])]
+            for index, group in enumerate(groups)]
 
 
 Stats = dict[str, tuple[torch.Tensor, int]] | None
@@ -258,7 +301,7 @@ def solve_group(
     hessian: torch.Tensor | None,
     *,
     method: Method,
-    scheme: QuantScheme,
+    scheme: Scheme,
     options: GPTQOptions,
     label: str,
 ) -> list[GPTQResult]:
@@ -300,7 +343,7 @@ class LocalBackend:
         bid: int,
         names: Sequence[str],
         inputs: torch.Tensor | None,
-        applied: Mapping[str, QuantizedWeight],
+        applied: Mapping[str, Solved],
         scaled: Mapping[str, torch.Tensor],
     ) -> Stats:
         if inputs is None:
@@ -308,7 +351,7 @@ class LocalBackend:
         return collect_stats(self.model, bid, names, inputs, self._overrides(applied, scaled))
 
     def solve(self, bid: int, names: Sequence[str], assignment: Assignment, stats: Stats,
-              scaled: Mapping[str, torch.Tensor]) -> dict[str, QuantizedWeight]:
+              scaled: Mapping[str, torch.Tensor]) -> dict[str, Solved]:
         weights = [scaled[f"{n}.weight"] if f"{n}.weight" in scaled else self.model.linear_weight(bid, n)
                    for n in names]
         hessian = None if stats is None else stats[names[0]][0]
@@ -319,13 +362,13 @@ class LocalBackend:
             self.results[self.model.full_name(bid, name)] = part
         return {name: part.weight for name, part in zip(names, parts, strict=True)}
 
-    def advance(self, bid: int, inputs: torch.Tensor, applied: Mapping[str, QuantizedWeight],
+    def advance(self, bid: int, inputs: torch.Tensor, applied: Mapping[str, Solved],
                 scaled: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return forward_block(self.model, bid, inputs, self._overrides(applied, scaled))
 
     @staticmethod
     def _overrides(
-        applied: Mapping[str, QuantizedWeight], scaled: Mapping[str, torch.Tensor]
+        applied: Mapping[str, Solved], scaled: Mapping[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         """AWQ's tensors, with the quantized weights (solved from them) on top."""
         return {**scaled, **{f"{name}.weight": qw.dequantize() for name, qw in applied.items()}}
@@ -341,9 +384,11 @@ def quantize_in_process(
     seed: int = 0,
     device: str = "cpu",
     parallel: bool = False,
+    extra: Sequence[tuple[str, Recipe]] = (),
     on_event: Callable[[ProgressEvent], None] | None = None,
-) -> QuantizedModel[QuantizedWeight, torch.Tensor]:
-    """Quantize a checkpoint in this process; linears and replaced float tensors by full name.
+) -> QuantizedModel[Solved, torch.Tensor]:
+    """Quantize a checkpoint in this process; linears and replaced float tensors by full name
+    (`extra` targets are solved on the same statistics, see `Plan.extra`).
 
     >>> from bitsmith.demo import CALIB_FILES, DEMO_MODEL
     >>> out = quantize_in_process(DEMO_MODEL, calib_files=CALIB_FILES, samples=2, seq_len=32,
@@ -352,7 +397,7 @@ def quantize_in_process(
     (28, (256, 256), {})
     """
     model = load_checkpoint(model_dir, device=device)
-    plan = Plan.from_model(model, recipe, parallel=parallel)
+    plan = Plan.from_model(model, recipe, parallel=parallel, extra=extra)
     tokens = (
         calibration_tokens(model_dir, calib_files, samples=samples, seq_len=seq_len, seed=seed)
         if plan.needs_calibration

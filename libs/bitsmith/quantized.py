@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from bitsmith.errors import FormatError
-from bitsmith.schemes import QuantScheme
+from bitsmith.schemes import GGMLScheme, QuantScheme
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -55,3 +55,39 @@ class QuantizedWeight:
         scales = self.scales.float()[:, idx]
         zeros = self.zeros.float()[:, idx]
         return ((self.codes.float() - zeros) * scales).to(dtype)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GGMLWeight:
+    """One linear quantized onto a ggml block type: its rows exactly as a GGUF file stores them.
+
+    data: uint8 [N, row_bytes], row n = the blocks of weight row n along the input dimension (HF
+    orientation; the GGUF writer applies llama.cpp's q/k row permutation, which moves whole rows).
+    `dequantize()` is bitsmith's reference decoder (`bitsmith.algos.kquant`), equal to gguf-py's.
+    """
+
+    data: torch.Tensor
+    scheme: GGMLScheme
+    in_features: int
+
+    def __post_init__(self) -> None:
+        row_bytes = self.scheme.type.row_bytes(self.in_features)
+        if self.data.dtype != torch.uint8 or self.data.dim() != 2 or self.data.shape[1] != row_bytes:
+            raise FormatError(
+                f"{self.scheme.type.value} data must be uint8 [rows, {row_bytes}] for {self.in_features} inputs, "
+                f"got {self.data.dtype} {tuple(self.data.shape)}"
+            )
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.data.shape[0]), self.in_features
+
+    def rows(self, rows: slice) -> GGMLWeight:
+        """The weight of a range of output rows (rows are stored independently)."""
+        return GGMLWeight(data=self.data[rows], scheme=self.scheme, in_features=self.in_features)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight [N, K] these blocks stand for."""
+        from bitsmith.algos.kquant import dequantize
+
+        return dequantize(self.data, self.scheme.type, self.in_features).to(dtype)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bitsmith.errors import ConfigError, NotFoundError
-from bitsmith.schemes import AWQOptions, GPTQOptions, GridSearch, Method, QuantScheme
+from bitsmith.schemes import AWQOptions, GGMLScheme, GPTQOptions, GridSearch, Method, QuantScheme, Scheme
 
 MAX_RECIPE_BYTES = 1 << 20
 """A recipe is a few hundred bytes; a larger file is a mistake (or hostile), refused before parsing."""
@@ -42,7 +42,7 @@ class Assignment:
     """How one linear is quantized: the method that fills the grid and the grid itself."""
 
     method: Method
-    scheme: QuantScheme
+    scheme: Scheme
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -53,7 +53,7 @@ class ModuleOverride:
     """
 
     pattern: str
-    scheme: QuantScheme | None = None
+    scheme: Scheme | None = None
     method: Method | None = None
     skip: bool = False
     _regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
@@ -121,10 +121,20 @@ class Recipe:
             "awq": asdict(self.awq),
             "overrides": [
                 {"pattern": o.pattern, "skip": o.skip, "method": o.method.value if o.method else None,
-                 "scheme": asdict(o.scheme) if o.scheme else None}
+                 "scheme": _scheme_dict(o.scheme) if o.scheme else None}
                 for o in self.overrides
             ],
         }
+
+    def with_schemes(self, schemes: Mapping[str, Scheme | None]) -> Recipe:
+        """This recipe's method and options with the given scheme for each named module (None: kept
+        float) in place of its own overrides — how a GGUF mix, which fixes every tensor's type,
+        becomes a solve target. Modules not named keep this recipe's default scheme."""
+        return replace(self, overrides=tuple(
+            ModuleOverride(pattern=f"^{re.escape(name)}$", skip=True) if scheme is None
+            else ModuleOverride(pattern=f"^{re.escape(name)}$", scheme=scheme)
+            for name, scheme in schemes.items()
+        ))
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], *, where: str = "recipe") -> Recipe:
@@ -195,6 +205,13 @@ def _options(cls: type[T], data: Mapping[str, Any], where: str) -> T:
         return cls(**data)
     except TypeError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+def _scheme_dict(scheme: Scheme) -> dict[str, Any]:
+    """A scheme as plain data: integer grids field by field, ggml grids by their type."""
+    if isinstance(scheme, GGMLScheme):
+        return {"ggml": scheme.type.value, "importance": scheme.importance}
+    return asdict(scheme)
 
 
 def _scheme(base: QuantScheme, data: Mapping[str, Any], where: str) -> QuantScheme:

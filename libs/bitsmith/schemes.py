@@ -61,6 +61,8 @@ class Format(StrEnum):
     """AutoAWQ's "GEMM" safetensors (4-bit, packed along the output dim) as vLLM and transformers load it."""
     COMPRESSED_TENSORS = "compressed-tensors"
     """compressed-tensors "pack-quantized" safetensors, as llm-compressor writes and vLLM loads them."""
+    GGUF = "gguf"
+    """One GGUF file as llama.cpp loads it; the variant names the tensor types (``gguf:Q4_K_M``)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -121,6 +123,119 @@ class QuantScheme:
         if unknown:
             raise ConfigError(f"unknown QuantScheme keys: {sorted(unknown)}")
         return cls(**data)
+
+
+class GGMLType(StrEnum):
+    """The ggml tensor types bitsmith writes into GGUF files (names and ids as in ggml.h).
+
+    Float types hold the weight as is; the others are blocks of `block_size` weights along a row,
+    `type_size` bytes each (FORMATS.md §5.7): the legacy types one scale (and min) per 32 weights,
+    the K-quants a 256-weight super-block of 16 or 32-weight sub-blocks with quantized scales.
+    """
+
+    F32 = "F32"
+    F16 = "F16"
+    BF16 = "BF16"
+    Q8_0 = "Q8_0"
+    Q4_0 = "Q4_0"
+    Q4_1 = "Q4_1"
+    Q5_0 = "Q5_0"
+    Q5_1 = "Q5_1"
+    Q2_K = "Q2_K"
+    Q3_K = "Q3_K"
+    Q4_K = "Q4_K"
+    Q5_K = "Q5_K"
+    Q6_K = "Q6_K"
+
+    @property
+    def ggml_id(self) -> int:
+        """The type's id in ggml's `enum ggml_type` (what a GGUF tensor record stores)."""
+        return _GGML_LAYOUT[self][0]
+
+    @property
+    def block_size(self) -> int:
+        """Weights per block (1 for float types)."""
+        return _GGML_LAYOUT[self][1]
+
+    @property
+    def type_size(self) -> int:
+        """Bytes per block."""
+        return _GGML_LAYOUT[self][2]
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.block_size > 1
+
+    def row_bytes(self, in_features: int) -> int:
+        """Bytes of one row of `in_features` weights; `ConfigError` unless blocks tile the row."""
+        if in_features % self.block_size:
+            raise ConfigError(f"{self.value} needs rows of a multiple of {self.block_size} weights, got {in_features}")
+        return in_features // self.block_size * self.type_size
+
+
+_GGML_LAYOUT: dict[GGMLType, tuple[int, int, int]] = {
+    GGMLType.F32: (0, 1, 4),
+    GGMLType.F16: (1, 1, 2),
+    GGMLType.BF16: (30, 1, 2),
+    GGMLType.Q8_0: (8, 32, 34),
+    GGMLType.Q4_0: (2, 32, 18),
+    GGMLType.Q4_1: (3, 32, 20),
+    GGMLType.Q5_0: (6, 32, 22),
+    GGMLType.Q5_1: (7, 32, 24),
+    GGMLType.Q2_K: (10, 256, 84),
+    GGMLType.Q3_K: (11, 256, 110),
+    GGMLType.Q4_K: (12, 256, 144),
+    GGMLType.Q5_K: (13, 256, 176),
+    GGMLType.Q6_K: (14, 256, 210),
+}
+"""(ggml id, block size, bytes per block) of each type (ggml.h / ggml-common.h, FORMATS.md §5.7)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GGMLScheme:
+    """A ggml block grid as a solve target: the linear is quantized straight onto `type`'s blocks.
+
+    `importance` weights the block search by the Hessian diagonal (llama.cpp's importance matrix)
+    when calibration statistics exist; RTN without calibration searches unweighted, as
+    llama-quantize does without an imatrix.
+    """
+
+    VERSION = 1
+
+    type: GGMLType
+    importance: bool = True
+
+    def __post_init__(self) -> None:
+        if not GGMLType(self.type).is_quantized:
+            raise ConfigError(f"{self.type} is a float type, not a quantization grid")
+
+    def groups(self, in_features: int) -> int:
+        """Blocks per row; raises if the block size does not divide `in_features`."""
+        self.type.row_bytes(in_features)
+        return in_features // self.type.block_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"_version": self.VERSION, "type": self.type.value, "importance": self.importance}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GGMLScheme:
+        data = dict(data)
+        version = data.pop("_version", cls.VERSION)
+        if version != cls.VERSION:
+            raise ConfigError(f"GGMLScheme version {version} is not {cls.VERSION}")
+        unknown = set(data) - {"type", "importance"}
+        if unknown:
+            raise ConfigError(f"unknown GGMLScheme keys: {sorted(unknown)}")
+        try:
+            ggml_type = GGMLType(data["type"])
+        except (KeyError, ValueError):
+            raise ConfigError(f"GGMLScheme.type must be one of {[t.value for t in GGMLType]}, "
+                              f"got {data.get('type')!r}") from None
+        return cls(type=ggml_type, importance=bool(data.get("importance", True)))
+
+
+Scheme = QuantScheme | GGMLScheme
+"""Any solve target: an integer grid (GPTQ, AWQ, compressed-tensors, ONNX, MLX) or a ggml block grid."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING
 
 from bitsmith.errors import ConfigError, FormatError, NotFoundError
 from bitsmith.formats.base import save_safetensors_atomic
-from bitsmith.schemes import QuantScheme
+from bitsmith.schemes import GGMLScheme, QuantScheme
 
 if TYPE_CHECKING:
     import torch
 
-    from bitsmith.quantized import QuantizedWeight
+    from bitsmith.quantized import GGMLWeight, QuantizedWeight
 
 QUANTIZED_PARTS = ("codes", "scales", "zeros", "g_idx")
 """The tensors of a `QuantizedWeight`, stored as `<name>.<part>`."""
@@ -73,6 +73,19 @@ class QuantizedRef:
     zeros: TensorRef
     g_idx: TensorRef
     scheme: QuantScheme
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GGMLRef:
+    """A stored `GGMLWeight`: a ref to its block bytes plus its scheme and row length."""
+
+    blocks: TensorRef
+    scheme: GGMLScheme
+    in_features: int
+
+
+StoredWeight = QuantizedRef | GGMLRef
+"""A solver's stored result, whatever grid it was solved on."""
 
 
 def job_key(job_id: str, *parts: str) -> str:
@@ -172,8 +185,14 @@ class ArtifactStore:
         elif path.is_dir():
             shutil.rmtree(path)
 
-    def put_quantized(self, key: str, name: str, qw: QuantizedWeight) -> QuantizedRef:
-        """Store a solver's result; its tensors are named `<name>.codes`, `<name>.scales`, ..."""
+    def put_quantized(self, key: str, name: str, qw: QuantizedWeight | GGMLWeight) -> StoredWeight:
+        """Store a solver's result; its tensors are named `<name>.codes`, `<name>.scales`, ...
+        (`<name>.blocks` for a ggml-grid weight)."""
+        from bitsmith.quantized import GGMLWeight
+
+        if isinstance(qw, GGMLWeight):
+            blocks = self.put_tensors(key, {f"{name}.blocks": qw.data})[f"{name}.blocks"]
+            return GGMLRef(blocks=blocks, scheme=qw.scheme, in_features=qw.in_features)
         refs = self.put_tensors(key, {f"{name}.{part}": getattr(qw, part) for part in QUANTIZED_PARTS})
         return QuantizedRef(
             codes=refs[f"{name}.codes"],
@@ -183,10 +202,12 @@ class ArtifactStore:
             scheme=qw.scheme,
         )
 
-    def get_quantized(self, qref: QuantizedRef) -> QuantizedWeight:
-        """Load a stored `QuantizedWeight` (verified against its refs)."""
-        from bitsmith.quantized import QuantizedWeight
+    def get_quantized(self, qref: StoredWeight) -> QuantizedWeight | GGMLWeight:
+        """Load a stored solver result (verified against its refs)."""
+        from bitsmith.quantized import GGMLWeight, QuantizedWeight
 
+        if isinstance(qref, GGMLRef):
+            return GGMLWeight(data=self.get_tensor(qref.blocks), scheme=qref.scheme, in_features=qref.in_features)
         parts = [getattr(qref, part) for part in QUANTIZED_PARTS]
         tensors = self.get_tensors(parts)
         return QuantizedWeight(

@@ -16,6 +16,7 @@ import grpc
 from bitsmith.errors import ConfigError
 from bitsmith.rpc.convert import (
     awq_from_proto,
+    format_from_proto,
     quantized_ref_from_proto,
     recipe_from_proto,
     scheme_from_proto,
@@ -69,10 +70,15 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
     def Plan(self, request: calibrator_pb2.PlanRequest, context: grpc.ServicerContext
              ) -> calibrator_pb2.ModelPlan:
         from bitsmith.pipeline import check_recipe
+        from bitsmith.targets import job_targets
 
         model = _model(request.model_path)
         if request.HasField("recipe"):
-            check_recipe(model, recipe_from_proto(request.recipe))
+            recipe = recipe_from_proto(request.recipe)
+            outputs = [(format_from_proto(f.format), f.variant or None) for f in request.formats]
+            for target in (job_targets(recipe, outputs, Path(request.model_path)).recipes.values()
+                           if outputs else [recipe]):
+                check_recipe(model, target)
         return calibrator_pb2.ModelPlan(
             architecture=str(model.config.model_type),
             blocks=[

@@ -67,6 +67,7 @@ class Stubs:
                 common_pb2.FORMAT_ONNX: runtime_pb2_grpc.RuntimeServiceStub(channels[Role.RUNTIME_CPU]),
                 common_pb2.FORMAT_AWQ: runtime_pb2_grpc.RuntimeServiceStub(channels[Role.RUNTIME_CPU]),
                 common_pb2.FORMAT_COMPRESSED_TENSORS: runtime_pb2_grpc.RuntimeServiceStub(channels[Role.RUNTIME_CPU]),
+                common_pb2.FORMAT_GGUF: runtime_pb2_grpc.RuntimeServiceStub(channels[Role.RUNTIME_CPU]),
                 common_pb2.FORMAT_MLX: runtime_pb2_grpc.RuntimeServiceStub(channels[Role.RUNTIME_APPLE]),
             },
             channels=list(channels.values()),
@@ -124,17 +125,20 @@ class RpcBackend:
     def solve(self, bid: int, names: Sequence[str], assignment: Assignment,
               stats: Sequence[common_pb2.LinearStats], scaled: Mapping[str, common_pb2.NamedTensor],
               ) -> dict[str, common_pb2.QuantizedRef]:
-        from bitsmith.rpc.convert import method_to_proto, scheme_to_proto
+        from bitsmith.rpc.convert import ggml_scheme_to_proto, method_to_proto, scheme_to_proto
+        from bitsmith.schemes import GGMLScheme
 
         wanted = set(names)
-        reply = self._stubs.solver.Solve(
-            solver_pb2.SolveRequest(
-                job_id=self._job_id, block=bid, prefix=self._prefixes[bid],
-                stats=[s for s in stats if s.name in wanted], method=method_to_proto(assignment.method),
-                scheme=scheme_to_proto(assignment.scheme), gptq=self._spec.recipe.gptq,
-            ),
-            timeout=STEP_TIMEOUT_S,
+        request = solver_pb2.SolveRequest(
+            job_id=self._job_id, block=bid, prefix=self._prefixes[bid],
+            stats=[s for s in stats if s.name in wanted], method=method_to_proto(assignment.method),
+            gptq=self._spec.recipe.gptq,
         )
+        if isinstance(assignment.scheme, GGMLScheme):
+            request.ggml.CopyFrom(ggml_scheme_to_proto(assignment.scheme))
+        else:
+            request.scheme.CopyFrom(scheme_to_proto(assignment.scheme))
+        reply = self._stubs.solver.Solve(request, timeout=STEP_TIMEOUT_S)
         prefix = self._prefixes[bid] + "."
         return {s.quantized.name.removeprefix(prefix): s.quantized for s in reply.solved}
 
@@ -217,18 +221,22 @@ class JobRunner:
             raise CancelledError(f"job {self._job_id} was cancelled")
 
     def _execute(self, spec: job_pb2.QuantizeJob) -> None:
-        from bitsmith.pipeline import Plan, run_sequential
+        from bitsmith.pipeline import Plan, QuantizedModel, run_sequential
         from bitsmith.rpc.convert import recipe_from_proto
+        from bitsmith.targets import JobTargets, job_targets
 
-        recipe = recipe_from_proto(spec.recipe)
+        outputs = [(format_from_proto(f.format), f.variant or None) for f in spec.output.formats]
+        targets = job_targets(recipe_from_proto(spec.recipe), outputs, Path(spec.model_path))
         model_plan = self._stubs.calibrator.Plan(
             calibrator_pb2.PlanRequest(model_path=spec.model_path), timeout=600
         )
         plan = Plan(num_blocks=len(model_plan.blocks),
-                    groups=[[list(g.names) for g in b.groups] for b in model_plan.blocks], recipe=recipe,
+                    groups=[[list(g.names) for g in b.groups] for b in model_plan.blocks],
+                    recipe=targets.primary or recipe_from_proto(spec.recipe), extra=targets.extra,
                     parallel=spec.calibration.mode == common_pb2.CALIBRATION_MODE_PARALLEL)
         prefixes = [b.prefix for b in model_plan.blocks]
-        total = plan.solve_steps + len(spec.output.formats) + (1 if spec.eval.files else 0) + 1
+        total = (plan.solve_steps if targets.recipes else 0) + len(spec.output.formats) + (
+            1 if spec.eval.files else 0) + 1
         done = 0
 
         def on_event(event: ProgressEvent) -> None:
@@ -239,14 +247,17 @@ class JobRunner:
                         step=done, total=total)
 
         backend = RpcBackend(self._stubs, self._job_id, spec, prefixes)
-        result = run_sequential(plan, backend, on_event=on_event,
-                                should_stop=self._stop_requested)
+        result: QuantizedModel[common_pb2.QuantizedRef, common_pb2.NamedTensor] = (
+            run_sequential(plan, backend, on_event=on_event, should_stop=self._stop_requested)
+            if targets.recipes else QuantizedModel({}, {}))
+        solved = {targets.primary_key: result.quantized, **result.extra}
         packed: list[tuple[str, common_pb2.Artifact]] = []
-        for fmt in spec.output.formats:
+        for fmt, (library_format, variant) in zip(spec.output.formats, outputs, strict=True):
             self._check_cancel()
+            quantized = solved.get(JobTargets.key_of(library_format, variant), {})
             reply = self._stubs.packer.Pack(
                 packer_pb2.PackRequest(job_id=self._job_id, model_path=spec.model_path,
-                                       quantized=list(result.quantized.values()), format=fmt,
+                                       quantized=list(quantized.values()), format=fmt,
                                        out_path=_format_out(spec, fmt), recipe=spec.recipe,
                                        dense=[common_pb2.NamedTensor(name=name, tensor=t.tensor)
                                               for name, t in result.dense.items()]),

@@ -107,7 +107,7 @@ class Coordinator(job_pb2_grpc.JobServiceServicer):
             return self._jobs.get(known)
         validate_spec(spec)
         self._stubs.calibrator.Plan(
-            calibrator_pb2.PlanRequest(model_path=spec.model_path, recipe=spec.recipe),
+            calibrator_pb2.PlanRequest(model_path=spec.model_path, recipe=spec.recipe, formats=spec.output.formats),
             timeout=context.time_remaining() or 600,
         )
         job, created = self._jobs.create(spec)

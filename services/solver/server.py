@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 from bitsmith.errors import ConfigError
 from bitsmith.rpc.convert import (
+    ggml_scheme_from_proto,
     gptq_from_proto,
     method_from_proto,
     quantized_ref_to_proto,
@@ -42,9 +43,9 @@ class Solver(solver_pb2_grpc.SolverServiceServicer):
         first = request.stats[0]
         hessian = self._store.get_tensor(tensor_ref_from_proto(first.hessian)) if hessian_keys else None
         label = ",".join(f"{request.prefix}.{n}" for n in names)
-        outcomes = solve_group(weights, hessian, method=method_from_proto(request.method),
-                               scheme=scheme_from_proto(request.scheme), options=gptq_from_proto(request.gptq),
-                               label=label)
+        scheme = ggml_scheme_from_proto(request.ggml) if request.HasField("ggml") else scheme_from_proto(request.scheme)
+        outcomes = solve_group(weights, hessian, method=method_from_proto(request.method), scheme=scheme,
+                               options=gptq_from_proto(request.gptq), label=label)
         solved = []
         for name, outcome in zip(names, outcomes, strict=True):
             full = f"{request.prefix}.{name}" if request.prefix else name

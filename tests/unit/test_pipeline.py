@@ -74,6 +74,30 @@ def test_true_sequential_order() -> None:
     assert events[-1].phase == "done" and events[-1].block == 1 and events[-1].num_blocks == 2
 
 
+def test_extra_targets_share_each_capture_and_never_move_the_loop() -> None:
+    """An extra target is solved on the primary's statistics; linears only it solves are captured too,
+    and only the primary's results are applied when the loop moves on."""
+    backend = Recorder()
+    primary = replace(GPTQ, overrides=(ModuleOverride(pattern=r"\.c$", skip=True),))
+    w8 = Recipe(method=Method.RTN, scheme=QuantScheme(bits=8))
+    out = run_sequential(replace(plan(primary), extra=(("w8", w8),)), backend)
+    assert backend.calls[:10] == [
+        ("start",),
+        ("collect", 0, ("a", "b"), "x0", ()),
+        ("solve", 0, ("a", "b"), "stats0ab", "gptq", 4),
+        ("solve", 0, ("a", "b"), "stats0ab", "rtn", 8),
+        ("collect", 0, ("c",), "x0", ("a", "b")),
+        ("solve", 0, ("c",), "stats0c", "rtn", 8),
+        ("collect", 0, ("d",), "x0", ("a", "b")),
+        ("solve", 0, ("d",), "stats0d", "gptq", 4),
+        ("solve", 0, ("d",), "stats0d", "rtn", 8),
+        ("advance", 0, "x0", ("a", "b", "d"), ()),
+    ]
+    assert set(out.quantized) == {f"model.layers.{b}.{n}" for b in range(2) for n in "abd"}
+    assert out.extra == {"w8": {f"model.layers.{b}.{n}": f"q{b}{n}" for b in range(2) for n in "abcd"}}
+    assert replace(plan(primary), extra=(("w8", w8),)).solve_steps == 2 * (2 + 3)  # units, not linears
+
+
 def test_block_wide_collect_without_true_sequential() -> None:
     backend = Recorder()
     run_sequential(plan(replace(GPTQ, gptq=GPTQOptions(true_sequential=False))), backend)

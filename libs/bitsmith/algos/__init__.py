@@ -5,6 +5,12 @@ Every method is a `MethodSpec`: a `Solver` taking
 block rescaling (`bitsmith.algos.awq`) runs before the solve, so its solvers are RTN's and GPTQ's
 applied to the rescaled weights.
 
+The scheme's type picks the grid: a `QuantScheme` is an integer grid, a `GGMLScheme` a ggml block
+type, which RTN fills as llama-quantize does (`bitsmith.algos.kquant`, with the Hessian diagonal as
+its importance matrix when there is a Hessian and the scheme asks for it) and GPTQ solves on
+(`bitsmith.algos.kquant_gptq`). `GPTQOptions.grid_search` applies to integer grids only: a ggml
+type's block search is llama.cpp's own.
+
 >>> get_method(Method.AWQ).solve.__name__
 '_solve_rtn'
 """
@@ -18,11 +24,13 @@ from typing import Protocol
 
 import torch
 
+from bitsmith.algos import kquant
 from bitsmith.algos.gptq import GPTQResult, hessian_row_errors, solve_gptq, split_rows
 from bitsmith.algos.gptq_reference import solve_gptq_reference
 from bitsmith.algos.rtn import quantize_rtn
 from bitsmith.errors import CalibrationError, UnsupportedError
-from bitsmith.schemes import GPTQOptions, Method, QuantScheme
+from bitsmith.quantized import GGMLWeight, QuantizedWeight
+from bitsmith.schemes import GGMLScheme, GPTQOptions, Method, Scheme
 
 
 class Solver(Protocol):
@@ -32,7 +40,7 @@ class Solver(Protocol):
         self,
         weight: torch.Tensor,
         hessian: torch.Tensor | None,
-        scheme: QuantScheme,
+        scheme: Scheme,
         options: GPTQOptions,
         name: str,
     ) -> GPTQResult: ...
@@ -48,12 +56,17 @@ class MethodSpec:
 def _solve_rtn(
     weight: torch.Tensor,
     hessian: torch.Tensor | None,
-    scheme: QuantScheme,
+    scheme: Scheme,
     options: GPTQOptions,
     name: str,
 ) -> GPTQResult:
     """RTN under the common convention; errors are measured when a Hessian is given, NaN otherwise."""
-    quantized = quantize_rtn(weight, scheme, name=name, search=options.grid_search)
+    quantized: QuantizedWeight | GGMLWeight
+    if isinstance(scheme, GGMLScheme):
+        importance = torch.diagonal(hessian) if hessian is not None and scheme.importance else None
+        quantized = kquant.quantize(weight, scheme.type, importance, name=name)
+    else:
+        quantized = quantize_rtn(weight, scheme, name=name, search=options.grid_search)
     if hessian is None:
         row_errors = torch.full((weight.shape[0],), math.nan, dtype=torch.float64)
     else:
@@ -72,7 +85,7 @@ def _solve_rtn(
 def _solve_gptq(
     weight: torch.Tensor,
     hessian: torch.Tensor | None,
-    scheme: QuantScheme,
+    scheme: Scheme,
     options: GPTQOptions,
     name: str,
 ) -> GPTQResult:

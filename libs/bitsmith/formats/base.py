@@ -31,7 +31,7 @@ from bitsmith.errors import AlreadyExistsError, ConfigError, FormatError
 if TYPE_CHECKING:
     import torch
 
-    from bitsmith.quantized import QuantizedWeight
+    from bitsmith.quantized import GGMLWeight, QuantizedWeight
     from bitsmith.schemes import GPTQOptions
 
 PARTIAL_MARKER = ".partial-"
@@ -204,7 +204,8 @@ class Writer(Protocol):
     """Writes one format INTO an existing, empty (staging) directory and returns it.
 
     `variant` selects a format's sub-layout (GPTQ: "gptq" v1 or "gptq_v2"); None is its default.
-    `quantized` maps module names to solved weights; a block linear absent from it stays in float
+    `quantized` maps module names to solved weights (integer-grid formats take `QuantizedWeight`s only,
+    through `integer_weights`); a block linear absent from it stays in float
     (the format records it as unquantized, or refuses). `dense` maps tensor names of the source to
     float values that replace the stored ones (AWQ folds its scales into norms and into linears kept
     in float); writers check it with `bitsmith.formats.safetensors_io.check_dense`.
@@ -217,11 +218,25 @@ class Writer(Protocol):
         out_dir: Path,
         *,
         source_model_dir: Path,
-        quantized: Mapping[str, QuantizedWeight],
+        quantized: Mapping[str, QuantizedWeight | GGMLWeight],
         options: GPTQOptions,
         variant: str | None = None,
         dense: Mapping[str, torch.Tensor] | None = None,
     ) -> Path: ...
+
+
+def integer_weights(quantized: Mapping[str, QuantizedWeight | GGMLWeight], fmt: str) -> dict[str, QuantizedWeight]:
+    """The solved linears of an integer-grid format; `FormatError` naming any linear solved onto ggml
+    blocks instead, which only GGUF stores (their scales are not an integer grid's)."""
+    from bitsmith.quantized import GGMLWeight
+
+    out = {}
+    for name, weight in quantized.items():
+        if isinstance(weight, GGMLWeight):
+            raise FormatError(f"{name} was solved onto ggml {weight.scheme.type.value} blocks, which only GGUF "
+                              f"stores; {fmt} needs an integer-grid solve")
+        out[name] = weight
+    return out
 
 
 class Checkpoint(Protocol):

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from bitsmith.errors import ConfigError
 from bitsmith.recipes import ModuleOverride, Recipe
-from bitsmith.schemes import AWQOptions, Format, GPTQOptions, GridSearch, Method, QuantScheme
-from bitsmith.store import QuantizedRef, TensorRef
+from bitsmith.schemes import AWQOptions, Format, GGMLScheme, GGMLType, GPTQOptions, GridSearch, Method, QuantScheme
+from bitsmith.store import GGMLRef, QuantizedRef, StoredWeight, TensorRef
 from bitsmith.v1 import common_pb2
 
 _METHODS = {
@@ -41,6 +41,18 @@ def scheme_from_proto(msg: common_pb2.QuantScheme) -> QuantScheme:
     if msg.bits == 0:
         raise ConfigError("the quantization scheme has no bits set")
     return QuantScheme(bits=msg.bits, group_size=msg.group_size, sym=msg.sym, min_zero=msg.min_zero)
+
+
+def ggml_scheme_to_proto(scheme: GGMLScheme) -> common_pb2.GGMLScheme:
+    return common_pb2.GGMLScheme(type=scheme.type.value, importance=scheme.importance)
+
+
+def ggml_scheme_from_proto(msg: common_pb2.GGMLScheme) -> GGMLScheme:
+    try:
+        ggml_type = GGMLType(msg.type)
+    except ValueError:
+        raise ConfigError(f"unknown ggml type {msg.type!r}; known: {[t.value for t in GGMLType]}") from None
+    return GGMLScheme(type=ggml_type, importance=msg.importance)
 
 
 def gptq_to_proto(options: GPTQOptions) -> common_pb2.GPTQOptions:
@@ -101,7 +113,9 @@ def recipe_to_proto(recipe: Recipe) -> common_pb2.Recipe:
     )
     for override in recipe.overrides:
         item = msg.overrides.add(pattern=override.pattern, skip=override.skip)
-        if override.scheme is not None:
+        if isinstance(override.scheme, GGMLScheme):
+            item.ggml.CopyFrom(ggml_scheme_to_proto(override.scheme))
+        elif override.scheme is not None:
             item.scheme.CopyFrom(scheme_to_proto(override.scheme))
         if override.method is not None:
             item.method = method_to_proto(override.method)
@@ -118,7 +132,8 @@ def recipe_from_proto(msg: common_pb2.Recipe) -> Recipe:
         overrides=tuple(
             ModuleOverride(
                 pattern=o.pattern,
-                scheme=scheme_from_proto(o.scheme) if o.HasField("scheme") else None,
+                scheme=(ggml_scheme_from_proto(o.ggml) if o.HasField("ggml")
+                        else scheme_from_proto(o.scheme) if o.HasField("scheme") else None),
                 method=method_from_proto(o.method) if o.method != common_pb2.METHOD_UNSPECIFIED else None,
                 skip=o.skip,
             )
@@ -139,8 +154,11 @@ def tensor_ref_from_proto(msg: common_pb2.TensorRef) -> TensorRef:
     return TensorRef(key=msg.key, name=msg.name, dtype=msg.dtype, shape=tuple(msg.shape), sha256=msg.sha256)
 
 
-def quantized_ref_to_proto(name: str, ref: QuantizedRef) -> common_pb2.QuantizedRef:
+def quantized_ref_to_proto(name: str, ref: StoredWeight) -> common_pb2.QuantizedRef:
     """`name` is the full module name of the linear the stored weight belongs to."""
+    if isinstance(ref, GGMLRef):
+        return common_pb2.QuantizedRef(name=name, blocks=tensor_ref_to_proto(ref.blocks),
+                                       ggml=ggml_scheme_to_proto(ref.scheme), in_features=ref.in_features)
     return common_pb2.QuantizedRef(
         name=name,
         codes=tensor_ref_to_proto(ref.codes),
@@ -151,7 +169,10 @@ def quantized_ref_to_proto(name: str, ref: QuantizedRef) -> common_pb2.Quantized
     )
 
 
-def quantized_ref_from_proto(msg: common_pb2.QuantizedRef) -> QuantizedRef:
+def quantized_ref_from_proto(msg: common_pb2.QuantizedRef) -> StoredWeight:
+    if msg.HasField("ggml"):
+        return GGMLRef(blocks=tensor_ref_from_proto(msg.blocks), scheme=ggml_scheme_from_proto(msg.ggml),
+                       in_features=msg.in_features)
     return QuantizedRef(
         codes=tensor_ref_from_proto(msg.codes),
         scales=tensor_ref_from_proto(msg.scales),
@@ -167,6 +188,7 @@ _FORMATS = {
     Format.MLX: common_pb2.FORMAT_MLX,
     Format.AWQ: common_pb2.FORMAT_AWQ,
     Format.COMPRESSED_TENSORS: common_pb2.FORMAT_COMPRESSED_TENSORS,
+    Format.GGUF: common_pb2.FORMAT_GGUF,
 }
 
 

@@ -8,12 +8,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PlanRequest(_message.Message):
-    __slots__ = ("model_path", "recipe")
+    __slots__ = ("model_path", "recipe", "formats")
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     RECIPE_FIELD_NUMBER: _ClassVar[int]
+    FORMATS_FIELD_NUMBER: _ClassVar[int]
     model_path: str
     recipe: _common_pb2.Recipe
-    def __init__(self, model_path: _Optional[str] = ..., recipe: _Optional[_Union[_common_pb2.Recipe, _Mapping]] = ...) -> None: ...
+    formats: _containers.RepeatedCompositeFieldContainer[_common_pb2.OutputFormat]
+    def __init__(self, model_path: _Optional[str] = ..., recipe: _Optional[_Union[_common_pb2.Recipe, _Mapping]] = ..., formats: _Optional[_Iterable[_Union[_common_pb2.OutputFormat, _Mapping]]] = ...) -> None: ...
 
 class LinearGroup(_message.Message):
     __slots__ = ("names",)

@@ -25,55 +25,57 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x62itsmith/v1/common.proto\x12\x0b\x62itsmith.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"T\n\tTensorRef\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"N\n\x0bQuantScheme\x12\x0c\n\x04\x62its\x18\x01 \x01(\x05\x12\x12\n\ngroup_size\x18\x02 \x01(\x05\x12\x0b\n\x03sym\x18\x03 \x01(\x08\x12\x10\n\x08min_zero\x18\x04 \x01(\x05\"=\n\nGridSearch\x12\r\n\x05steps\x18\x01 \x01(\x05\x12\x12\n\nmax_shrink\x18\x02 \x01(\x01\x12\x0c\n\x04norm\x18\x03 \x01(\x01\"\xa8\x01\n\x0bGPTQOptions\x12\x14\n\x0c\x64\x61mp_percent\x18\x01 \x01(\x01\x12\x11\n\tact_order\x18\x02 \x01(\x08\x12\x15\n\rstatic_groups\x18\x03 \x01(\x08\x12\x17\n\x0ftrue_sequential\x18\x04 \x01(\x08\x12\x12\n\nblock_size\x18\x05 \x01(\x05\x12,\n\x0bgrid_search\x18\x06 \x01(\x0b\x32\x17.bitsmith.v1.GridSearch\"y\n\nAWQOptions\x12\x0c\n\x04grid\x18\x01 \x01(\x05\x12\x13\n\x0b\x64uo_scaling\x18\x02 \x01(\x08\x12\x0c\n\x04\x63lip\x18\x03 \x01(\x08\x12\x11\n\tclip_grid\x18\x04 \x01(\x05\x12\x12\n\nmax_shrink\x18\x05 \x01(\x01\x12\x13\n\x0b\x63lip_tokens\x18\x06 \x01(\x05\"~\n\x0eModuleOverride\x12\x0f\n\x07pattern\x18\x01 \x01(\t\x12(\n\x06scheme\x18\x02 \x01(\x0b\x32\x18.bitsmith.v1.QuantScheme\x12#\n\x06method\x18\x03 \x01(\x0e\x32\x13.bitsmith.v1.Method\x12\x0c\n\x04skip\x18\x04 \x01(\x08\"\xdb\x01\n\x06Recipe\x12#\n\x06method\x18\x01 \x01(\x0e\x32\x13.bitsmith.v1.Method\x12(\n\x06scheme\x18\x02 \x01(\x0b\x32\x18.bitsmith.v1.QuantScheme\x12&\n\x04gptq\x18\x03 \x01(\x0b\x32\x18.bitsmith.v1.GPTQOptions\x12.\n\toverrides\x18\x04 \x03(\x0b\x32\x1b.bitsmith.v1.ModuleOverride\x12$\n\x03\x61wq\x18\x06 \x01(\x0b\x32\x17.bitsmith.v1.AWQOptionsJ\x04\x08\x05\x10\x06\"|\n\x0f\x43\x61librationSpec\x12\r\n\x05\x66iles\x18\x01 \x03(\t\x12\x0f\n\x07samples\x18\x02 \x01(\x05\x12\x0f\n\x07seq_len\x18\x03 \x01(\x05\x12\x0c\n\x04seed\x18\x04 \x01(\x05\x12*\n\x04mode\x18\x05 \x01(\x0e\x32\x1c.bitsmith.v1.CalibrationMode\"D\n\x0cOutputFormat\x12#\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x13.bitsmith.v1.Format\x12\x0f\n\x07variant\x18\x02 \x01(\t\"F\n\nOutputSpec\x12\x0c\n\x04path\x18\x01 \x01(\t\x12*\n\x07\x66ormats\x18\x02 \x03(\x0b\x32\x19.bitsmith.v1.OutputFormat\"\x8d\x01\n\x0bQualityGate\x12!\n\x14max_ppl_increase_pct\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x06max_kl\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x15\n\x08min_top1\x18\x03 \x01(\x01H\x02\x88\x01\x01\x42\x17\n\x15_max_ppl_increase_pctB\t\n\x07_max_klB\x0b\n\t_min_top1\"R\n\x08\x45valSpec\x12\r\n\x05\x66iles\x18\x01 \x03(\t\x12\x0f\n\x07seq_len\x18\x02 \x01(\x05\x12&\n\x04gate\x18\x03 \x01(\x0b\x32\x18.bitsmith.v1.QualityGate\"\xe7\x01\n\rProgressEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.bitsmith.v1.JobState\x12\r\n\x05phase\x18\x03 \x01(\t\x12\r\n\x05\x62lock\x18\x04 \x01(\x05\x12\x12\n\nnum_blocks\x18\x05 \x01(\x05\x12\x0c\n\x04step\x18\x06 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x07 \x01(\x05\x12\x0f\n\x07message\x18\x08 \x01(\t\x12(\n\x04time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08sequence\x18\n \x01(\x03\"m\n\x08\x41rtifact\x12#\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x13.bitsmith.v1.Format\x12\x0f\n\x07variant\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\r\n\x05\x62ytes\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"\x9c\x01\n\nEvalResult\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x0b\n\x03ppl\x18\x02 \x01(\x01\x12\x0e\n\x06tokens\x18\x03 \x01(\x03\x12\x0f\n\x02kl\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\x04top1\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x1a\n\rreference_ppl\x18\x06 \x01(\x01H\x02\x88\x01\x01\x42\x05\n\x03_klB\x07\n\x05_top1B\x10\n\x0e_reference_ppl\"C\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x06tensor\x18\x02 \x01(\x0b\x32\x16.bitsmith.v1.TensorRef\"|\n\x0bLinearStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x06weight\x18\x02 \x01(\x0b\x32\x16.bitsmith.v1.TensorRef\x12\'\n\x07hessian\x18\x03 \x01(\x0b\x32\x16.bitsmith.v1.TensorRef\x12\x0e\n\x06tokens\x18\x04 \x01(\x03\"\xe3\x01\n\x0cQuantizedRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x05\x63odes\x18\x02 \x01(\x0b\x32\x16.bitsmith.v1.TensorRef\x12&\n\x06scales\x18\x03 \x01(\x0b\x32\x16.bitsmith.v1.TensorRef\x12%\n\x05zeros\x18\x04 \x01(\x0b\x32\x16.bitsmith.v1.TensorRef\x12%\n\x05g_idx\x18\x05 \x01(\x0b\x32\x16.bitsmith.v1.TensorRef\x12(\n\x06scheme\x18\x06 \x01(\x0b\x32\x18.bitsmith.v1.QuantScheme*f\n\x06Method\x12\x16\n\x12METHOD_UNSPECIFIED\x10\x00\x12\x0e\n\nMETHOD_RTN\x10\x01\x12\x0f\n\x0bMETHOD_GPTQ\x10\x02\x12\x0e\n\nMETHOD_AWQ\x10\x03\x12\x13\n\x0fMETHOD_AWQ_GPTQ\x10\x04*\x81\x01\n\x06\x46ormat\x12\x16\n\x12\x46ORMAT_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x46ORMAT_GPTQ\x10\x01\x12\x0f\n\x0b\x46ORMAT_ONNX\x10\x02\x12\x0e\n\nFORMAT_MLX\x10\x03\x12\x0e\n\nFORMAT_AWQ\x10\x04\x12\x1d\n\x19\x46ORMAT_COMPRESSED_TENSORS\x10\x05*s\n\x0f\x43\x61librationMode\x12 \n\x1c\x43\x41LIBRATION_MODE_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x43\x41LIBRATION_MODE_SEQUENTIAL\x10\x01\x12\x1d\n\x19\x43\x41LIBRATION_MODE_PARALLEL\x10\x02*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x62itsmith/v1/common.proto\x12\x0b\x62itsmith.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"T\n\tTensorRef\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"N\n\x0bQuantScheme\x12\x0c\n\x04\x62its\x18\x01 \x01(\x05\x12\x12\n\ngroup_size\x18\x02 \x01(\x05\x12\x0b\n\x03sym\x18\x03 \x01(\x08\x12\x10\n\x08min_zero\x18\x04 \x01(\x05\".\n\nGGMLScheme\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x12\n\nimportance\x18\x02 \x01(\x08\"=\n\nGridSearch\x12\r\n\x05steps\x18\x01 \x01(\x05\x12\x12\n\nmax_shrink\x18\x02 \x01(\x01\x12\x0c\n\x04norm\x18\x03 \x01(\x01\"\xa8\x01\n\x0bGPTQOptions\x12\x14\n\x0c\x64\x61mp_percent\x18\x01 \x01(\x01\x12\x11\n\tact_order\x18\x02 \x01(\x08\x12\x15\n\rstatic_groups\x18\x03 \x01(\x08\x12\x17\n\x0ftrue_sequential\x18\x04 \x01(\x08\x12\x12\n\nblock_size\x18\x05 \x01(\x05\x12,\n\x0bgrid_search\x18\x06 \x01(\x0b\x32\x17.bitsmith.v1.GridSearch\"y\n\nAWQOptions\x12\x0c\n\x04grid\x18\x01 \x01(\x05\x12\x13\n\x0b\x64uo_scaling\x18\x02 \x01(\x08\x12\x0c\n\x04\x63lip\x18\x03 \x01(\x08\x12\x11\n\tclip_grid\x18\x04 \x01(\x05\x12\x12\n\nmax_shrink\x18\x05 \x01(\x01\x12\x13\n\x0b\x63lip_tokens\x18\x06 \x01(\x05\"\xa5\x01\n\x0eModuleOverride\x12\x0f\n\x07pattern\x18\x01 \x01(\t\x12(\n\x06scheme\x18\x02 \x01(\x0b\x32\x18.bitsmith.v1.QuantScheme\x12#\n\x06method\x18\x03 \x01(\x0e\x32\x13.bitsmith.v1.Method\x12\x0c\n\x04skip\x18\x04 \x01(\x08\x12%\n\x04ggml\x18\x05 \x01(\x0b\x32\x17.bitsmith.v1.GGMLScheme\"\xdb\x01\n\x06Recipe\x12#\n\x06method\x18\x01 \x01(\x0e\x32\x13.bitsmith.v1.Method\x12(\n\x06scheme\x18\x02 \x01(\x0b\x32\x18.bitsmith.v1.QuantScheme\x12&\n\x04gptq\x18\x03 \x01(\x0b\x32\x18.bitsmith.v1.GPTQOptions\x12.\n\toverrides\x18\x04 \x03(\x0b\x32\x1b.bitsmith.v1.ModuleOverride\x12$\n\x03\x61wq\x18\x06 \x01(\x0b\x32\x17.bitsmith.v1.AWQOptionsJ\x04\x08\x05\x10\x06\"|\n\x0f\x43\x61librationSpec\x12\r\n\x05\x66iles\x18\x01 \x03(\t\x12\x0f\n\x07samples\x18\x02 \x01(\x05\x12\x0f\n\x07seq_len\x18\x03 \x01(\x05\x12\x0c\n\x04seed\x18\x04 \x01(\x05\x12*\n\x04mode\x18\x05 \x01(\x0e\x32\x1c.bitsmith.v1.CalibrationMode\"D\n\x0cOutputFormat\x12#\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x13.bitsmith.v1.Format\x12\x0f\n\x07variant\x18\x02 \x01(\t\"F\n\nOutputSpec\x12\x0c\n\x04path\x18\x01 \x01(\t\x12*\n\x07\x66ormats\x18\x02 \x03(\x0b\x32\x19.bitsmith.v1.OutputFormat\"\x8d\x01\n\x0bQualityGate\x12!\n\x14max_ppl_increase_pct\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x06max_kl\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x15\n\x08min_top1\x18\x03 \x01(\x01H\x02\x88\x01\x01\x42\x17\n\x15_max_ppl_increase_pctB\t\n\x07_max_klB\x0b\n\t_min_top1\"R\n\x08\x45valSpec\x12\r\n\x05\x66iles\x18\x01 \x03(\t\x12\x0f\n\x07seq_len\x18\x02 \x01(\x05\x12&\n\x04gate\x18\x03 \x01(\x0b\x32\x18.bitsmith.v1.QualityGate\"\xe7\x01\n\rProgressEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.bitsmith.v1.JobState\x12\r\n\x05phase\x18\x03 \x01(\t\x12\r\n\x05\x62lock\x18\x04 \x01(\x05\x12\x12\n\nnum_blocks\x18\x05 \x01(\x05\x12\x0c\n\x04step\x18\x06 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x07 \x01(\x05\x12\x0f\n\x07message\x18\x08 \x01(\t\x12(\n\x04time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08sequence\x18\n \x01(\x03\"m\n\x08\x41rtifact\x12#\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x13.bitsmith.v1.Format\x12\x0f\n\x07variant\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\r\n\x05\x62ytes\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"\xc8\x01\n\nEvalResult\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x0b\n\x03ppl\x18\x02 \x01(\x01\x12\x0e\n\x06tokens\x18\x03 \x01(\x03\x12\x0f\n\x02kl\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\x04top1\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x1a\n\rreference_ppl\x18\x06 \x01(\x01H\x02\x88\x01\x01\x12\x19\n\x0ctokens_per_s\x18\x07 \x01(\x01H\x03\x88\x01\x01\x42\x05\n\x03_klB\x07\n\x05_top1B\x10\n\x0e_reference_pplB\x0f\n\r_tokens_per_s\"C\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x06tensor\x18\x02 \x01(\x0b\x32\x16.bitsmith.v1.TensorRef\"|\n\x0bLinearStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x06weight\x18\x02 \x01(\x0b\x32\x16.bitsmith.v1.TensorRef\x12\'\n\x07hessian\x18\x03 \x01(\x0b\x32\x16.bitsmith.v1.TensorRef\x12\x0e\n\x06tokens\x18\x04 \x01(\x03\"\xc7\x02\n\x0cQuantizedRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x05\x63odes\x18\x02 \x01(\x0b\x32\x16.bitsmith.v1.TensorRef\x12&\n\x06scales\x18\x03 \x01(\x0b\x32\x16.bitsmith.v1.TensorRef\x12%\n\x05zeros\x18\x04 \x01(\x0b\x32\x16.bitsmith.v1.TensorRef\x12%\n\x05g_idx\x18\x05 \x01(\x0b\x32\x16.bitsmith.v1.TensorRef\x12(\n\x06scheme\x18\x06 \x01(\x0b\x32\x18.bitsmith.v1.QuantScheme\x12&\n\x06\x62locks\x18\x07 \x01(\x0b\x32\x16.bitsmith.v1.TensorRef\x12%\n\x04ggml\x18\x08 \x01(\x0b\x32\x17.bitsmith.v1.GGMLScheme\x12\x13\n\x0bin_features\x18\t \x01(\x03*f\n\x06Method\x12\x16\n\x12METHOD_UNSPECIFIED\x10\x00\x12\x0e\n\nMETHOD_RTN\x10\x01\x12\x0f\n\x0bMETHOD_GPTQ\x10\x02\x12\x0e\n\nMETHOD_AWQ\x10\x03\x12\x13\n\x0fMETHOD_AWQ_GPTQ\x10\x04*\x92\x01\n\x06\x46ormat\x12\x16\n\x12\x46ORMAT_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x46ORMAT_GPTQ\x10\x01\x12\x0f\n\x0b\x46ORMAT_ONNX\x10\x02\x12\x0e\n\nFORMAT_MLX\x10\x03\x12\x0e\n\nFORMAT_AWQ\x10\x04\x12\x1d\n\x19\x46ORMAT_COMPRESSED_TENSORS\x10\x05\x12\x0f\n\x0b\x46ORMAT_GGUF\x10\x06*s\n\x0f\x43\x61librationMode\x12 \n\x1c\x43\x41LIBRATION_MODE_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x43\x41LIBRATION_MODE_SEQUENTIAL\x10\x01\x12\x1d\n\x19\x43\x41LIBRATION_MODE_PARALLEL\x10\x02*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'bitsmith.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_METHOD']._serialized_start=2372
-  _globals['_METHOD']._serialized_end=2474
-  _globals['_FORMAT']._serialized_start=2477
-  _globals['_FORMAT']._serialized_end=2606
-  _globals['_CALIBRATIONMODE']._serialized_start=2608
-  _globals['_CALIBRATIONMODE']._serialized_end=2723
-  _globals['_JOBSTATE']._serialized_start=2726
-  _globals['_JOBSTATE']._serialized_end=2880
+  _globals['_METHOD']._serialized_start=2604
+  _globals['_METHOD']._serialized_end=2706
+  _globals['_FORMAT']._serialized_start=2709
+  _globals['_FORMAT']._serialized_end=2855
+  _globals['_CALIBRATIONMODE']._serialized_start=2857
+  _globals['_CALIBRATIONMODE']._serialized_end=2972
+  _globals['_JOBSTATE']._serialized_start=2975
+  _globals['_JOBSTATE']._serialized_end=3129
   _globals['_TENSORREF']._serialized_start=74
   _globals['_TENSORREF']._serialized_end=158
   _globals['_QUANTSCHEME']._serialized_start=160
   _globals['_QUANTSCHEME']._serialized_end=238
-  _globals['_GRIDSEARCH']._serialized_start=240
-  _globals['_GRIDSEARCH']._serialized_end=301
-  _globals['_GPTQOPTIONS']._serialized_start=304
-  _globals['_GPTQOPTIONS']._serialized_end=472
-  _globals['_AWQOPTIONS']._serialized_start=474
-  _globals['_AWQOPTIONS']._serialized_end=595
-  _globals['_MODULEOVERRIDE']._serialized_start=597
-  _globals['_MODULEOVERRIDE']._serialized_end=723
-  _globals['_RECIPE']._serialized_start=726
-  _globals['_RECIPE']._serialized_end=945
-  _globals['_CALIBRATIONSPEC']._serialized_start=947
-  _globals['_CALIBRATIONSPEC']._serialized_end=1071
-  _globals['_OUTPUTFORMAT']._serialized_start=1073
-  _globals['_OUTPUTFORMAT']._serialized_end=1141
-  _globals['_OUTPUTSPEC']._serialized_start=1143
-  _globals['_OUTPUTSPEC']._serialized_end=1213
-  _globals['_QUALITYGATE']._serialized_start=1216
-  _globals['_QUALITYGATE']._serialized_end=1357
-  _globals['_EVALSPEC']._serialized_start=1359
-  _globals['_EVALSPEC']._serialized_end=1441
-  _globals['_PROGRESSEVENT']._serialized_start=1444
-  _globals['_PROGRESSEVENT']._serialized_end=1675
-  _globals['_ARTIFACT']._serialized_start=1677
-  _globals['_ARTIFACT']._serialized_end=1786
-  _globals['_EVALRESULT']._serialized_start=1789
-  _globals['_EVALRESULT']._serialized_end=1945
-  _globals['_NAMEDTENSOR']._serialized_start=1947
-  _globals['_NAMEDTENSOR']._serialized_end=2014
-  _globals['_LINEARSTATS']._serialized_start=2016
-  _globals['_LINEARSTATS']._serialized_end=2140
-  _globals['_QUANTIZEDREF']._serialized_start=2143
-  _globals['_QUANTIZEDREF']._serialized_end=2370
+  _globals['_GGMLSCHEME']._serialized_start=240
+  _globals['_GGMLSCHEME']._serialized_end=286
+  _globals['_GRIDSEARCH']._serialized_start=288
+  _globals['_GRIDSEARCH']._serialized_end=349
+  _globals['_GPTQOPTIONS']._serialized_start=352
+  _globals['_GPTQOPTIONS']._serialized_end=520
+  _globals['_AWQOPTIONS']._serialized_start=522
+  _globals['_AWQOPTIONS']._serialized_end=643
+  _globals['_MODULEOVERRIDE']._serialized_start=646
+  _globals['_MODULEOVERRIDE']._serialized_end=811
+  _globals['_RECIPE']._serialized_start=814
+  _globals['_RECIPE']._serialized_end=1033
+  _globals['_CALIBRATIONSPEC']._serialized_start=1035
+  _globals['_CALIBRATIONSPEC']._serialized_end=1159
+  _globals['_OUTPUTFORMAT']._serialized_start=1161
+  _globals['_OUTPUTFORMAT']._serialized_end=1229
+  _globals['_OUTPUTSPEC']._serialized_start=1231
+  _globals['_OUTPUTSPEC']._serialized_end=1301
+  _globals['_QUALITYGATE']._serialized_start=1304
+  _globals['_QUALITYGATE']._serialized_end=1445
+  _globals['_EVALSPEC']._serialized_start=1447
+  _globals['_EVALSPEC']._serialized_end=1529
+  _globals['_PROGRESSEVENT']._serialized_start=1532
+  _globals['_PROGRESSEVENT']._serialized_end=1763
+  _globals['_ARTIFACT']._serialized_start=1765
+  _globals['_ARTIFACT']._serialized_end=1874
+  _globals['_EVALRESULT']._serialized_start=1877
+  _globals['_EVALRESULT']._serialized_end=2077
+  _globals['_NAMEDTENSOR']._serialized_start=2079
+  _globals['_NAMEDTENSOR']._serialized_end=2146
+  _globals['_LINEARSTATS']._serialized_start=2148
+  _globals['_LINEARSTATS']._serialized_end=2272
+  _globals['_QUANTIZEDREF']._serialized_start=2275
+  _globals['_QUANTIZEDREF']._serialized_end=2602
 # @@protoc_insertion_point(module_scope)

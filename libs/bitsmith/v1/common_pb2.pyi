@@ -26,6 +26,7 @@ class Format(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FORMAT_MLX: _ClassVar[Format]
     FORMAT_AWQ: _ClassVar[Format]
     FORMAT_COMPRESSED_TENSORS: _ClassVar[Format]
+    FORMAT_GGUF: _ClassVar[Format]
 
 class CalibrationMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -52,6 +53,7 @@ FORMAT_ONNX: Format
 FORMAT_MLX: Format
 FORMAT_AWQ: Format
 FORMAT_COMPRESSED_TENSORS: Format
+FORMAT_GGUF: Format
 CALIBRATION_MODE_UNSPECIFIED: CalibrationMode
 CALIBRATION_MODE_SEQUENTIAL: CalibrationMode
 CALIBRATION_MODE_PARALLEL: CalibrationMode
@@ -87,6 +89,14 @@ class QuantScheme(_message.Message):
     sym: bool
     min_zero: int
     def __init__(self, bits: _Optional[int] = ..., group_size: _Optional[int] = ..., sym: _Optional[bool] = ..., min_zero: _Optional[int] = ...) -> None: ...
+
+class GGMLScheme(_message.Message):
+    __slots__ = ("type", "importance")
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    IMPORTANCE_FIELD_NUMBER: _ClassVar[int]
+    type: str
+    importance: bool
+    def __init__(self, type: _Optional[str] = ..., importance: _Optional[bool] = ...) -> None: ...
 
 class GridSearch(_message.Message):
     __slots__ = ("steps", "max_shrink", "norm")
@@ -131,16 +141,18 @@ class AWQOptions(_message.Message):
     def __init__(self, grid: _Optional[int] = ..., duo_scaling: _Optional[bool] = ..., clip: _Optional[bool] = ..., clip_grid: _Optional[int] = ..., max_shrink: _Optional[float] = ..., clip_tokens: _Optional[int] = ...) -> None: ...
 
 class ModuleOverride(_message.Message):
-    __slots__ = ("pattern", "scheme", "method", "skip")
+    __slots__ = ("pattern", "scheme", "method", "skip", "ggml")
     PATTERN_FIELD_NUMBER: _ClassVar[int]
     SCHEME_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     SKIP_FIELD_NUMBER: _ClassVar[int]
+    GGML_FIELD_NUMBER: _ClassVar[int]
     pattern: str
     scheme: QuantScheme
     method: Method
     skip: bool
-    def __init__(self, pattern: _Optional[str] = ..., scheme: _Optional[_Union[QuantScheme, _Mapping]] = ..., method: _Optional[_Union[Method, str]] = ..., skip: _Optional[bool] = ...) -> None: ...
+    ggml: GGMLScheme
+    def __init__(self, pattern: _Optional[str] = ..., scheme: _Optional[_Union[QuantScheme, _Mapping]] = ..., method: _Optional[_Union[Method, str]] = ..., skip: _Optional[bool] = ..., ggml: _Optional[_Union[GGMLScheme, _Mapping]] = ...) -> None: ...
 
 class Recipe(_message.Message):
     __slots__ = ("method", "scheme", "gptq", "overrides", "awq")
@@ -245,20 +257,22 @@ class Artifact(_message.Message):
     def __init__(self, format: _Optional[_Union[Format, str]] = ..., variant: _Optional[str] = ..., path: _Optional[str] = ..., bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class EvalResult(_message.Message):
-    __slots__ = ("dataset", "ppl", "tokens", "kl", "top1", "reference_ppl")
+    __slots__ = ("dataset", "ppl", "tokens", "kl", "top1", "reference_ppl", "tokens_per_s")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     PPL_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     KL_FIELD_NUMBER: _ClassVar[int]
     TOP1_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_PPL_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     ppl: float
     tokens: int
     kl: float
     top1: float
     reference_ppl: float
-    def __init__(self, dataset: _Optional[str] = ..., ppl: _Optional[float] = ..., tokens: _Optional[int] = ..., kl: _Optional[float] = ..., top1: _Optional[float] = ..., reference_ppl: _Optional[float] = ...) -> None: ...
+    tokens_per_s: float
+    def __init__(self, dataset: _Optional[str] = ..., ppl: _Optional[float] = ..., tokens: _Optional[int] = ..., kl: _Optional[float] = ..., top1: _Optional[float] = ..., reference_ppl: _Optional[float] = ..., tokens_per_s: _Optional[float] = ...) -> None: ...
 
 class NamedTensor(_message.Message):
     __slots__ = ("name", "tensor")
@@ -281,17 +295,23 @@ class LinearStats(_message.Message):
     def __init__(self, name: _Optional[str] = ..., weight: _Optional[_Union[TensorRef, _Mapping]] = ..., hessian: _Optional[_Union[TensorRef, _Mapping]] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class QuantizedRef(_message.Message):
-    __slots__ = ("name", "codes", "scales", "zeros", "g_idx", "scheme")
+    __slots__ = ("name", "codes", "scales", "zeros", "g_idx", "scheme", "blocks", "ggml", "in_features")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CODES_FIELD_NUMBER: _ClassVar[int]
     SCALES_FIELD_NUMBER: _ClassVar[int]
     ZEROS_FIELD_NUMBER: _ClassVar[int]
     G_IDX_FIELD_NUMBER: _ClassVar[int]
     SCHEME_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    GGML_FIELD_NUMBER: _ClassVar[int]
+    IN_FEATURES_FIELD_NUMBER: _ClassVar[int]
     name: str
     codes: TensorRef
     scales: TensorRef
     zeros: TensorRef
     g_idx: TensorRef
     scheme: QuantScheme
-    def __init__(self, name: _Optional[str] = ..., codes: _Optional[_Union[TensorRef, _Mapping]] = ..., scales: _Optional[_Union[TensorRef, _Mapping]] = ..., zeros: _Optional[_Union[TensorRef, _Mapping]] = ..., g_idx: _Optional[_Union[TensorRef, _Mapping]] = ..., scheme: _Optional[_Union[QuantScheme, _Mapping]] = ...) -> None: ...
+    blocks: TensorRef
+    ggml: GGMLScheme
+    in_features: int
+    def __init__(self, name: _Optional[str] = ..., codes: _Optional[_Union[TensorRef, _Mapping]] = ..., scales: _Optional[_Union[TensorRef, _Mapping]] = ..., zeros: _Optional[_Union[TensorRef, _Mapping]] = ..., g_idx: _Optional[_Union[TensorRef, _Mapping]] = ..., scheme: _Optional[_Union[QuantScheme, _Mapping]] = ..., blocks: _Optional[_Union[TensorRef, _Mapping]] = ..., ggml: _Optional[_Union[GGMLScheme, _Mapping]] = ..., in_features: _Optional[int] = ...) -> None: ...

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SolveRequest(_message.Message):
-    __slots__ = ("job_id", "block", "prefix", "stats", "method", "scheme", "gptq")
+    __slots__ = ("job_id", "block", "prefix", "stats", "method", "scheme", "gptq", "ggml")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_FIELD_NUMBER: _ClassVar[int]
     PREFIX_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class SolveRequest(_message.Message):
     METHOD_FIELD_NUMBER: _ClassVar[int]
     SCHEME_FIELD_NUMBER: _ClassVar[int]
     GPTQ_FIELD_NUMBER: _ClassVar[int]
+    GGML_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     block: int
     prefix: str
@@ -23,7 +24,8 @@ class SolveRequest(_message.Message):
     method: _common_pb2.Method
     scheme: _common_pb2.QuantScheme
     gptq: _common_pb2.GPTQOptions
-    def __init__(self, job_id: _Optional[str] = ..., block: _Optional[int] = ..., prefix: _Optional[str] = ..., stats: _Optional[_Iterable[_Union[_common_pb2.LinearStats, _Mapping]]] = ..., method: _Optional[_Union[_common_pb2.Method, str]] = ..., scheme: _Optional[_Union[_common_pb2.QuantScheme, _Mapping]] = ..., gptq: _Optional[_Union[_common_pb2.GPTQOptions, _Mapping]] = ...) -> None: ...
+    ggml: _common_pb2.GGMLScheme
+    def __init__(self, job_id: _Optional[str] = ..., block: _Optional[int] = ..., prefix: _Optional[str] = ..., stats: _Optional[_Iterable[_Union[_common_pb2.LinearStats, _Mapping]]] = ..., method: _Optional[_Union[_common_pb2.Method, str]] = ..., scheme: _Optional[_Union[_common_pb2.QuantScheme, _Mapping]] = ..., gptq: _Optional[_Union[_common_pb2.GPTQOptions, _Mapping]] = ..., ggml: _Optional[_Union[_common_pb2.GGMLScheme, _Mapping]] = ...) -> None: ...
 
 class SolvedLinear(_message.Message):
     __slots__ = ("quantized", "error", "rtn_error", "damp_percent")

@@ -47,14 +47,14 @@ from bitsmith.formats.awq.constants import (
     ZERO_POINT_KEY,
 )
 from bitsmith.formats.awq.packing import pack_layer, packed_nbytes
-from bitsmith.formats.base import copy_file_synced
+from bitsmith.formats.base import copy_file_synced, integer_weights
 from bitsmith.formats.gptq.writer import linear_names
 from bitsmith.formats.grid_checks import check_layer, single_scheme, unquantized_config
 from bitsmith.formats.packed_checkpoint import write_json, write_packed_weights
 from bitsmith.formats.safetensors_io import TensorInfo, check_dense, load_tensors, scan_checkpoint
 from bitsmith.models import read_config
 from bitsmith.models.base import ArchAdapter
-from bitsmith.quantized import QuantizedWeight
+from bitsmith.quantized import GGMLWeight, QuantizedWeight
 from bitsmith.schemes import PER_CHANNEL, GPTQOptions, QuantScheme
 
 FORMAT_NAME = "AWQ"
@@ -180,7 +180,7 @@ def write_awq(
     out_dir: Path,
     *,
     source_model_dir: Path,
-    quantized: Mapping[str, QuantizedWeight],
+    quantized: Mapping[str, QuantizedWeight | GGMLWeight],
     options: GPTQOptions,
     variant: str | None = None,
     dense: Mapping[str, torch.Tensor] | None = None,
@@ -194,6 +194,7 @@ def write_awq(
     `options` is accepted for the writer protocol: act-order is refused from the g_idx itself. Weights
     larger than `max_shard_bytes` are split into shards with an index.
     """
+    quantized = integer_weights(quantized, "AWQ")
     out_dir, source_model_dir = Path(out_dir), Path(source_model_dir)
     if variant not in (None, "", VERSION):
         raise ConfigError(f"{FORMAT_NAME} variant must be {VERSION!r} (the only layout), got {variant!r}")

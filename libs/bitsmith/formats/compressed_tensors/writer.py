@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from bitsmith.errors import AlreadyExistsError, ConfigError, FormatError, UnsupportedError
-from bitsmith.formats.base import copy_file_synced, save_safetensors_atomic
+from bitsmith.formats.base import copy_file_synced, integer_weights, save_safetensors_atomic
 from bitsmith.formats.compressed_tensors.constants import (
     ACTORDER_GROUP,
     BITS,
@@ -81,7 +81,7 @@ from bitsmith.formats.safetensors_io import (
     load_tensors,
     scan_checkpoint,
 )
-from bitsmith.quantized import QuantizedWeight
+from bitsmith.quantized import GGMLWeight, QuantizedWeight
 from bitsmith.schemes import PER_CHANNEL, GPTQOptions
 
 FORMAT_NAME = "compressed-tensors"
@@ -268,7 +268,7 @@ def write_compressed_tensors(
     out_dir: Path,
     *,
     source_model_dir: Path,
-    quantized: Mapping[str, QuantizedWeight],
+    quantized: Mapping[str, QuantizedWeight | GGMLWeight],
     options: GPTQOptions,
     variant: str | None = None,
     dense: Mapping[str, torch.Tensor] | None = None,
@@ -282,6 +282,7 @@ def write_compressed_tensors(
     docstring). `options` is accepted for the writer protocol: act-order is seen in each layer's g_idx.
     Weights larger than `max_shard_bytes` are split into shards with an index, as transformers does.
     """
+    quantized = integer_weights(quantized, "compressed-tensors")
     out_dir, source_model_dir = Path(out_dir), Path(source_model_dir)
     keep_act_order = parse_variant(variant)
     if not out_dir.is_dir():

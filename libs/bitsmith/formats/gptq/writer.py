@@ -21,7 +21,7 @@ import torch
 
 import bitsmith
 from bitsmith.errors import AlreadyExistsError, ConfigError, FormatError, UnsupportedError
-from bitsmith.formats.base import copy_file_synced
+from bitsmith.formats.base import copy_file_synced, integer_weights
 from bitsmith.formats.gptq.constants import (
     CONFIG_FILE,
     COPIED_FILES,
@@ -44,7 +44,7 @@ from bitsmith.formats.gptq.packing import pack_dim0, packed_rows
 from bitsmith.formats.grid_checks import check_source_weight, unquantized_config
 from bitsmith.formats.packed_checkpoint import write_json, write_packed_weights
 from bitsmith.formats.safetensors_io import TensorInfo, check_dense, scan_checkpoint
-from bitsmith.quantized import QuantizedWeight
+from bitsmith.quantized import GGMLWeight, QuantizedWeight
 from bitsmith.schemes import PER_CHANNEL, GPTQOptions, QuantScheme
 
 DEFAULT_QUANTIZER = f"bitsmith:{bitsmith.__version__}"
@@ -192,7 +192,7 @@ def write_gptq(
     out_dir: Path,
     *,
     source_model_dir: Path,
-    quantized: Mapping[str, QuantizedWeight],
+    quantized: Mapping[str, QuantizedWeight | GGMLWeight],
     options: GPTQOptions,
     variant: str | None = None,
     dense: Mapping[str, torch.Tensor] | None = None,
@@ -208,6 +208,7 @@ def write_gptq(
     ``model-0000i-of-0000n.safetensors`` shards with an index. `variant` is the checkpoint format,
     "gptq" (v1, the default) or "gptq_v2".
     """
+    quantized = integer_weights(quantized, "GPTQ")
     out_dir, source_model_dir = Path(out_dir), Path(source_model_dir)
     fmt = parse_checkpoint_format(variant or CheckpointFormat.V1)
     if not out_dir.is_dir():

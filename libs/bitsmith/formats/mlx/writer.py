@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from bitsmith.errors import AlreadyExistsError, ConfigError, FormatError
-from bitsmith.formats.base import copy_file_synced, save_safetensors_atomic, write_file_atomic
+from bitsmith.formats.base import copy_file_synced, integer_weights, save_safetensors_atomic, write_file_atomic
 from bitsmith.formats.gptq.dynamic import default_scheme
 from bitsmith.formats.gptq.packing import pack_dim0
 from bitsmith.formats.grid_checks import check_layer, check_schemes, unquantized_config
@@ -50,7 +50,7 @@ from bitsmith.formats.mlx.constants import (
 )
 from bitsmith.formats.safetensors_io import check_dense, load_tensors, scan_checkpoint
 from bitsmith.models import read_config
-from bitsmith.quantized import QuantizedWeight
+from bitsmith.quantized import GGMLWeight, QuantizedWeight
 from bitsmith.schemes import GPTQOptions, QuantScheme
 
 FORMAT_NAME = "MLX"
@@ -86,7 +86,7 @@ def write_mlx(
     out_dir: Path,
     *,
     source_model_dir: Path,
-    quantized: Mapping[str, QuantizedWeight],
+    quantized: Mapping[str, QuantizedWeight | GGMLWeight],
     options: GPTQOptions,
     variant: str | None = None,
     dense: Mapping[str, torch.Tensor] | None = None,
@@ -99,6 +99,7 @@ def write_mlx(
     `variant` is the model dtype (see the module docstring). `options` is
     accepted for the writer protocol (act-order is refused through the g_idx check).
     """
+    quantized = integer_weights(quantized, "MLX")
     out_dir, source_model_dir = Path(out_dir), Path(source_model_dir)
     dtype_name = variant or DEFAULT_DTYPE
     if dtype_name not in DTYPES:

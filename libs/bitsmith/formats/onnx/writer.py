@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import onnx
 
 from bitsmith.errors import AlreadyExistsError, ConfigError, FormatError
-from bitsmith.formats.base import copy_file_synced, write_file_atomic
+from bitsmith.formats.base import copy_file_synced, integer_weights, write_file_atomic
 from bitsmith.formats.gptq.dynamic import default_scheme
 from bitsmith.formats.grid_checks import check_layer, check_schemes, unquantized_config
 from bitsmith.formats.onnx.constants import (
@@ -52,7 +52,7 @@ from bitsmith.formats.onnx.constants import (
 from bitsmith.formats.onnx.graph import LlamaGraph
 from bitsmith.formats.safetensors_io import check_dense, load_tensors, scan_checkpoint
 from bitsmith.models import read_config
-from bitsmith.quantized import QuantizedWeight
+from bitsmith.quantized import GGMLWeight, QuantizedWeight
 from bitsmith.schemes import GPTQOptions, QuantScheme
 
 if TYPE_CHECKING:
@@ -83,7 +83,7 @@ def write_onnx(
     out_dir: Path,
     *,
     source_model_dir: Path,
-    quantized: Mapping[str, QuantizedWeight],
+    quantized: Mapping[str, QuantizedWeight | GGMLWeight],
     options: GPTQOptions,
     variant: str | None = None,
     dense: Mapping[str, torch.Tensor] | None = None,
@@ -95,6 +95,7 @@ def write_onnx(
     (`dense` replaces source tensors, see `bitsmith.formats.base.Writer`). `options` is accepted for the
     writer protocol (act-order is refused through the g_idx check); there are no variants.
     """
+    quantized = integer_weights(quantized, "ONNX")
     out_dir, source_model_dir = Path(out_dir), Path(source_model_dir)
     if variant is not None:
         raise ConfigError(f"the {FORMAT_NAME} format has no variants, got {variant!r}")
