@@ -2,9 +2,14 @@
 
 Artifacts are read back through their format's reader (never from in-memory tensors), so what is
 measured is what was written: GPTQ, AWQ and compressed-tensors as a torch model of their dequantized
-weights, ONNX through ONNX Runtime, MLX through mlx (`_RUNTIMES`, the one dispatch). The format is
-recognised from the directory itself (`artifact_format`); without a quantization block the directory is
-an unquantized checkpoint.
+weights, ONNX through ONNX Runtime, MLX through mlx, GGUF through llama.cpp in a worker process
+(`_RUNTIMES`, the one dispatch). The format is recognised from the path itself (`artifact_format`);
+without a quantization block a directory is an unquantized checkpoint.
+
+Most engines are driven through the calling convention of a transformers causal LM and tokenized with
+the tokenizer stored beside the weights. An engine that brings its own tokenizer, decoding loop and clock
+(llama.cpp: a GGUF file carries its vocabulary) is a `NativeEngine`: it is still scored through that
+convention, over the same windows, but tokenizes and generates itself and reports its own speed.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from bitsmith.errors import ConfigError, FormatError, UnsupportedError
 from bitsmith.schemes import Format
@@ -24,11 +29,13 @@ if TYPE_CHECKING:
     import torch
 
 MLX_MARKER = "quantization"
+GGUF_SUFFIX = ".gguf"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DatasetResult:
-    """Quality of a model on one held-out file (kl / top1 / reference_ppl only with a reference)."""
+    """Quality of a model on one held-out file (kl / top1 / reference_ppl only with a reference);
+    tokens_per_s: the engine's own scoring speed (prompt processing), where it times itself (llama.cpp)."""
 
     dataset: str
     ppl: float
@@ -36,21 +43,75 @@ class DatasetResult:
     kl: float | None = None
     top1: float | None = None
     reference_ppl: float | None = None
+    tokens_per_s: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
+@dataclass(frozen=True, slots=True)
+class Throughput:
+    """`tokens` processed in `seconds` of the engine's own time."""
+
+    tokens: int
+    seconds: float
+
+    def __add__(self, other: Throughput) -> Throughput:
+        return Throughput(self.tokens + other.tokens, self.seconds + other.seconds)
+
+    def __sub__(self, other: Throughput) -> Throughput:
+        return Throughput(self.tokens - other.tokens, self.seconds - other.seconds)
+
+    @property
+    def per_second(self) -> float | None:
+        return self.tokens / self.seconds if self.seconds > 0 else None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GenerationStats:
+    """How a native engine's generation went: the prompt in one pass, then one decode step per token
+    after the first (the first comes from the prompt pass's logits)."""
+
+    prompt: Throughput
+    decode: Throughput
+    generated_tokens: int
+
+
+@runtime_checkable
+class NativeEngine(Protocol):
+    """An engine with its own tokenizer, decoding loop and clock (see the module docstring)."""
+
+    def tokenize_file(self, file: Path) -> torch.Tensor:
+        """The whole text file as the engine tokenizes it, LongTensor [T], no special tokens added."""
+
+    def scored(self) -> Throughput:
+        """Tokens the engine has scored so far and the seconds it spent on them."""
+
+    def generate(self, prompt: str, max_new_tokens: int, should_stop: Callable[[], bool]
+                 ) -> Iterator[str | GenerationStats]:
+        """Greedy pieces of text, then one `GenerationStats`."""
+
+
+def _is_gguf(path: Path) -> bool:
+    """A ``.gguf`` file, or a directory holding one (bitsmith's GGUF artifact: the file and a manifest)."""
+    if path.is_file():
+        return path.suffix == GGUF_SUFFIX
+    return path.is_dir() and any(path.glob(f"*{GGUF_SUFFIX}"))
+
+
 def artifact_format(path: Path) -> Format | None:
     """The format of the artifact at `path`, or None for an unquantized checkpoint.
 
-    GPTQ and ONNX artifacts name themselves in ``quantization_config.quant_method``; an MLX artifact
-    carries mlx-lm's own marker, the top-level ``quantization`` block (its ``quantization_config`` is
-    mlx-lm's copy of that block, without a method).
+    A GGUF artifact is a ``.gguf`` file or a directory holding one. GPTQ and ONNX artifacts name
+    themselves in ``quantization_config.quant_method``; an MLX artifact carries mlx-lm's own marker,
+    the top-level ``quantization`` block (its ``quantization_config`` is mlx-lm's copy of that block,
+    without a method).
     """
     config_path = path / "config.json"
+    if _is_gguf(path):
+        return Format.GGUF
     if not path.is_dir():
-        raise ConfigError(f"{path} is not a directory")
+        raise ConfigError(f"{path} is neither a directory nor a {GGUF_SUFFIX} file")
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
@@ -102,17 +163,25 @@ def _mlx_runtime(path: Path) -> torch.nn.Module:
     return MlxCausalLM(path)
 
 
+def _gguf_runtime(path: Path) -> torch.nn.Module:
+    from bitsmith.formats.gguf.runtime import GgufCausalLM
+
+    return GgufCausalLM(path)
+
+
 _RUNTIMES: Mapping[Format, Callable[[Path], torch.nn.Module]] = MappingProxyType({
     Format.GPTQ: load_reference,
     Format.ONNX: _onnx_runtime,
     Format.MLX: _mlx_runtime,
     Format.AWQ: load_reference,
     Format.COMPRESSED_TENSORS: load_reference,
+    Format.GGUF: _gguf_runtime,
 })
 """The engine each format is executed by: GPTQ, AWQ and compressed-tensors by torch on their dequantized
-weights (the target's own kernels live in runtime_nvidia), ONNX by ONNX Runtime, MLX by mlx. Every
-engine answers the calling convention of a transformers causal LM
-(``model(ids, past_key_values=..., use_cache=...)``)."""
+weights (the target's own kernels live in runtime_nvidia), ONNX by ONNX Runtime, MLX by mlx, GGUF by
+llama.cpp. Every engine answers the calling convention of a transformers causal LM
+(``model(ids, past_key_values=..., use_cache=...)``; llama.cpp's only without a cache, being a
+`NativeEngine` that decodes itself)."""
 
 def load_model(path: Path, *, formats: Collection[Format | None] | None = None) -> torch.nn.Module:
     """The model at `path` on the engine of its format; `formats` limits what the caller's target runs."""
@@ -132,33 +201,42 @@ def evaluate_path(path: Path, files: Sequence[Path], *, seq_len: int = 512, refe
                   formats: Collection[Format | None] | None = None) -> list[DatasetResult]:
     """Perplexity of `path` on each file; with `reference`, also KL, top-1 and the reference's ppl.
 
-    Text is tokenized with the tokenizer stored beside the weights (artifacts carry a copy).
+    Text is tokenized with the tokenizer stored beside the weights (artifacts carry a copy), or by a
+    `NativeEngine` itself; the reference scores the same token windows.
     """
     from bitsmith.evaluate import evaluate, tokenize_file
 
     if not files:
         raise ConfigError("evaluation needs at least one data file")
     model = load_model(path, formats=formats)
+    native = model if isinstance(model, NativeEngine) else None
     ref_model = _reference(str(reference.resolve())) if reference is not None else None
     results = []
     for file in files:
-        tokens = tokenize_file(path, file)
+        tokens = native.tokenize_file(file) if native is not None else tokenize_file(path, file)
+        before = native.scored() if native is not None else None
         scored = evaluate(model, tokens, seq_len=seq_len, reference=ref_model)
+        speed = (native.scored() - before).per_second if native is not None and before is not None else None
         results.append(DatasetResult(dataset=str(file), ppl=scored.ppl, tokens=scored.predictions,
-                                     kl=scored.kl, top1=scored.top1, reference_ppl=scored.reference_ppl))
+                                     kl=scored.kl, top1=scored.top1, reference_ppl=scored.reference_ppl,
+                                     tokens_per_s=speed))
     return results
 
 
 def generate_greedy(path: Path, prompt: str, max_new_tokens: int, *,
                     should_stop: Callable[[], bool] = lambda: False,
-                    formats: Collection[Format | None] | None = None) -> Iterator[str]:
-    """Greedy decoding from the model at `path`, yielding the text of each new token as it comes."""
+                    formats: Collection[Format | None] | None = None) -> Iterator[str | GenerationStats]:
+    """Greedy decoding from the model at `path`, yielding the text of each new token as it comes; a
+    `NativeEngine` ends with its `GenerationStats`."""
     import torch
     from transformers import AutoTokenizer
 
     if not prompt:
         raise ConfigError("the prompt is empty")
     model = load_model(path, formats=formats)
+    if isinstance(model, NativeEngine):
+        yield from model.generate(prompt, max_new_tokens, should_stop)
+        return
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
     past = None

@@ -286,11 +286,13 @@ class JobRunner:
         self._check_cancel()
         artifacts = []
         for staging, artifact in packed:
-            artifacts.append(self._stubs.packer.Publish(
+            published = self._stubs.packer.Publish(
                 packer_pb2.PublishRequest(staging_path=staging, out_path=artifact.path, metrics=metrics,
                                           trace_id=current_trace_id()),
                 timeout=600,
-            ))
+            )
+            published.variant = artifact.variant  # the manifest records the format, the job its variant
+            artifacts.append(published)
         done += 1
         self._event("publish", ", ".join(a.path for a in artifacts), step=done, total=total)
         job = self._jobs.get(self._job_id)

@@ -1,8 +1,9 @@
 """RuntimeService on CPU over `bitsmith.runtimes`: Evaluate an artifact, Generate from it.
 
-runtime_cpu runs checkpoints and GPTQ artifacts through torch and ONNX artifacts through ONNX Runtime
-(`bitsmith.runtimes.CPU_FORMATS`). `Runtime` is the servicer of every runtime target; a target is the
-set of formats it runs (runtime_apple reuses it with MLX).
+runtime_cpu runs checkpoints and GPTQ / AWQ / compressed-tensors artifacts through torch, ONNX artifacts
+through ONNX Runtime and GGUF artifacts through llama.cpp (in a worker process per file, so a file that
+crashes llama.cpp fails its call, not the service). `Runtime` is the servicer of every runtime target; a
+target is the set of formats it runs (runtime_apple reuses it with MLX).
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from bitsmith.v1 import common_pb2, runtime_pb2, runtime_pb2_grpc
 
 MAX_NEW_TOKENS = 4096
 CPU_FORMATS: frozenset[Format | None] = frozenset(
-    {None, Format.GPTQ, Format.ONNX, Format.AWQ, Format.COMPRESSED_TENSORS}
+    {None, Format.GPTQ, Format.ONNX, Format.AWQ, Format.COMPRESSED_TENSORS, Format.GGUF}
 )
-"""Mirrors `bitsmith.runtimes.CPU_FORMATS` without importing it (that module is imported per call)."""
+"""What runtime_cpu runs: unquantized checkpoints (None) and these artifact formats."""
 
 
 class Runtime(runtime_pb2_grpc.RuntimeServiceServicer):
@@ -41,19 +42,25 @@ class Runtime(runtime_pb2_grpc.RuntimeServiceServicer):
         )
         return runtime_pb2.EvaluateResponse(results=[
             common_pb2.EvalResult(dataset=r.dataset, ppl=r.ppl, tokens=r.tokens, kl=r.kl, top1=r.top1,
-                                  reference_ppl=r.reference_ppl)
+                                  reference_ppl=r.reference_ppl, tokens_per_s=r.tokens_per_s)
             for r in results
         ])
 
     def Generate(self, request: runtime_pb2.GenerateRequest, context: grpc.ServicerContext
                  ) -> Iterator[runtime_pb2.GenerateChunk]:
-        from bitsmith.runtimes import generate_greedy
+        from bitsmith.runtimes import GenerationStats, generate_greedy
 
         if not 0 < request.max_new_tokens <= MAX_NEW_TOKENS:
             raise ConfigError(f"max_new_tokens must be in 1..{MAX_NEW_TOKENS}, got {request.max_new_tokens}")
-        for text in generate_greedy(Path(request.artifact_path), request.prompt, request.max_new_tokens,
-                                    should_stop=lambda: not context.is_active(), formats=self.formats):
-            yield runtime_pb2.GenerateChunk(text=text)
+        for piece in generate_greedy(Path(request.artifact_path), request.prompt, request.max_new_tokens,
+                                     should_stop=lambda: not context.is_active(), formats=self.formats):
+            if isinstance(piece, GenerationStats):
+                yield runtime_pb2.GenerateChunk(stats=runtime_pb2.GenerateStats(
+                    prompt_tokens=piece.prompt.tokens, prompt_seconds=piece.prompt.seconds,
+                    decode_tokens=piece.decode.tokens, decode_seconds=piece.decode.seconds,
+                    generated_tokens=piece.generated_tokens))
+            else:
+                yield runtime_pb2.GenerateChunk(text=piece)
 
 
 def create_runtime_server(address: str, formats: Collection[Format | None], component: str

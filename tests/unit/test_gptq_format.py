@@ -427,7 +427,7 @@ def test_registry_covers_every_format() -> None:
     assert set(known_formats()) == set(Format)
     assert get_format(Format.GPTQ).read is read_gptq
     with pytest.raises(UnsupportedError, match=r"known formats: .*gptq"):
-        get_format("gguf")  # type: ignore[arg-type]
+        get_format("exl2")  # type: ignore[arg-type]
 
 
 # --- hostile or inconsistent files ----------------------------------------------------------------

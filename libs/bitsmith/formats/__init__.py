@@ -24,6 +24,7 @@ _MEMBERS = MappingProxyType({
     Format.MLX: "bitsmith.formats.mlx",
     Format.AWQ: "bitsmith.formats.awq",
     Format.COMPRESSED_TENSORS: "bitsmith.formats.compressed_tensors",
+    Format.GGUF: "bitsmith.formats.gguf",
 })
 """Format → module exposing `write` and `read` (checked by a test to cover every `Format`)."""
 

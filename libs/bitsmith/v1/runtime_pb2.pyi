@@ -36,7 +36,23 @@ class GenerateRequest(_message.Message):
     def __init__(self, artifact_path: _Optional[str] = ..., prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
-    __slots__ = ("text",)
+    __slots__ = ("text", "stats")
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
     text: str
-    def __init__(self, text: _Optional[str] = ...) -> None: ...
+    stats: GenerateStats
+    def __init__(self, text: _Optional[str] = ..., stats: _Optional[_Union[GenerateStats, _Mapping]] = ...) -> None: ...
+
+class GenerateStats(_message.Message):
+    __slots__ = ("prompt_tokens", "prompt_seconds", "decode_tokens", "decode_seconds", "generated_tokens")
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    prompt_tokens: int
+    prompt_seconds: float
+    decode_tokens: int
+    decode_seconds: float
+    generated_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., prompt_seconds: _Optional[float] = ..., decode_tokens: _Optional[int] = ..., decode_seconds: _Optional[float] = ..., generated_tokens: _Optional[int] = ...) -> None: ...

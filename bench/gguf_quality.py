@@ -1,0 +1,150 @@
+"""bitsmith's GGUF files against llama-quantize's, scored by llama.cpp, on the demo model.
+
+For each llama-quantize type (default Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, Q3_K_M, Q2_K):
+  llama-quantize  — llama.cpp's own `llama-quantize` (built by bench/llama_tools.py) from bitsmith's F16
+                    GGUF of the model; with `--imatrix` also from an importance matrix that
+                    `llama-imatrix` computes on the same calibration text;
+  bitsmith RTN    — `--method rtn --format gguf:TYPE`: llama.cpp's reference block search, no data;
+  bitsmith GPTQ   — `--method gptq --format gguf:TYPE`: the block search weighted by the Hessian
+                    diagonal (importance) and GPTQ error compensation on the type's grid, on
+                    `--samples` x `--seq-len` calibration tokens. All types are solved in one run
+                    that shares one calibration (`bitsmith.targets`), as a job with several
+                    `--format gguf:…` does.
+Every file is scored by llama.cpp (bitsmith's runtime_cpu engine for GGUF: `bitsmith.runtimes.
+evaluate_path`, which runs llama.cpp in a worker process) on eval-prose and eval-code: perplexity over the
+same windows as bitsmith's evaluator, KL and top-1 against the unquantized transformers model. The
+table gives file sizes and, per type, the share of llama-quantize's perplexity gap to F16 that
+bitsmith's calibrated file closes: 1 - (ppl_gptq - ppl_f16) / (ppl_llq - ppl_f16).
+
+    python bench/gguf_quality.py [--types Q4_K_M,Q3_K_M] [--samples 128] [--seq-len 512] [--imatrix]
+        [--keep DIR] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from llama_tools import tool_path
+from machine import hardware
+
+TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K")
+
+
+def write_gguf(out: Path, model_dir: Path, variant: str, quantized: dict[str, Any]) -> Path:
+    """An artifact directory holding one GGUF file; the path of that file."""
+    from bitsmith.formats import get_format
+    from bitsmith.manifest import build_artifact
+    from bitsmith.schemes import Format, GPTQOptions
+
+    writer = get_format(Format.GGUF).write
+    build_artifact(out, lambda staging: writer(staging, source_model_dir=model_dir, quantized=quantized,
+                                               options=GPTQOptions(), variant=variant),
+                   format=Format.GGUF, recipe={"variant": variant})
+    (path,) = out.glob("*.gguf")
+    return path
+
+
+def solve_all(model_dir: Path, types: list[str], method: str, calib: list[Path], samples: int, seq_len: int
+              ) -> tuple[dict[str, dict[str, Any]], float]:
+    """Every type's solved linears from one run (one calibration), and its seconds."""
+    from bitsmith.pipeline import quantize_in_process
+    from bitsmith.recipes import Recipe
+    from bitsmith.schemes import Format, Method
+    from bitsmith.targets import job_targets
+
+    targets = job_targets(Recipe(method=Method(method)), [(Format.GGUF, t) for t in types], model_dir)
+    primary = targets.primary
+    assert primary is not None
+    start = time.perf_counter()
+    result = quantize_in_process(model_dir, calib_files=calib, samples=samples, seq_len=seq_len,
+                                 recipe=primary, extra=targets.extra)
+    seconds = time.perf_counter() - start
+    solved = {targets.primary_key: result.quantized, **result.extra}
+    return {t: solved[f"gguf:{t}"] for t in types}, seconds
+
+
+def llama_quantize(f16: Path, out: Path, qtype: str, imatrix: Path | None) -> Path:
+    command = [str(tool_path("llama-quantize"))]
+    if imatrix is not None:
+        command += ["--imatrix", str(imatrix)]
+    subprocess.run([*command, str(f16), str(out), qtype], check=True, capture_output=True)
+    return out
+
+
+def llama_imatrix(f16: Path, calib: list[Path], out: Path, seq_len: int, chunks: int) -> Path:
+    text = out.with_suffix(".txt")
+    text.write_text("\n".join(p.read_text(encoding="utf-8") for p in calib), encoding="utf-8")
+    subprocess.run([str(tool_path("llama-imatrix")), "-m", str(f16), "-f", str(text), "-o", str(out),
+                    "-c", str(seq_len), "--chunks", str(chunks)], check=True, capture_output=True)
+    return out
+
+
+def score(path: Path, reference: Path, files: list[Path]) -> dict[str, dict[str, float]]:
+    from bitsmith.runtimes import evaluate_path
+
+    return {Path(r.dataset).stem: {"ppl": r.ppl, "kl": r.kl or 0.0, "top1": r.top1 or 0.0}
+            for r in evaluate_path(path, files, seq_len=512, reference=reference)}
+
+
+def main() -> None:
+    from bitsmith.demo import CALIB_FILES, DEMO_MODEL, EVAL_FILES
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--types", default=",".join(TYPES))
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--imatrix", action="store_true", help="also llama-quantize with llama-imatrix's matrix")
+    parser.add_argument("--keep", type=Path, help="keep the files here")
+    parser.add_argument("--json", type=Path, help="write the numbers here")
+    args = parser.parse_args()
+    types = args.types.split(",")
+    print(hardware())
+    work = args.keep or Path(tempfile.mkdtemp(prefix="gguf-quality-"))
+    work.mkdir(parents=True, exist_ok=True)
+    model, evals = Path(DEMO_MODEL), list(EVAL_FILES)
+
+    f16 = write_gguf(work / "bitsmith-F16", model, "F16", {})
+    imatrix = llama_imatrix(f16, list(CALIB_FILES), work / "imatrix.dat", args.seq_len, args.samples
+                            ) if args.imatrix else None
+    rtn, rtn_s = solve_all(model, types, "rtn", list(CALIB_FILES), args.samples, args.seq_len)
+    gptq, gptq_s = solve_all(model, types, "gptq", list(CALIB_FILES), args.samples, args.seq_len)
+    print(f"bitsmith solves: rtn {rtn_s:.1f}s, gptq {gptq_s:.1f}s for {len(types)} types")
+
+    rows: dict[str, dict[str, Any]] = {"F16": {"bitsmith": {"bytes": f16.stat().st_size, **score(f16, model, evals)}}}
+    for qtype in types:
+        files = {
+            "llama-quantize": llama_quantize(f16, work / f"llq-{qtype}.gguf", qtype, None),
+            "bitsmith-rtn": write_gguf(work / f"bitsmith-rtn-{qtype}", model, qtype, rtn[qtype]),
+            "bitsmith-gptq": write_gguf(work / f"bitsmith-gptq-{qtype}", model, qtype, gptq[qtype]),
+        }
+        if imatrix is not None:
+            files["llama-quantize-imatrix"] = llama_quantize(f16, work / f"llqi-{qtype}.gguf", qtype, imatrix)
+        rows[qtype] = {name: {"bytes": path.stat().st_size, **score(path, model, evals)}
+                       for name, path in files.items()}
+
+    datasets = list(rows["F16"]["bitsmith"].keys() - {"bytes"})
+    print(f"\nperplexity by llama.cpp on {', '.join(datasets)} (ppl / KL / top-1); gap closed = share of "
+          "llama-quantize's ppl increase over F16 that bitsmith-gptq removes")
+    for qtype, tools in rows.items():
+        for tool, r in tools.items():
+            cells = "  ".join(f"{d}: {r[d]['ppl']:.4f} / {r[d]['kl']:.4f} / {r[d]['top1']:.3f}" for d in datasets)
+            print(f"{qtype:7} {tool:24} {r['bytes']:>10,} B  {cells}")
+        if qtype != "F16":
+            base = rows["F16"]["bitsmith"]
+            closed = {d: 1 - (tools["bitsmith-gptq"][d]["ppl"] - base[d]["ppl"])
+                      / (tools["llama-quantize"][d]["ppl"] - base[d]["ppl"]) for d in datasets}
+            tools["gap_closed"] = closed
+            print(f"{qtype:7} gap closed: " + "  ".join(f"{d} {c:.2f}" for d, c in closed.items())
+                  + f"   sizes equal: {tools['bitsmith-gptq']['bytes'] == tools['llama-quantize']['bytes']}")
+    if args.json:
+        args.json.write_text(json.dumps({"hardware": hardware(), "rows": rows}, indent=1), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

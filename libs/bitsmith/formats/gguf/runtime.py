@@ -1,0 +1,420 @@
+"""A GGUF artifact run by llama.cpp (llama-cpp-python) in a worker process, behind a causal-LM interface.
+
+Why a worker process: llama.cpp answers many inconsistent files with ``GGML_ASSERT`` → ``abort()``, which
+kills the process that loaded it. The file is first checked byte by byte (`bitsmith.formats.gguf.validate`),
+then loaded only in a child (``python -m bitsmith.formats.gguf.runtime``) that talks to this process over
+a socket pair; a child that dies becomes a `FormatError` naming the file, the signal and llama.cpp's
+last words, and the service that asked keeps serving. A live worker stays up for its file (keyed by path,
+mtime and size) so repeated calls do not reload it.
+
+What runs where:
+- Scoring: `GgufCausalLM.forward` answers the transformers calling convention ``model(ids).logits`` with
+  the logits of every position of each window, so `bitsmith.evaluate` scores llama.cpp over exactly the
+  windows it scores the reference on. Each window is a fresh sequence (the KV cache is cleared).
+- Tokens: llama.cpp's own tokenizer of the file (the vocabulary the file carries), with special-token
+  text parsed and nothing added, as bitsmith tokenizes with transformers (``add_special_tokens=False``).
+- Generation: greedy, in the worker's own loop (llama.cpp's KV cache, one ``eval`` per token), each piece
+  sent as soon as it is decoded; a stop request is checked between tokens. The worker times its prompt
+  pass and its decode steps (`GenerationStats`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import collections
+import importlib.util
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bitsmith.errors import (
+    BitsmithError,
+    ConfigError,
+    FormatError,
+    NotFoundError,
+    ServiceUnavailableError,
+    UnsupportedError,
+)
+from bitsmith.runtimes import GenerationStats, Throughput
+
+log = logging.getLogger("bitsmith.runtime.gguf")
+
+CRASH_SIGNALS = frozenset({signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL})
+"""Deaths that are llama.cpp refusing the file (an assert or a bad access): `FormatError`. Any other death
+(killed from outside, out of memory, a bug in the worker) is `ServiceUnavailableError`: retrying may work."""
+STDERR_LINES = 60
+POOL_SIZE = 2
+EXIT_WAIT_S = 10.0
+MIN_CONTEXT = 512
+
+
+def cpu_threads() -> int:
+    """Every core this process may run on: llama.cpp's CPU kernels scale with them."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The worker process side: owns llama.cpp, answers one request at a time.
+
+
+class _Engine:
+    """llama.cpp's model of one file inside the worker; the context grows when a request needs more."""
+
+    def __init__(self, file: str, threads: int) -> None:
+        self.file = file
+        self.threads = threads
+        self.llm: Any = None
+
+    def _ensure_context(self, n_tokens: int) -> Any:
+        """A context of at least `n_tokens`, one batch wide (so a window is one decode); reloads to grow.
+
+        A context longer than a window scores it exactly as one of its own length would: positions start
+        at 0 and the unused cache cells are masked.
+        """
+        import llama_cpp
+
+        if self.llm is None or self.llm.n_ctx() < n_tokens:
+            if self.llm is not None:
+                self.llm.close()
+            n_ctx = max(n_tokens, MIN_CONTEXT)
+            self.llm = llama_cpp.Llama(self.file, n_ctx=n_ctx, n_batch=n_ctx, n_threads=self.threads,
+                                       n_threads_batch=self.threads, verbose=True)
+        return self.llm
+
+    def tokenize(self, text: str) -> list[int]:
+        tokens: list[int] = self._ensure_context(0).tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        return tokens
+
+    def score(self, tokens: list[int]) -> tuple[np.ndarray, float]:
+        """Logits [len(tokens), vocab] of one window decoded from an empty cache, and the decode's seconds."""
+        import llama_cpp
+
+        llm = self._ensure_context(len(tokens))
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
+        llm.reset()
+        batch = llama_cpp.llama_batch_init(len(tokens), 0, 1)
+        try:
+            for i, token in enumerate(tokens):
+                batch.token[i] = token
+                batch.pos[i] = i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = True
+            batch.n_tokens = len(tokens)
+            start = time.perf_counter()
+            status = llama_cpp.llama_decode(llm.ctx, batch)
+            seconds = time.perf_counter() - start
+            if status != 0:
+                raise RuntimeError(f"llama_decode returned {status} on a window of {len(tokens)} tokens")
+            n_vocab = llm.n_vocab()
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(len(tokens) * n_vocab,))
+            return logits.reshape(len(tokens), n_vocab).copy(), seconds
+        finally:
+            llama_cpp.llama_batch_free(batch)
+            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
+
+    def generate(self, conn: Connection, prompt: str, max_new_tokens: int) -> None:
+        """Greedy pieces sent as ("piece", text) until EOS, `max_new_tokens` or a ("stop",); then ("stats", …)."""
+        import llama_cpp
+
+        tokens = self.tokenize(prompt)
+        if not tokens:
+            raise ValueError("the prompt gives no tokens")
+        llm = self._ensure_context(len(tokens) + max_new_tokens)
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        n_vocab = llm.n_vocab()
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(tokens)
+        prompt_s = time.perf_counter() - start
+        decode_s, steps, generated = 0.0, 0, 0
+        while generated < max_new_tokens:
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
+            token = int(logits.argmax())
+            if llama_cpp.llama_vocab_is_eog(vocab, token):
+                break
+            generated += 1
+            conn.send(("piece", utf8.decode(llm.detokenize([token]))))
+            if generated == max_new_tokens or conn.poll():
+                break  # done, or the caller sent ("stop",): the main loop drops that message
+            start = time.perf_counter()
+            llm.eval([token])
+            decode_s += time.perf_counter() - start
+            steps += 1
+        conn.send(("stats", {"prompt": (len(tokens), prompt_s), "decode": (steps, decode_s),
+                             "generated": generated}))
+
+
+def _serve(fd: int, file: str, threads: int) -> None:
+    """The worker's loop: requests in, replies out, until the parent closes the socket."""
+    conn = Connection(fd)
+    engine = _Engine(file, threads)
+    handlers: dict[str, Callable[..., Any]] = {
+        "tokenize": lambda text: ("tokens", engine.tokenize(text)),
+        "score": lambda tokens: ("logits", *engine.score(tokens)),
+    }
+    while True:
+        try:
+            kind, *args = conn.recv()
+        except EOFError:
+            return
+        try:
+            if kind == "generate":
+                engine.generate(conn, *args)
+            elif kind in handlers:
+                conn.send(handlers[kind](*args))
+            # else: a ("stop",) that arrived after its generation had already ended
+        except (ValueError, RuntimeError) as exc:  # llama-cpp-python's load / decode / tokenize failures
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The service side: a handle on one worker process.
+
+
+class LlamaWorker:
+    """One worker process serving one GGUF file; requests are serialized by a lock."""
+
+    def __init__(self, file: Path, *, threads: int | None = None) -> None:
+        self.file = file
+        self.lock = threading.Lock()
+        self._tail: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
+        ours, theirs = socket.socketpair()
+        env = {**os.environ, "GGML_NO_BACKTRACE": "1"}  # ggml would otherwise run gdb for a backtrace
+        with theirs:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", __name__, "--fd", str(theirs.fileno()), "--threads",
+                 str(threads or cpu_threads()), str(file)],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE, env=env)
+        self._conn = Connection(ours.detach())
+        self._reader = threading.Thread(target=self._read_stderr, name=f"llama.cpp stderr {file.name}", daemon=True)
+        self._reader.start()
+        log.info("started llama.cpp worker", extra={"file": str(file), "pid": self._proc.pid})
+
+    def _read_stderr(self) -> None:
+        assert self._proc.stderr is not None
+        for line in self._proc.stderr:
+            self._tail.append(line.decode("utf-8", errors="replace").rstrip())
+
+    @property
+    def alive(self) -> bool:
+        return self._proc.poll() is None
+
+    def _death(self, action: str) -> BitsmithError:
+        """The error for a worker that vanished while `action` ran: signal, exit code, llama.cpp's last words."""
+        try:
+            code = self._proc.wait(timeout=EXIT_WAIT_S)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            code = self._proc.wait()
+        self._reader.join(timeout=EXIT_WAIT_S)
+        self._conn.close()
+        how = f"exit code {code}"
+        crashed = False
+        if code < 0:
+            sig = signal.Signals(-code)
+            how = f"{sig.name} (exit code {128 - code})"
+            crashed = sig in CRASH_SIGNALS
+        message = f"the llama.cpp worker died {action} {self.file}: {how}; {self._last_words()}"
+        log.error("llama.cpp worker died", extra={"file": str(self.file), "exit": code, "action": action})
+        return FormatError(message) if crashed else ServiceUnavailableError(message)
+
+    def _last_words(self) -> str:
+        lines = list(self._tail)
+        marked = [ln for ln in lines if any(m in ln for m in ("GGML_ASSERT", "error", "failed", "terminate"))]
+        said = marked[-3:] or lines[-3:]
+        return "llama.cpp said: " + " | ".join(said) if said else "llama.cpp printed nothing"
+
+    def _send(self, message: tuple[Any, ...], action: str) -> None:
+        try:
+            self._conn.send(message)
+        except OSError:
+            raise self._death(action) from None
+
+    def _recv(self, action: str) -> tuple[Any, ...]:
+        try:
+            reply: tuple[Any, ...] = self._conn.recv()
+        except (EOFError, OSError):
+            raise self._death(action) from None
+        if reply[0] == "error":
+            raise FormatError(f"llama.cpp failed {action} {self.file}: {reply[1]}; {self._last_words()}")
+        return reply
+
+    def call(self, message: tuple[Any, ...], action: str) -> tuple[Any, ...]:
+        """One request, one reply (a dead worker or a failure in llama.cpp raises, naming `action`)."""
+        with self.lock:
+            self._send(message, action)
+            return self._recv(action)
+
+    def generate(self, prompt: str, max_new_tokens: int, should_stop: Callable[[], bool]
+                 ) -> Iterator[str | GenerationStats]:
+        """Pieces of text as the worker decodes them, then its `GenerationStats`."""
+        action = "while generating from"
+        with self.lock:
+            self._send(("generate", prompt, max_new_tokens), action)
+            finished = False  # the worker has ended this generation (stats sent, failed or died)
+            try:
+                while True:
+                    try:
+                        kind, payload = self._recv(action)
+                    except BitsmithError:
+                        finished = True
+                        raise
+                    if kind == "stats":
+                        finished = True
+                        yield GenerationStats(prompt=Throughput(*payload["prompt"]),
+                                              decode=Throughput(*payload["decode"]),
+                                              generated_tokens=payload["generated"])
+                        return
+                    yield payload
+                    if should_stop():
+                        break
+            finally:
+                if not finished:  # stopped early, or the consumer went away: let the worker finish first
+                    self._send(("stop",), action)
+                    while self._recv(action)[0] != "stats":
+                        pass
+
+    def close(self) -> None:
+        """Ends the worker (closing its socket makes its loop return); kills it if it does not go."""
+        with self.lock:
+            self._conn.close()
+            try:
+                self._proc.wait(timeout=EXIT_WAIT_S)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+
+
+class WorkerPool:
+    """Live workers by file identity (path, mtime, size), least recently used evicted beyond `size`.
+
+    A file is validated once per identity, when its worker starts; a file rewritten in place gets a fresh
+    check and worker; a worker that died is replaced (and its file checked again) on the next call.
+    """
+
+    def __init__(self, size: int = POOL_SIZE) -> None:
+        self.size = size
+        self._lock = threading.Lock()
+        self._workers: collections.OrderedDict[tuple[str, int, int], LlamaWorker] = collections.OrderedDict()
+
+    def get(self, file: Path) -> LlamaWorker:
+        """The live worker of `file`, or a new one once the file passes `bitsmith.formats.gguf.validate`."""
+        from bitsmith.formats.gguf import validate
+
+        try:
+            stat = file.stat()
+        except FileNotFoundError:
+            raise NotFoundError(f"GGUF file {file} does not exist") from None
+        key = (str(file.resolve()), stat.st_mtime_ns, stat.st_size)
+        retired = []
+        with self._lock:
+            worker = self._workers.get(key)
+            if worker is not None and not worker.alive:
+                del self._workers[key]
+                worker = None
+            if worker is None:
+                if importlib.util.find_spec("llama_cpp") is None:
+                    raise UnsupportedError(f"{file}: running GGUF needs llama-cpp-python, which is not installed")
+                validate(file)  # byte-level check before llama.cpp parses anything
+                retired = [self._workers.pop(k) for k in list(self._workers) if k[0] == key[0]]
+                worker = self._workers[key] = LlamaWorker(file)
+            self._workers.move_to_end(key)
+            while len(self._workers) > self.size:
+                retired.append(self._workers.popitem(last=False)[1])
+        for old in retired:
+            old.close()
+        return worker
+
+    def close(self) -> None:
+        with self._lock:
+            workers, self._workers = list(self._workers.values()), collections.OrderedDict()
+        for worker in workers:
+            worker.close()
+
+
+_POOL = WorkerPool()
+"""The process's live workers (like `bitsmith.runtimes`' reference-model cache): created empty, no process
+starts until a GGUF file is first run."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The torch-facing model.
+
+
+@dataclass(frozen=True, slots=True)
+class CausalOutput:
+    """logits [batch, seq, vocab] (float32) of fresh windows; llama.cpp keeps no cache across calls."""
+
+    logits: torch.Tensor
+    past_key_values: None = None
+
+
+class GgufCausalLM(torch.nn.Module):
+    """llama.cpp's model of a validated GGUF artifact, run by a worker process (see the module docstring)."""
+
+    def __init__(self, path: Path, *, pool: WorkerPool | None = None) -> None:
+        from bitsmith.formats.gguf import gguf_file
+
+        super().__init__()
+        self.file = gguf_file(path)
+        self.worker = (pool or _POOL).get(self.file)
+        self._scored = Throughput(tokens=0, seconds=0.0)
+        # llama.cpp holds the weights; this empty parameter tells torch-side callers the model is on the CPU.
+        self.anchor = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+
+    def forward(self, input_ids: torch.Tensor, past_key_values: None = None, use_cache: bool = False
+                ) -> CausalOutput:
+        if use_cache or past_key_values is not None:
+            raise ConfigError("llama.cpp keeps its own KV cache: decode with GgufCausalLM.generate")
+        rows = []
+        for window in input_ids.detach().cpu().tolist():
+            _, logits, seconds = self.worker.call(("score", window), "while scoring with")
+            self._scored = self._scored + Throughput(tokens=len(window), seconds=seconds)
+            rows.append(torch.from_numpy(logits))
+        return CausalOutput(logits=torch.stack(rows))
+
+    def scored(self) -> Throughput:
+        """Tokens scored and llama.cpp's seconds spent on them since this model was made."""
+        return self._scored
+
+    def tokenize_file(self, file: Path) -> torch.Tensor:
+        """The whole text file as llama.cpp tokenizes it with the file's vocabulary, LongTensor [T]."""
+        from bitsmith.calib.data import _read_text
+
+        _, tokens = self.worker.call(("tokenize", _read_text(Path(file))), "while tokenizing with")
+        return torch.tensor(tokens, dtype=torch.long)
+
+    def generate(self, prompt: str, max_new_tokens: int, should_stop: Callable[[], bool]
+                 ) -> Iterator[str | GenerationStats]:
+        """Greedy pieces of text as llama.cpp decodes them, then the run's `GenerationStats`."""
+        return self.worker.generate(prompt, max_new_tokens, should_stop)
+
+
+def _main() -> None:
+    parser = argparse.ArgumentParser(description="llama.cpp worker for one GGUF file (started by bitsmith)")
+    parser.add_argument("--fd", type=int, required=True, help="socket to the parent, inherited")
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("file")
+    args = parser.parse_args()
+    _serve(args.fd, args.file, args.threads)
+
+
+if __name__ == "__main__":
+    _main()
