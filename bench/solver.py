@@ -5,9 +5,12 @@ heavy-tailed synthetic activations (Student-t, df=3, times log-normal channel sc
 rank-64 Student-t component; 262k tokens by default), prints per layer: seconds of the oracle, of the
 fast solver, of the fast solver with the torch twin in place of the kernel (8B shapes), of the shared
 preparation (factorization) alone, the speed-up, the H-weighted errors tr(dW H dW^T) of oracle, fast
-and RTN, the share of codes that differ, and peak GPU memory; then one 70B-shaped block (q/k/v and
-gate/up solved jointly through `solve_group`, as the pipeline does). Everything runs in one process
-on one GPU, so the columns compare like with like.
+and RTN, the share of codes that differ, the row noise of the error ratio (root-sum-square of the
+per-row error differences over the oracle's total: the spread the ratio would have if the rows of
+fast and oracle differed by independent, unbiased amounts, as tie flips cascading along a row make
+them), and peak GPU memory; then one 70B-shaped block (q/k/v and gate/up solved jointly through
+`solve_group`, as the pipeline does). Everything runs in one process on one GPU, so the columns
+compare like with like.
 
     python bench/solver.py [--tokens 262144] [--repeats 3] [--oracle-repeats 1] [--block-repeats 2]
                             [--only 8b|70b] [--json PATH]
@@ -112,11 +115,13 @@ def layer_row(n: int, k: int, h: torch.Tensor, args: argparse.Namespace, with_tw
         "rtn_error": fast.rtn_error,
         "error_ratio": fast.error / oracle.error,
         "codes_differ": (fast.weight.codes != oracle.weight.codes).float().mean().item(),
+        "error_noise": float((fast.row_errors - oracle.row_errors).square().sum().sqrt()) / oracle.error,
         "peak_gib": peak,
     }
     print(
         f"{row['shape']:>12} oracle {oracle_s:7.3f}s  fast {fast_s:7.3f}s  x{row['speedup']:6.1f}  "
-        f"twin {twin_s:7.3f}s  prepare {factor_s:6.3f}s  err fast/oracle {row['error_ratio']:.6f}  "
+        f"twin {twin_s:7.3f}s  prepare {factor_s:6.3f}s  err fast/oracle {row['error_ratio']:.6f} "
+        f"(row noise {row['error_noise']:.1e})  "
         f"rtn/oracle {fast.rtn_error / oracle.error:.3f}  codes differ {row['codes_differ']:.2e}  "
         f"peak {peak:5.1f} GiB",
         flush=True,

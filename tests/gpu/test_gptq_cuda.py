@@ -8,7 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 from bitsmith.algos import solve_gptq, solve_gptq_reference
+from bitsmith.algos.gptq import hessian_row_errors
 from bitsmith.algos.grid import fit_grid
+from bitsmith.algos.rtn import quantize_rtn
 from bitsmith.kernels import KernelPreference
 from bitsmith.kernels.gptq_block import solve_block_reference, solve_block_triton
 from bitsmith.schemes import GPTQOptions, QuantScheme
@@ -59,6 +61,25 @@ def test_triton_solver_equals_oracle_on_cuda(case: tuple[int, ...]) -> None:
     assert fast.error == pytest.approx(oracle.error, rel=1e-3)
     assert fast.error < fast.rtn_error
     assert torch.equal(fast.weight.g_idx, oracle.weight.g_idx)
+
+
+@pytest.mark.parametrize("act_order", [False, True], ids=["natural", "act-order"])
+def test_errors_on_cuda_equal_the_hessian_product(act_order: bool) -> None:
+    """GPTQ's errors from the loop's scaled errors, RTN's and the oracle's through the factor: each
+    per row as the float64 product with H gives it, dead inputs included."""
+    w, h = _problem(640, 1024, seed=21)
+    h[[3, 500, 501], :] = 0
+    h[:, [3, 500, 501]] = 0
+    scheme, options = QuantScheme(bits=4, group_size=128), GPTQOptions(act_order=act_order)
+    fast = solve_gptq(w, h, scheme, options, kernels=KernelPreference.TRITON)
+    oracle = solve_gptq_reference(w, h, scheme, options)
+    rtn = quantize_rtn(w, scheme)
+    for result, dequantized in ((fast, fast.weight.dequantize()), (oracle, oracle.weight.dequantize())):
+        exact = hessian_row_errors(w - dequantized, h)
+        torch.testing.assert_close(result.row_errors, exact, rtol=1e-4, atol=1e-6 * float(exact.mean()))
+        assert result.error == pytest.approx(float(exact.sum()), rel=1e-5)
+        exact_rtn = hessian_row_errors(w - rtn.dequantize(), h)
+        torch.testing.assert_close(result.rtn_row_errors, exact_rtn, rtol=1e-4, atol=1e-6 * float(exact_rtn.mean()))
 
 
 def test_kernel_equals_twin_on_cuda() -> None:

@@ -63,10 +63,12 @@ def test_gptq_triton_on_ggml_grids_matches_the_twin(type: GGMLType, importance: 
     twin = solve_gptq(w, h, scheme, GPTQOptions(), kernels=KernelPreference.REFERENCE)
     assert isinstance(fast.weight, GGMLWeight) and fast.weight.data.is_cuda
     assert isinstance(twin.weight, GGMLWeight)
-    # Both run the same float32 column loop; only the kernel's rounding of ties in the rank-1
-    # updates may differ, and a flipped code changes what later columns of its row see.
+    # Both run the same float32 column loop, but the kernel's rank-1 update is one fused multiply-add
+    # (one rounding, the twin's two): a code near a tie may flip, and a flipped code changes what later
+    # columns of its row see. On an H100 up to 8.0% of these 1024-code rows differed (Q5_1 with
+    # importance); the twin with its update rounded once gives the same rates on the CPU.
     differ = (fast.weight.data != twin.weight.data).any(-1).float().mean().item()
-    assert differ <= 0.05, f"{differ:.1%} rows differ"
+    assert differ <= 0.12, f"{differ:.1%} rows differ"
     assert fast.error == pytest.approx(twin.error, rel=1e-3)
     assert fast.error < 0.9 * fast.rtn_error
     exact = float(hessian_row_errors(w - fast.weight.dequantize(), h).sum())

@@ -7,7 +7,14 @@ from dataclasses import replace
 import pytest
 import torch
 from bitsmith.algos import get_method, solve_gptq, solve_gptq_reference, split_rows
-from bitsmith.algos.gptq import inverse_hessian_factor
+from bitsmith.algos.gptq import (
+    factor_row_errors,
+    hessian_row_errors,
+    inverse_hessian_factor,
+    loop_row_errors,
+    prepare,
+    row_squares,
+)
 from bitsmith.errors import CalibrationError, ConfigError, SolverError
 from bitsmith.schemes import GPTQOptions, GridSearch, Method, QuantScheme
 
@@ -117,6 +124,27 @@ def test_dead_inputs_are_zeroed() -> None:
     assert result.error == pytest.approx(
         solve_gptq_reference(w, h, QuantScheme(bits=4, group_size=32), GPTQOptions()).error, rel=1e-9
     )
+
+
+@pytest.mark.parametrize("act_order", [False, True], ids=["natural", "act-order"])
+def test_error_identities_equal_the_hessian_product(act_order: bool) -> None:
+    """The CUDA error paths, run here in float64: through the factor, and from the loop's scaled errors
+    E (ΔW' = E·U for the prepared weight's change ΔW'), both give ΔW·H·ΔWᵀ per row, with dead inputs
+    that count nothing although the loop's ΔW' is -Q there (the prepared weight is zero)."""
+    w, h = _problem(12, 96, seed=10)
+    dead = [5, 40, 41]
+    h[dead, :] = 0
+    h[:, dead] = 0
+    prepared = prepare(w, h, QuantScheme(bits=4, group_size=32), GPTQOptions(act_order=act_order))
+    q = torch.round(w * 4) / 4 + 0.1  # a dequantized weight, nonzero on the dead inputs
+    exact = hessian_row_errors(w - q, h)
+    torch.testing.assert_close(factor_row_errors(w - q, prepared), exact, rtol=1e-9, atol=0)
+    changed = w.masked_fill(prepared.dead, 0.0) - q
+    if prepared.perm is not None:
+        changed = changed[:, prepared.perm]
+    scaled = torch.linalg.solve_triangular(prepared.chol, changed, upper=True, left=False)
+    torch.testing.assert_close(loop_row_errors(row_squares(scaled), w, q, prepared), exact, rtol=1e-9, atol=0)
+    torch.testing.assert_close(row_squares(w.float(), chunk=7 * 96 + 5), w.float().double().square().sum(1))
 
 
 def test_indefinite_hessian_escalates_damping() -> None:

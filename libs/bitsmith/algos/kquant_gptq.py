@@ -24,7 +24,7 @@ import itertools
 import torch
 
 from bitsmith.algos import kquant
-from bitsmith.algos.gptq import GPTQResult, Prepared, factor_row_errors, hessian_row_errors
+from bitsmith.algos.gptq import GPTQResult, Prepared, row_errors, solved_result
 from bitsmith.algos.kquant_search import div, seq_sum
 from bitsmith.quantized import GGMLWeight
 from bitsmith.schemes import GGMLScheme
@@ -97,24 +97,22 @@ class GGMLTracker:
         scales = torch.where(a != 0, a, torch.full_like(a, FLAT_SCALE)).to(block.dtype)
         return scales, torch.full_like(scales, float(lay.offset))
 
-    def finish(self, codes: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor) -> GPTQResult:
-        """The fitted grids holding GPTQ's codes [N, K] as ggml bytes, with the errors of the solve and
-        of llama.cpp's rounding (`kquant.quantize`, same importance), computed as `GridTracker.finish`
-        computes them."""
+    def reference_row_errors(self, weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+        """The per-row errors (`row_errors`) of llama.cpp's rounding (`kquant.quantize`, same importance),
+        the baseline `GPTQResult.rtn_error` reports."""
+        rtn = kquant.quantize(weight, self._type, self._importance)
+        return row_errors(weight - rtn.dequantize(weight.dtype), self._prepared, hessian)
+
+    def finish(
+        self,
+        codes: torch.Tensor,
+        weight: torch.Tensor,
+        hessian: torch.Tensor,
+        scaled_squares: torch.Tensor | None = None,
+    ) -> GPTQResult:
+        """The fitted grids holding GPTQ's codes [N, K] as ggml bytes, with errors as
+        `GridTracker.finish` gives them."""
         fitted = kquant.cat_blocks(self._fitted, 1).with_codes(codes)
         quantized = GGMLWeight(data=kquant.pack(fitted, self._type), scheme=self._scheme, in_features=codes.shape[1])
-        rtn = kquant.quantize(weight, self._type, self._importance)
-        delta, rtn_delta = weight - quantized.dequantize(weight.dtype), weight - rtn.dequantize(weight.dtype)
-        if weight.is_cuda:
-            both = factor_row_errors(torch.cat([delta, rtn_delta]), self._prepared, hessian)
-            row_errors, rtn_row_errors = both.split(len(delta))
-        else:
-            row_errors, rtn_row_errors = hessian_row_errors(delta, hessian), hessian_row_errors(rtn_delta, hessian)
-        return GPTQResult(
-            weight=quantized,
-            damp_percent=self._prepared.damp_percent,
-            error=float(row_errors.sum()),
-            rtn_error=float(rtn_row_errors.sum()),
-            row_errors=row_errors,
-            rtn_row_errors=rtn_row_errors,
-        )
+        rtn_row_errors = self.reference_row_errors(weight, hessian)
+        return solved_result(quantized, weight, hessian, self._prepared, scaled_squares, rtn_row_errors)
