@@ -22,10 +22,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from bitsmith.devices import AUTO
 from bitsmith.errors import BitsmithError, ConfigError
 from bitsmith.recipes import Recipe
 from bitsmith.schemes import PER_CHANNEL, Format, GPTQOptions, GridSearch, Method, QuantScheme
-from bitsmith_services.registry import Role
+from bitsmith_services.registry import Activations, Role
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -206,7 +207,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from bitsmith.logs import configure_json_logging
-    from bitsmith_services.registry import start_service
+    from bitsmith_services.registry import ServiceOptions, start_service
     from bitsmith_services.stack import LocalStack, default_home, parse_services, write_stack_file
 
     configure_json_logging()
@@ -214,6 +215,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     if args.service == "coordinator":
+        if args.device != AUTO or args.activations != Activations.STORE:
+            raise ConfigError("the coordinator computes nothing: --device and --activations are for its workers")
         home = Path(args.home) if args.home else default_home()
         with LocalStack(home=home, host=args.host, port=args.port, ray_address=args.ray_address,
                         services=parse_services(args.services)) as local:
@@ -224,7 +227,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     if not args.store:
         raise ConfigError(f"bitsmith serve {args.service} needs --store DIR (the artifact store it shares)")
-    server, port = start_service(args.service, f"{args.host}:{args.port}", Path(args.store))
+    options = ServiceOptions(device=args.device, activations=Activations(args.activations))
+    server, port = start_service(args.service, f"{args.host}:{args.port}", Path(args.store), options=options)
     print(f"{args.host}:{port}", flush=True)
     stop.wait()
     server.stop(grace=5).wait()
@@ -353,6 +357,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--home", help="coordinator: job store and artifact store directory")
     s.add_argument("--ray-address", help="coordinator: join this Ray cluster instead of starting a local one")
     s.add_argument("--services", help="coordinator: role=host:port,... of running services, instead of Ray")
+    s.add_argument("--device", default=AUTO,
+                   help="calibrator, solver: where to compute: auto (CUDA when torch sees a GPU, else cpu), cpu, "
+                        "cuda, cuda:N; the calibrator holds one decoder block on it at a time")
+    s.add_argument("--activations", choices=[a.value for a in Activations], default=Activations.STORE.value,
+                   help="calibrator: where activations wait between blocks: store (any replica can continue) or "
+                        "host (this process's memory; no per-block write of the calibration set, what a GPU "
+                        "calibrator wants)")
     s.add_argument("--write-stack-file", action="store_true", help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_serve)
 

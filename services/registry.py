@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import grpc
+from bitsmith.devices import AUTO
 from bitsmith.errors import ConfigError
 
 
@@ -22,20 +24,69 @@ class Role(StrEnum):
     RUNTIME_APPLE = "runtime_apple"
 
 
+COMPUTE_ROLES = frozenset({Role.CALIBRATOR, Role.SOLVER})
+"""The roles that compute on a device of their choosing (the others read and write files)."""
+
+
+class Activations(StrEnum):
+    """Where the calibrator keeps a job's activations between blocks (`bitsmith_services.calibrator.activations`)."""
+
+    STORE = "store"
+    HOST = "host"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServiceOptions:
+    """How one worker service computes: the one home of the per-service settings beside its store.
+
+    `device` ("auto", "cpu", "cuda", "cuda:N") applies to `COMPUTE_ROLES`; "auto" takes CUDA where
+    torch sees a GPU. `activations` applies to the calibrator: `host` keeps them in its memory, which a
+    GPU calibrator wants (writing a calibration set to the store per block costs more than the block's
+    compute), `store` lets any replica continue a job.
+    """
+
+    device: str = AUTO
+    activations: Activations = Activations.STORE
+
+    def check(self, role: Role) -> None:
+        """Refuse settings the role does not take, rather than ignoring them."""
+        if self.device != AUTO and role not in COMPUTE_ROLES:
+            raise ConfigError(f"{role.value} takes no device; only {sorted(r.value for r in COMPUTE_ROLES)} compute")
+        if self.activations is not Activations.STORE and role is not Role.CALIBRATOR:
+            raise ConfigError(f"{role.value} keeps no activations; only the calibrator does")
+
+    def server_kwargs(self, role: Role) -> dict[str, Any]:
+        """The keyword arguments of `role`'s `create_server` beside its store root."""
+        kwargs: dict[str, Any] = {}
+        if role in COMPUTE_ROLES:
+            kwargs["device"] = self.device
+        if role is Role.CALIBRATOR:
+            kwargs["activations"] = self.activations
+        return kwargs
+
+
 ServerFactory = Callable[..., tuple[grpc.Server, int]]
 
 
-def server_factory(role: Role | str) -> ServerFactory:
-    """`create_server(address, *, store_root)` of a role's module."""
+def _role(role: Role | str) -> Role:
     try:
-        role = Role(role)
+        return Role(role)
     except ValueError as exc:
         raise ConfigError(f"unknown service {role!r}; known: {[r.value for r in Role]}") from exc
-    module: Any = importlib.import_module(f"bitsmith_services.{role.value}.server")
+
+
+def server_factory(role: Role | str) -> ServerFactory:
+    """`create_server(address, *, store_root, ...)` of a role's module (see `ServiceOptions.server_kwargs`)."""
+    module: Any = importlib.import_module(f"bitsmith_services.{_role(role).value}.server")
     factory: ServerFactory = module.create_server
     return factory
 
 
-def start_service(role: Role | str, address: str, store_root: Path) -> tuple[grpc.Server, int]:
-    """Start one worker service on `address`, serving the artifact store at `store_root`."""
-    return server_factory(role)(address, store_root=store_root)
+def start_service(role: Role | str, address: str, store_root: Path, *, options: ServiceOptions | None = None
+                  ) -> tuple[grpc.Server, int]:
+    """Start one worker service on `address`, serving the artifact store at `store_root`, run as `options` say
+    (default: every setting's default)."""
+    role = _role(role)
+    options = options or ServiceOptions()
+    options.check(role)
+    return server_factory(role)(address, store_root=store_root, **options.server_kwargs(role))

@@ -7,17 +7,25 @@ Exporters are chosen from the environment, so a deployment needs no code change:
 - ``OTEL_EXPORTER_OTLP_ENDPOINT`` set: spans go to that collector over OTLP/gRPC (batched).
 - ``BITSMITH_TRACE_FILE`` set: every finished span is appended to that file as one JSON line —
   how tests and `bitsmith report` read a job's spans from several processes without a collector.
+
+Tracing is an observer, never a requirement: on a host without the OpenTelemetry packages (a GPU
+node that runs only the calibrator and solver, say) every function here degrades to a no-op, and the
+services run untraced.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib.util
 import json
 import os
 import threading
-from typing import IO, TYPE_CHECKING
+from collections.abc import Iterator
+from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import grpc
     from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 
 TRACE_FILE_ENV = "BITSMITH_TRACE_FILE"
@@ -71,9 +79,36 @@ def _span_record(span: ReadableSpan) -> dict[str, object]:
     }
 
 
+def tracing_available() -> bool:
+    """Whether the OpenTelemetry SDK and its gRPC instrumentation can be imported here."""
+    try:
+        return all(importlib.util.find_spec(name) is not None
+                   for name in ("opentelemetry.sdk.trace", "opentelemetry.instrumentation.grpc"))
+    except (ImportError, ValueError):  # a parent package is missing (or blocked)
+        return False
+
+
+class _UntracedTracer:
+    """What `setup_tracing(...).get_tracer(...)` is without OpenTelemetry: spans that record nothing."""
+
+    @contextlib.contextmanager
+    def start_as_current_span(self, name: str, **_: Any) -> Iterator[None]:
+        yield None
+
+
+class UntracedProvider:
+    """The tracer provider of a process without OpenTelemetry."""
+
+    def get_tracer(self, name: str, *_: Any, **__: Any) -> _UntracedTracer:
+        return _UntracedTracer()
+
+
 @functools.cache
-def setup_tracing(service_name: str) -> TracerProvider:
-    """Install the process's tracer provider once, named after the service, with env-chosen exporters."""
+def setup_tracing(service_name: str) -> TracerProvider | UntracedProvider:
+    """Install the process's tracer provider once, named after the service, with env-chosen exporters
+    (an untraced one where OpenTelemetry is not installed)."""
+    if not tracing_available():
+        return UntracedProvider()
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
@@ -89,8 +124,32 @@ def setup_tracing(service_name: str) -> TracerProvider:
     return provider
 
 
+def server_interceptors(service_name: str) -> list[grpc.ServerInterceptor]:
+    """The interceptors that continue a caller's trace in a server (none without OpenTelemetry)."""
+    provider = setup_tracing(service_name)
+    if isinstance(provider, UntracedProvider) or not tracing_available():
+        return []
+    from opentelemetry.instrumentation.grpc import server_interceptor
+
+    return [server_interceptor(tracer_provider=provider)]
+
+
+def traced_channel(channel: grpc.Channel, service_name: str) -> grpc.Channel:
+    """`channel` with its calls traced and their context propagated (unchanged without OpenTelemetry)."""
+    provider = setup_tracing(service_name)
+    if isinstance(provider, UntracedProvider) or not tracing_available():
+        return channel
+    from opentelemetry.instrumentation.grpc import client_interceptor
+    from opentelemetry.instrumentation.grpc.grpcext import intercept_channel
+
+    traced: grpc.Channel = intercept_channel(channel, client_interceptor(tracer_provider=provider))
+    return traced
+
+
 def current_trace_id() -> str:
-    """Hex trace id of the active span, or "" outside any span."""
+    """Hex trace id of the active span, or "" outside any span (always "" without OpenTelemetry)."""
+    if not tracing_available():
+        return ""
     from opentelemetry import trace
 
     ctx = trace.get_current_span().get_span_context()

@@ -3,13 +3,21 @@
 One request carries the linears of one group (those that share an input, like q/k/v); the library
 solves them with one factorization. Results go to the artifact store; the reply carries references
 and the per-linear errors the job report shows.
+
+The weights and Hessian of one request move to the service's device for the solve (on CUDA the
+library picks its Triton kernels itself) and the results come back to the host for the store, so the
+device holds one unit's problem at a time. After every solve the service logs the device's peak
+memory so far (`peak_gpu_bytes`).
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
+from bitsmith.devices import AUTO, peak_memory_bytes, release_cached_memory, resolve_device
 from bitsmith.errors import ConfigError
 from bitsmith.rpc.convert import (
     ggml_scheme_from_proto,
@@ -24,10 +32,16 @@ from bitsmith.rpc.server import create_server as _create_server
 from bitsmith.store import ArtifactStore, job_key
 from bitsmith.v1 import solver_pb2, solver_pb2_grpc
 
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger("bitsmith.solver")
+
 
 class Solver(solver_pb2_grpc.SolverServiceServicer):
-    def __init__(self, store: ArtifactStore) -> None:
+    def __init__(self, store: ArtifactStore, *, device: torch.device) -> None:
         self._store = store
+        self._device = device
 
     def Solve(self, request: solver_pb2.SolveRequest, context: grpc.ServicerContext
               ) -> solver_pb2.SolveResponse:
@@ -36,12 +50,13 @@ class Solver(solver_pb2_grpc.SolverServiceServicer):
         if not request.stats:
             raise ConfigError("a solve request needs at least one linear")
         names = [s.name for s in request.stats]
-        weights = [self._store.get_tensor(tensor_ref_from_proto(s.weight)) for s in request.stats]
+        weights = [self._store.get_tensor(tensor_ref_from_proto(s.weight)).to(self._device) for s in request.stats]
         hessian_keys = {(s.hessian.key, s.hessian.name) for s in request.stats if s.HasField("hessian")}
         if len(hessian_keys) > 1:
             raise ConfigError(f"linears {names} do not share one input Hessian; solve them separately")
         first = request.stats[0]
-        hessian = self._store.get_tensor(tensor_ref_from_proto(first.hessian)) if hessian_keys else None
+        hessian = (self._store.get_tensor(tensor_ref_from_proto(first.hessian)).to(self._device)
+                   if hessian_keys else None)
         label = ",".join(f"{request.prefix}.{n}" for n in names)
         scheme = ggml_scheme_from_proto(request.ggml) if request.HasField("ggml") else scheme_from_proto(request.scheme)
         outcomes = solve_group(weights, hessian, method=method_from_proto(request.method), scheme=scheme,
@@ -49,16 +64,26 @@ class Solver(solver_pb2_grpc.SolverServiceServicer):
         solved = []
         for name, outcome in zip(names, outcomes, strict=True):
             full = f"{request.prefix}.{name}" if request.prefix else name
+            # One file per (linear, grid): a job's integer target and its GGUF mixes solve the same linear.
+            grid = f".{request.ggml.type}" if request.HasField("ggml") else ""
             ref = self._store.put_quantized(
-                job_key(request.job_id, f"block-{request.block}", f"{name}.quantized.safetensors"), full, outcome.weight
+                job_key(request.job_id, f"block-{request.block}", f"{name}{grid}.quantized.safetensors"), full,
+                outcome.weight,
             )
             solved.append(solver_pb2.SolvedLinear(
                 quantized=quantized_ref_to_proto(full, ref), error=outcome.error, rtn_error=outcome.rtn_error,
                 damp_percent=outcome.damp_percent,
             ))
+        release_cached_memory(self._device)  # for the calibrator that may share the device
+        if self._device.type == "cuda":
+            log.info("solver peak device memory", extra={"rpc": "Solve", "block": request.block,
+                                                          "device": str(self._device),
+                                                          "peak_gpu_bytes": peak_memory_bytes(self._device)})
         return solver_pb2.SolveResponse(solved=solved)
 
 
-def create_server(address: str, *, store_root: Path) -> tuple[grpc.Server, int]:
-    binding = ServiceBinding.of(Solver(ArtifactStore(store_root)), solver_pb2, solver_pb2_grpc, "SolverService")
+def create_server(address: str, *, store_root: Path, device: str = AUTO) -> tuple[grpc.Server, int]:
+    """Serve the solver, solving on `device` ("auto": CUDA when there is one)."""
+    servicer = Solver(ArtifactStore(store_root), device=resolve_device(device))
+    binding = ServiceBinding.of(servicer, solver_pb2, solver_pb2_grpc, "SolverService")
     return _create_server(address, [binding], component="solver")

@@ -291,3 +291,48 @@ def test_mixed_precision_recipe_reads_back_identically_from_gptq_and_compressed_
     assert gptq.keys() == ct.keys()
     for name in gptq:
         torch.testing.assert_close(gptq[name], ct[name], rtol=2**-8, atol=0, msg=name)
+
+
+def test_gptq_and_two_gguf_mixes_share_one_calibration(stack: Stack, tmp_path: Path) -> None:
+    """GPTQ beside gguf:Q4_K_M and gguf:Q8_0: one capture per input group serves all three solves, the
+    GPTQ artifact is the one a GPTQ-only job writes, and each GGUF file carries its mix's tensor types."""
+    import gguf
+    from bitsmith.formats import get_format
+    from bitsmith.schemes import Format
+
+    alone = make_job(tmp_path / "alone", min_zero=0)
+    alone.output.formats[0].variant = "gptq_v2"
+    spec = make_job(tmp_path / "mixed", min_zero=0)
+    spec.output.formats[0].variant = "gptq_v2"
+    spec.output.formats.add(format=common_pb2.FORMAT_GGUF, variant="Q4_K_M")
+    spec.output.formats.add(format=common_pb2.FORMAT_GGUF, variant="Q8_0")
+    job = stack.client.submit(spec)
+    events = list(stack.client.watch(job.job_id))
+    done = stack.client.get(job.job_id)
+    assert done.state == SUCCEEDED, done.error
+    assert [e.phase for e in events].count("calibrate") == 4 * 4  # as many captures as GPTQ alone
+    assert events[-1].step == events[-1].total_steps
+    reference = wait(stack.client, stack.client.submit(alone).job_id)
+    assert reference.state == SUCCEEDED, reference.error
+
+    paths = {(a.format, a.variant): Path(a.path) for a in done.artifacts}
+    gptq_dir = paths[(common_pb2.FORMAT_GPTQ, "gptq_v2")]
+    ours = {f.path: f.sha256 for f in verify_manifest(gptq_dir).files if f.path.endswith(".safetensors")}
+    theirs = {f.path: f.sha256 for f in verify_manifest(Path(reference.artifacts[0].path)).files
+              if f.path.endswith(".safetensors")}
+    assert ours == theirs, "extra targets never change what the primary target solves"
+
+    source = load_file(str(DEMO_MODEL / "model.safetensors"))
+    for variant, expected in (("Q4_K_M", {"blk.0.attn_q.weight": "Q4_K", "blk.2.attn_v.weight": "Q6_K",
+                                          "blk.3.ffn_down.weight": "Q6_K", "blk.0.ffn_down.weight": "Q4_K",
+                                          "token_embd.weight": "Q6_K", "blk.1.attn_norm.weight": "F32"}),
+                              ("Q8_0", {"blk.0.attn_q.weight": "Q8_0", "blk.3.ffn_down.weight": "Q8_0"})):
+        path = paths[(common_pb2.FORMAT_GGUF, variant)]
+        verify_manifest(path)
+        (file,) = path.glob("*.gguf")
+        types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(file).tensors}
+        assert {name: types[name] for name in expected} == expected, variant
+        dense = get_format(Format.GGUF).read(path).dense_state_dict()
+        name = "model.layers.1.mlp.up_proj.weight"
+        error = (dense[name] - source[name].float()).norm() / source[name].float().norm()
+        assert 0 < error < (0.01 if variant == "Q8_0" else 0.1), (variant, float(error))

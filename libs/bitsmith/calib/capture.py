@@ -1,7 +1,8 @@
 """Run one block with forward hooks on chosen linears, handing their inputs to sinks (Hessians, any statistic).
 
 This is the only place hooks live: algorithms get plain tensors. Samples go through the block in
-chunks so activation memory stays bounded whatever the calibration set size.
+chunks so activation memory stays bounded whatever the calibration set size: the whole set may stay
+on the host while the model computes on a GPU, each chunk crossing to the device and its result back.
 """
 
 from __future__ import annotations
@@ -12,10 +13,23 @@ from typing import Any
 import torch
 
 from bitsmith.calib.stats import HessianAccumulator
-from bitsmith.errors import ConfigError
+from bitsmith.errors import CalibrationError, ConfigError
 from bitsmith.models.base import CheckpointModel
 
 DEFAULT_CHUNK = 16
+DEVICE_CHUNK_BYTES = 4 << 30
+"""What one chunk's largest transients may take on a GPU: attention scores in float32 (heads x L x L
+per sample; the float32 attention runs the unfused path) and the MLP's hidden activations."""
+
+
+def default_chunk(model: CheckpointModel, seq_len: int) -> int:
+    """Samples per chunk: `DEFAULT_CHUNK`, fewer on a GPU when a wide model's transients would pass
+    `DEVICE_CHUNK_BYTES` (a 70B-shaped block at 2048 tokens: 4 samples, whose scores alone take 4 GiB)."""
+    if model.device.type != "cuda":
+        return DEFAULT_CHUNK
+    config = model.config
+    per_sample = 4 * seq_len * max(config.num_attention_heads * seq_len, 3 * config.intermediate_size)
+    return max(1, min(DEFAULT_CHUNK, DEVICE_CHUNK_BYTES // per_sample))
 
 
 def chunks(total: int, size: int) -> list[slice]:
@@ -31,10 +45,29 @@ def forward_block(
     inputs: torch.Tensor,
     overrides: Mapping[str, torch.Tensor] | None = None,
     *,
-    chunk: int = DEFAULT_CHUNK,
+    chunk: int | None = None,
+    on_chunk: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
-    """Block `bid`'s output for all samples, computed `chunk` samples at a time."""
-    return torch.cat([model.block_forward(bid, inputs[part], overrides) for part in chunks(len(inputs), chunk)])
+    """Block `bid`'s output for all samples, computed `chunk` samples at a time, on the inputs' device.
+
+    Host inputs give host outputs (page-locked when the model computes on a GPU, for fast copies):
+    the device holds one chunk's activations, never the set's. `on_chunk` receives each finished
+    part of the output in order, while the device goes on with the next (to hash it meanwhile).
+    """
+    parts = chunks(len(inputs), chunk if chunk is not None else default_chunk(model, inputs.shape[1]))
+    if inputs.device == model.device and on_chunk is None:
+        return torch.cat([model.block_forward(bid, inputs[part], overrides) for part in parts])
+    pin = inputs.device.type == "cpu" and model.device.type == "cuda"
+    out = torch.empty(inputs.shape, dtype=torch.float32, device=inputs.device, pin_memory=pin)
+    for part in parts:
+        out[part].copy_(model.block_forward(bid, inputs[part], overrides))
+        if on_chunk is not None:
+            on_chunk(out[part])
+    return out
+
+
+class _AllInputsSeen(Exception):
+    """Raised from the last hook of a chunk to skip the rest of the block's forward."""
 
 
 InputSink = Callable[[slice, torch.Tensor], None]
@@ -48,17 +81,25 @@ def run_with_input_hooks(
     sinks: Mapping[str, InputSink],
     overrides: Mapping[str, torch.Tensor] | None = None,
     *,
-    chunk: int = DEFAULT_CHUNK,
+    chunk: int | None = None,
 ) -> None:
     """Run block `bid` over `inputs` [S, L, H], `chunk` samples at a time, handing each hooked linear's input
-    to its sink (block-local linear name -> sink); the hooks are removed whatever happens."""
+    to its sink (block-local linear name -> sink); the hooks are removed whatever happens.
+
+    Each chunk's forward stops as soon as every hooked linear has seen its input: nothing after that
+    point reaches a sink, and skipping it makes capturing q/k/v (first in the block) nearly free.
+    """
     layer = model.block_module(bid)
     handles = []
     current = slice(0, 0)
+    pending: set[str] = set()
 
-    def hook_for(sink: InputSink) -> Callable[[torch.nn.Module, tuple[Any, ...]], None]:
+    def hook_for(name: str, sink: InputSink) -> Callable[[torch.nn.Module, tuple[Any, ...]], None]:
         def hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
             sink(current, args[0])
+            pending.discard(name)
+            if not pending:
+                raise _AllInputsSeen
 
         return hook
 
@@ -70,10 +111,16 @@ def run_with_input_hooks(
                 module = None
             if not isinstance(module, torch.nn.Linear):
                 raise ConfigError(f"{model.full_name(bid, name)} is not a linear layer")
-            handles.append(module.register_forward_pre_hook(hook_for(sink)))
-        for part in chunks(len(inputs), chunk):
+            handles.append(module.register_forward_pre_hook(hook_for(name, sink)))
+        for part in chunks(len(inputs), chunk if chunk is not None else default_chunk(model, inputs.shape[1])):
             current = part
-            model.block_forward(bid, inputs[part], overrides)
+            pending.update(sinks)
+            try:
+                model.block_forward(bid, inputs[part], overrides)
+            except _AllInputsSeen:
+                continue
+            if pending:
+                raise CalibrationError(f"block {bid}: linears {sorted(pending)} did not run in the block's forward")
     finally:
         for handle in handles:
             handle.remove()
@@ -86,7 +133,7 @@ def capture_hessians(
     names: Sequence[str],
     overrides: Mapping[str, torch.Tensor] | None = None,
     *,
-    chunk: int = DEFAULT_CHUNK,
+    chunk: int | None = None,
 ) -> dict[str, tuple[torch.Tensor, int]]:
     """Hessian and token count of the input of each linear in `names` while block `bid` runs `inputs`.
 

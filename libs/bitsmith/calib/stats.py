@@ -33,7 +33,7 @@ class HessianAccumulator:
         rows = x.reshape(-1, self.columns).to(device=self._sum.device, dtype=torch.float32)
         if not torch.isfinite(rows).all():
             raise CalibrationError(f"{self.name}: activations contain NaN or Inf")
-        self._sum += (rows.T @ rows).double()
+        self._sum.add_(rows.T @ rows)  # widened element by element: no float64 copy of the product
         self.count += rows.shape[0]
 
     def hessian(self) -> torch.Tensor:

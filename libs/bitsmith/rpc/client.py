@@ -20,7 +20,7 @@ from bitsmith.errors import (
     UnsupportedError,
 )
 from bitsmith.rpc.server import MAX_MESSAGE_BYTES
-from bitsmith.telemetry import setup_tracing
+from bitsmith.telemetry import traced_channel
 
 if TYPE_CHECKING:
     from bitsmith.v1 import common_pb2, job_pb2
@@ -32,10 +32,6 @@ CONNECT_TIMEOUT_S = 10.0
 def open_channel(address: str, *, component: str = "client", connect_timeout: float = CONNECT_TIMEOUT_S
                  ) -> grpc.Channel:
     """A traced channel to `address`, after waiting up to `connect_timeout` for it to be ready."""
-    from opentelemetry.instrumentation.grpc import client_interceptor
-    from opentelemetry.instrumentation.grpc.grpcext import intercept_channel
-
-    provider = setup_tracing(f"bitsmith-{component}")
     channel = grpc.insecure_channel(
         address,
         options=[
@@ -50,7 +46,7 @@ def open_channel(address: str, *, component: str = "client", connect_timeout: fl
         raise ServiceUnavailableError(
             f"cannot reach a bitsmith service at {address} within {connect_timeout:.0f} s"
         ) from exc
-    return intercept_channel(channel, client_interceptor(tracer_provider=provider))
+    return traced_channel(channel, f"bitsmith-{component}")
 
 
 class Client:

@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from bitsmith.errors import ConfigError
 from bitsmith.rpc.status import ErrorMappingInterceptor
-from bitsmith.telemetry import setup_tracing
+from bitsmith.telemetry import server_interceptors
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 """Messages carry references, never tensors, so anything near this size is a misuse or an attack."""
@@ -50,12 +50,9 @@ def create_server(
 
     Returns the started server and the bound port.
     """
-    from opentelemetry.instrumentation.grpc import server_interceptor
-
-    provider = setup_tracing(f"bitsmith-{component}")
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"bitsmith-{component}"),
-        interceptors=[server_interceptor(tracer_provider=provider), ErrorMappingInterceptor()],
+        interceptors=[*server_interceptors(f"bitsmith-{component}"), ErrorMappingInterceptor()],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

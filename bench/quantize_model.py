@@ -1,0 +1,303 @@
+"""A whole model through the services on one GPU: a Llama-3-8B-shaped checkpoint (or one 70B-shaped block).
+
+Writes a random-weight checkpoint of the chosen shape (bf16 safetensors, one shard per block, a
+config.json and a word-level tokenizer whose words are the token ids, with a calibration text of
+random words, so calibration windows are random token ids drawn through the calibrator's own path),
+starts the calibrator, solver, packer and runtimes as plain `bitsmith serve` processes (static
+placement, no Ray), runs the coordinator in this process and submits one sequential GPTQ job (w4 g128
+asym, GPTQ v2 checkpoint), then prints:
+
+- wall seconds split into calibration forward (the calibrator's Start, Collect and Advance steps:
+  embedding, block forwards, Hessian capture), solve and pack (pack and publish), read off the job's
+  progress events (each event starts a step, the next one ends it), with per-block medians;
+- each compute service's peak GPU memory (`torch.cuda.max_memory_allocated`, which the services log
+  after every call), after the first block and at the end: equal numbers mean the peak follows one
+  block, not the model's depth;
+- the hardware.
+
+    python bench/quantize_model.py [--shape 8b|70b|tiny] [--layers N] [--samples 128] [--seq-len 2048]
+                                   [--activations host|store] [--json PATH] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    vocab: int
+
+
+SHAPES = {
+    "8b": Shape(hidden=4096, layers=32, heads=32, kv_heads=8, ffn=14336, vocab=128256),
+    "70b": Shape(hidden=8192, layers=80, heads=64, kv_heads=8, ffn=28672, vocab=128256),
+    "tiny": Shape(hidden=256, layers=2, heads=4, kv_heads=2, ffn=512, vocab=1024),
+}
+WORKERS = ("calibrator", "solver", "packer", "runtime_cpu", "runtime_apple")
+BLOCK_PHASE = {"calibrate": "calibration", "advance": "calibration", "solve": "solve"}
+WEIGHT_STD = 0.02
+
+
+def write_checkpoint(out: Path, shape: Shape, layers: int, seed: int = 0) -> int:
+    """A random-weight Llama checkpoint of `shape` with `layers` blocks, bf16, one shard per block; its bytes."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device=device).manual_seed(seed)
+    head_dim = shape.hidden // shape.heads
+    kv = shape.kv_heads * head_dim
+
+    def normal(*size: int) -> torch.Tensor:
+        return (torch.randn(*size, generator=gen, device=device) * WEIGHT_STD).to(torch.bfloat16).cpu()
+
+    shards: dict[str, dict[str, torch.Tensor]] = {
+        "embed.safetensors": {"model.embed_tokens.weight": normal(shape.vocab, shape.hidden),
+                              "lm_head.weight": normal(shape.vocab, shape.hidden),
+                              "model.norm.weight": torch.ones(shape.hidden, dtype=torch.bfloat16)},
+    }
+    linears = {"self_attn.q_proj": (shape.hidden, shape.hidden), "self_attn.k_proj": (kv, shape.hidden),
+               "self_attn.v_proj": (kv, shape.hidden), "self_attn.o_proj": (shape.hidden, shape.hidden),
+               "mlp.gate_proj": (shape.ffn, shape.hidden), "mlp.up_proj": (shape.ffn, shape.hidden),
+               "mlp.down_proj": (shape.hidden, shape.ffn)}
+    weight_map: dict[str, str] = {}
+    total = 0
+    for name, tensors in shards.items():
+        save_file(tensors, str(out / name))
+        weight_map.update(dict.fromkeys(tensors, name))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+    for bid in range(layers):
+        prefix = f"model.layers.{bid}."
+        tensors = {f"{prefix}{n}.weight": normal(*size) for n, size in linears.items()}
+        tensors |= {f"{prefix}{n}.weight": torch.ones(shape.hidden, dtype=torch.bfloat16)
+                    for n in ("input_layernorm", "post_attention_layernorm")}
+        name = f"block-{bid:03d}.safetensors"
+        save_file(tensors, str(out / name))
+        weight_map.update(dict.fromkeys(tensors, name))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                  "weight_map": weight_map}))
+    (out / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": shape.hidden,
+        "intermediate_size": shape.ffn, "num_hidden_layers": layers, "num_attention_heads": shape.heads,
+        "num_key_value_heads": shape.kv_heads, "vocab_size": shape.vocab, "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+    }))
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return total
+
+
+def write_tokenizer(model_dir: Path, vocab: int) -> None:
+    """A word-level tokenizer whose word `t<i>` is token id i: random words are random token ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t0").save_pretrained(str(model_dir))
+
+
+def write_calibration_text(path: Path, vocab: int, words: int, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (words,), generator=gen).tolist()
+    path.write_text(" ".join(f"t{i}" for i in ids) + "\n", encoding="utf-8")
+
+
+@contextmanager
+def worker_services(work: Path, activations: str) -> Iterator[dict[str, str]]:
+    """Every worker service as a `bitsmith serve` process; yields role -> address, stops them on exit."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    procs: list[tuple[subprocess.Popen[str], IO[str]]] = []
+    addresses: dict[str, str] = {}
+    try:
+        for role in WORKERS:
+            cmd = [sys.executable, "-m", "bitsmith_services.cli", "serve", role, "--store", str(work / "store")]
+            if role == "calibrator":
+                cmd += ["--activations", activations]
+            log: IO[str] = open(work / f"{role}.log", "w")  # noqa: SIM115 - closed with the process
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+            procs.append((proc, log))
+            line = proc.stdout.readline().strip() if proc.stdout else ""
+            if not line:
+                raise SystemExit(f"{role} did not start; see {work / f'{role}.log'}")
+            addresses[role] = line
+        yield addresses
+    finally:
+        for proc, log in procs:
+            proc.terminate()
+            proc.wait(timeout=60)
+            log.close()
+
+
+def peaks(log: Path) -> list[tuple[int, int]]:
+    """(block, peak bytes) of every peak-memory line a service logged, in order."""
+    out = []
+    for line in log.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "peak_gpu_bytes" in entry:
+            out.append((int(entry.get("block", -1)), int(entry["peak_gpu_bytes"])))
+    return out
+
+
+def job_spec(model_dir: Path, calib: Path, out: Path, samples: int, seq_len: int) -> Any:
+    from bitsmith.v1 import common_pb2, job_pb2
+
+    return job_pb2.QuantizeJob(
+        model_path=str(model_dir),
+        recipe=common_pb2.Recipe(method=common_pb2.METHOD_GPTQ,
+                                 scheme=common_pb2.QuantScheme(bits=4, group_size=128, sym=False),
+                                 gptq=common_pb2.GPTQOptions(damp_percent=0.01, true_sequential=True)),
+        calibration=common_pb2.CalibrationSpec(files=[str(calib)], samples=samples, seq_len=seq_len, seed=0),
+        output=common_pb2.OutputSpec(path=str(out), formats=[
+            common_pb2.OutputFormat(format=common_pb2.FORMAT_GPTQ, variant="gptq_v2")]),
+    )
+
+
+def phase_seconds(events: list[Any]) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Seconds per phase and, for calibration and solve, per block.
+
+    A block step lasts from its event to the next one (the loop announces a step, then runs it);
+    `start` is from the job's start to its first block step (planning, tokenizing, embedding);
+    `pack` is from the last block's end to the publish event (the packer reports after the fact).
+    """
+    def at(event: Any) -> float:
+        return float(event.time.ToNanoseconds()) / 1e9
+
+    total: dict[str, float] = defaultdict(float)
+    per_block: dict[str, dict[int, float]] = defaultdict(lambda: defaultdict(float))
+    for event, after in itertools.pairwise(events):
+        phase = BLOCK_PHASE.get(event.phase)
+        if phase is not None:
+            total[phase] += at(after) - at(event)
+            per_block[phase][event.block] += at(after) - at(event)
+    first_block = next(e for e in events if e.phase in BLOCK_PHASE)
+    last_done = [e for e in events if e.phase == "done" and e.block >= 0][-1]
+    total["start"] = at(first_block) - at(next(e for e in events if e.phase == "start"))
+    total["pack"] = at([e for e in events if e.phase == "publish"][-1]) - at(last_done)
+    return dict(total), {phase: list(blocks.values()) for phase, blocks in per_block.items()}
+
+
+def hardware() -> str:
+    gpu = "no GPU"
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        gpu = f"{props.name}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB"
+    return (f"{gpu}; {os.cpu_count()} logical CPUs; {platform.system()} {platform.machine()}; "
+            f"torch {torch.__version__}; Python {platform.python_version()}")
+
+
+def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from bitsmith.rpc.client import Client
+    from bitsmith.v1 import common_pb2
+    from bitsmith_services.coordinator.placement import ServiceAddresses
+    from bitsmith_services.registry import Role
+    from bitsmith_services.stack import LocalStack
+
+    shape = SHAPES[args.shape]
+    layers = args.layers or shape.layers
+    model_dir = work / "model"
+    t0 = time.perf_counter()
+    checkpoint_bytes = write_checkpoint(model_dir, shape, layers)
+    write_tokenizer(model_dir, shape.vocab)
+    calib = work / "calib.txt"
+    write_calibration_text(calib, shape.vocab, words=args.samples * args.seq_len + 4 * args.seq_len)
+    build_s = time.perf_counter() - t0
+    print(f"checkpoint: {args.shape}-shaped, {layers} layers, {checkpoint_bytes / 2**30:.1f} GiB bf16, "
+          f"built in {build_s:.1f} s", flush=True)
+    with ExitStack() as stack:
+        addresses = stack.enter_context(worker_services(work, args.activations))
+        services = ServiceAddresses({Role(role): address for role, address in addresses.items()})
+        local = stack.enter_context(LocalStack(home=work / "home", services=services))
+        client = stack.enter_context(Client(local.address))
+        t0 = time.perf_counter()
+        job = client.submit(job_spec(model_dir, calib, work / "out", args.samples, args.seq_len))
+        events = []
+        for event in client.watch(job.job_id):
+            events.append(event)
+            if event.phase == "done":
+                print(f"  {event.message} at {time.perf_counter() - t0:.1f} s", flush=True)
+        wall_s = time.perf_counter() - t0
+        job = client.get(job.job_id)
+    if job.state != common_pb2.JOB_STATE_SUCCEEDED:
+        raise SystemExit(f"job failed: {job.error}")
+    seconds, per_block = phase_seconds(events)
+    result: dict[str, Any] = {
+        "shape": args.shape, "layers": layers, "samples": args.samples, "seq_len": args.seq_len,
+        "activations": args.activations, "checkpoint_gib": checkpoint_bytes / 2**30, "build_s": build_s,
+        "job_wall_s": wall_s, "seconds": seconds,
+        "per_block_median_s": {phase: statistics.median(v) for phase, v in per_block.items() if v},
+        "artifact_bytes": sum(a.bytes for a in job.artifacts), "hardware": hardware(),
+    }
+    for role in ("calibrator", "solver"):
+        lines = peaks(work / f"{role}.log")
+        first = [p for block, p in lines if block == 0]
+        result[f"{role}_peak_gib"] = max((p for _, p in lines), default=0) / 2**30
+        result[f"{role}_peak_after_block0_gib"] = max(first, default=0) / 2**30
+    return result
+
+
+def report(result: Mapping[str, Any]) -> None:
+    s = result["seconds"]
+    print(f"# {result['hardware']}")
+    print(f"# {result['shape']}-shaped, {result['layers']} layers ({result['checkpoint_gib']:.1f} GiB bf16), "
+          f"GPTQ w4 g128 asym, {result['samples']} x {result['seq_len']} calibration tokens, "
+          f"activations in {result['activations']}")
+    print(f"{'job wall s':>11} {'start s':>8} {'calib s':>8} {'solve s':>8} {'pack s':>7} "
+          f"{'calib/blk':>10} {'solve/blk':>10} {'calibrator GiB':>15} {'solver GiB':>11}")
+    med = result["per_block_median_s"]
+    print(f"{result['job_wall_s']:11.1f} {s.get('start', 0):8.1f} {s.get('calibration', 0):8.1f} "
+          f"{s.get('solve', 0):8.1f} {s.get('pack', 0):7.1f} {med.get('calibration', 0):10.2f} "
+          f"{med.get('solve', 0):10.2f} {result['calibrator_peak_gib']:15.2f} {result['solver_peak_gib']:11.2f}")
+    print(f"peak after block 0: calibrator {result['calibrator_peak_after_block0_gib']:.2f} GiB, "
+          f"solver {result['solver_peak_after_block0_gib']:.2f} GiB", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="8b")
+    parser.add_argument("--layers", type=int, default=0, help="blocks to build (default: the shape's own)")
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--activations", choices=["host", "store"], default="host")
+    parser.add_argument("--json", help="also write the result here")
+    parser.add_argument("--work", help="work directory (default: a temporary one, removed afterwards)")
+    args = parser.parse_args()
+    with ExitStack() as stack:
+        work = Path(args.work) if args.work else Path(stack.enter_context(tempfile.TemporaryDirectory(
+            prefix="bitsmith-bench-")))
+        result = run(args, work)
+    report(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""The compute device a process works on, chosen once from what the operator asked for.
+
+Services that compute (the calibrator and the solver) take a device name from their command line;
+"auto" means the first CUDA GPU where torch sees one, else the CPU, so the same command serves a GPU
+node and a laptop. An explicit "cuda" on a machine without one is refused at start-up, not at the
+first request.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from bitsmith.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+AUTO = "auto"
+"""CUDA when available, else the CPU."""
+
+
+def resolve_device(name: str = AUTO) -> torch.device:
+    """The torch device for `name` ("auto", "cpu", "cuda", "cuda:N"); refuses devices this machine lacks."""
+    import torch
+
+    if name == AUTO:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"unknown device {name!r}: expected auto, cpu, cuda or cuda:N") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r} was asked for, but torch sees no CUDA GPU here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name!r} was asked for, but only {torch.cuda.device_count()} GPUs are visible")
+    elif device.type != "cpu":
+        raise ConfigError(f"device {name!r} is not supported: expected auto, cpu, cuda or cuda:N")
+    return device
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Most bytes torch's allocator held on `device` since the last reset; 0 on the CPU (not tracked)."""
+    import torch
+
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else 0
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """Hand the allocator's unused cached blocks back to the driver (no-op on the CPU).
+
+    The calibrator and the solver of a one-GPU host share the device from two processes; memory one
+    keeps cached after a call is memory the other's next call cannot have.
+    """
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

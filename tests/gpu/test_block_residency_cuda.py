@@ -1,0 +1,56 @@
+"""Calibration on CUDA with the model on the host: one block on the GPU at a time.
+
+Skipped without CUDA (CI has none); run on a GPU machine with `python -m pytest tests/gpu -q`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from bitsmith.calib import forward_block
+from bitsmith.models import load_checkpoint
+from bitsmith.pipeline import collect_stats
+
+from tests.unit.test_block_residency import random_llama
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+
+def test_cuda_blocks_match_the_cpu_and_leave_activations_on_the_host(tmp_path: Path) -> None:
+    model_dir = random_llama(tmp_path / "m", layers=2, hidden=256, ffn=512)
+    cpu, gpu = load_checkpoint(model_dir), load_checkpoint(model_dir, device="cuda")
+    hidden = cpu.embed(torch.randint(0, 1000, (6, 64), generator=torch.Generator().manual_seed(1)))
+    assert gpu.embed(torch.zeros(1, 2, dtype=torch.long)).device.type == "cpu"
+    for bid in range(2):
+        names = [n for group in cpu.groups(bid) for n in group]
+        want, got = collect_stats(cpu, bid, names, hidden, {}), collect_stats(gpu, bid, names, hidden, {})
+        for name in names:
+            torch.testing.assert_close(got[name][0].cpu(), want[name][0], rtol=1e-4, atol=1e-5)
+        out = forward_block(gpu, bid, hidden, chunk=4)
+        assert out.device.type == "cpu" and out.is_pinned()
+        torch.testing.assert_close(out, forward_block(cpu, bid, hidden, chunk=4), rtol=1e-4, atol=1e-5)
+        hidden = out
+
+
+def test_peak_gpu_memory_follows_one_block_not_the_depth(tmp_path: Path) -> None:
+    peaks = {}
+    for layers in (2, 6):
+        model_dir = random_llama(tmp_path / f"m{layers}", layers=layers, hidden=1024, ffn=4096)
+        model = load_checkpoint(model_dir, device="cuda")
+        hidden = model.embed(torch.randint(0, 1000, (8, 128), generator=torch.Generator().manual_seed(0)))
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        for bid in range(layers):
+            names = [n for group in model.groups(bid) for n in group]
+            collect_stats(model, bid, names, hidden, {})
+            hidden = forward_block(model, bid, hidden)
+        peaks[layers] = torch.cuda.max_memory_allocated() - base
+        del model
+        torch.cuda.empty_cache()
+    assert peaks[6] <= 1.05 * peaks[2], peaks

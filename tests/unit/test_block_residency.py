@@ -1,0 +1,157 @@
+"""One block resident at a time: the meta-built block, early-stopped captures, host activations, the
+calibrator's host-memory activations, device settings of the services, and tracing without OpenTelemetry."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from bitsmith.calib import capture_hessians, forward_block
+from bitsmith.calib.capture import run_with_input_hooks
+from bitsmith.devices import resolve_device
+from bitsmith.errors import ConfigError, NotFoundError
+from bitsmith.models import load_checkpoint
+from bitsmith.store import ArtifactStore, tensor_sha256
+from bitsmith_services.calibrator.activations import KEPT_PER_JOB, HostActivations, StreamingDigest
+from bitsmith_services.registry import Activations, Role, ServiceOptions
+
+
+def random_llama(out: Path, *, layers: int = 2, hidden: int = 128, ffn: int = 256, vocab: int = 1000) -> Path:
+    """A random-weight Llama checkpoint written by transformers itself."""
+    import transformers
+
+    config = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                                      max_position_embeddings=512)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return random_llama(tmp_path_factory.mktemp("llama") / "m")
+
+
+def test_block_forward_is_transformers_layer_on_checkpoint_weights(model_dir: Path) -> None:
+    import transformers
+
+    model = load_checkpoint(model_dir)
+    reference = transformers.LlamaForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32).eval()
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        states = reference(ids, output_hidden_states=True).hidden_states
+    hidden = model.embed(ids)
+    for bid in range(model.num_blocks):
+        hidden = forward_block(model, bid, hidden)
+        if bid < model.num_blocks - 1:
+            torch.testing.assert_close(hidden, states[bid + 1], rtol=1e-5, atol=1e-5)
+    layer = model.block_module(0)
+    assert not any(t.is_meta for t in [*layer.parameters(), *layer.buffers()])
+
+
+def test_embedding_and_block_outputs_stay_on_the_inputs_device(model_dir: Path) -> None:
+    model = load_checkpoint(model_dir)
+    hidden = model.embed(torch.zeros(3, 8, dtype=torch.long))
+    seen: list[torch.Tensor] = []
+    out = forward_block(model, 0, hidden, chunk=2, on_chunk=seen.append)
+    assert out.device.type == "cpu" and [len(p) for p in seen] == [2, 1]
+    torch.testing.assert_close(torch.cat(seen), out)
+    torch.testing.assert_close(out, forward_block(model, 0, hidden, chunk=3))
+
+
+def test_capture_stops_the_forward_once_every_hooked_linear_ran(model_dir: Path) -> None:
+    model = load_checkpoint(model_dir)
+    hidden = model.embed(torch.randint(0, 1000, (4, 16), generator=torch.Generator().manual_seed(2)))
+    calls: list[str] = []
+    handle = model.block_module(0).get_submodule("mlp.down_proj").register_forward_pre_hook(
+        lambda *_: calls.append("down"))
+    try:
+        capture_hessians(model, 0, hidden, ["self_attn.q_proj"], chunk=2)
+        assert calls == []  # the MLP never ran
+        early = capture_hessians(model, 0, hidden, ["mlp.down_proj"], chunk=2)
+        assert calls == ["down", "down"]
+    finally:
+        handle.remove()
+    # The same statistic as a full forward with a plain hook.
+    rows: list[torch.Tensor] = []
+    layer = model.block_module(0)
+    h = layer.get_submodule("mlp.down_proj").register_forward_pre_hook(lambda _m, a: rows.append(a[0]))
+    try:
+        forward_block(model, 0, hidden, chunk=2)
+    finally:
+        h.remove()
+    x = torch.cat([r.reshape(-1, r.shape[-1]) for r in rows]).double()
+    torch.testing.assert_close(early["mlp.down_proj"][0], (2 * x.T @ x / x.shape[0]).float(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_hooked_linear_the_forward_never_reaches_is_an_error(model_dir: Path) -> None:
+    model = load_checkpoint(model_dir)
+    hidden = model.embed(torch.zeros(1, 4, dtype=torch.long))
+    layer = model.block_module(0)
+    original = layer.mlp.forward
+    layer.mlp.forward = lambda x: x  # type: ignore[method-assign]  # an MLP that skips its linears
+    try:
+        with pytest.raises(Exception, match=r"did not run"):
+            run_with_input_hooks(model, 0, hidden, {"mlp.down_proj": lambda *_: None})
+    finally:
+        layer.mlp.forward = original  # type: ignore[method-assign]
+
+
+def test_streaming_digest_is_the_stores_sha256() -> None:
+    tensor = torch.randn(5, 3, 4)
+    digest = StreamingDigest()
+    for part in (slice(0, 2), slice(2, 5)):
+        digest.add(tensor[part])
+    assert digest.hexdigest() == tensor_sha256(tensor) == hashlib.sha256(tensor.numpy().tobytes()).hexdigest()
+
+
+def test_host_activations_keep_the_latest_two_per_job(tmp_path: Path) -> None:
+    store, host = ArtifactStore(tmp_path), HostActivations()
+    refs = [host.put("j", f"jobs/j/inputs-{i}.safetensors", "hidden", torch.full((2, 2), float(i)))
+            for i in range(KEPT_PER_JOB + 1)]
+    assert host.get("j", refs[-1], store)[0, 0] == KEPT_PER_JOB
+    assert not (tmp_path / "jobs").exists()  # nothing was written
+    with pytest.raises(NotFoundError, match="neither held by this calibrator"):
+        host.get("j", refs[0], store)
+    host.release("j")
+    with pytest.raises(NotFoundError):
+        host.get("j", refs[-1], store)
+
+
+def test_device_settings_go_only_to_the_roles_that_compute() -> None:
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="unknown device"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            resolve_device("cuda")
+    options = ServiceOptions(device="cpu", activations=Activations.HOST)
+    assert options.server_kwargs(Role.CALIBRATOR) == {"device": "cpu", "activations": Activations.HOST}
+    assert options.server_kwargs(Role.SOLVER) == {"device": "cpu"}
+    with pytest.raises(ConfigError, match="takes no device"):
+        ServiceOptions(device="cpu").check(Role.PACKER)
+    with pytest.raises(ConfigError, match="keeps no activations"):
+        ServiceOptions(activations=Activations.HOST).check(Role.SOLVER)
+
+
+def test_services_run_untraced_without_opentelemetry(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from bitsmith.telemetry import current_trace_id, setup_tracing, tracing_available
+    from bitsmith_services.registry import start_service
+    from bitsmith_services.stack import wait_until_serving
+
+    for name in [n for n in sys.modules if n == "opentelemetry" or n.startswith("opentelemetry.")] or ["opentelemetry"]:
+        monkeypatch.setitem(sys.modules, name, None)  # blocked, also where an earlier test imported it
+    assert not tracing_available()
+    assert current_trace_id() == ""
+    with setup_tracing("bitsmith-untraced-test").get_tracer("t").start_as_current_span("job"):
+        pass
+    server, port = start_service(Role.SOLVER, "127.0.0.1:0", tmp_path, options=ServiceOptions(device="cpu"))
+    try:
+        wait_until_serving(f"127.0.0.1:{port}", timeout=10)
+    finally:
+        server.stop(grace=0).wait()
