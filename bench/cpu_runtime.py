@@ -12,9 +12,10 @@ text prompt and the same number of greedy tokens, (a) through a runtime_cpu serv
 (a server process like `bitsmith serve runtime_cpu`, with its llama.cpp worker process) and (b) with
 `llama_cpp.Llama` in this process, alternating. Both are timed by the
 caller's clock: prompt tok/s = prompt tokens / time to the first token, decode tok/s = tokens after the
-first / time from the first to the last; the service's overhead is how much slower (a) is than (b), the
-median over interleaved pairs of runs. The
-worker's own clock (`GenerateStats`) is printed too. Prints the hardware first.
+first / time from the first to the last (rates: medians over the runs); the service's overhead is how much
+slower (a) is than (b), the median over interleaved pairs of runs. The worker's own clock (`GenerateStats`)
+and the chunks per stream (fewer than tokens where the stream joined tokens that waited for a send) are
+printed too. Prints the hardware first.
 
     python bench/cpu_runtime.py [--bits 4] [--group-size 128] [--prompt 512] [--decode 128] [--repeats 3]
                                 [--gguf-model DIR]
@@ -83,14 +84,16 @@ class Timed:
         return self.prompt_tokens / self.first_s, self.rest_tokens / self.rest_s
 
 
-def best(runs: list[Timed]) -> tuple[float, float]:
-    """The fastest prompt rate and the fastest decode rate over the runs."""
+def medians(runs: list[Timed]) -> tuple[float, float]:
+    """The median prompt rate and the median decode rate over the runs (a shared machine's busy spells
+    make the best and the worst runs outliers)."""
     rates = [r.rates for r in runs]
-    return max(p for p, _ in rates), max(d for _, d in rates)
+    return statistics.median(p for p, _ in rates), statistics.median(d for _, d in rates)
 
 
-def grpc_generate(stub: Any, path: Path, prompt: str, max_new_tokens: int) -> tuple[Timed, Any]:
-    """One Generate stream through runtime_cpu, timed at the client, and the worker's own stats."""
+def grpc_generate(stub: Any, path: Path, prompt: str, max_new_tokens: int) -> tuple[Timed, Any, int]:
+    """One Generate stream through runtime_cpu, timed at the client: the timing, the worker's own stats and
+    the number of text chunks (a chunk carries every token that was ready when the service sent it)."""
     from bitsmith.v1 import runtime_pb2
 
     start = time.perf_counter()
@@ -106,9 +109,9 @@ def grpc_generate(stub: Any, path: Path, prompt: str, max_new_tokens: int) -> tu
         pieces += 1
         if pieces == 1:
             first = last
-    if stats is None or pieces < 2:
-        raise RuntimeError(f"the stream gave {pieces} tokens and {'no' if stats is None else ''} stats")
-    return Timed(stats.prompt_tokens, first - start, pieces - 1, last - first), stats
+    if stats is None or pieces < 2 or stats.generated_tokens < 2:
+        raise RuntimeError(f"the stream gave {pieces} chunks and {'no' if stats is None else ''} stats")
+    return Timed(stats.prompt_tokens, first - start, stats.generated_tokens - 1, last - first), stats, pieces
 
 
 def direct_generate(llm: Any, prompt: str, tokens: int) -> Timed:
@@ -157,7 +160,7 @@ def llama_cpp_rows(args: argparse.Namespace, gguf_dir: Path, store: Path) -> Non
     channel = grpc.insecure_channel(server.stdout.readline().strip())
     stub = runtime_pb2_grpc.RuntimeServiceStub(channel)
     try:
-        warm, _ = grpc_generate(stub, gguf_dir, prompt, args.decode)  # starts the worker, sizes its context
+        warm, _, _ = grpc_generate(stub, gguf_dir, prompt, args.decode)  # starts the worker, sizes its context
         tokens = warm.rest_tokens + 1  # the stream stops at EOS: decode exactly as many directly
         direct_generate(llm, prompt, tokens)  # warm-up
         served, direct = [], []
@@ -168,21 +171,22 @@ def llama_cpp_rows(args: argparse.Namespace, gguf_dir: Path, store: Path) -> Non
         channel.close()
         server.terminate()
         server.wait()
-    worker = [s for _, s in served]
+    worker = [s for _, s, _ in served]
 
     print(f"\nllama.cpp {llama_cpp.__version__}, {args.gguf_model.name} {file.name} ({threads} threads, context "
-          f"{n_ctx}); prompt {served[0][0].prompt_tokens} tokens, {tokens} greedy tokens, best of {args.repeats}")
+          f"{n_ctx}); prompt {served[0][0].prompt_tokens} tokens, {tokens} greedy tokens, median of "
+          f"{args.repeats}; {statistics.median(n for _, _, n in served):.0f} chunks per stream (median)")
     print(f"{'llama.cpp':<40} {'prompt tok/s':>14} {'decode tok/s':>13}")
-    grpc_rates, direct_rates = best([t for t, _ in served]), best(direct)
-    worker_rates = (max(s.prompt_tokens / s.prompt_seconds for s in worker),
-                    max(s.decode_tokens / s.decode_seconds for s in worker))
+    grpc_rates, direct_rates = medians([t for t, _, _ in served]), medians(direct)
+    worker_rates = (statistics.median(s.prompt_tokens / s.prompt_seconds for s in worker),
+                    statistics.median(s.decode_tokens / s.decode_seconds for s in worker))
     for name, (p, d) in (("runtime_cpu over gRPC (client clock)", grpc_rates),
                          ("  its worker (llama.cpp's own clock)", worker_rates),
                          ("llama_cpp.Llama in-process", direct_rates)):
         print(f"{name:<40} {p:>14.0f} {d:>13.1f}")
     # Overhead from each interleaved pair (a gRPC run and the direct run right after it), then the median
     # over pairs: a busy spell of a shared machine then skews one pair, not the figure.
-    pairs = [(t, d) for (t, _), d in zip(served, direct, strict=True)]
+    pairs = [(t, d) for (t, _, _), d in zip(served, direct, strict=True)]
     overhead = [statistics.median(100 * (d.rates[i] / t.rates[i] - 1) for t, d in pairs) for i in (0, 1)]
     print(f"{'service overhead (target <= 5%)':<40} {overhead[0]:>13.1f}% {overhead[1]:>12.1f}%")
     # The service's cost is per request and per streamed token, not per FLOP: the same figures make a

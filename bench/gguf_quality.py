@@ -10,20 +10,21 @@ For each llama-quantize type (default Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, Q3_K_M, 
                     `--samples` x `--seq-len` calibration tokens. All types are solved in one run
                     that shares one calibration (`bitsmith.targets`), as a job with several
                     `--format gguf:…` does.
-Every file is scored by llama.cpp (bitsmith's runtime_cpu engine for GGUF: `bitsmith.runtimes.
-evaluate_path`, which runs llama.cpp in a worker process) on eval-prose and eval-code: perplexity over the
-same windows as bitsmith's evaluator, KL and top-1 against the unquantized transformers model. The
-table gives file sizes and, per type, the share of llama-quantize's perplexity gap to F16 that
-bitsmith's calibrated file closes: 1 - (ppl_gptq - ppl_f16) / (ppl_llq - ppl_f16).
+Every file is scored by llama.cpp's own `llama-perplexity` on eval-prose and eval-code (`--chunks`
+windows of 512 tokens, each scored on its second half as llama-perplexity does), with KL divergence and
+top-1 agreement against bitsmith's F16 GGUF of the model (`--kl-divergence`). The table gives file sizes
+and, per type, the share of llama-quantize's perplexity gap to F16 that bitsmith's calibrated file
+closes: 1 - (ppl_gptq - ppl_f16) / (ppl_llq - ppl_f16).
 
-    python bench/gguf_quality.py [--types Q4_K_M,Q3_K_M] [--samples 128] [--seq-len 512] [--imatrix]
-        [--keep DIR] [--json FILE]
+    python bench/gguf_quality.py [--types Q4_K_M,Q3_K_M] [--samples 128] [--seq-len 512] [--chunks 40]
+        [--imatrix Q4_K_M,Q3_K_M,Q2_K] [--keep DIR] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import tempfile
 import time
@@ -85,11 +86,23 @@ def llama_imatrix(f16: Path, calib: list[Path], out: Path, seq_len: int, chunks:
     return out
 
 
-def score(path: Path, reference: Path, files: list[Path]) -> dict[str, dict[str, float]]:
-    from bitsmith.runtimes import evaluate_path
+def perplexity(model: Path, text: Path, chunks: int, base: Path, *, save_base: bool = False) -> dict[str, float]:
+    """llama-perplexity's ppl of `model` on `text`; KL and top-1 against the logits saved in `base`
+    (which `save_base` writes, from the reference file)."""
+    command = [str(tool_path("llama-perplexity")), "-m", str(model), "-f", str(text), "-c", "512", "-b", "512",
+               "--chunks", str(chunks), "--kl-divergence-base", str(base), *([] if save_base else ["--kl-divergence"])]
+    proc = subprocess.run(command, check=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    return {Path(r.dataset).stem: {"ppl": r.ppl, "kl": r.kl or 0.0, "top1": r.top1 or 0.0}
-            for r in evaluate_path(path, files, seq_len=512, reference=reference)}
+    def number(pattern: str) -> float:
+        found = re.findall(pattern, proc.stdout)
+        if not found:
+            raise RuntimeError(f"llama-perplexity printed no {pattern!r} for {model}:\n{proc.stdout[-2000:]}")
+        return float(found[-1])
+
+    if save_base:
+        return {"ppl": number(r"Final estimate: PPL = ([0-9.]+)"), "kl": 0.0, "top1": 1.0}
+    return {"ppl": number(r"Mean PPL\(Q\)\s*:\s*([0-9.]+)"), "kl": number(r"Mean\s+KLD:\s*(-?[0-9.]+)"),
+            "top1": number(r"Same top p:\s*([0-9.]+)") / 100}
 
 
 def main() -> None:
@@ -99,51 +112,61 @@ def main() -> None:
     parser.add_argument("--types", default=",".join(TYPES))
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--imatrix", action="store_true", help="also llama-quantize with llama-imatrix's matrix")
+    parser.add_argument("--chunks", type=int, default=40, help="512-token windows scored per eval file")
+    parser.add_argument("--imatrix", default="", help="types also quantized by llama-quantize with llama-imatrix's "
+                                                      "matrix from the calibration text")
     parser.add_argument("--keep", type=Path, help="keep the files here")
     parser.add_argument("--json", type=Path, help="write the numbers here")
     args = parser.parse_args()
-    types = args.types.split(",")
+    types, with_imatrix = args.types.split(","), [t for t in args.imatrix.split(",") if t]
     print(hardware())
     work = args.keep or Path(tempfile.mkdtemp(prefix="gguf-quality-"))
     work.mkdir(parents=True, exist_ok=True)
-    model, evals = Path(DEMO_MODEL), list(EVAL_FILES)
+    model, evals = Path(DEMO_MODEL), {Path(f).stem: Path(f) for f in EVAL_FILES}
 
     f16 = write_gguf(work / "bitsmith-F16", model, "F16", {})
+    bases = {name: work / f"base-{name}.kld" for name in evals}
     imatrix = llama_imatrix(f16, list(CALIB_FILES), work / "imatrix.dat", args.seq_len, args.samples
-                            ) if args.imatrix else None
+                            ) if with_imatrix else None
     rtn, rtn_s = solve_all(model, types, "rtn", list(CALIB_FILES), args.samples, args.seq_len)
     gptq, gptq_s = solve_all(model, types, "gptq", list(CALIB_FILES), args.samples, args.seq_len)
-    print(f"bitsmith solves: rtn {rtn_s:.1f}s, gptq {gptq_s:.1f}s for {len(types)} types")
+    print(f"bitsmith solves: rtn {rtn_s:.1f}s, gptq {gptq_s:.1f}s for {len(types)} types (one run each)", flush=True)
 
-    rows: dict[str, dict[str, Any]] = {"F16": {"bitsmith": {"bytes": f16.stat().st_size, **score(f16, model, evals)}}}
+    def score(path: Path, *, save_base: bool = False) -> dict[str, Any]:
+        return {"bytes": path.stat().st_size, **{name: perplexity(path, text, args.chunks, bases[name],
+                                                                  save_base=save_base)
+                                                 for name, text in evals.items()}}
+
+    def show(qtype: str, tool: str, row: dict[str, Any]) -> None:
+        cells = "  ".join(f"{d}: {row[d]['ppl']:.4f} / {row[d]['kl']:.5f} / {row[d]['top1']:.4f}" for d in evals)
+        print(f"{qtype:7} {tool:24} {row['bytes']:>10,} B  {cells}", flush=True)
+
+    print(f"\nllama-perplexity, {args.chunks} x 512 tokens per file: ppl / KL / top-1 against bitsmith's F16")
+    rows: dict[str, dict[str, Any]] = {"F16": {"bitsmith": score(f16, save_base=True)}}
+    show("F16", "bitsmith", rows["F16"]["bitsmith"])
     for qtype in types:
         files = {
             "llama-quantize": llama_quantize(f16, work / f"llq-{qtype}.gguf", qtype, None),
             "bitsmith-rtn": write_gguf(work / f"bitsmith-rtn-{qtype}", model, qtype, rtn[qtype]),
             "bitsmith-gptq": write_gguf(work / f"bitsmith-gptq-{qtype}", model, qtype, gptq[qtype]),
         }
-        if imatrix is not None:
+        if imatrix is not None and qtype in with_imatrix:
             files["llama-quantize-imatrix"] = llama_quantize(f16, work / f"llqi-{qtype}.gguf", qtype, imatrix)
-        rows[qtype] = {name: {"bytes": path.stat().st_size, **score(path, model, evals)}
-                       for name, path in files.items()}
-
-    datasets = list(rows["F16"]["bitsmith"].keys() - {"bytes"})
-    print(f"\nperplexity by llama.cpp on {', '.join(datasets)} (ppl / KL / top-1); gap closed = share of "
-          "llama-quantize's ppl increase over F16 that bitsmith-gptq removes")
-    for qtype, tools in rows.items():
-        for tool, r in tools.items():
-            cells = "  ".join(f"{d}: {r[d]['ppl']:.4f} / {r[d]['kl']:.4f} / {r[d]['top1']:.3f}" for d in datasets)
-            print(f"{qtype:7} {tool:24} {r['bytes']:>10,} B  {cells}")
-        if qtype != "F16":
-            base = rows["F16"]["bitsmith"]
-            closed = {d: 1 - (tools["bitsmith-gptq"][d]["ppl"] - base[d]["ppl"])
-                      / (tools["llama-quantize"][d]["ppl"] - base[d]["ppl"]) for d in datasets}
-            tools["gap_closed"] = closed
-            print(f"{qtype:7} gap closed: " + "  ".join(f"{d} {c:.2f}" for d, c in closed.items())
-                  + f"   sizes equal: {tools['bitsmith-gptq']['bytes'] == tools['llama-quantize']['bytes']}")
+        tools: dict[str, Any] = {}
+        for name, path in files.items():
+            tools[name] = score(path)
+            show(qtype, name, tools[name])
+        base = rows["F16"]["bitsmith"]
+        tools["gap_closed"] = {d: 1 - (tools["bitsmith-gptq"][d]["ppl"] - base[d]["ppl"])
+                               / (tools["llama-quantize"][d]["ppl"] - base[d]["ppl"]) for d in evals}
+        tools["same_bytes_as_llama_quantize"] = tools["bitsmith-gptq"]["bytes"] == tools["llama-quantize"]["bytes"]
+        print(f"{qtype:7} gap closed by bitsmith-gptq: "
+              + "  ".join(f"{d} {c:.2f}" for d, c in tools["gap_closed"].items())
+              + f"   file sizes equal: {tools['same_bytes_as_llama_quantize']}", flush=True)
+        rows[qtype] = tools
     if args.json:
-        args.json.write_text(json.dumps({"hardware": hardware(), "rows": rows}, indent=1), encoding="utf-8")
+        args.json.write_text(json.dumps({"hardware": hardware(), "chunks": args.chunks, "rows": rows}, indent=1),
+                             encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -89,7 +89,8 @@ class NativeEngine(Protocol):
 
     def generate(self, prompt: str, max_new_tokens: int, should_stop: Callable[[], bool]
                  ) -> Iterator[str | GenerationStats]:
-        """Greedy pieces of text, then one `GenerationStats`."""
+        """Greedy text as it is decoded, then one `GenerationStats` (the token count: a piece may hold
+        several tokens' text, joined while the consumer was slower than decoding)."""
 
 
 def _is_gguf(path: Path) -> bool:
@@ -226,17 +227,18 @@ def evaluate_path(path: Path, files: Sequence[Path], *, seq_len: int = 512, refe
 def generate_greedy(path: Path, prompt: str, max_new_tokens: int, *,
                     should_stop: Callable[[], bool] = lambda: False,
                     formats: Collection[Format | None] | None = None) -> Iterator[str | GenerationStats]:
-    """Greedy decoding from the model at `path`, yielding the text of each new token as it comes; a
-    `NativeEngine` ends with its `GenerationStats`."""
-    import torch
-    from transformers import AutoTokenizer
-
+    """Greedy decoding from the model at `path`, yielding new text as it comes: each token's, or from a
+    `NativeEngine` all that arrived since the consumer last asked (so a slow consumer pays its per-piece
+    cost once for the tokens that waited), ending with its `GenerationStats`."""
     if not prompt:
         raise ConfigError("the prompt is empty")
     model = load_model(path, formats=formats)
     if isinstance(model, NativeEngine):
         yield from model.generate(prompt, max_new_tokens, should_stop)
         return
+    import torch  # after the native branch: llama.cpp needs neither transformers nor its import time
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
     past = None

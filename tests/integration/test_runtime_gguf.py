@@ -1,13 +1,16 @@
 """GGUF through llama.cpp in runtime_cpu, over real gRPC: F16 scores and decodes like the torch reference;
-malformed files are refused before llama.cpp sees them; a file that passes validation but makes llama.cpp
-abort kills only its worker, and the service answers the next request."""
+the stream joins the tokens that waited for a slow consumer without holding any back; malformed files are
+refused before llama.cpp sees them; a file that passes validation but makes llama.cpp abort kills only its
+worker, a hung worker is killed after the configured time, and the service answers the next request."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +18,8 @@ import grpc
 import pytest
 from bitsmith.demo import DEMO_MODEL, EVAL_FILES
 from bitsmith.evaluate import tokenize_file
-from bitsmith.runtimes import artifact_format, evaluate_path, generate_greedy
+from bitsmith.formats.gguf.runtime import WORKER_TIMEOUT_ENV, GgufCausalLM, WorkerPool
+from bitsmith.runtimes import GenerationStats, artifact_format, evaluate_path, generate_greedy
 from bitsmith.schemes import Format
 from bitsmith.v1 import runtime_pb2, runtime_pb2_grpc
 from bitsmith_services.registry import Role, start_service
@@ -70,6 +74,13 @@ def stub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[runtime_pb2_grpc.
     server.stop(grace=1).wait()
 
 
+def _torch_pieces(max_new_tokens: int) -> list[str]:
+    """The reference: each greedy token's text from the torch checkpoint."""
+    pieces = list(generate_greedy(DEMO_MODEL, PROMPT, max_new_tokens))
+    assert all(isinstance(p, str) for p in pieces)
+    return [str(p) for p in pieces]
+
+
 def _evaluate(stub: runtime_pb2_grpc.RuntimeServiceStub, path: Path, sample: Path,
               reference: Path | None = None) -> runtime_pb2.EvaluateResponse:
     return stub.Evaluate(runtime_pb2.EvaluateRequest(
@@ -89,8 +100,6 @@ def test_recognised_as_gguf(f16: Path) -> None:
 
 def test_llama_cpp_tokenizes_like_the_checkpoint_tokenizer(f16: Path) -> None:
     """The engine scores llama.cpp's tokens of the file; they must be the reference tokenizer's."""
-    from bitsmith.formats.gguf.runtime import GgufCausalLM
-
     engine = GgufCausalLM(f16)
     for file in EVAL_FILES:
         assert engine.tokenize_file(file).tolist() == tokenize_file(DEMO_MODEL, file).tolist()
@@ -108,15 +117,40 @@ def test_f16_evaluates_like_torch_over_grpc(stub: runtime_pb2_grpc.RuntimeServic
     assert result.tokens_per_s > 0
 
 
-def test_generate_streams_the_torch_greedy_tokens(stub: runtime_pb2_grpc.RuntimeServiceStub, f16: Path) -> None:
+def test_generate_streams_the_torch_greedy_text(stub: runtime_pb2_grpc.RuntimeServiceStub, f16: Path) -> None:
+    """A chunk may carry several tokens' text; joined, the chunks are torch's greedy text, and the stats
+    count every token."""
     chunks = list(stub.Generate(runtime_pb2.GenerateRequest(
         artifact_path=str(f16), prompt=PROMPT, max_new_tokens=16), timeout=120))
     *pieces, last = chunks
-    assert [c.text for c in pieces] == list(generate_greedy(DEMO_MODEL, PROMPT, 16))
+    reference = _torch_pieces(16)
+    assert "".join(c.text for c in pieces) == "".join(reference)
+    assert all(c.text for c in pieces) and 1 <= len(pieces) <= len(reference)
     assert not any(c.HasField("stats") for c in pieces) and not last.text
     stats = last.stats
-    assert (stats.prompt_tokens, stats.generated_tokens, stats.decode_tokens) == (3, len(pieces), len(pieces) - 1)
+    assert (stats.prompt_tokens, stats.generated_tokens, stats.decode_tokens) == (3, len(reference),
+                                                                                   len(reference) - 1)
     assert stats.prompt_seconds > 0 and stats.decode_seconds > 0
+
+
+def test_a_slow_consumer_gets_the_waiting_tokens_joined(f16: Path) -> None:
+    """While the consumer is busy the worker decodes on; the next pieces carry everything that arrived
+    rather than one token each, and the first piece came as soon as it existed, before the rest."""
+    pool = WorkerPool()
+    try:
+        engine = GgufCausalLM(f16, pool=pool)
+        reference = _torch_pieces(128)
+        stream = engine.generate(PROMPT, 128, lambda: False)
+        first = next(stream)
+        time.sleep(3.0)  # far longer than the demo model's 127 further decode steps
+        *rest, stats = list(stream)
+        assert isinstance(first, str) and isinstance(stats, GenerationStats)
+        assert stats.generated_tokens == len(reference)  # the count stays exact when pieces are joined
+        assert first + "".join(str(p) for p in rest) == "".join(reference)
+        assert first and len(first) < len("".join(reference))
+        assert len(rest) < len(reference) - 1
+    finally:
+        pool.close()
 
 
 def test_cancelled_stream_leaves_the_worker_in_step(stub: runtime_pb2_grpc.RuntimeServiceStub, f16: Path) -> None:
@@ -126,7 +160,8 @@ def test_cancelled_stream_leaves_the_worker_in_step(stub: runtime_pb2_grpc.Runti
     call.cancel()
     again = list(stub.Generate(runtime_pb2.GenerateRequest(
         artifact_path=str(_file(f16)), prompt=PROMPT, max_new_tokens=4), timeout=120))
-    assert [c.text for c in again[:-1]] == list(generate_greedy(DEMO_MODEL, PROMPT, 4))
+    assert "".join(c.text for c in again[:-1]) == "".join(_torch_pieces(4))
+    assert again[-1].stats.generated_tokens == 4
 
 
 @pytest.mark.parametrize("damage", ["truncated", "bad magic"])
@@ -179,4 +214,44 @@ def test_file_that_aborts_llama_cpp_kills_only_its_worker(stub: runtime_pb2_grpc
         assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         details = info.value.details() or ""
         assert "SIGABRT" in details and str(bad) in details and "GGML_ASSERT" in details
+    _still_serves(stub, f16, sample)
+
+
+def _worker_pids(file: Path) -> list[int]:
+    """The llama.cpp worker processes serving `file` (their command line names it)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except (FileNotFoundError, NotADirectoryError, PermissionError, ProcessLookupError):
+            continue
+        if b"bitsmith.formats.gguf.runtime" in argv and str(file).encode() in argv:
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker through /proc")
+def test_hung_worker_is_killed_and_the_service_serves_on(
+        stub: runtime_pb2_grpc.RuntimeServiceStub, f16: Path, sample: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stopped worker makes no progress: after the configured time its request fails naming the file,
+    the worker is gone, and the same file is served again by a fresh worker."""
+    monkeypatch.setenv(WORKER_TIMEOUT_ENV, "3")
+    file = tmp_path / "hang.gguf"
+    shutil.copy(_file(f16), file)
+    request = runtime_pb2.GenerateRequest(artifact_path=str(file), prompt=PROMPT, max_new_tokens=4)
+    assert list(stub.Generate(request, timeout=120))[-1].stats.generated_tokens == 4
+    (pid,) = _worker_pids(file)
+    os.kill(pid, signal.SIGSTOP)
+    start = time.monotonic()
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Generate(request, timeout=120))
+    assert 3 <= time.monotonic() - start < 60
+    assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+    details = info.value.details() or ""
+    assert "made no progress for 3 s" in details and str(file) in details
+    assert pid not in _worker_pids(file)
+    monkeypatch.setenv(WORKER_TIMEOUT_ENV, "120")  # the fresh worker's start may take seconds on a busy host
+    again = list(stub.Generate(request, timeout=120))
+    assert "".join(c.text for c in again[:-1]) == "".join(_torch_pieces(4))
     _still_serves(stub, f16, sample)

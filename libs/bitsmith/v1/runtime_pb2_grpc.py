@@ -56,7 +56,7 @@ class RuntimeServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Generate(self, request, context):
-        """Greedy decoding, streamed token by token.
+        """Greedy decoding, streamed as it decodes (see GenerateChunk).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

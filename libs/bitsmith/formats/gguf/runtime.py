@@ -3,9 +3,11 @@
 Why a worker process: llama.cpp answers many inconsistent files with ``GGML_ASSERT`` → ``abort()``, which
 kills the process that loaded it. The file is first checked byte by byte (`bitsmith.formats.gguf.validate`),
 then loaded only in a child (``python -m bitsmith.formats.gguf.runtime``) that talks to this process over
-a socket pair; a child that dies becomes a `FormatError` naming the file, the signal and llama.cpp's
-last words, and the service that asked keeps serving. A live worker stays up for its file (keyed by path,
-mtime and size) so repeated calls do not reload it.
+a socket pair (`_Channel`); a child that dies becomes a `FormatError` naming the file, the signal and
+llama.cpp's last words, and the service that asked keeps serving. A child that sends nothing for
+`worker_timeout` seconds while a request waits on it is hung (a deadlocked llama.cpp, a stopped process):
+it is killed and the request fails with `ServiceUnavailableError`. A live worker stays up for its file
+(keyed by path, mtime and size) so repeated calls do not reload it.
 
 What runs where:
 - Scoring: `GgufCausalLM.forward` answers the transformers calling convention ``model(ids).logits`` with
@@ -13,9 +15,12 @@ What runs where:
   windows it scores the reference on. Each window is a fresh sequence (the KV cache is cleared).
 - Tokens: llama.cpp's own tokenizer of the file (the vocabulary the file carries), with special-token
   text parsed and nothing added, as bitsmith tokenizes with transformers (``add_special_tokens=False``).
-- Generation: greedy, in the worker's own loop (llama.cpp's KV cache, one ``eval`` per token), each piece
-  sent as soon as it is decoded; a stop request is checked between tokens. The worker times its prompt
-  pass and its decode steps (`GenerationStats`).
+- Generation: greedy, in the worker's own loop (llama.cpp's KV cache, one ``eval`` per token), each
+  token's bytes sent as soon as it is decoded; a stop request is checked between tokens. The worker times
+  its prompt pass and its decode steps (`GenerationStats`). This side hands its consumer, whenever it asks,
+  all the text that has arrived: one token's while the consumer keeps up, several tokens' joined when it is
+  slower than decoding (a gRPC send costs more than a small model's decode step), so the consumer's
+  per-message cost is paid per chunk rather than per token and no text ever waits for more.
 """
 
 from __future__ import annotations
@@ -25,16 +30,19 @@ import codecs
 import collections
 import importlib.util
 import logging
+import math
 import os
+import pickle
+import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +68,113 @@ STDERR_LINES = 60
 POOL_SIZE = 2
 EXIT_WAIT_S = 10.0
 MIN_CONTEXT = 512
+WORKER_TIMEOUT_ENV = "BITSMITH_LLAMA_WORKER_TIMEOUT_S"
+WORKER_TIMEOUT_S = 600.0
+"""How long a request waits for its worker's next message before the worker counts as hung. It must exceed
+the longest single llama.cpp step of a request (loading the file, one prompt pass, one scoring window), so
+the default is generous; `WORKER_TIMEOUT_ENV` sets it for a service."""
 
 
 def cpu_threads() -> int:
     """Every core this process may run on: llama.cpp's CPU kernels scale with them."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def worker_timeout() -> float:
+    """Seconds of silence after which a worker is hung: `WORKER_TIMEOUT_ENV`, else `WORKER_TIMEOUT_S`."""
+    raw = os.environ.get(WORKER_TIMEOUT_ENV)
+    if raw is None:
+        return WORKER_TIMEOUT_S
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise ConfigError(f"{WORKER_TIMEOUT_ENV} must be a positive number of seconds, got {raw!r}")
+    return seconds
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The socket pair between the service and a worker.
+
+_LENGTH = struct.Struct("!i")  # multiprocessing.connection's framing: a big-endian length before each frame
+_LONG_LENGTH = struct.Struct("!Q")  # after a length of -1, for frames of 2 GiB and more
+_PIECE = 0  # a frame starting with this byte is a token's bytes; any other is a pickle (opcode PROTO, 0x80)
+_SPLIT_WRITE = 1 << 16  # frames from this size are written after their header rather than copied behind it
+_READ_BYTES = 1 << 20
+
+
+class _Channel:
+    """One end of the socket pair: frames of bytes, each after its length (multiprocessing.connection's).
+
+    Requests, replies and stats are pickled messages; a generated token goes as a zero byte and its raw
+    bytes, so the per-token path pickles nothing. Reads are buffered: one `receive` returns every frame the
+    peer has written by then, which is what lets the service join the tokens that waited into one chunk.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN)
+        self._buf = bytearray()
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        self._write(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def send_piece(self, data: bytes) -> None:
+        self._write(bytes((_PIECE,)) + data)
+
+    def _write(self, frame: bytes) -> None:
+        n = len(frame)
+        header = _LENGTH.pack(n) if n <= 0x7FFFFFFF else _LENGTH.pack(-1) + _LONG_LENGTH.pack(n)
+        if n < _SPLIT_WRITE:
+            self._sock.sendall(header + frame)
+        else:
+            self._sock.sendall(header)
+            self._sock.sendall(frame)
+
+    def pending(self) -> bool:
+        """Whether the peer has written something not yet received (or closed its end); never blocks."""
+        return bool(self._buf) or bool(self._poll.poll(0))
+
+    def receive(self, timeout_s: float | None) -> list[bytes | tuple[Any, ...]]:
+        """Every complete frame the peer has written by now (pieces as bytes, messages as tuples), waiting
+        for the first while bytes keep coming, or until `timeout_s` passes without any (None: forever), in
+        which case the answer is []. EOFError: the peer closed its end."""
+        frames = self._complete()
+        while not frames:
+            ready = self._poll.poll(None if timeout_s is None else math.ceil(timeout_s * 1e3))
+            if not ready:
+                return []
+            data = self._sock.recv(_READ_BYTES)  # readable: returns at once
+            if not data:
+                raise EOFError("the peer closed the socket")
+            self._buf += data
+            frames = self._complete()
+        return frames
+
+    def _complete(self) -> list[bytes | tuple[Any, ...]]:
+        """The whole frames at the front of the buffer, taken out of it."""
+        frames: list[bytes | tuple[Any, ...]] = []
+        buf, at = self._buf, 0
+        while len(buf) - at >= _LENGTH.size:
+            (size,) = _LENGTH.unpack_from(buf, at)
+            start = at + _LENGTH.size
+            if size == -1:
+                if len(buf) - start < _LONG_LENGTH.size:
+                    break
+                (size,) = _LONG_LENGTH.unpack_from(buf, start)
+                start += _LONG_LENGTH.size
+            if len(buf) - start < size:
+                break
+            frames.append(bytes(buf[start + 1:start + size]) if buf[start] == _PIECE
+                          else pickle.loads(buf[start:start + size]))
+            at = start + size
+        del buf[:at]
+        return frames
+
+    def close(self) -> None:
+        self._sock.close()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -127,8 +237,9 @@ class _Engine:
             llama_cpp.llama_batch_free(batch)
             llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
 
-    def generate(self, conn: Connection, prompt: str, max_new_tokens: int) -> None:
-        """Greedy pieces sent as ("piece", text) until EOS, `max_new_tokens` or a ("stop",); then ("stats", …)."""
+    def generate(self, channel: _Channel, prompt: str, max_new_tokens: int) -> None:
+        """Each greedy token's bytes sent as a piece until EOS, `max_new_tokens` or a ("stop",); then
+        ("stats", …). The bytes go undecoded: a character split over two tokens is joined by the reader."""
         import llama_cpp
 
         tokens = self.tokenize(prompt)
@@ -137,7 +248,6 @@ class _Engine:
         llm = self._ensure_context(len(tokens) + max_new_tokens)
         vocab = llama_cpp.llama_model_get_vocab(llm.model)
         n_vocab = llm.n_vocab()
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         llm.reset()
         start = time.perf_counter()
         llm.eval(tokens)
@@ -149,20 +259,20 @@ class _Engine:
             if llama_cpp.llama_vocab_is_eog(vocab, token):
                 break
             generated += 1
-            conn.send(("piece", utf8.decode(llm.detokenize([token]))))
-            if generated == max_new_tokens or conn.poll():
+            channel.send_piece(llm.detokenize([token]))
+            if generated == max_new_tokens or channel.pending():
                 break  # done, or the caller sent ("stop",): the main loop drops that message
             start = time.perf_counter()
             llm.eval([token])
             decode_s += time.perf_counter() - start
             steps += 1
-        conn.send(("stats", {"prompt": (len(tokens), prompt_s), "decode": (steps, decode_s),
+        channel.send(("stats", {"prompt": (len(tokens), prompt_s), "decode": (steps, decode_s),
                              "generated": generated}))
 
 
 def _serve(fd: int, file: str, threads: int) -> None:
     """The worker's loop: requests in, replies out, until the parent closes the socket."""
-    conn = Connection(fd)
+    channel = _Channel(socket.socket(fileno=fd))
     engine = _Engine(file, threads)
     handlers: dict[str, Callable[..., Any]] = {
         "tokenize": lambda text: ("tokens", engine.tokenize(text)),
@@ -170,17 +280,20 @@ def _serve(fd: int, file: str, threads: int) -> None:
     }
     while True:
         try:
-            kind, *args = conn.recv()
+            requests = channel.receive(None)
         except EOFError:
             return
-        try:
-            if kind == "generate":
-                engine.generate(conn, *args)
-            elif kind in handlers:
-                conn.send(handlers[kind](*args))
-            # else: a ("stop",) that arrived after its generation had already ended
-        except (ValueError, RuntimeError) as exc:  # llama-cpp-python's load / decode / tokenize failures
-            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        for request in requests:
+            assert isinstance(request, tuple), "the parent sends messages only"
+            kind, *args = request
+            try:
+                if kind == "generate":
+                    engine.generate(channel, *args)
+                elif kind in handlers:
+                    channel.send(handlers[kind](*args))
+                # else: a ("stop",) that arrived after its generation had already ended
+            except (ValueError, RuntimeError) as exc:  # llama-cpp-python's load / decode / tokenize failures
+                channel.send(("error", f"{type(exc).__name__}: {exc}"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -188,10 +301,14 @@ def _serve(fd: int, file: str, threads: int) -> None:
 
 
 class LlamaWorker:
-    """One worker process serving one GGUF file; requests are serialized by a lock."""
+    """One worker process serving one GGUF file; requests are serialized by a lock.
 
-    def __init__(self, file: Path, *, threads: int | None = None) -> None:
+    `timeout_s`: how long a request waits for the worker's next message before it is killed as hung.
+    """
+
+    def __init__(self, file: Path, *, threads: int | None = None, timeout_s: float = WORKER_TIMEOUT_S) -> None:
         self.file = file
+        self.timeout_s = timeout_s
         self.lock = threading.Lock()
         self._tail: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
         ours, theirs = socket.socketpair()
@@ -202,7 +319,7 @@ class LlamaWorker:
                  str(threads or cpu_threads()), str(file)],
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE, env=env)
-        self._conn = Connection(ours.detach())
+        self._channel = _Channel(ours)
         self._reader = threading.Thread(target=self._read_stderr, name=f"llama.cpp stderr {file.name}", daemon=True)
         self._reader.start()
         log.info("started llama.cpp worker", extra={"file": str(file), "pid": self._proc.pid})
@@ -224,7 +341,7 @@ class LlamaWorker:
             self._proc.kill()
             code = self._proc.wait()
         self._reader.join(timeout=EXIT_WAIT_S)
-        self._conn.close()
+        self._channel.close()
         how = f"exit code {code}"
         crashed = False
         if code < 0:
@@ -235,6 +352,19 @@ class LlamaWorker:
         log.error("llama.cpp worker died", extra={"file": str(self.file), "exit": code, "action": action})
         return FormatError(message) if crashed else ServiceUnavailableError(message)
 
+    def _hung(self, action: str) -> BitsmithError:
+        """Kills a worker that went silent for `timeout_s` while `action` ran; the error for its request.
+        The pool replaces the dead worker on the next call, so the service serves on."""
+        self._proc.kill()
+        self._proc.wait()
+        self._reader.join(timeout=EXIT_WAIT_S)
+        self._channel.close()
+        log.error("llama.cpp worker hung", extra={"file": str(self.file), "timeout_s": self.timeout_s,
+                                                  "action": action})
+        return ServiceUnavailableError(
+            f"the llama.cpp worker made no progress for {self.timeout_s:g} s {action} {self.file} and was "
+            f"killed ({WORKER_TIMEOUT_ENV} sets this limit); {self._last_words()}")
+
     def _last_words(self) -> str:
         lines = list(self._tail)
         marked = [ln for ln in lines if any(m in ln for m in ("GGML_ASSERT", "error", "failed", "terminate"))]
@@ -243,58 +373,76 @@ class LlamaWorker:
 
     def _send(self, message: tuple[Any, ...], action: str) -> None:
         try:
-            self._conn.send(message)
+            self._channel.send(message)
         except OSError:
             raise self._death(action) from None
 
-    def _recv(self, action: str) -> tuple[Any, ...]:
+    def _receive(self, action: str) -> list[bytes | tuple[Any, ...]]:
+        """Every frame the worker has sent by now, at least one (a dead or hung worker raises)."""
         try:
-            reply: tuple[Any, ...] = self._conn.recv()
+            frames = self._channel.receive(self.timeout_s)
         except (EOFError, OSError):
             raise self._death(action) from None
+        if not frames:
+            raise self._hung(action)
+        return frames
+
+    def _checked(self, reply: bytes | tuple[Any, ...], action: str) -> tuple[Any, ...]:
+        """`reply` as a message, or the `FormatError` of a failure llama.cpp reported."""
+        assert isinstance(reply, tuple), "a reply is a message"
         if reply[0] == "error":
             raise FormatError(f"llama.cpp failed {action} {self.file}: {reply[1]}; {self._last_words()}")
         return reply
 
     def call(self, message: tuple[Any, ...], action: str) -> tuple[Any, ...]:
-        """One request, one reply (a dead worker or a failure in llama.cpp raises, naming `action`)."""
+        """One request, one reply (a dead or hung worker or a failure in llama.cpp raises, naming `action`)."""
         with self.lock:
             self._send(message, action)
-            return self._recv(action)
+            (reply,) = self._receive(action)
+            return self._checked(reply, action)
 
     def generate(self, prompt: str, max_new_tokens: int, should_stop: Callable[[], bool]
                  ) -> Iterator[str | GenerationStats]:
-        """Pieces of text as the worker decodes them, then its `GenerationStats`."""
+        """Text as the worker decodes it, then its `GenerationStats`.
+
+        Each piece is all the text that arrived since the consumer last asked (see the module docstring):
+        it never waits for more tokens, and the token count is the stats', not the number of pieces.
+        """
         action = "while generating from"
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         with self.lock:
             self._send(("generate", prompt, max_new_tokens), action)
             finished = False  # the worker has ended this generation (stats sent, failed or died)
             try:
                 while True:
                     try:
-                        kind, payload = self._recv(action)
+                        frames = self._receive(action)
                     except BitsmithError:
                         finished = True
                         raise
-                    if kind == "stats":
-                        finished = True
-                        yield GenerationStats(prompt=Throughput(*payload["prompt"]),
-                                              decode=Throughput(*payload["decode"]),
-                                              generated_tokens=payload["generated"])
+                    end = frames[-1] if isinstance(frames[-1], tuple) else None  # stats or error: the last frame
+                    finished = end is not None
+                    text = utf8.decode(b"".join(f for f in frames if isinstance(f, bytes)), final=finished)
+                    if text:
+                        yield text
+                    if end is not None:
+                        stats = self._checked(end, action)[1]
+                        yield GenerationStats(prompt=Throughput(*stats["prompt"]),
+                                              decode=Throughput(*stats["decode"]),
+                                              generated_tokens=stats["generated"])
                         return
-                    yield payload
                     if should_stop():
                         break
             finally:
                 if not finished:  # stopped early, or the consumer went away: let the worker finish first
                     self._send(("stop",), action)
-                    while self._recv(action)[0] != "stats":
+                    while not isinstance(self._receive(action)[-1], tuple):
                         pass
 
     def close(self) -> None:
         """Ends the worker (closing its socket makes its loop return); kills it if it does not go."""
         with self.lock:
-            self._conn.close()
+            self._channel.close()
             try:
                 self._proc.wait(timeout=EXIT_WAIT_S)
             except subprocess.TimeoutExpired:
@@ -306,11 +454,13 @@ class WorkerPool:
     """Live workers by file identity (path, mtime, size), least recently used evicted beyond `size`.
 
     A file is validated once per identity, when its worker starts; a file rewritten in place gets a fresh
-    check and worker; a worker that died is replaced (and its file checked again) on the next call.
+    check and worker; a worker that died (or was killed as hung) is replaced, and its file checked again, on
+    the next call. `timeout_s` is the workers' hang limit (None: `worker_timeout()` when each one starts).
     """
 
-    def __init__(self, size: int = POOL_SIZE) -> None:
+    def __init__(self, size: int = POOL_SIZE, *, timeout_s: float | None = None) -> None:
         self.size = size
+        self.timeout_s = timeout_s
         self._lock = threading.Lock()
         self._workers: collections.OrderedDict[tuple[str, int, int], LlamaWorker] = collections.OrderedDict()
 
@@ -334,7 +484,7 @@ class WorkerPool:
                     raise UnsupportedError(f"{file}: running GGUF needs llama-cpp-python, which is not installed")
                 validate(file)  # byte-level check before llama.cpp parses anything
                 retired = [self._workers.pop(k) for k in list(self._workers) if k[0] == key[0]]
-                worker = self._workers[key] = LlamaWorker(file)
+                worker = self._workers[key] = LlamaWorker(file, timeout_s=self.timeout_s or worker_timeout())
             self._workers.move_to_end(key)
             while len(self._workers) > self.size:
                 retired.append(self._workers.popitem(last=False)[1])
@@ -403,7 +553,7 @@ class GgufCausalLM(torch.nn.Module):
 
     def generate(self, prompt: str, max_new_tokens: int, should_stop: Callable[[], bool]
                  ) -> Iterator[str | GenerationStats]:
-        """Greedy pieces of text as llama.cpp decodes them, then the run's `GenerationStats`."""
+        """Greedy text as llama.cpp decodes it (`LlamaWorker.generate`), then the run's `GenerationStats`."""
         return self.worker.generate(prompt, max_new_tokens, should_stop)
 
 
