@@ -18,12 +18,13 @@ and the chunks per stream (fewer than tokens where the stream joined tokens that
 printed too. Prints the hardware first.
 
     python bench/cpu_runtime.py [--bits 4] [--group-size 128] [--prompt 512] [--decode 128] [--repeats 3]
-                                [--gguf-model DIR]
+                                [--gguf-model DIR] [--llama-threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -142,7 +143,8 @@ def llama_cpp_rows(args: argparse.Namespace, gguf_dir: Path, store: Path) -> Non
     import llama_cpp
     from bitsmith.demo import EVAL_FILES
     from bitsmith.formats.gguf import gguf_file
-    from bitsmith.formats.gguf.runtime import MIN_CONTEXT, cpu_threads
+    from bitsmith.formats.gguf.runtime import cpu_threads
+    from bitsmith.formats.gguf.worker import MIN_CONTEXT
     from bitsmith.v1 import runtime_pb2_grpc
 
     file = gguf_file(gguf_dir)
@@ -207,7 +209,13 @@ def main() -> None:
     parser.add_argument("--gguf-model", type=Path, help="checkpoint whose F16 GGUF the llama.cpp rows run "
                         "(default: the demo model); the service's cost is per token, so its share shrinks as "
                         "the model grows")
+    parser.add_argument("--llama-threads", type=int, help="llama.cpp's threads on both sides (default: every "
+                        "core); the service process then shares the cores that llama.cpp leaves")
     args = parser.parse_args()
+    if args.llama_threads is not None:
+        from bitsmith.formats.gguf.runtime import THREADS_ENV
+
+        os.environ[THREADS_ENV] = str(args.llama_threads)  # read here and by the server process it starts
 
     import onnxruntime
     import torch

@@ -19,6 +19,9 @@ from bitsmith.schemes import Format
 from bitsmith.v1 import common_pb2, runtime_pb2, runtime_pb2_grpc
 
 MAX_NEW_TOKENS = 4096
+DEFAULT_CHUNK_INTERVAL_MS = 10
+"""A GenerateRequest without `chunk_interval_ms` gets this: below what a reader of the stream notices, above
+a small model's decode step (so the stream's cost stays a small share of its time)."""
 CPU_FORMATS: frozenset[Format | None] = frozenset(
     {None, Format.GPTQ, Format.ONNX, Format.AWQ, Format.COMPRESSED_TENSORS, Format.GGUF}
 )
@@ -52,8 +55,11 @@ class Runtime(runtime_pb2_grpc.RuntimeServiceServicer):
 
         if not 0 < request.max_new_tokens <= MAX_NEW_TOKENS:
             raise ConfigError(f"max_new_tokens must be in 1..{MAX_NEW_TOKENS}, got {request.max_new_tokens}")
+        interval_ms = (request.chunk_interval_ms if request.HasField("chunk_interval_ms")
+                       else DEFAULT_CHUNK_INTERVAL_MS)
         for piece in generate_greedy(Path(request.artifact_path), request.prompt, request.max_new_tokens,
-                                     should_stop=lambda: not context.is_active(), formats=self.formats):
+                                     should_stop=lambda: not context.is_active(), formats=self.formats,
+                                     chunk_interval_s=interval_ms / 1e3):
             if isinstance(piece, GenerationStats):
                 yield runtime_pb2.GenerateChunk(stats=runtime_pb2.GenerateStats(
                     prompt_tokens=piece.prompt.tokens, prompt_seconds=piece.prompt.seconds,

@@ -133,6 +133,22 @@ def test_generate_streams_the_torch_greedy_text(stub: runtime_pb2_grpc.RuntimeSe
     assert stats.prompt_seconds > 0 and stats.decode_seconds > 0
 
 
+def test_chunk_interval_joins_the_tokens_decoded_within_it(stub: runtime_pb2_grpc.RuntimeServiceStub,
+                                                            f16: Path) -> None:
+    """With an interval longer than the whole decode, the first text comes at once (the first token, or
+    all that had arrived by then) and everything after it in one chunk before the stats; with 0 the
+    stream may still join tokens that waited for a send, never more than it has."""
+    reference = _torch_pieces(16)
+    chunks = list(stub.Generate(runtime_pb2.GenerateRequest(
+        artifact_path=str(f16), prompt=PROMPT, max_new_tokens=16, chunk_interval_ms=60_000), timeout=120))
+    texts = [c.text for c in chunks[:-1]]
+    assert len(texts) <= 2 and texts[0].startswith(reference[0]) and "".join(texts) == "".join(reference)
+    assert chunks[-1].stats.generated_tokens == len(reference)
+    each = list(stub.Generate(runtime_pb2.GenerateRequest(
+        artifact_path=str(f16), prompt=PROMPT, max_new_tokens=16, chunk_interval_ms=0), timeout=120))
+    assert "".join(c.text for c in each) == "".join(reference) and len(each) - 1 <= len(reference)
+
+
 def test_a_slow_consumer_gets_the_waiting_tokens_joined(f16: Path) -> None:
     """While the consumer is busy the worker decodes on; the next pieces carry everything that arrived
     rather than one token each, and the first piece came as soon as it existed, before the rest."""
@@ -225,7 +241,7 @@ def _worker_pids(file: Path) -> list[int]:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except (FileNotFoundError, NotADirectoryError, PermissionError, ProcessLookupError):
             continue
-        if b"bitsmith.formats.gguf.runtime" in argv and str(file).encode() in argv:
+        if b"bitsmith.formats.gguf.worker" in argv and str(file).encode() in argv:
             pids.append(int(entry.name))
     return pids
 

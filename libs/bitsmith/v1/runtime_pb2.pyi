@@ -26,14 +26,16 @@ class EvaluateResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[_common_pb2.EvalResult, _Mapping]]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("artifact_path", "prompt", "max_new_tokens")
+    __slots__ = ("artifact_path", "prompt", "max_new_tokens", "chunk_interval_ms")
     ARTIFACT_PATH_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     artifact_path: str
     prompt: str
     max_new_tokens: int
-    def __init__(self, artifact_path: _Optional[str] = ..., prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
+    chunk_interval_ms: int
+    def __init__(self, artifact_path: _Optional[str] = ..., prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., chunk_interval_ms: _Optional[int] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
     __slots__ = ("text", "stats")

@@ -2,8 +2,8 @@
 
 Why a worker process: llama.cpp answers many inconsistent files with ``GGML_ASSERT`` → ``abort()``, which
 kills the process that loaded it. The file is first checked byte by byte (`bitsmith.formats.gguf.validate`),
-then loaded only in a child (``python -m bitsmith.formats.gguf.runtime``) that talks to this process over
-a socket pair (`_Channel`); a child that dies becomes a `FormatError` naming the file, the signal and
+then loaded only in a child (`bitsmith.formats.gguf.worker`, which imports no torch) that talks to this
+process over a socket pair (`Channel`); a child that dies becomes a `FormatError` naming the file, the signal and
 llama.cpp's last words, and the service that asked keeps serving. A child that sends nothing for
 `worker_timeout` seconds while a request waits on it is hung (a deadlocked llama.cpp, a stopped process):
 it is killed and the request fails with `ServiceUnavailableError`. A live worker stays up for its file
@@ -25,28 +25,22 @@ What runs where:
 
 from __future__ import annotations
 
-import argparse
 import codecs
 import collections
 import importlib.util
 import logging
 import math
 import os
-import pickle
-import select
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from bitsmith.errors import (
@@ -57,6 +51,7 @@ from bitsmith.errors import (
     ServiceUnavailableError,
     UnsupportedError,
 )
+from bitsmith.formats.gguf.worker import Channel
 from bitsmith.runtimes import GenerationStats, Throughput
 
 log = logging.getLogger("bitsmith.runtime.gguf")
@@ -67,7 +62,7 @@ CRASH_SIGNALS = frozenset({signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS, signal
 STDERR_LINES = 60
 POOL_SIZE = 2
 EXIT_WAIT_S = 10.0
-MIN_CONTEXT = 512
+WORKER_MODULE = "bitsmith.formats.gguf.worker"
 WORKER_TIMEOUT_ENV = "BITSMITH_LLAMA_WORKER_TIMEOUT_S"
 WORKER_TIMEOUT_S = 600.0
 """How long a request waits for its worker's next message before the worker counts as hung. It must exceed
@@ -75,9 +70,21 @@ the longest single llama.cpp step of a request (loading the file, one prompt pas
 the default is generous; `WORKER_TIMEOUT_ENV` sets it for a service."""
 
 
+THREADS_ENV = "BITSMITH_LLAMA_THREADS"
+"""llama.cpp's threads per worker. By default every core this process may run on: llama.cpp's CPU kernels
+scale with them, but its threads spin between operations, so on a host whose cores they fill the service's
+own per-token work (reading the worker's bytes, the gRPC send) waits for a core; leaving one core free
+removes that wait (docs/benchmarks.md, CPU runtimes)."""
+
+
 def cpu_threads() -> int:
-    """Every core this process may run on: llama.cpp's CPU kernels scale with them."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """`THREADS_ENV` if set, else every core this process may run on."""
+    raw = os.environ.get(THREADS_ENV)
+    if raw is None:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(f"{THREADS_ENV} must be a positive whole number of threads, got {raw!r}")
+    return int(raw)
 
 
 def worker_timeout() -> float:
@@ -92,208 +99,6 @@ def worker_timeout() -> float:
     if not 0 < seconds < math.inf:
         raise ConfigError(f"{WORKER_TIMEOUT_ENV} must be a positive number of seconds, got {raw!r}")
     return seconds
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The socket pair between the service and a worker.
-
-_LENGTH = struct.Struct("!i")  # multiprocessing.connection's framing: a big-endian length before each frame
-_LONG_LENGTH = struct.Struct("!Q")  # after a length of -1, for frames of 2 GiB and more
-_PIECE = 0  # a frame starting with this byte is a token's bytes; any other is a pickle (opcode PROTO, 0x80)
-_SPLIT_WRITE = 1 << 16  # frames from this size are written after their header rather than copied behind it
-_READ_BYTES = 1 << 20
-
-
-class _Channel:
-    """One end of the socket pair: frames of bytes, each after its length (multiprocessing.connection's).
-
-    Requests, replies and stats are pickled messages; a generated token goes as a zero byte and its raw
-    bytes, so the per-token path pickles nothing. Reads are buffered: one `receive` returns every frame the
-    peer has written by then, which is what lets the service join the tokens that waited into one chunk.
-    """
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-        self._poll = select.poll()
-        self._poll.register(sock, select.POLLIN)
-        self._buf = bytearray()
-
-    def send(self, message: tuple[Any, ...]) -> None:
-        self._write(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
-
-    def send_piece(self, data: bytes) -> None:
-        self._write(bytes((_PIECE,)) + data)
-
-    def _write(self, frame: bytes) -> None:
-        n = len(frame)
-        header = _LENGTH.pack(n) if n <= 0x7FFFFFFF else _LENGTH.pack(-1) + _LONG_LENGTH.pack(n)
-        if n < _SPLIT_WRITE:
-            self._sock.sendall(header + frame)
-        else:
-            self._sock.sendall(header)
-            self._sock.sendall(frame)
-
-    def pending(self) -> bool:
-        """Whether the peer has written something not yet received (or closed its end); never blocks."""
-        return bool(self._buf) or bool(self._poll.poll(0))
-
-    def receive(self, timeout_s: float | None) -> list[bytes | tuple[Any, ...]]:
-        """Every complete frame the peer has written by now (pieces as bytes, messages as tuples), waiting
-        for the first while bytes keep coming, or until `timeout_s` passes without any (None: forever), in
-        which case the answer is []. EOFError: the peer closed its end."""
-        frames = self._complete()
-        while not frames:
-            ready = self._poll.poll(None if timeout_s is None else math.ceil(timeout_s * 1e3))
-            if not ready:
-                return []
-            data = self._sock.recv(_READ_BYTES)  # readable: returns at once
-            if not data:
-                raise EOFError("the peer closed the socket")
-            self._buf += data
-            frames = self._complete()
-        return frames
-
-    def _complete(self) -> list[bytes | tuple[Any, ...]]:
-        """The whole frames at the front of the buffer, taken out of it."""
-        frames: list[bytes | tuple[Any, ...]] = []
-        buf, at = self._buf, 0
-        while len(buf) - at >= _LENGTH.size:
-            (size,) = _LENGTH.unpack_from(buf, at)
-            start = at + _LENGTH.size
-            if size == -1:
-                if len(buf) - start < _LONG_LENGTH.size:
-                    break
-                (size,) = _LONG_LENGTH.unpack_from(buf, start)
-                start += _LONG_LENGTH.size
-            if len(buf) - start < size:
-                break
-            frames.append(bytes(buf[start + 1:start + size]) if buf[start] == _PIECE
-                          else pickle.loads(buf[start:start + size]))
-            at = start + size
-        del buf[:at]
-        return frames
-
-    def close(self) -> None:
-        self._sock.close()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The worker process side: owns llama.cpp, answers one request at a time.
-
-
-class _Engine:
-    """llama.cpp's model of one file inside the worker; the context grows when a request needs more."""
-
-    def __init__(self, file: str, threads: int) -> None:
-        self.file = file
-        self.threads = threads
-        self.llm: Any = None
-
-    def _ensure_context(self, n_tokens: int) -> Any:
-        """A context of at least `n_tokens`, one batch wide (so a window is one decode); reloads to grow.
-
-        A context longer than a window scores it exactly as one of its own length would: positions start
-        at 0 and the unused cache cells are masked.
-        """
-        import llama_cpp
-
-        if self.llm is None or self.llm.n_ctx() < n_tokens:
-            if self.llm is not None:
-                self.llm.close()
-            n_ctx = max(n_tokens, MIN_CONTEXT)
-            self.llm = llama_cpp.Llama(self.file, n_ctx=n_ctx, n_batch=n_ctx, n_threads=self.threads,
-                                       n_threads_batch=self.threads, verbose=True)
-        return self.llm
-
-    def tokenize(self, text: str) -> list[int]:
-        tokens: list[int] = self._ensure_context(0).tokenize(text.encode("utf-8"), add_bos=False, special=True)
-        return tokens
-
-    def score(self, tokens: list[int]) -> tuple[np.ndarray, float]:
-        """Logits [len(tokens), vocab] of one window decoded from an empty cache, and the decode's seconds."""
-        import llama_cpp
-
-        llm = self._ensure_context(len(tokens))
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
-        llm.reset()
-        batch = llama_cpp.llama_batch_init(len(tokens), 0, 1)
-        try:
-            for i, token in enumerate(tokens):
-                batch.token[i] = token
-                batch.pos[i] = i
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = 0
-                batch.logits[i] = True
-            batch.n_tokens = len(tokens)
-            start = time.perf_counter()
-            status = llama_cpp.llama_decode(llm.ctx, batch)
-            seconds = time.perf_counter() - start
-            if status != 0:
-                raise RuntimeError(f"llama_decode returned {status} on a window of {len(tokens)} tokens")
-            n_vocab = llm.n_vocab()
-            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(len(tokens) * n_vocab,))
-            return logits.reshape(len(tokens), n_vocab).copy(), seconds
-        finally:
-            llama_cpp.llama_batch_free(batch)
-            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
-
-    def generate(self, channel: _Channel, prompt: str, max_new_tokens: int) -> None:
-        """Each greedy token's bytes sent as a piece until EOS, `max_new_tokens` or a ("stop",); then
-        ("stats", …). The bytes go undecoded: a character split over two tokens is joined by the reader."""
-        import llama_cpp
-
-        tokens = self.tokenize(prompt)
-        if not tokens:
-            raise ValueError("the prompt gives no tokens")
-        llm = self._ensure_context(len(tokens) + max_new_tokens)
-        vocab = llama_cpp.llama_model_get_vocab(llm.model)
-        n_vocab = llm.n_vocab()
-        llm.reset()
-        start = time.perf_counter()
-        llm.eval(tokens)
-        prompt_s = time.perf_counter() - start
-        decode_s, steps, generated = 0.0, 0, 0
-        while generated < max_new_tokens:
-            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
-            token = int(logits.argmax())
-            if llama_cpp.llama_vocab_is_eog(vocab, token):
-                break
-            generated += 1
-            channel.send_piece(llm.detokenize([token]))
-            if generated == max_new_tokens or channel.pending():
-                break  # done, or the caller sent ("stop",): the main loop drops that message
-            start = time.perf_counter()
-            llm.eval([token])
-            decode_s += time.perf_counter() - start
-            steps += 1
-        channel.send(("stats", {"prompt": (len(tokens), prompt_s), "decode": (steps, decode_s),
-                             "generated": generated}))
-
-
-def _serve(fd: int, file: str, threads: int) -> None:
-    """The worker's loop: requests in, replies out, until the parent closes the socket."""
-    channel = _Channel(socket.socket(fileno=fd))
-    engine = _Engine(file, threads)
-    handlers: dict[str, Callable[..., Any]] = {
-        "tokenize": lambda text: ("tokens", engine.tokenize(text)),
-        "score": lambda tokens: ("logits", *engine.score(tokens)),
-    }
-    while True:
-        try:
-            requests = channel.receive(None)
-        except EOFError:
-            return
-        for request in requests:
-            assert isinstance(request, tuple), "the parent sends messages only"
-            kind, *args = request
-            try:
-                if kind == "generate":
-                    engine.generate(channel, *args)
-                elif kind in handlers:
-                    channel.send(handlers[kind](*args))
-                # else: a ("stop",) that arrived after its generation had already ended
-            except (ValueError, RuntimeError) as exc:  # llama-cpp-python's load / decode / tokenize failures
-                channel.send(("error", f"{type(exc).__name__}: {exc}"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -315,11 +120,11 @@ class LlamaWorker:
         env = {**os.environ, "GGML_NO_BACKTRACE": "1"}  # ggml would otherwise run gdb for a backtrace
         with theirs:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", __name__, "--fd", str(theirs.fileno()), "--threads",
+                [sys.executable, "-m", WORKER_MODULE, "--fd", str(theirs.fileno()), "--threads",
                  str(threads or cpu_threads()), str(file)],
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE, env=env)
-        self._channel = _Channel(ours)
+        self._channel = Channel(ours)
         self._reader = threading.Thread(target=self._read_stderr, name=f"llama.cpp stderr {file.name}", daemon=True)
         self._reader.start()
         log.info("started llama.cpp worker", extra={"file": str(file), "pid": self._proc.pid})
@@ -401,17 +206,18 @@ class LlamaWorker:
             (reply,) = self._receive(action)
             return self._checked(reply, action)
 
-    def generate(self, prompt: str, max_new_tokens: int, should_stop: Callable[[], bool]
-                 ) -> Iterator[str | GenerationStats]:
+    def generate(self, prompt: str, max_new_tokens: int, should_stop: Callable[[], bool],
+                 interval_s: float = 0.0) -> Iterator[str | GenerationStats]:
         """Text as the worker decodes it, then its `GenerationStats`.
 
-        Each piece is all the text that arrived since the consumer last asked (see the module docstring):
-        it never waits for more tokens, and the token count is the stats', not the number of pieces.
+        The worker joins the tokens of each `interval_s` (`bitsmith.runtimes.coalesce`); each piece here is
+        all the text that arrived since the consumer last asked (see the module docstring): it never waits
+        for more tokens, and the token count is the stats', not the number of pieces.
         """
         action = "while generating from"
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         with self.lock:
-            self._send(("generate", prompt, max_new_tokens), action)
+            self._send(("generate", prompt, max_new_tokens, interval_s), action)
             finished = False  # the worker has ended this generation (stats sent, failed or died)
             try:
                 while True:
@@ -551,20 +357,7 @@ class GgufCausalLM(torch.nn.Module):
         _, tokens = self.worker.call(("tokenize", _read_text(Path(file))), "while tokenizing with")
         return torch.tensor(tokens, dtype=torch.long)
 
-    def generate(self, prompt: str, max_new_tokens: int, should_stop: Callable[[], bool]
-                 ) -> Iterator[str | GenerationStats]:
+    def generate(self, prompt: str, max_new_tokens: int, should_stop: Callable[[], bool],
+                 interval_s: float = 0.0) -> Iterator[str | GenerationStats]:
         """Greedy text as llama.cpp decodes it (`LlamaWorker.generate`), then the run's `GenerationStats`."""
-        return self.worker.generate(prompt, max_new_tokens, should_stop)
-
-
-def _main() -> None:
-    parser = argparse.ArgumentParser(description="llama.cpp worker for one GGUF file (started by bitsmith)")
-    parser.add_argument("--fd", type=int, required=True, help="socket to the parent, inherited")
-    parser.add_argument("--threads", type=int, required=True)
-    parser.add_argument("file")
-    args = parser.parse_args()
-    _serve(args.fd, args.file, args.threads)
-
-
-if __name__ == "__main__":
-    _main()
+        return self.worker.generate(prompt, max_new_tokens, should_stop, interval_s)
