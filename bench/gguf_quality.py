@@ -91,12 +91,16 @@ def perplexity(model: Path, text: Path, chunks: int, base: Path, *, save_base: b
     (which `save_base` writes, from the reference file)."""
     command = [str(tool_path("llama-perplexity")), "-m", str(model), "-f", str(text), "-c", "512", "-b", "512",
                "--chunks", str(chunks), "--kl-divergence-base", str(base), *([] if save_base else ["--kl-divergence"])]
-    proc = subprocess.run(command, check=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = model.parent / f"{model.name}.{text.stem}.log"
+    with log.open("w") as out:
+        proc = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, check=False)
+    printed = log.read_text(encoding="utf-8", errors="replace")
 
     def number(pattern: str) -> float:
-        found = re.findall(pattern, proc.stdout)
+        found = re.findall(pattern, printed)
         if not found:
-            raise RuntimeError(f"llama-perplexity printed no {pattern!r} for {model}:\n{proc.stdout[-2000:]}")
+            raise RuntimeError(f"llama-perplexity exited with {proc.returncode} and printed no {pattern!r} for "
+                               f"{model} ({len(printed)} characters in {log})")
         return float(found[-1])
 
     if save_base:
