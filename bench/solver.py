@@ -9,11 +9,12 @@ and RTN, the share of codes that differ, the row noise of the error ratio (root-
 per-row error differences over the oracle's total: the spread the ratio would have if the rows of
 fast and oracle differed by independent, unbiased amounts, as tie flips cascading along a row make
 them), and peak GPU memory; then one 70B-shaped block (q/k/v and gate/up solved jointly through
-`solve_group`, as the pipeline does). Everything runs in one process on one GPU, so the columns
-compare like with like.
+`solve_group`, as the pipeline does), and the widest layer solved in row shards on the same GPU (the
+code path of `solve_gptq(devices=...)` for several GPUs) against one solve. Everything runs in one
+process on one GPU, so the columns compare like with like.
 
     python bench/solver.py [--tokens 262144] [--repeats 3] [--oracle-repeats 1] [--block-repeats 2]
-                            [--only 8b|70b] [--json PATH]
+                            [--shards 2] [--only 8b|70b] [--json PATH]
 """
 
 from __future__ import annotations
@@ -129,6 +130,20 @@ def layer_row(n: int, k: int, h: torch.Tensor, args: argparse.Namespace, with_tw
     return row
 
 
+def sharded_row(n: int, k: int, h: torch.Tensor, shards: int) -> dict[str, Any]:
+    """The layer solved whole and in `shards` row shards on this one GPU: seconds of each and whether
+    codes and grids are bit for bit the same (they must be; several GPUs would run the shards at once)."""
+    w = weights(n, k, seed=n + k)
+    devices = [torch.device("cuda", torch.cuda.current_device())] * shards
+    whole_s, whole = timed(lambda: solve_gptq(w, h, SCHEME, OPTIONS), 1)
+    sharded_s, sharded = timed(lambda: solve_gptq(w, h, SCHEME, OPTIONS, devices=devices), 1)
+    same = all(torch.equal(getattr(sharded.weight, part), getattr(whole.weight, part))
+               for part in ("codes", "scales", "zeros"))
+    print(f"{n}x{k} in {shards} shards on one GPU: {sharded_s:.3f}s (whole {whole_s:.3f}s), "
+          f"codes and grids identical: {same}", flush=True)
+    return {"shape": f"{n}x{k}", "shards": shards, "sharded_s": sharded_s, "whole_s": whole_s, "identical": same}
+
+
 def block_70b(hessians: dict[int, torch.Tensor], repeats: int) -> dict[str, Any]:
     groups = {name: [weights(n, k, seed=i + n) for i, (n, k) in enumerate(shapes)]
               for name, shapes in BLOCK_70B.items()}
@@ -156,6 +171,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--oracle-repeats", type=int, default=1)
     parser.add_argument("--block-repeats", type=int, default=2)
+    parser.add_argument("--shards", type=int, default=2, help="row shards for the widest layer's check; 0 skips")
     parser.add_argument("--only", choices=sorted(SHAPES), default=None)
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
@@ -177,6 +193,10 @@ def main() -> None:
             results["layers"].append({"model": model, **layer_row(n, k, hessians[k], args, with_twin=model == "8b")})
     if args.only in (None, "70b"):
         results["block_70b"] = block_70b(hessians, args.block_repeats)
+    if args.shards:
+        n, k = max((shape for model, shapes in SHAPES.items() if args.only in (None, model) for shape in shapes),
+                   key=lambda shape: (shape[1], shape[0]))
+        results["sharded"] = sharded_row(n, k, hessians[k], args.shards)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

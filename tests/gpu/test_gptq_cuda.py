@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from bitsmith.algos import solve_gptq, solve_gptq_reference
+from bitsmith.algos import gptq, solve_gptq, solve_gptq_reference
 from bitsmith.algos.gptq import hessian_row_errors
 from bitsmith.algos.grid import fit_grid
 from bitsmith.algos.rtn import quantize_rtn
@@ -80,6 +80,25 @@ def test_errors_on_cuda_equal_the_hessian_product(act_order: bool) -> None:
         assert result.error == pytest.approx(float(exact.sum()), rel=1e-5)
         exact_rtn = hessian_row_errors(w - rtn.dequantize(), h)
         torch.testing.assert_close(result.rtn_row_errors, exact_rtn, rtol=1e-4, atol=1e-6 * float(exact_rtn.mean()))
+
+
+@pytest.mark.parametrize(("group", "shards", "tile"), [(128, 2, None), (256, 3, 512)], ids=["g128-2", "g256-3-tile512"])
+def test_row_shards_on_one_gpu_give_the_unsharded_solve(
+    group: int, shards: int, tile: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shards on the same GPU (the code path of several GPUs, run concurrently from threads) against
+    one solve: codes and grids bit for bit, per-row errors to rounding; with the default row tile
+    (shards of 4096 and 6144 rows) and with a smaller one (3072, 3584, 3584)."""
+    if tile is not None:
+        monkeypatch.setattr(gptq, "ROW_TILE", tile)
+    w, h = _problem(10240, 1024, seed=31)
+    scheme, options = QuantScheme(bits=4, group_size=group), GPTQOptions()
+    whole = solve_gptq(w, h, scheme, options, kernels=KernelPreference.TRITON)
+    sharded = solve_gptq(w, h, scheme, options, kernels=KernelPreference.TRITON, devices=["cuda:0"] * shards)
+    for part in ("codes", "scales", "zeros"):
+        assert torch.equal(getattr(sharded.weight, part), getattr(whole.weight, part)), part
+    torch.testing.assert_close(sharded.row_errors, whole.row_errors, rtol=1e-9, atol=0)
+    assert sharded.error == pytest.approx(whole.error, rel=1e-12)
 
 
 def test_kernel_equals_twin_on_cuda() -> None:

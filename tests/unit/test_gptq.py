@@ -6,17 +6,22 @@ from dataclasses import replace
 
 import pytest
 import torch
-from bitsmith.algos import get_method, solve_gptq, solve_gptq_reference, split_rows
+from bitsmith.algos import get_method, gptq, solve_gptq, solve_gptq_reference, split_rows
 from bitsmith.algos.gptq import (
+    column_spans,
+    diagonal_inverses,
     factor_row_errors,
+    hessian_factor,
     hessian_row_errors,
-    inverse_hessian_factor,
+    invert_upper_,
     loop_row_errors,
     prepare,
     row_squares,
+    shard_bounds,
 )
 from bitsmith.errors import CalibrationError, ConfigError, SolverError
-from bitsmith.schemes import GPTQOptions, GridSearch, Method, QuantScheme
+from bitsmith.quantized import GGMLWeight, QuantizedWeight
+from bitsmith.schemes import GGMLScheme, GGMLType, GPTQOptions, GridSearch, Method, QuantScheme, Scheme
 
 
 def _problem(rows: int, cols: int, seed: int, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,6 +45,8 @@ CASES = [
     (8, 384, 4, 128, False, True, False, 32, 0),
     (12, 256, 4, 32, False, True, True, 100, 1),
     (20, 96, 2, 16, True, True, True, 40, 0),
+    (16, 768, 4, 256, False, False, False, 128, 0),
+    (12, 512, 3, 256, True, True, True, 64, 0),
 ]
 
 
@@ -142,7 +149,7 @@ def test_error_identities_equal_the_hessian_product(act_order: bool) -> None:
     changed = w.masked_fill(prepared.dead, 0.0) - q
     if prepared.perm is not None:
         changed = changed[:, prepared.perm]
-    scaled = torch.linalg.solve_triangular(prepared.chol, changed, upper=True, left=False)
+    scaled = changed @ prepared.factor  # E = ΔW'·R
     torch.testing.assert_close(loop_row_errors(row_squares(scaled), w, q, prepared), exact, rtol=1e-9, atol=0)
     torch.testing.assert_close(row_squares(w.float(), chunk=7 * 96 + 5), w.float().double().square().sum(1))
 
@@ -164,7 +171,7 @@ def test_indefinite_hessian_escalates_damping() -> None:
             GPTQOptions(max_damp_percent=0.05),
             name="model.layers.0.x",
         )
-    _, damp = inverse_hessian_factor(h, GPTQOptions())
+    _, damp = hessian_factor(h, GPTQOptions())
     assert damp == pytest.approx(0.01)
 
 
@@ -213,3 +220,67 @@ def test_grid_search_matches_oracle_and_lowers_error() -> None:
     assert fast.error < solve_gptq(w, h, scheme, options).error
     via = get_method(Method.GPTQ).solve(w, h, scheme, replace(options, grid_search=search), "x")
     assert torch.equal(via.weight.codes, fast.weight.codes)
+
+
+def test_factor_and_its_diagonal_inverses() -> None:
+    """R·Rᵀ is the damped Hessian, R is upper triangular, and each span's tile inverse is that tile of
+    the whole R⁻¹ (spans: one per block, one per group wider than a block, blocks for a whole-row
+    group)."""
+    assert column_spans(640, 128, 64) == [(0, 128), (128, 256), (256, 384), (384, 512), (512, 640)]
+    assert column_spans(1024, 128, 256) == [(0, 256), (256, 512), (512, 768), (768, 1024)]
+    assert column_spans(300, 128, 300) == [(0, 128), (128, 256), (256, 300)]
+    _, h = _problem(1, 300, seed=13)
+    r, damp = hessian_factor(h, GPTQOptions())
+    damped = h + damp * torch.diagonal(h).mean() * torch.eye(300, dtype=h.dtype)
+    torch.testing.assert_close(r @ r.T, damped, rtol=1e-12, atol=1e-12 * float(damped.abs().max()))
+    assert torch.equal(r, r.triu())
+    u = invert_upper_(r.clone())
+    spans = column_spans(300, 128, 300)
+    for (start, stop), tile in zip(spans, diagonal_inverses(r, spans), strict=True):
+        torch.testing.assert_close(tile, u[start:stop, start:stop], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("scheme", "options"),
+    [
+        (QuantScheme(bits=4, group_size=32), GPTQOptions(block_size=64)),
+        (QuantScheme(bits=3, group_size=256, sym=True), GPTQOptions(act_order=True, block_size=64)),
+        (QuantScheme(bits=4, group_size=64), GPTQOptions(act_order=True, static_groups=True)),
+        (GGMLScheme(type=GGMLType.Q4_K), GPTQOptions()),
+    ],
+    ids=["g32", "g256-act", "g64-static", "q4_k"],
+)
+def test_row_shards_give_the_unsharded_solve(
+    scheme: Scheme, options: GPTQOptions, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shards of rows on several devices (here the CPU, repeated) are one solve: the same codes and
+    grids bit for bit in float32, and the same per-row errors. Row tiles of 64 rows (products over
+    6 of them or fewer) keep the problem small enough for the CPU."""
+    monkeypatch.setattr(gptq, "ROW_TILE", 64)
+    w, h = _problem(320, 512, seed=14, dtype=torch.float32)
+    whole = solve_gptq(w, h, scheme, options)
+    for devices in (["cpu", "cpu"], ["cpu"] * 3):  # shards of 128 + 192 rows, then 64 + 128 + 128
+        sharded = solve_gptq(w, h, scheme, options, devices=devices)
+        if isinstance(whole.weight, GGMLWeight):
+            assert isinstance(sharded.weight, GGMLWeight)
+            assert torch.equal(sharded.weight.data, whole.weight.data)
+        else:
+            assert isinstance(sharded.weight, QuantizedWeight) and isinstance(whole.weight, QuantizedWeight)
+            for part in ("codes", "scales", "zeros", "g_idx"):
+                assert torch.equal(getattr(sharded.weight, part), getattr(whole.weight, part)), part
+        torch.testing.assert_close(sharded.row_errors, whole.row_errors, rtol=1e-9, atol=0)
+        torch.testing.assert_close(sharded.rtn_row_errors, whole.rtn_row_errors, rtol=1e-9, atol=0)
+        assert sharded.error == pytest.approx(whole.error, rel=1e-12)
+
+
+def test_shard_bounds_cut_at_row_multiples() -> None:
+    """Whole tiles dealt out evenly, a short last tile with the last shard, none shorter than a tile,
+    fewer shards for short layers."""
+    assert shard_bounds(8192, 2, 4096) == [0, 4096, 8192]
+    assert shard_bounds(10240, 2, 4096) == [0, 4096, 10240]
+    assert shard_bounds(8192, 4, 2048) == [0, 2048, 4096, 6144, 8192]
+    assert shard_bounds(8192, 3, 64) == [0, 2688, 5440, 8192]
+    assert shard_bounds(300, 3, 64) == [0, 64, 192, 300]
+    assert shard_bounds(100, 4, 64) == [0, 100]
+    assert shard_bounds(1024, 1, 64) == [0, 1024]
+    assert shard_bounds(0, 2, 64) == [0, 0]

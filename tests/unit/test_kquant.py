@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 from bitsmith.algos import get_method, kquant, solve_gptq, split_rows
-from bitsmith.algos.gptq import hessian_row_errors
+from bitsmith.algos.gptq import hessian_row_errors, invert_upper_, prepare
+from bitsmith.algos.grid import dequantize, quantize
 from bitsmith.algos.kquant_gptq import GGMLTracker
 from bitsmith.errors import CalibrationError, ConfigError, SolverError
 from bitsmith.kernels import KernelPreference, select
@@ -192,6 +193,33 @@ def test_gptq_beats_llama_cpp_rounding_and_reports_true_errors(type: GGMLType, i
     rtn = kquant.quantize(w, type, torch.diagonal(h) if importance else None).dequantize()
     assert result.rtn_error == pytest.approx(float(hessian_row_errors(w - rtn, h).sum()), rel=1e-9)
     assert result.error < 0.9 * result.rtn_error
+
+
+@pytest.mark.parametrize("block_size", [64, 128, 256], ids=lambda b: f"block{b}")
+@pytest.mark.parametrize("type", [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q4_1], ids=str)
+def test_gptq_on_ggml_grids_equals_the_column_loop(type: GGMLType, block_size: int) -> None:
+    """The blocked solver (super-blocks wider than its blocks, R's diagonal tiles, spans brought up to
+    date through R) against GPTQ column by column through the whole U = R⁻¹, on the same tracker:
+    in float64 every byte must agree, the ggml shift at each block start included."""
+    w, h = _problem(6, 768 if type in K_QUANTS else 256, seed=12)
+    w, h = w.double(), h.double()
+    scheme, options = GGMLScheme(type=type), GPTQOptions(block_size=block_size)
+    fast = solve_gptq(w, h, scheme, options)
+    prepared = prepare(w, h, scheme, options)
+    tracker = GGMLTracker(prepared, scheme, h)
+    x, u = prepared.weight, invert_upper_(prepared.factor.clone())
+    codes = torch.zeros_like(x)
+    for begin, end in tracker.runs(0, x.shape[1]):
+        scales, zeros, sel = tracker.run_grids(begin, end, x[:, begin:])
+        for column, grid in zip(range(begin, end), sel.tolist(), strict=True):
+            q = quantize(x[:, column : column + 1], scales[:, grid], zeros[:, grid], tracker.maxq)
+            codes[:, column] = q[:, 0]
+            err = (x[:, column] - dequantize(q, scales[:, grid], zeros[:, grid])[:, 0]) / u[column, column]
+            x[:, column:] -= torch.outer(err, u[column, column:])
+    loop = tracker.finish(codes, w, h)
+    assert isinstance(fast.weight, GGMLWeight) and isinstance(loop.weight, GGMLWeight)
+    assert torch.equal(fast.weight.data, loop.weight.data)
+    assert fast.error == pytest.approx(loop.error, rel=1e-9)
 
 
 @pytest.mark.parametrize("type", K_QUANTS, ids=str)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from bitsmith.algos.gptq import GPTQResult, GridTracker, prepare
+from bitsmith.algos.gptq import GPTQResult, GridTracker, invert_upper_, prepare
 from bitsmith.algos.grid import dequantize, quantize
 from bitsmith.schemes import GPTQOptions, GridSearch, QuantScheme
 
@@ -26,7 +26,9 @@ def solve_gptq_reference(
     """Same contract as `solve_gptq`; `options.block_size` is ignored."""
     prepared = prepare(weight, hessian, scheme, options, name, search)
     tracker = GridTracker(prepared, scheme)
-    w, u = prepared.weight, prepared.chol
+    w = prepared.weight
+    # U = R⁻¹, the upper Cholesky factor of H'⁻¹, in float64 and whole: the paper's factor.
+    u = invert_upper_(prepared.factor.to(torch.float64, copy=True)).to(w.dtype)
     codes = torch.zeros_like(w)
     for column in range(w.shape[1]):
         scale, zero = tracker.grid(column, w[:, column : column + prepared.group_size])

@@ -19,7 +19,7 @@ groups, whose grids vary column by column under act-order).
 >>> one = torch.ones(1, 1)
 >>> solve_block_reference(block, u_block, one, one, torch.zeros(2, dtype=torch.int32), codes, errors, 0, 2, 3)
 >>> codes.tolist(), [round(e, 6) for e in errors[0].tolist()]
-([[1.0, 2.0]], [0.4, 0.2])
+([[1.0, 2.0]], [0.4, -0.2])
 """
 
 from __future__ import annotations
