@@ -10,6 +10,9 @@ asym, GPTQ v2 checkpoint), then prints:
 - wall seconds split into calibration forward (the calibrator's Start, Collect and Advance steps:
   embedding, block forwards, Hessian capture), solve and pack (pack and publish), read off the job's
   progress events (each event starts a step, the next one ends it), with per-block medians;
+- each service's seconds per call kind (median over blocks after the first) and the packer's split
+  of its Pack call (reading the solved weights, writing the format, writing the manifest), from the
+  end-of-call lines the services log;
 - each compute service's peak GPU memory (`torch.cuda.max_memory_allocated`, which the services log
   after every call), after the first block and at the end: equal numbers mean the peak follows one
   block, not the model's depth;
@@ -154,17 +157,33 @@ def worker_services(work: Path, activations: str) -> Iterator[dict[str, str]]:
             log.close()
 
 
-def peaks(log: Path) -> list[tuple[int, int]]:
-    """(block, peak bytes) of every peak-memory line a service logged, in order."""
+def call_lines(log: Path) -> list[dict[str, Any]]:
+    """Every end-of-call line a service logged (its rpc, block, linears, seconds, peak), in order."""
     out = []
     for line in log.read_text().splitlines():
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if "peak_gpu_bytes" in entry:
-            out.append((int(entry.get("block", -1)), int(entry["peak_gpu_bytes"])))
+        if isinstance(entry, dict) and "seconds" in entry and "rpc" in entry:
+            out.append(entry)
     return out
+
+
+def peaks(calls: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    """(block, peak bytes) of every call that logged the device's peak memory, in order."""
+    return [(int(c.get("block", -1)), int(c["peak_gpu_bytes"])) for c in calls if "peak_gpu_bytes" in c]
+
+
+def call_medians(calls: list[dict[str, Any]]) -> dict[str, float]:
+    """Median seconds inside the service per call kind (``Collect q_proj+k_proj+v_proj``, ``Advance``,
+    ``Solve down_proj``) over blocks after the first, which pays one-time costs (allocations, warm-up)."""
+    by_kind: dict[str, list[float]] = defaultdict(list)
+    later = [c for c in calls if int(c.get("block", -1)) > 0] or calls
+    for c in later:
+        names = "+".join(n.rsplit(".", 1)[-1] for n in c.get("linears", []))
+        by_kind[f"{c['rpc']} {names}".strip()].append(float(c["seconds"]))
+    return {kind: statistics.median(v) for kind, v in by_kind.items()}
 
 
 def job_spec(model_dir: Path, calib: Path, out: Path, samples: int, seq_len: int) -> Any:
@@ -256,8 +275,11 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "per_block_median_s": {phase: statistics.median(v) for phase, v in per_block.items() if v},
         "artifact_bytes": sum(a.bytes for a in job.artifacts), "hardware": hardware(),
     }
+    result["pack_calls"] = call_lines(work / "packer.log")
     for role in ("calibrator", "solver"):
-        lines = peaks(work / f"{role}.log")
+        calls = call_lines(work / f"{role}.log")
+        result[f"{role}_call_median_s"] = call_medians(calls)
+        lines = peaks(calls)
         first = [p for block, p in lines if block == 0]
         result[f"{role}_peak_gib"] = max((p for _, p in lines), default=0) / 2**30
         result[f"{role}_peak_after_block0_gib"] = max(first, default=0) / 2**30
@@ -277,7 +299,13 @@ def report(result: Mapping[str, Any]) -> None:
           f"{s.get('solve', 0):8.1f} {s.get('pack', 0):7.1f} {med.get('calibration', 0):10.2f} "
           f"{med.get('solve', 0):10.2f} {result['calibrator_peak_gib']:15.2f} {result['solver_peak_gib']:11.2f}")
     print(f"peak after block 0: calibrator {result['calibrator_peak_after_block0_gib']:.2f} GiB, "
-          f"solver {result['solver_peak_after_block0_gib']:.2f} GiB", flush=True)
+          f"solver {result['solver_peak_after_block0_gib']:.2f} GiB")
+    for role in ("calibrator", "solver"):
+        print(f"{role} s per call (median): " + ", ".join(
+            f"{kind} {s:.2f}" for kind, s in result[f"{role}_call_median_s"].items()))
+    for call in result["pack_calls"]:
+        print(f"pack {call['format']}: read {call['read_seconds']:.1f} s, write {call['write_seconds']:.1f} s, "
+              f"manifest {call['manifest_seconds']:.1f} s", flush=True)
 
 
 def main() -> None:

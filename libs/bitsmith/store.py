@@ -2,12 +2,25 @@
 
 Why: tensors never travel inside gRPC messages or Ray closures. A calibrator writes Hessians here,
 hands the solver `TensorRef`s; the solver writes `QuantizedWeight`s here and hands the packer
-`QuantizedRef`s. A ref carries dtype, shape and the sha256 of the raw bytes, so a reader detects a
+`QuantizedRef`s. A ref carries dtype, shape and a sha256 digest of the raw bytes, so a reader detects a
 stale, truncated or swapped file instead of quantizing garbage.
 
 The store is a directory tree of safetensors files addressed by store-relative keys
 (``jobs/<job>/block-3/hessians.safetensors``). Keys are checked so that a key from the wire can
 never name a file outside the root.
+
+Digests are cheap in wall time without being weaker: a ref's `sha256` is `PIECED_SHA256` followed by
+the sha256 of the concatenated sha256 digests of the bytes' consecutive `DIGEST_PIECE_BYTES` pieces,
+which worker threads hash in parallel (hashlib releases the GIL), so a 0.8 GiB Hessian is hashed
+by every core instead of one. Refs holding a plain sha256 of the whole bytes (older writers) are
+still verified as such.
+
+Writes cost one pass over the bytes: the file is written straight from each tensor's memory while
+the workers hash the same memory, with no serialised copy in between. A job's scratch
+(`durable=False`: Hessians, solved weights, anything under ``jobs/<id>/`` that dies with its job)
+skips the fsyncs: the rename still makes a file appear whole or not at all, and a file an
+operating-system crash truncates fails its digest at read. Without fsync a file that is deleted soon
+after (a block's Hessians) may never reach the disk at all.
 
 >>> import tempfile, torch
 >>> store = ArtifactStore(Path(tempfile.mkdtemp()))
@@ -20,15 +33,19 @@ never name a file outside the root.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
+import os
 import shutil
 from collections.abc import Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bitsmith.errors import ConfigError, FormatError, NotFoundError
-from bitsmith.formats.base import save_safetensors_atomic
+from bitsmith.formats.base import fsync_path, temp_sibling
 from bitsmith.schemes import GGMLScheme, QuantScheme
 
 if TYPE_CHECKING:
@@ -40,12 +57,50 @@ QUANTIZED_PARTS = ("codes", "scales", "zeros", "g_idx")
 """The tensors of a `QuantizedWeight`, stored as `<name>.<part>`."""
 
 
-def tensor_sha256(tensor: torch.Tensor) -> str:
-    """sha256 of a tensor's raw little-endian bytes in row-major order (dtype-agnostic, bf16 too)."""
+SAFETENSORS_DTYPES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
+    "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+}
+"""torch dtype name -> safetensors dtype code, for the dtypes the store writes."""
+
+
+def raw_bytes(tensor: torch.Tensor) -> memoryview:
+    """A host tensor's raw bytes in row-major order, as a view (no copy; the tensor must be contiguous)."""
     import torch
 
-    flat = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-    return hashlib.sha256(flat.numpy().tobytes()).hexdigest()
+    return tensor.reshape(-1).view(torch.uint8).numpy().data
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's raw little-endian bytes in row-major order (dtype-agnostic, bf16 too)."""
+    return hashlib.sha256(raw_bytes(tensor.detach().cpu().contiguous())).hexdigest()
+
+
+DIGEST_PIECE_BYTES = 64 << 20
+PIECED_SHA256 = f"sha256-pieces-{DIGEST_PIECE_BYTES >> 20}MiB:"
+"""Prefix of the digest refs carry: see the module's docstring."""
+
+
+@functools.cache
+def _hashers() -> ThreadPoolExecutor:
+    """The process's hashing threads, one per core, shared by every read and write."""
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="bitsmith-sha256")
+
+
+def _hash_pieces(data: memoryview) -> list[Future[bytes]]:
+    """Start hashing `data`'s pieces; it must stay unchanged until `_pieced_digest` returns."""
+    return [_hashers().submit(lambda piece: hashlib.sha256(piece).digest(), data[start:start + DIGEST_PIECE_BYTES])
+            for start in range(0, len(data), DIGEST_PIECE_BYTES)]
+
+
+def _pieced_digest(pieces: list[Future[bytes]]) -> str:
+    return PIECED_SHA256 + hashlib.sha256(b"".join(piece.result() for piece in pieces)).hexdigest()
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """The digest the store's refs carry for `tensor` (`PIECED_SHA256`), hashed on every core."""
+    return _pieced_digest(_hash_pieces(raw_bytes(tensor.detach().cpu().contiguous())))
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -120,21 +175,24 @@ class ArtifactStore:
             raise ConfigError(f"store key {key!r} resolves to {real}, outside the store root {self.root}")
         return path
 
-    def put_tensors(self, key: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, TensorRef]:
-        """Write `tensors` as one safetensors file at `key` (atomically) and return their refs."""
+    def put_tensors(self, key: str, tensors: Mapping[str, torch.Tensor], *, durable: bool = True
+                    ) -> dict[str, TensorRef]:
+        """Write `tensors` as one safetensors file at `key` (atomically) and return their refs.
+
+        `durable=False` is for a job's scratch: no fsync (see the module's docstring)."""
         if not tensors:
             raise ConfigError(f"put_tensors({key!r}) got no tensors")
         path = self.resolve(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         contiguous = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-        save_safetensors_atomic(path, contiguous)
+        digests = _write_safetensors(path, contiguous, durable=durable)
         return {
             name: TensorRef(
                 key=key,
                 name=name,
                 dtype=dtype_name(t.dtype),
                 shape=tuple(int(d) for d in t.shape),
-                sha256=tensor_sha256(t),
+                sha256=digests[name],
             )
             for name, t in contiguous.items()
         }
@@ -185,15 +243,17 @@ class ArtifactStore:
         elif path.is_dir():
             shutil.rmtree(path)
 
-    def put_quantized(self, key: str, name: str, qw: QuantizedWeight | GGMLWeight) -> StoredWeight:
+    def put_quantized(self, key: str, name: str, qw: QuantizedWeight | GGMLWeight, *, durable: bool = True
+                      ) -> StoredWeight:
         """Store a solver's result; its tensors are named `<name>.codes`, `<name>.scales`, ...
-        (`<name>.blocks` for a ggml-grid weight)."""
+        (`<name>.blocks` for a ggml-grid weight); `durable` as in `put_tensors`."""
         from bitsmith.quantized import GGMLWeight
 
         if isinstance(qw, GGMLWeight):
-            blocks = self.put_tensors(key, {f"{name}.blocks": qw.data})[f"{name}.blocks"]
+            blocks = self.put_tensors(key, {f"{name}.blocks": qw.data}, durable=durable)[f"{name}.blocks"]
             return GGMLRef(blocks=blocks, scheme=qw.scheme, in_features=qw.in_features)
-        refs = self.put_tensors(key, {f"{name}.{part}": getattr(qw, part) for part in QUANTIZED_PARTS})
+        refs = self.put_tensors(key, {f"{name}.{part}": getattr(qw, part) for part in QUANTIZED_PARTS},
+                                durable=durable)
         return QuantizedRef(
             codes=refs[f"{name}.codes"],
             scales=refs[f"{name}.scales"],
@@ -219,13 +279,51 @@ class ArtifactStore:
         )
 
 
+def _write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], *, durable: bool) -> dict[str, str]:
+    """Write contiguous host `tensors` as a safetensors file at `path` through a temporary name and a
+    rename; each tensor's digest (`tensor_digest`) by name, hashed on worker threads while the file is
+    written."""
+    header: dict[str, object] = {}
+    offset = 0
+    for name, tensor in tensors.items():
+        code = SAFETENSORS_DTYPES.get(dtype_name(tensor.dtype))
+        if code is None:
+            raise ConfigError(f"the store cannot write tensor {name!r} of dtype {dtype_name(tensor.dtype)}")
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": code, "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    views = {name: raw_bytes(tensor) for name, tensor in tensors.items()}
+    hashing = {name: _hash_pieces(view) for name, view in views.items()}
+    tmp = temp_sibling(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(len(encoded).to_bytes(8, "little"))
+            f.write(encoded)
+            for view in views.values():
+                f.write(view)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:  # the hashes read the tensors' memory: wait for them whatever happened
+        digests = {name: _pieced_digest(pieces) for name, pieces in hashing.items()}
+    if durable:
+        fsync_path(path.parent)
+    return digests
+
+
 def _checked(tensor: torch.Tensor, ref: TensorRef) -> torch.Tensor:
     where = f"tensor {ref.name!r} in store key {ref.key!r}"
     if dtype_name(tensor.dtype) != ref.dtype:
         raise FormatError(f"{where} has dtype {dtype_name(tensor.dtype)}, ref says {ref.dtype}")
     if tuple(tensor.shape) != tuple(ref.shape):
         raise FormatError(f"{where} has shape {tuple(tensor.shape)}, ref says {tuple(ref.shape)}")
-    digest = tensor_sha256(tensor)
+    digest = tensor_digest(tensor) if ref.sha256.startswith(PIECED_SHA256) else tensor_sha256(tensor)
     if digest != ref.sha256:
         raise FormatError(f"{where} has sha256 {digest}, ref says {ref.sha256} (stale or corrupt)")
     return tensor

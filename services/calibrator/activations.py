@@ -6,43 +6,29 @@ two passes of sha256 over the whole calibration set per block (4.3 GB for 128 x 
 4096-wide model, 8.6 GB at 8192 wide): seconds per block, on a GPU more than the block's compute.
 
 `Activations.HOST` keeps them in this process's memory instead (page-locked when the model computes on
-a GPU). The reference handed out still names a store key and carries the tensor's true sha256, computed
-chunk by chunk while the device computes the next chunk, but nothing is written: only this calibrator
-can resolve it, and it holds the latest two per job (the current block's inputs and outputs) until the
-job's Release.
+a GPU). Nothing is written: only this calibrator can resolve the reference it hands out, and it holds
+the latest two per job (the current block's inputs and outputs) until the job's Release. Since the
+tensor never leaves this process, the reference's `sha256` is not a digest of its bytes (hashing 4.3 GB
+per block cost seconds and protected nothing) but a random handle, `HOST_HANDLE` followed by 32 hex
+digits: a reference matches only the very tensor it was minted for, and a store read of it can never
+succeed (a handle is no sha256), so a lost tensor fails with a clear error instead of being replaced.
 """
 
 from __future__ import annotations
 
-import hashlib
+import secrets
 import threading
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from bitsmith.errors import NotFoundError
-from bitsmith.store import ArtifactStore, TensorRef, dtype_name, tensor_sha256
+from bitsmith.store import ArtifactStore, TensorRef, dtype_name
 
 KEPT_PER_JOB = 2
 """A block's inputs and its outputs: nothing older is read again by the block loop."""
 
-
-class StreamingDigest:
-    """sha256 of a tensor's raw bytes, fed part by part (in row-major order) and hashed on a worker
-    thread, so hashing one part overlaps computing the next (hashlib releases the GIL)."""
-
-    def __init__(self) -> None:
-        self._hash = hashlib.sha256()
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bitsmith-digest")
-
-    def add(self, part: torch.Tensor) -> None:
-        """Queue a contiguous host part; it must stay unchanged until `hexdigest` returns."""
-        data: bytes = part.reshape(-1).view(torch.uint8).numpy().data  # a view, not a copy
-        self._worker.submit(self._hash.update, data)
-
-    def hexdigest(self) -> str:
-        self._worker.shutdown(wait=True)
-        return self._hash.hexdigest()
+HOST_HANDLE = "host:"
+"""Prefix of the `sha256` field of a reference to activations held in a calibrator's memory."""
 
 
 class HostActivations:
@@ -52,10 +38,10 @@ class HostActivations:
         self._lock = threading.Lock()
         self._jobs: dict[str, OrderedDict[str, tuple[TensorRef, torch.Tensor]]] = {}
 
-    def put(self, job_id: str, key: str, name: str, tensor: torch.Tensor, sha256: str | None = None) -> TensorRef:
-        """Hold `tensor` under `key` (dropping the job's older activations); `sha256` if already known."""
+    def put(self, job_id: str, key: str, name: str, tensor: torch.Tensor) -> TensorRef:
+        """Hold `tensor` under `key` (dropping the job's older activations); a reference to it alone."""
         ref = TensorRef(key=key, name=name, dtype=dtype_name(tensor.dtype), shape=tuple(int(d) for d in tensor.shape),
-                        sha256=sha256 or tensor_sha256(tensor))
+                        sha256=HOST_HANDLE + secrets.token_hex(16))
         with self._lock:
             held = self._jobs.setdefault(job_id, OrderedDict())
             held[key] = (ref, tensor)

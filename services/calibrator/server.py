@@ -6,9 +6,14 @@ Loaded checkpoints are cached per process (the skeleton only; block weights load
 The exception is `Activations.HOST`, which keeps a job's activations in this process (see
 `activations`): the price of not writing the calibration set to the store once per block.
 
-Blocks compute on the service's device; weights, Hessians and activations leave it for the host as
-soon as a step is done, so the device holds one block and one chunk of activations at a time. After
-every call the service logs the device's peak memory so far (`peak_gpu_bytes`).
+Blocks compute on the service's device; Hessians and activations leave it for the host as soon as a
+step is done, so the device holds one block and one chunk of activations at a time (plus the
+block's solved weights, see `SolvedWeights`). After every call the service logs the call's seconds
+and the device's peak memory so far (`peak_gpu_bytes`).
+
+Only what the solver cannot get elsewhere goes to the store: Collect writes a group's Hessian, not
+its weights (the solver reads the checkpoint's own; AWQ's rescaled weights are already in the store),
+and Advance deletes the finished block's Hessians.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,9 +41,9 @@ from bitsmith.rpc.convert import (
 )
 from bitsmith.rpc.server import ServiceBinding
 from bitsmith.rpc.server import create_server as _create_server
-from bitsmith.store import ArtifactStore, job_key
+from bitsmith.store import ArtifactStore, StoredWeight, job_key
 from bitsmith.v1 import calibrator_pb2, calibrator_pb2_grpc, common_pb2
-from bitsmith_services.calibrator.activations import HostActivations, StreamingDigest
+from bitsmith_services.calibrator.activations import HostActivations
 from bitsmith_services.registry import Activations
 
 if TYPE_CHECKING:
@@ -65,6 +72,44 @@ def _on_device(weight: QuantizedWeight | GGMLWeight, device: torch.device) -> Qu
                    zeros=weight.zeros.to(device), g_idx=weight.g_idx.to(device))
 
 
+def _stats_key(job_id: str, block: int, *parts: str) -> str:
+    """Where a block's Hessians live: apart from its solved weights, so Advance can drop them alone."""
+    return job_key(job_id, "stats", f"block-{block}", *parts)
+
+
+class SolvedWeights:
+    """The solved weights of each job's current block, read and verified once, kept on the device.
+
+    True-sequential calibration applies a block's solved linears in every later step of the block
+    (q/k/v in three Collects and the Advance); reading and hashing them from the store each time cost
+    as much as the steps' compute. A weight is kept under its full reference (which includes its
+    sha256), so a hit is exactly the bytes verified at the first read; moving to another block of
+    the job drops the previous block's.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: dict[str, tuple[int, dict[StoredWeight, QuantizedWeight | GGMLWeight]]] = {}
+
+    def get(self, job_id: str, block: int, ref: StoredWeight, store: ArtifactStore, device: torch.device
+            ) -> QuantizedWeight | GGMLWeight:
+        with self._lock:
+            held_block, held = self._jobs.get(job_id, (block, {}))
+            if held_block != block:
+                held = {}
+            self._jobs[job_id] = (block, held)
+            weight = held.get(ref)
+        if weight is None:
+            weight = _on_device(store.get_quantized(ref), device)
+            with self._lock:
+                held[ref] = weight
+        return weight
+
+    def release(self, job_id: str) -> None:
+        with self._lock:
+            self._jobs.pop(job_id, None)
+
+
 def _block_prefix(model: CheckpointModel, block: int) -> str:
     first = model.groups(block)[0][0]
     return model.full_name(block, first)[: -len(first) - 1]
@@ -76,33 +121,34 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
         self._store = store
         self._device = device
         self._host = HostActivations() if activations is Activations.HOST else None
+        self._solved = SolvedWeights()
 
     def _model(self, path: str) -> CheckpointModel:
         return _model(path, str(self._device))
 
-    def _report(self, rpc: str, request_block: int = -1) -> None:
-        """Log the device's peak memory so far (what a GPU host must have for this model), and give the
-        cached memory back for the solver that may share the device."""
+    def _report(self, rpc: str, started: float, request_block: int = -1, names: list[str] | None = None) -> None:
+        """Log the call's seconds and the device's peak memory so far (what a GPU host must have for this
+        model), and give the cached memory back for the solver that may share the device."""
         release_cached_memory(self._device)
+        extra: dict[str, object] = {"rpc": rpc, "block": request_block, "device": str(self._device),
+                                    "linears": names or [], "seconds": round(time.perf_counter() - started, 4)}
         if self._device.type == "cuda":
-            log.info("calibrator peak device memory", extra={"rpc": rpc, "block": request_block,
-                                                              "device": str(self._device),
-                                                              "peak_gpu_bytes": peak_memory_bytes(self._device)})
+            extra["peak_gpu_bytes"] = peak_memory_bytes(self._device)
+        log.info("calibrator call done", extra=extra)
 
     def _inputs(self, job_id: str, ref: common_pb2.TensorRef) -> torch.Tensor:
         stored = tensor_ref_from_proto(ref)
         return self._store.get_tensor(stored) if self._host is None else self._host.get(job_id, stored, self._store)
 
-    def _put_activations(self, job_id: str, name: str, tensor: torch.Tensor, sha256: str | None = None
-                         ) -> common_pb2.TensorRef:
+    def _put_activations(self, job_id: str, name: str, tensor: torch.Tensor) -> common_pb2.TensorRef:
         key = job_key(job_id, name)
         if self._host is not None:
-            return tensor_ref_to_proto(self._host.put(job_id, key, "hidden", tensor, sha256))
+            return tensor_ref_to_proto(self._host.put(job_id, key, "hidden", tensor))
         return tensor_ref_to_proto(self._store.put_tensors(key, {"hidden": tensor})["hidden"])
 
-    def _overrides(self, applied: RepeatedCompositeFieldContainer[common_pb2.QuantizedRef], block: int,
-                   model: CheckpointModel, scaled: RepeatedCompositeFieldContainer[common_pb2.NamedTensor],
-                   ) -> dict[str, torch.Tensor]:
+    def _overrides(self, job_id: str, applied: RepeatedCompositeFieldContainer[common_pb2.QuantizedRef],
+                   block: int, model: CheckpointModel,
+                   scaled: RepeatedCompositeFieldContainer[common_pb2.NamedTensor]) -> dict[str, torch.Tensor]:
         """AWQ's rescaled parameters, then the dense weights of the linears already quantized (from
         them) on top, keyed by block-local parameter name."""
         local = {model.full_name(block, n): n for group in model.groups(block) for n in group}
@@ -110,8 +156,8 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
         for msg in applied:
             if msg.name not in local:
                 raise ConfigError(f"{msg.name!r} is not a linear of block {block}")
-            weight = _on_device(self._store.get_quantized(quantized_ref_from_proto(msg)), self._device).dequantize()
-            overrides[f"{local[msg.name]}.weight"] = weight
+            solved = self._solved.get(job_id, block, quantized_ref_from_proto(msg), self._store, self._device)
+            overrides[f"{local[msg.name]}.weight"] = solved.dequantize()
         return overrides
 
     def _scaled(self, scaled: RepeatedCompositeFieldContainer[common_pb2.NamedTensor]) -> dict[str, torch.Tensor]:
@@ -146,6 +192,7 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
 
         spec = request.calibration
         model = self._model(request.model_path)
+        started = time.perf_counter()
         tokens = calibration_tokens(
             Path(request.model_path), [Path(f) for f in spec.files],
             samples=spec.samples, seq_len=spec.seq_len, seed=spec.seed,
@@ -153,58 +200,56 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
         hidden = model.embed(tokens)
         if self._host is not None and self._device.type == "cuda":
             hidden = hidden.pin_memory()
-        return calibrator_pb2.StartResponse(inputs=self._put_activations(request.job_id, "inputs-0.safetensors",
-                                                                         hidden))
+        inputs = self._put_activations(request.job_id, "inputs-0.safetensors", hidden)
+        self._report("Start", started)
+        return calibrator_pb2.StartResponse(inputs=inputs)
 
     def Collect(self, request: calibrator_pb2.CollectRequest, context: grpc.ServicerContext
                 ) -> calibrator_pb2.CollectResponse:
         from bitsmith.pipeline import collect_stats
 
+        started = time.perf_counter()
         model = self._model(request.model_path)
         names = list(request.names)
-        scaled = self._scaled(request.scaled)
-        tensors = {f"{n}.weight": scaled[f"{n}.weight"] if f"{n}.weight" in scaled
-                   else model.linear_weight(request.block, n, device="cpu") for n in names}
+        scaled = {t.name: t.tensor for t in request.scaled}
         hessians = {}
         if request.HasField("inputs"):
             inputs = self._inputs(request.job_id, request.inputs)
-            overrides = self._overrides(request.applied, request.block, model, request.scaled)
+            overrides = self._overrides(request.job_id, request.applied, request.block, model, request.scaled)
             hessians = collect_stats(model, request.block, names, inputs, overrides)
         # Linears of one group share their input: store each distinct Hessian once.
         stored: dict[int, str] = {}
         for n, (h, _) in hessians.items():
             stored.setdefault(id(h), f"{n}.hessian")
-            tensors[stored[id(h)]] = h
         group = "+".join(n.rsplit(".", 1)[-1] for n in names)
-        refs = self._store.put_tensors(job_key(request.job_id, f"block-{request.block}", f"{group}.safetensors"),
-                                       tensors)
+        refs = self._store.put_tensors(_stats_key(request.job_id, request.block, f"{group}.safetensors"),
+                                       {stored[id(h)]: h for h, _ in hessians.values()}, durable=False
+                                       ) if hessians else {}
         stats = []
         for n in names:
-            msg = common_pb2.LinearStats(name=n, weight=tensor_ref_to_proto(refs[f"{n}.weight"]))
+            msg = common_pb2.LinearStats(name=n)
+            if f"{n}.weight" in scaled:  # AWQ's rescaled weight; unset: the solver reads the checkpoint's
+                msg.weight.CopyFrom(scaled[f"{n}.weight"])
             if n in hessians:
                 h, tokens = hessians[n]
                 msg.hessian.CopyFrom(tensor_ref_to_proto(refs[stored[id(h)]]))
                 msg.tokens = tokens
             stats.append(msg)
-        self._report("Collect", request.block)
+        self._report("Collect", started, request.block, names)
         return calibrator_pb2.CollectResponse(stats=stats)
 
     def Advance(self, request: calibrator_pb2.AdvanceRequest, context: grpc.ServicerContext
                 ) -> calibrator_pb2.AdvanceResponse:
         from bitsmith.calib import forward_block
 
+        started = time.perf_counter()
         model = self._model(request.model_path)
         inputs = self._inputs(request.job_id, request.inputs)
-        overrides = self._overrides(request.applied, request.block, model, request.scaled)
-        name = f"inputs-{request.block + 1}.safetensors"
-        if self._host is None:
-            hidden = forward_block(model, request.block, inputs, overrides)
-            outputs = self._put_activations(request.job_id, name, hidden)
-        else:
-            digest = StreamingDigest()
-            hidden = forward_block(model, request.block, inputs, overrides, on_chunk=digest.add)
-            outputs = self._put_activations(request.job_id, name, hidden, digest.hexdigest())
-        self._report("Advance", request.block)
+        overrides = self._overrides(request.job_id, request.applied, request.block, model, request.scaled)
+        hidden = forward_block(model, request.block, inputs, overrides)
+        outputs = self._put_activations(request.job_id, f"inputs-{request.block + 1}.safetensors", hidden)
+        self._store.delete_prefix(_stats_key(request.job_id, request.block))
+        self._report("Advance", started, request.block)
         return calibrator_pb2.AdvanceResponse(outputs=outputs)
 
     def Scale(self, request: calibrator_pb2.ScaleRequest, context: grpc.ServicerContext
@@ -233,6 +278,7 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
                 ) -> calibrator_pb2.ReleaseResponse:
         if self._host is not None:
             self._host.release(request.job_id)
+        self._solved.release(request.job_id)
         self._store.delete_prefix(job_key(request.job_id))
         return calibrator_pb2.ReleaseResponse()
 

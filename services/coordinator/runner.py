@@ -132,7 +132,7 @@ class RpcBackend:
         request = solver_pb2.SolveRequest(
             job_id=self._job_id, block=bid, prefix=self._prefixes[bid],
             stats=[s for s in stats if s.name in wanted], method=method_to_proto(assignment.method),
-            gptq=self._spec.recipe.gptq,
+            gptq=self._spec.recipe.gptq, model_path=self._spec.model_path,
         )
         if isinstance(assignment.scheme, GGMLScheme):
             request.ggml.CopyFrom(ggml_scheme_to_proto(assignment.scheme))

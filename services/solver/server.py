@@ -1,18 +1,22 @@
 """SolverService over `bitsmith.algos`.
 
 One request carries the linears of one group (those that share an input, like q/k/v); the library
-solves them with one factorization. Results go to the artifact store; the reply carries references
-and the per-linear errors the job report shows.
+solves them with one factorization. A linear's weight is read from the checkpoint itself (the
+request's `model_path`) unless its stats carry one (AWQ's rescaled weight, in the store). Results go
+to the artifact store as job scratch; the reply carries references and the per-linear errors the job
+report shows.
 
 The weights and Hessian of one request move to the service's device for the solve (on CUDA the
 library picks its Triton kernels itself) and the results come back to the host for the store, so the
 device holds one unit's problem at a time. After every solve the service logs the device's peak
-memory so far (`peak_gpu_bytes`).
+memory so far (`peak_gpu_bytes`) and the call's seconds.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,12 +34,25 @@ from bitsmith.rpc.convert import (
 from bitsmith.rpc.server import ServiceBinding
 from bitsmith.rpc.server import create_server as _create_server
 from bitsmith.store import ArtifactStore, job_key
-from bitsmith.v1 import solver_pb2, solver_pb2_grpc
+from bitsmith.v1 import common_pb2, solver_pb2, solver_pb2_grpc
 
 if TYPE_CHECKING:
     import torch
+    from bitsmith.models.base import TensorIndex
 
 log = logging.getLogger("bitsmith.solver")
+
+
+@functools.lru_cache(maxsize=2)
+def _checkpoint(path: str) -> TensorIndex:
+    """Where the tensors of a checkpoint live (headers only; the calibrator's Plan validated it)."""
+    from bitsmith.models.base import TensorIndex
+
+    return TensorIndex(Path(path))
+
+
+def _full_name(request: solver_pb2.SolveRequest, name: str) -> str:
+    return f"{request.prefix}.{name}" if request.prefix else name
 
 
 class Solver(solver_pb2_grpc.SolverServiceServicer):
@@ -43,42 +60,52 @@ class Solver(solver_pb2_grpc.SolverServiceServicer):
         self._store = store
         self._device = device
 
+    def _weight(self, request: solver_pb2.SolveRequest, stats: common_pb2.LinearStats) -> torch.Tensor:
+        """The weight to solve, float32 on the device: the stats' own, else the checkpoint's."""
+        if stats.HasField("weight"):
+            return self._store.get_tensor(tensor_ref_from_proto(stats.weight)).to(self._device)
+        if not request.model_path:
+            raise ConfigError(f"{stats.name}: the stats carry no weight and the request names no checkpoint")
+        return _checkpoint(request.model_path).read(f"{_full_name(request, stats.name)}.weight", self._device)
+
     def Solve(self, request: solver_pb2.SolveRequest, context: grpc.ServicerContext
               ) -> solver_pb2.SolveResponse:
         from bitsmith.pipeline import solve_group
 
+        started = time.perf_counter()
         if not request.stats:
             raise ConfigError("a solve request needs at least one linear")
         names = [s.name for s in request.stats]
-        weights = [self._store.get_tensor(tensor_ref_from_proto(s.weight)).to(self._device) for s in request.stats]
+        weights = [self._weight(request, s) for s in request.stats]
         hessian_keys = {(s.hessian.key, s.hessian.name) for s in request.stats if s.HasField("hessian")}
         if len(hessian_keys) > 1:
             raise ConfigError(f"linears {names} do not share one input Hessian; solve them separately")
         first = request.stats[0]
         hessian = (self._store.get_tensor(tensor_ref_from_proto(first.hessian)).to(self._device)
                    if hessian_keys else None)
-        label = ",".join(f"{request.prefix}.{n}" for n in names)
+        label = ",".join(_full_name(request, n) for n in names)
         scheme = ggml_scheme_from_proto(request.ggml) if request.HasField("ggml") else scheme_from_proto(request.scheme)
         outcomes = solve_group(weights, hessian, method=method_from_proto(request.method), scheme=scheme,
                                options=gptq_from_proto(request.gptq), label=label)
         solved = []
         for name, outcome in zip(names, outcomes, strict=True):
-            full = f"{request.prefix}.{name}" if request.prefix else name
+            full = _full_name(request, name)
             # One file per (linear, grid): a job's integer target and its GGUF mixes solve the same linear.
             grid = f".{request.ggml.type}" if request.HasField("ggml") else ""
             ref = self._store.put_quantized(
                 job_key(request.job_id, f"block-{request.block}", f"{name}{grid}.quantized.safetensors"), full,
-                outcome.weight,
+                outcome.weight, durable=False,
             )
             solved.append(solver_pb2.SolvedLinear(
                 quantized=quantized_ref_to_proto(full, ref), error=outcome.error, rtn_error=outcome.rtn_error,
                 damp_percent=outcome.damp_percent,
             ))
         release_cached_memory(self._device)  # for the calibrator that may share the device
+        extra: dict[str, object] = {"rpc": "Solve", "block": request.block, "device": str(self._device),
+                                    "linears": names, "seconds": round(time.perf_counter() - started, 4)}
         if self._device.type == "cuda":
-            log.info("solver peak device memory", extra={"rpc": "Solve", "block": request.block,
-                                                          "device": str(self._device),
-                                                          "peak_gpu_bytes": peak_memory_bytes(self._device)})
+            extra["peak_gpu_bytes"] = peak_memory_bytes(self._device)
+        log.info("solver call done", extra=extra)
         return solver_pb2.SolveResponse(solved=solved)
 
 

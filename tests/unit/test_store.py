@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from bitsmith import store as store_module
 from bitsmith.errors import ConfigError, FormatError, NotFoundError
 from bitsmith.quantized import QuantizedWeight
 from bitsmith.schemes import QuantScheme
-from bitsmith.store import ArtifactStore, job_key, tensor_sha256
+from bitsmith.store import ArtifactStore, TensorRef, job_key, tensor_digest, tensor_sha256
 
 
 @pytest.fixture
@@ -33,7 +34,37 @@ def test_put_get_round_trip_keeps_dtype_shape_and_bytes(store: ArtifactStore) ->
     for name, t in tensors.items():
         assert back[name].dtype == t.dtype
         assert torch.equal(back[name], t)
-        assert refs[name].sha256 == tensor_sha256(t)
+        assert refs[name].sha256 == tensor_digest(t)
+
+
+def test_files_are_safetensors_that_the_library_reads_back_equal(store: ArtifactStore) -> None:
+    from safetensors.torch import load_file
+
+    tensors = {"h": torch.randn(5, 7, dtype=torch.float64), "bf": torch.randn(3).to(torch.bfloat16),
+               "codes": torch.randint(0, 16, (4, 3), dtype=torch.uint8), "empty": torch.zeros(0, 4),
+               "scalar": torch.tensor(7, dtype=torch.int64), "mask": torch.tensor([True, False])}
+    store.put_tensors("jobs/j/x.safetensors", tensors)
+    back = load_file(str(store.resolve("jobs/j/x.safetensors")))
+    assert back.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t)
+
+
+def test_scratch_writes_skip_fsync_and_durable_ones_do_not(store: ArtifactStore, monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    scratch = store.put_tensors("jobs/j/h.safetensors", {"h": torch.ones(3)}, durable=False)["h"]
+    assert synced == [] and torch.equal(store.get_tensor(scratch), torch.ones(3))
+    store.put_tensors("kept.safetensors", {"h": torch.ones(3)})
+    assert len(synced) == 2  # the file, then its directory entry
+
+
+def test_a_dtype_safetensors_cannot_hold_is_refused_by_name(store: ArtifactStore) -> None:
+    with pytest.raises(ConfigError, match="'z' of dtype complex64"):
+        store.put_tensors("jobs/j/z.safetensors", {"z": torch.zeros(2, dtype=torch.complex64)})
+    assert not store.resolve("jobs/j").exists() or not any(store.resolve("jobs/j").iterdir())
 
 
 def test_sha256_is_over_raw_bytes() -> None:
@@ -42,6 +73,33 @@ def test_sha256_is_over_raw_bytes() -> None:
     t = torch.arange(4, dtype=torch.int32)
     assert tensor_sha256(t) == hashlib.sha256(t.numpy().tobytes()).hexdigest()
     assert tensor_sha256(t) != tensor_sha256(t.to(torch.int64))
+
+
+def test_digest_is_sha256_over_the_pieces_sha256s_and_catches_a_change_in_any_piece(
+    store: ArtifactStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hashlib
+
+    monkeypatch.setattr(store_module, "DIGEST_PIECE_BYTES", 16)
+    t = torch.arange(10, dtype=torch.float32)  # 40 bytes: pieces of 16, 16 and 8
+    raw = t.numpy().tobytes()
+    pieces = b"".join(hashlib.sha256(raw[i:i + 16]).digest() for i in (0, 16, 32))
+    assert tensor_digest(t) == "sha256-pieces-64MiB:" + hashlib.sha256(pieces).hexdigest()
+    ref = store.put_tensors("jobs/j/t.safetensors", {"t": t}, durable=False)["t"]
+    assert ref.sha256 == tensor_digest(t)
+    changed = t.clone()
+    changed[-1] += 1  # the last piece only
+    store.put_tensors("jobs/j/t.safetensors", {"t": changed}, durable=False)
+    with pytest.raises(FormatError, match="stale or corrupt"):
+        store.get_tensor(ref)
+
+
+def test_a_ref_with_a_plain_sha256_is_still_verified(store: ArtifactStore) -> None:
+    written = store.put_tensors("a.safetensors", {"x": torch.ones(4)})["x"]
+    plain = TensorRef(key=written.key, name="x", dtype="float32", shape=(4,), sha256=tensor_sha256(torch.ones(4)))
+    assert torch.equal(store.get_tensor(plain), torch.ones(4))
+    with pytest.raises(FormatError, match="sha256"):
+        store.get_tensor(dataclasses.replace(plain, sha256=tensor_sha256(torch.zeros(4))))
 
 
 def test_stale_file_behind_a_ref_is_detected(store: ArtifactStore) -> None:

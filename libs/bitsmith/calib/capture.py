@@ -46,23 +46,19 @@ def forward_block(
     overrides: Mapping[str, torch.Tensor] | None = None,
     *,
     chunk: int | None = None,
-    on_chunk: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Block `bid`'s output for all samples, computed `chunk` samples at a time, on the inputs' device.
 
     Host inputs give host outputs (page-locked when the model computes on a GPU, for fast copies):
-    the device holds one chunk's activations, never the set's. `on_chunk` receives each finished
-    part of the output in order, while the device goes on with the next (to hash it meanwhile).
+    the device holds one chunk's activations, never the set's.
     """
     parts = chunks(len(inputs), chunk if chunk is not None else default_chunk(model, inputs.shape[1]))
-    if inputs.device == model.device and on_chunk is None:
+    if inputs.device == model.device:
         return torch.cat([model.block_forward(bid, inputs[part], overrides) for part in parts])
     pin = inputs.device.type == "cpu" and model.device.type == "cuda"
     out = torch.empty(inputs.shape, dtype=torch.float32, device=inputs.device, pin_memory=pin)
     for part in parts:
         out[part].copy_(model.block_forward(bid, inputs[part], overrides))
-        if on_chunk is not None:
-            on_chunk(out[part])
     return out
 
 

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SolveRequest(_message.Message):
-    __slots__ = ("job_id", "block", "prefix", "stats", "method", "scheme", "gptq", "ggml")
+    __slots__ = ("job_id", "block", "prefix", "stats", "method", "scheme", "gptq", "ggml", "model_path")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_FIELD_NUMBER: _ClassVar[int]
     PREFIX_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,7 @@ class SolveRequest(_message.Message):
     SCHEME_FIELD_NUMBER: _ClassVar[int]
     GPTQ_FIELD_NUMBER: _ClassVar[int]
     GGML_FIELD_NUMBER: _ClassVar[int]
+    MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     block: int
     prefix: str
@@ -25,7 +26,8 @@ class SolveRequest(_message.Message):
     scheme: _common_pb2.QuantScheme
     gptq: _common_pb2.GPTQOptions
     ggml: _common_pb2.GGMLScheme
-    def __init__(self, job_id: _Optional[str] = ..., block: _Optional[int] = ..., prefix: _Optional[str] = ..., stats: _Optional[_Iterable[_Union[_common_pb2.LinearStats, _Mapping]]] = ..., method: _Optional[_Union[_common_pb2.Method, str]] = ..., scheme: _Optional[_Union[_common_pb2.QuantScheme, _Mapping]] = ..., gptq: _Optional[_Union[_common_pb2.GPTQOptions, _Mapping]] = ..., ggml: _Optional[_Union[_common_pb2.GGMLScheme, _Mapping]] = ...) -> None: ...
+    model_path: str
+    def __init__(self, job_id: _Optional[str] = ..., block: _Optional[int] = ..., prefix: _Optional[str] = ..., stats: _Optional[_Iterable[_Union[_common_pb2.LinearStats, _Mapping]]] = ..., method: _Optional[_Union[_common_pb2.Method, str]] = ..., scheme: _Optional[_Union[_common_pb2.QuantScheme, _Mapping]] = ..., gptq: _Optional[_Union[_common_pb2.GPTQOptions, _Mapping]] = ..., ggml: _Optional[_Union[_common_pb2.GGMLScheme, _Mapping]] = ..., model_path: _Optional[str] = ...) -> None: ...
 
 class SolvedLinear(_message.Message):
     __slots__ = ("quantized", "error", "rtn_error", "damp_percent")
