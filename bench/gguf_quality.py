@@ -35,6 +35,9 @@ from llama_tools import tool_path
 from machine import hardware
 
 TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K")
+ATTEMPTS = 3
+"""On a loaded machine llama-perplexity has exited with status 0 and its last lines, the summary among them,
+missing (it logs through a background thread). A run whose summary is missing is run again."""
 
 
 def write_gguf(out: Path, model_dir: Path, variant: str, quantized: dict[str, Any]) -> Path:
@@ -92,9 +95,13 @@ def perplexity(model: Path, text: Path, chunks: int, base: Path, *, save_base: b
     command = [str(tool_path("llama-perplexity")), "-m", str(model), "-f", str(text), "-c", "512", "-b", "512",
                "--chunks", str(chunks), "--kl-divergence-base", str(base), *([] if save_base else ["--kl-divergence"])]
     log = model.parent / f"{model.name}.{text.stem}.log"
-    with log.open("w") as out:
-        proc = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, check=False)
-    printed = log.read_text(encoding="utf-8", errors="replace")
+    summary = "Final estimate" if save_base else "Same top p"
+    for _ in range(ATTEMPTS):
+        with log.open("w") as out:
+            proc = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, check=False)
+        printed = log.read_text(encoding="utf-8", errors="replace")
+        if proc.returncode or summary in printed:
+            break
 
     def number(pattern: str) -> float:
         found = re.findall(pattern, printed)
