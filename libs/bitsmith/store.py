@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bitsmith.errors import ConfigError, FormatError, NotFoundError
-from bitsmith.formats.base import fsync_path, temp_sibling
+from bitsmith.formats.base import atomic_file
 from bitsmith.schemes import GGMLScheme, QuantScheme
 
 if TYPE_CHECKING:
@@ -296,24 +296,14 @@ def _write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], *, durab
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
     views = {name: raw_bytes(tensor) for name, tensor in tensors.items()}
     hashing = {name: _hash_pieces(view) for name, view in views.items()}
-    tmp = temp_sibling(path)
     try:
-        with open(tmp, "wb") as f:
+        with atomic_file(path, durable=durable) as f:
             f.write(len(encoded).to_bytes(8, "little"))
             f.write(encoded)
             for view in views.values():
                 f.write(view)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     finally:  # the hashes read the tensors' memory: wait for them whatever happened
         digests = {name: _pieced_digest(pieces) for name, pieces in hashing.items()}
-    if durable:
-        fsync_path(path.parent)
     return digests
 
 

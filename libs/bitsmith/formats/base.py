@@ -24,7 +24,7 @@ import shutil
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from bitsmith.errors import AlreadyExistsError, ConfigError, FormatError
 
@@ -68,19 +68,32 @@ def temp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}{PARTIAL_MARKER}{secrets.token_hex(6)}")
 
 
-def write_file_atomic(path: Path, data: bytes) -> Path:
-    """Write `data` to `path` so that readers see either the old file or the whole new one."""
+@contextmanager
+def atomic_file(path: Path, *, durable: bool = True) -> Iterator[BinaryIO]:
+    """A file to write that appears at `path` whole when the block ends, or not at all if it raises.
+
+    `durable` also fsyncs the file and its directory, so the new file survives a crash of the host;
+    without it the rename alone keeps readers from ever seeing a partial file.
+    """
     tmp = temp_sibling(path)
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            yield f
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_path(path.parent)
+    if durable:
+        fsync_path(path.parent)
+
+
+def write_file_atomic(path: Path, data: bytes) -> Path:
+    """Write `data` to `path` so that readers see either the old file or the whole new one."""
+    with atomic_file(path) as f:
+        f.write(data)
     return path
 
 
