@@ -41,7 +41,9 @@ RECIPE_FLAGS = ("method", "bits", "group_size", "sym", "act_order", "static_grou
 
 def _recipe(args: argparse.Namespace) -> Recipe:
     """The job's recipe: the --recipe file, or one built from the flags (defaults where unset)."""
-    given = [name for name in RECIPE_FLAGS if getattr(args, name) not in (None, False)]
+    # A store-true flag is unset at False; --[no-]act-order / --[no-]static-groups only at None.
+    given = [name for name in RECIPE_FLAGS if getattr(args, name) is not None
+             and (getattr(args, name) is not False or name in ("act_order", "static_groups"))]
     if args.recipe:
         if given:
             flags = ", ".join("--" + name.replace("_", "-") for name in given)
@@ -54,8 +56,10 @@ def _recipe(args: argparse.Namespace) -> Recipe:
                            group_size=defaults.scheme.group_size if args.group_size is None else args.group_size,
                            sym=args.sym),
         gptq=GPTQOptions(damp_percent=defaults.gptq.damp_percent if args.damp_percent is None else args.damp_percent,
-                         act_order=args.act_order,
-                         static_groups=args.static_groups, true_sequential=not args.no_true_sequential,
+                         act_order=defaults.gptq.act_order if args.act_order is None else args.act_order,
+                         static_groups=(defaults.gptq.static_groups if args.static_groups is None
+                                        else args.static_groups),
+                         true_sequential=not args.no_true_sequential,
                          grid_search=GridSearch() if args.mse else None),
     )
 
@@ -314,8 +318,10 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--bits", type=int, help=f"default {QuantScheme().bits}")
     q.add_argument("--group-size", type=int, help=f"default {QuantScheme().group_size}; {PER_CHANNEL} for per-channel")
     q.add_argument("--sym", action="store_true", help="symmetric grid (default asymmetric)")
-    q.add_argument("--act-order", action="store_true", help="GPTQ: columns by descending Hessian diagonal")
-    q.add_argument("--static-groups", action="store_true", help="GPTQ: fix group grids before the solve")
+    q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ: columns by descending Hessian diagonal (default: on)")
+    q.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ: fix group grids before the solve, groups stay contiguous (default: on)")
     q.add_argument("--mse", action="store_true",
                    help="fit each group's grid to the clipped range with the least error (GPTQ and RTN)")
     q.add_argument("--damp-percent", type=float, help=f"GPTQ: default {GPTQOptions().damp_percent}")

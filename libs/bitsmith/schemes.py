@@ -279,14 +279,22 @@ class GPTQOptions:
     `static_groups` fixes every group's scale/zero from the unquantized weights up front so groups
     stay contiguous in the original order even with act-order. `block_size` is the width of the
     column blocks whose trailing update is done lazily as one matrix product.
+
+    Both are on by default ("static" activation ordering, llm-compressor's default too): solving the
+    columns that matter most first, while their errors can still be compensated, is the largest
+    quality gain GPTQ has to offer, and with static groups the artifact keeps contiguous groups, so
+    every runtime kernel serves it at no cost. On the demo model it takes w4 g128 GPTQ from 0.56 /
+    0.81 of round-to-nearest's perplexity increase (prose / code) to 0.51 / 0.53; without it the code
+    figure moved by ±0.03 with the CPU's float32 rounding. ggml grids are solved in column order
+    whatever these say: a ggml row records no column order.
     """
 
     VERSION = 1
 
     damp_percent: float = 0.01
     max_damp_percent: float = 1.0
-    act_order: bool = False
-    static_groups: bool = False
+    act_order: bool = True
+    static_groups: bool = True
     true_sequential: bool = True
     block_size: int = 128
     grid_search: GridSearch | None = None

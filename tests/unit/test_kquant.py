@@ -278,11 +278,13 @@ def test_bytes_hold_exactly_what_the_loop_rounded_to(type: GGMLType, monkeypatch
     assert torch.allclose(decoded, loop_values, rtol=0, atol=1e-6 * float(w.abs().max()))
 
 
-def test_gptq_on_ggml_grids_refuses_reordering_and_bad_shapes() -> None:
+def test_gptq_on_ggml_grids_solves_in_column_order_and_refuses_bad_shapes() -> None:
+    """A ggml row records no column order: act-order and static groups leave its solve unchanged."""
     w, h = _problem(4, 256, seed=11)
-    for options in (GPTQOptions(act_order=True), GPTQOptions(static_groups=True)):
-        with pytest.raises(ConfigError, match=r"blk\.0\.q: act_order and static_groups .* Q4_K blocks cannot record"):
-            solve_gptq(w, h, GGMLScheme(type=GGMLType.Q4_K), options, name="blk.0.q")
+    plain = solve_gptq(w, h, GGMLScheme(type=GGMLType.Q4_K), GPTQOptions(act_order=False, static_groups=False))
+    for options in (GPTQOptions(), GPTQOptions(act_order=True, static_groups=False)):
+        ordered = solve_gptq(w, h, GGMLScheme(type=GGMLType.Q4_K), options)
+        assert torch.equal(ordered.weight.data, plain.weight.data) and ordered.error == plain.error
     with pytest.raises(ConfigError, match=r"blk\.0\.q: Q4_K needs rows of a multiple of 256 weights, got 128"):
         solve_gptq(w[:, :128], h[:128, :128], GGMLScheme(type=GGMLType.Q4_K), GPTQOptions(), name="blk.0.q")
 

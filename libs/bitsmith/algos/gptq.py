@@ -239,10 +239,7 @@ def prepare(
         raise SolverError(f"{name}: weight contains NaN or Inf")
     if not torch.isfinite(hessian).all():
         raise SolverError(f"{name}: Hessian contains NaN or Inf")
-    if isinstance(scheme, QuantScheme):
-        size = group_size_for(k, scheme, name)
-    else:
-        size = _ggml_group_size(k, scheme, options, name)
+    size = group_size_for(k, scheme, name) if isinstance(scheme, QuantScheme) else _ggml_group_size(k, scheme, name)
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     w = weight.to(dtype).clone()
     h = hessian.to(device=w.device, dtype=torch.float64).clone()
@@ -254,7 +251,7 @@ def prepare(
         grids = [fit_grid(w[:, start : start + size], scheme, search) for start in range(0, k, size)]
         static_grids = (torch.stack([g[0] for g in grids], 1), torch.stack([g[1] for g in grids], 1))
     perm = None
-    if options.act_order:
+    if options.act_order and isinstance(scheme, QuantScheme):  # a ggml row records no column order
         perm = torch.argsort(torch.diagonal(h), descending=True)
         w, h = w[:, perm], h[perm][:, perm]
     factor, damp = hessian_factor(h, options, name)
@@ -271,13 +268,13 @@ def prepare(
     )
 
 
-def _ggml_group_size(in_features: int, scheme: GGMLScheme, options: GPTQOptions, name: str) -> int:
-    """A ggml block is a group; `ConfigError` naming the layer when blocks do not tile its rows, or for
-    act-order / static groups, whose column order a ggml row (no g_idx) cannot record."""
+def _ggml_group_size(in_features: int, scheme: GGMLScheme, name: str) -> int:
+    """A ggml block is a group; `ConfigError` naming the layer when blocks do not tile its rows.
+
+    ggml grids are solved in column order whatever `GPTQOptions.act_order` / `static_groups` say: a
+    ggml row records no column order (no g_idx), and each block's grid is fit when the solve reaches it.
+    """
     label = name or "weight"
-    if options.act_order or options.static_groups:
-        raise ConfigError(f"{label}: act_order and static_groups reorder columns, which {scheme.type.value} "
-                          f"blocks cannot record (ggml has no g_idx); turn both off for GGUF targets")
     try:
         scheme.groups(in_features)
     except ConfigError as exc:

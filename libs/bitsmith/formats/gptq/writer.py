@@ -76,7 +76,8 @@ def quantization_config(
         "method": QUANT_METHOD,
         "bits": scheme.bits,
         "group_size": scheme.group_size,
-        "desc_act": options.act_order,
+        # desc_act tells loaders to follow g_idx; static groups keep the groups contiguous, so they need not.
+        "desc_act": options.act_order and not options.static_groups,
         "sym": scheme.sym,
         "lm_head": lm_head,
         "format": checkpoint_format.value,
