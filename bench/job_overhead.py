@@ -52,11 +52,14 @@ class TimedBackend:
                 scaled: Mapping[str, Any]) -> Any:
         return self._timed("calibrate", self._inner.collect, bid, names, inputs, applied, scaled)
 
-    def solve(self, bid: int, names: Sequence[str], assignment: Any, stats: Any, scaled: Mapping[str, Any]) -> Any:
-        return self._timed("solve", self._inner.solve, bid, names, assignment, stats, scaled)
+    def solve(self, bid: int, names: Sequence[str], assignment: Any, stats: Any, scaled: Mapping[str, Any], *,
+              target: str = "") -> Any:
+        return self._timed("solve", lambda: self._inner.solve(bid, names, assignment, stats, scaled, target=target))
 
-    def advance(self, bid: int, inputs: Any, applied: Mapping[str, Any], scaled: Mapping[str, Any]) -> Any:
-        return self._timed("calibrate", self._inner.advance, bid, inputs, applied, scaled)
+    def advance(self, bid: int, inputs: Any, applied: Mapping[str, Any], scaled: Mapping[str, Any], *,
+                float_outputs: bool) -> Any:
+        return self._timed("calibrate",
+                           lambda: self._inner.advance(bid, inputs, applied, scaled, float_outputs=float_outputs))
 
 
 def in_process(args: argparse.Namespace, work: Path) -> dict[str, float]:

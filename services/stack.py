@@ -15,16 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+__all__ = ["LocalStack", "default_home", "parse_services", "running_stack", "stop_stack", "wait_until_serving",
+           "write_stack_file"]
+
 import grpc
 from bitsmith.errors import ConfigError, ServiceUnavailableError
+from bitsmith.rpc.discovery import STACK_FILE, default_home, running_stack, write_stack_file
 from bitsmith_services.coordinator.placement import Placement, RayPlacement, ServiceAddresses, StaticPlacement
-
-STACK_FILE = "stack.json"
-
-
-def default_home() -> Path:
-    """Where a long-running stack keeps its job store, artifact store and address."""
-    return Path(os.environ.get("BITSMITH_HOME", Path.home() / ".bitsmith"))
 
 
 @dataclass
@@ -73,22 +70,6 @@ class LocalStack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def write_stack_file(home: Path, address: str) -> None:
-    tmp = home / f".{STACK_FILE}.tmp"
-    tmp.write_text(json.dumps({"address": address, "pid": os.getpid()}))
-    tmp.replace(home / STACK_FILE)
-
-
-def running_stack(home: Path) -> str | None:
-    """The address of the stack `bitsmith up` left running in `home`, if its process is alive."""
-    try:
-        info = json.loads((home / STACK_FILE).read_text())
-        os.kill(int(info["pid"]), 0)
-    except (OSError, ValueError, KeyError):
-        return None
-    return str(info["address"])
 
 
 def stop_stack(home: Path, timeout: float = 60.0) -> bool:

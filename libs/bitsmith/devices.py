@@ -46,6 +46,15 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else 0
 
 
+def peak_host_bytes() -> int:
+    """Peak resident set size of this process so far (what a host must have for what it served)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
+
+
 def release_cached_memory(device: torch.device) -> None:
     """Hand the allocator's unused cached blocks back to the driver (no-op on the CPU).
 

@@ -72,12 +72,16 @@ class Backend(Protocol[A, S, Q, D]):
         ...
 
     def solve(self, bid: int, names: Sequence[str], assignment: Assignment, stats: S,
-              scaled: Mapping[str, D]) -> Mapping[str, Q]:
-        """Quantize the linears `names` (one unit) of block `bid`; keys are block-local names."""
+              scaled: Mapping[str, D], *, target: str = "") -> Mapping[str, Q]:
+        """Quantize the linears `names` (one unit) of block `bid` for `target` ("" for the primary
+        recipe, else an extra target's key); keys are block-local names."""
         ...
 
-    def advance(self, bid: int, inputs: A, applied: Mapping[str, Q], scaled: Mapping[str, D]) -> A:
-        """Block `bid`'s outputs (the next block's inputs) with `scaled` and `applied` in place."""
+    def advance(self, bid: int, inputs: A, applied: Mapping[str, Q], scaled: Mapping[str, D], *,
+                float_outputs: bool) -> A:
+        """Block `bid`'s outputs (the next block's inputs) with `scaled` and `applied` in place, or the
+        float block's outputs when `float_outputs` (parallel mode: `applied` is there to be measured,
+        not propagated)."""
         ...
 
 
@@ -258,13 +262,13 @@ def run_sequential(
             for key, target_units in extra:
                 for unit in target_units[index]:
                     step("solve", bid, index, unit.names, key)
-                    solved = backend.solve(bid, unit.names, unit.assignment, stats, scaled)  # type: ignore[arg-type]
+                    solved = backend.solve(bid, unit.names, unit.assignment, stats, scaled,  # type: ignore[arg-type]
+                                           target=key)
                     result.extra[key].update({plan.full_name(bid, name): solved[name] for name in unit.names})
         result.quantized.update({plan.full_name(bid, name): applied[name] for name in every})
         if inputs is not None:
             step("advance", bid, -1, every)
-            inputs = backend.advance(bid, inputs, {}, {}) if plan.parallel else backend.advance(
-                bid, inputs, applied, scaled)
+            inputs = backend.advance(bid, inputs, applied, scaled, float_outputs=plan.parallel)
         step("done", bid, -1, every, f"block {bid + 1}/{plan.num_blocks} quantized")
     return result
 
@@ -316,7 +320,8 @@ def solve_group(
 class LocalBackend:
     """Everything in this process: activations, Hessians, quantized weights and AWQ's tensors.
 
-    `results` keeps each linear's solve report (damping used, errors) by full name, `scale_reports`
+    `results` keeps each linear's solve report (damping used, errors) of the primary target by full
+    name, `scale_reports`
     AWQ's search report per block.
     """
 
@@ -351,20 +356,20 @@ class LocalBackend:
         return collect_stats(self.model, bid, names, inputs, self._overrides(applied, scaled))
 
     def solve(self, bid: int, names: Sequence[str], assignment: Assignment, stats: Stats,
-              scaled: Mapping[str, torch.Tensor]) -> dict[str, Solved]:
+              scaled: Mapping[str, torch.Tensor], *, target: str = "") -> dict[str, Solved]:
         weights = [scaled[f"{n}.weight"] if f"{n}.weight" in scaled else self.model.linear_weight(bid, n)
                    for n in names]
         hessian = None if stats is None else stats[names[0]][0]
         label = ",".join(self.model.full_name(bid, name) for name in names)
         parts = solve_group(weights, hessian, method=assignment.method, scheme=assignment.scheme,
                             options=self.recipe.gptq, label=label)
-        for name, part in zip(names, parts, strict=True):
-            self.results[self.model.full_name(bid, name)] = part
+        if not target:
+            self.results.update({self.model.full_name(bid, n): part for n, part in zip(names, parts, strict=True)})
         return {name: part.weight for name, part in zip(names, parts, strict=True)}
 
     def advance(self, bid: int, inputs: torch.Tensor, applied: Mapping[str, Solved],
-                scaled: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return forward_block(self.model, bid, inputs, self._overrides(applied, scaled))
+                scaled: Mapping[str, torch.Tensor], *, float_outputs: bool) -> torch.Tensor:
+        return forward_block(self.model, bid, inputs, {} if float_outputs else self._overrides(applied, scaled))
 
     @staticmethod
     def _overrides(

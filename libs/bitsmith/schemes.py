@@ -110,6 +110,18 @@ class QuantScheme:
         """Columns per group for a layer with `in_features` inputs."""
         return in_features if self.group_size == PER_CHANNEL else self.group_size
 
+    def bits_per_weight(self, in_features: int) -> float:
+        """Stored bits per weight with the group's 16-bit scale and, asymmetric, its `bits`-wide zero
+        (how GPTQ, AWQ and compressed-tensors files store them), so grids compare by what they cost."""
+        overhead = 16 + (0 if self.sym else self.bits)
+        return self.bits + overhead / self.effective_group_size(in_features)
+
+    @property
+    def label(self) -> str:
+        """``w4 g128 asym`` (``w8 channel sym`` per channel): how reports name the grid."""
+        group = "channel" if self.group_size == PER_CHANNEL else f"g{self.group_size}"
+        return f"w{self.bits} {group} {'sym' if self.sym else 'asym'}"
+
     def to_dict(self) -> dict[str, Any]:
         return {"_version": self.VERSION, **asdict(self)}
 
@@ -213,6 +225,14 @@ class GGMLScheme:
         """Blocks per row; raises if the block size does not divide `in_features`."""
         self.type.row_bytes(in_features)
         return in_features // self.type.block_size
+
+    def bits_per_weight(self, in_features: int) -> float:
+        """Stored bits per weight: a block's bytes over its weights (4.5 for Q4_K), whatever the row."""
+        return 8 * self.type.type_size / self.type.block_size
+
+    @property
+    def label(self) -> str:
+        return self.type.value
 
     def to_dict(self) -> dict[str, Any]:
         return {"_version": self.VERSION, "type": self.type.value, "importance": self.importance}

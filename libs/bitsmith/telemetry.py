@@ -156,6 +156,16 @@ def current_trace_id() -> str:
     return f"{ctx.trace_id:032x}" if ctx.is_valid else ""
 
 
+def current_span_id() -> str:
+    """Hex id of the active span, or "" outside any span (always "" without OpenTelemetry)."""
+    if not tracing_available():
+        return ""
+    from opentelemetry import trace
+
+    ctx = trace.get_current_span().get_span_context()
+    return f"{ctx.span_id:016x}" if ctx.is_valid else ""
+
+
 def read_spans(path: str) -> list[dict[str, object]]:
     """The span records a `BITSMITH_TRACE_FILE` holds (for tests and reports)."""
     with open(path, encoding="utf-8") as handle:

@@ -38,6 +38,7 @@ from bitsmith.rpc.convert import (
     scheme_from_proto,
     tensor_ref_from_proto,
     tensor_ref_to_proto,
+    usage_to_proto,
 )
 from bitsmith.rpc.server import ServiceBinding
 from bitsmith.rpc.server import create_server as _create_server
@@ -108,6 +109,13 @@ class SolvedWeights:
     def release(self, job_id: str) -> None:
         with self._lock:
             self._jobs.pop(job_id, None)
+
+
+def _calibration_rows(inputs: torch.Tensor, holdout: int) -> torch.Tensor:
+    """The samples statistics and searches may see: all but the last `holdout` (held out)."""
+    if not 0 <= holdout < len(inputs):
+        raise ConfigError(f"holdout {holdout} leaves no calibration samples of {len(inputs)}")
+    return inputs[: len(inputs) - holdout]
 
 
 def _block_prefix(model: CheckpointModel, block: int) -> str:
@@ -188,21 +196,23 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
 
     def Start(self, request: calibrator_pb2.StartRequest, context: grpc.ServicerContext
               ) -> calibrator_pb2.StartResponse:
-        from bitsmith.calib import calibration_tokens
+        import torch
+        from bitsmith.calib.data import calibration_and_holdout_tokens, default_holdout
 
         spec = request.calibration
         model = self._model(request.model_path)
         started = time.perf_counter()
-        tokens = calibration_tokens(
-            Path(request.model_path), [Path(f) for f in spec.files],
-            samples=spec.samples, seq_len=spec.seq_len, seed=spec.seed,
+        tokens, held = calibration_and_holdout_tokens(
+            Path(request.model_path), [Path(f) for f in spec.files], samples=spec.samples, seq_len=spec.seq_len,
+            seed=spec.seed,
+            holdout=spec.holdout_samples if spec.HasField("holdout_samples") else default_holdout(spec.samples),
         )
-        hidden = model.embed(tokens)
+        hidden = model.embed(torch.cat([tokens, held]))
         if self._host is not None and self._device.type == "cuda":
             hidden = hidden.pin_memory()
         inputs = self._put_activations(request.job_id, "inputs-0.safetensors", hidden)
         self._report("Start", started)
-        return calibrator_pb2.StartResponse(inputs=inputs)
+        return calibrator_pb2.StartResponse(inputs=inputs, holdout=len(held), usage=usage_to_proto(self._device))
 
     def Collect(self, request: calibrator_pb2.CollectRequest, context: grpc.ServicerContext
                 ) -> calibrator_pb2.CollectResponse:
@@ -214,7 +224,7 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
         scaled = {t.name: t.tensor for t in request.scaled}
         hessians = {}
         if request.HasField("inputs"):
-            inputs = self._inputs(request.job_id, request.inputs)
+            inputs = _calibration_rows(self._inputs(request.job_id, request.inputs), request.holdout)
             overrides = self._overrides(request.job_id, request.applied, request.block, model, request.scaled)
             hessians = collect_stats(model, request.block, names, inputs, overrides)
         # Linears of one group share their input: store each distinct Hessian once.
@@ -236,21 +246,34 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
                 msg.tokens = tokens
             stats.append(msg)
         self._report("Collect", started, request.block, names)
-        return calibrator_pb2.CollectResponse(stats=stats)
+        return calibrator_pb2.CollectResponse(stats=stats, usage=usage_to_proto(self._device))
 
     def Advance(self, request: calibrator_pb2.AdvanceRequest, context: grpc.ServicerContext
                 ) -> calibrator_pb2.AdvanceResponse:
         from bitsmith.calib import forward_block
+        from bitsmith.calib.stats import relative_output_error
 
         started = time.perf_counter()
         model = self._model(request.model_path)
         inputs = self._inputs(request.job_id, request.inputs)
+        if not 0 <= request.holdout < len(inputs):
+            raise ConfigError(f"block {request.block}: holdout {request.holdout} of {len(inputs)} samples")
         overrides = self._overrides(request.job_id, request.applied, request.block, model, request.scaled)
-        hidden = forward_block(model, request.block, inputs, overrides)
-        outputs = self._put_activations(request.job_id, f"inputs-{request.block + 1}.safetensors", hidden)
+        # The outputs the next block calibrates on: the quantized block's, or the float one's (parallel
+        # mode); the held-out rows run through the other one too, for the block's output error.
+        hidden = forward_block(model, request.block, inputs, {} if request.float_outputs else overrides)
+        reply = calibrator_pb2.AdvanceResponse()
+        if request.holdout:
+            held = inputs[len(inputs) - request.holdout:]
+            other = forward_block(model, request.block, held, overrides if request.float_outputs else {})
+            mine = hidden[len(inputs) - request.holdout:]
+            quantized, reference = (other, mine) if request.float_outputs else (mine, other)
+            reply.output_error = relative_output_error(held, quantized, reference)
+        reply.outputs.CopyFrom(self._put_activations(request.job_id, f"inputs-{request.block + 1}.safetensors", hidden))
         self._store.delete_prefix(_stats_key(request.job_id, request.block))
         self._report("Advance", started, request.block)
-        return calibrator_pb2.AdvanceResponse(outputs=outputs)
+        reply.usage.CopyFrom(usage_to_proto(self._device))
+        return reply
 
     def Scale(self, request: calibrator_pb2.ScaleRequest, context: grpc.ServicerContext
               ) -> calibrator_pb2.ScaleResponse:
@@ -260,7 +283,7 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
         model = self._model(request.model_path)
         if not request.targets:
             raise ConfigError(f"block {request.block}: Scale names no target linears")
-        inputs = self._inputs(request.job_id, request.inputs)
+        inputs = _calibration_rows(self._inputs(request.job_id, request.inputs), request.holdout)
         transform = awq_block(
             model, request.block, inputs, {t.name: scheme_from_proto(t.scheme) for t in request.targets},
             awq_from_proto(request.awq),
@@ -270,7 +293,7 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
                                        transform.tensors)
         return calibrator_pb2.ScaleResponse(
             scaled=[common_pb2.NamedTensor(name=name, tensor=tensor_ref_to_proto(ref)) for name, ref in refs.items()],
-            report_json=json.dumps(transform.report.to_dict()),
+            report_json=json.dumps(transform.report.to_dict()), usage=usage_to_proto(self._device),
         )
 
 

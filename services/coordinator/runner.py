@@ -1,6 +1,8 @@
-"""Runs one job across the worker services: calibrate and solve block by block, pack, evaluate,
-publish. The block loop is the library's (`bitsmith.pipeline.run_sequential`); this module only
-gives it a backend whose steps are gRPC calls and whose handles are references into the store.
+"""Runs one job across the worker services: calibrate and solve block by block, pack, evaluate
+every artifact, publish. The block loop is the library's (`bitsmith.pipeline.run_sequential`); this
+module only gives it a backend whose steps are gRPC calls and whose handles are references into the
+store. Every call is made inside the job's `JobRecorder`, so the job ends with its diagnostics (per
+layer errors, held-out block errors, timeline, peak memory) in the job store and in each manifest.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from bitsmith.v1 import (
     solver_pb2,
     solver_pb2_grpc,
 )
+from bitsmith_services.coordinator.diagnostics import JobRecorder
 from bitsmith_services.coordinator.jobstore import JobStore
 from bitsmith_services.coordinator.placement import ServiceAddresses
 from bitsmith_services.registry import Role
@@ -36,7 +39,7 @@ from bitsmith_services.registry import Role
 if TYPE_CHECKING:
     from bitsmith.pipeline import ProgressEvent
     from bitsmith.recipes import Assignment
-    from bitsmith.schemes import QuantScheme
+    from bitsmith.schemes import QuantScheme, Scheme
 
 log = logging.getLogger("bitsmith.coordinator")
 
@@ -51,8 +54,7 @@ class Stubs:
     calibrator: calibrator_pb2_grpc.CalibratorServiceStub
     solver: solver_pb2_grpc.SolverServiceStub
     packer: packer_pb2_grpc.PackerServiceStub
-    runtimes: dict[int, runtime_pb2_grpc.RuntimeServiceStub]
-    """The runtime that proves an artifact, by its proto format: MLX on the Apple runtime, the rest on CPU."""
+    runtimes: dict[Role, runtime_pb2_grpc.RuntimeServiceStub]
     channels: list[grpc.Channel]
 
     @classmethod
@@ -62,16 +64,15 @@ class Stubs:
             calibrator=calibrator_pb2_grpc.CalibratorServiceStub(channels[Role.CALIBRATOR]),
             solver=solver_pb2_grpc.SolverServiceStub(channels[Role.SOLVER]),
             packer=packer_pb2_grpc.PackerServiceStub(channels[Role.PACKER]),
-            runtimes={
-                common_pb2.FORMAT_GPTQ: runtime_pb2_grpc.RuntimeServiceStub(channels[Role.RUNTIME_CPU]),
-                common_pb2.FORMAT_ONNX: runtime_pb2_grpc.RuntimeServiceStub(channels[Role.RUNTIME_CPU]),
-                common_pb2.FORMAT_AWQ: runtime_pb2_grpc.RuntimeServiceStub(channels[Role.RUNTIME_CPU]),
-                common_pb2.FORMAT_COMPRESSED_TENSORS: runtime_pb2_grpc.RuntimeServiceStub(channels[Role.RUNTIME_CPU]),
-                common_pb2.FORMAT_GGUF: runtime_pb2_grpc.RuntimeServiceStub(channels[Role.RUNTIME_CPU]),
-                common_pb2.FORMAT_MLX: runtime_pb2_grpc.RuntimeServiceStub(channels[Role.RUNTIME_APPLE]),
-            },
+            runtimes={role: runtime_pb2_grpc.RuntimeServiceStub(channels[role])
+                      for role in (Role.RUNTIME_CPU, Role.RUNTIME_APPLE)},
             channels=list(channels.values()),
         )
+
+    @staticmethod
+    def runtime_role(fmt: int) -> Role:
+        """The runtime that proves an artifact of proto format `fmt`: MLX on the Apple runtime, the rest on CPU."""
+        return Role.RUNTIME_APPLE if fmt == common_pb2.FORMAT_MLX else Role.RUNTIME_CPU
 
     def close(self) -> None:
         for channel in self.channels:
@@ -82,18 +83,24 @@ class RpcBackend:
     """`bitsmith.pipeline.Backend` whose handles are TensorRef / LinearStats / QuantizedRef / NamedTensor
     messages; AWQ's scaled parameters travel as block-local NamedTensors."""
 
-    def __init__(self, stubs: Stubs, job_id: str, spec: job_pb2.QuantizeJob, prefixes: Sequence[str]) -> None:
+    def __init__(self, stubs: Stubs, job_id: str, spec: job_pb2.QuantizeJob, prefixes: Sequence[str],
+                 recorder: JobRecorder) -> None:
         self._stubs = stubs
         self._job_id = job_id
         self._spec = spec
         self._prefixes = prefixes
+        self._recorder = recorder
+        self._holdout = 0
 
     def start(self) -> common_pb2.TensorRef:
-        reply = self._stubs.calibrator.Start(
-            calibrator_pb2.StartRequest(job_id=self._job_id, model_path=self._spec.model_path,
-                                        calibration=self._spec.calibration),
-            timeout=STEP_TIMEOUT_S,
-        )
+        with self._recorder.call("calibrate", Role.CALIBRATOR, "Start"):
+            reply = self._stubs.calibrator.Start(
+                calibrator_pb2.StartRequest(job_id=self._job_id, model_path=self._spec.model_path,
+                                            calibration=self._spec.calibration),
+                timeout=STEP_TIMEOUT_S,
+            )
+        self._recorder.usage(Role.CALIBRATOR, reply.usage)
+        self._holdout = reply.holdout
         return reply.inputs
 
     def scale(self, bid: int, inputs: common_pb2.TensorRef, targets: Mapping[str, QuantScheme]
@@ -104,11 +111,13 @@ class RpcBackend:
         request = calibrator_pb2.ScaleRequest(
             job_id=self._job_id, model_path=self._spec.model_path, block=bid, inputs=inputs,
             targets=[calibrator_pb2.ScaleTarget(name=n, scheme=scheme_to_proto(s)) for n, s in targets.items()],
-            awq=recipe.awq,
+            awq=recipe.awq, holdout=self._holdout,
         )
         if recipe.gptq.HasField("grid_search"):
             request.grid_search.CopyFrom(recipe.gptq.grid_search)
-        reply = self._stubs.calibrator.Scale(request, timeout=STEP_TIMEOUT_S)
+        with self._recorder.call("scale", Role.CALIBRATOR, "Scale", block=bid):
+            reply = self._stubs.calibrator.Scale(request, timeout=STEP_TIMEOUT_S)
+        self._recorder.usage(Role.CALIBRATOR, reply.usage)
         return {t.name: t for t in reply.scaled}
 
     def collect(self, bid: int, names: Sequence[str], inputs: common_pb2.TensorRef | None,
@@ -116,15 +125,18 @@ class RpcBackend:
                 ) -> Sequence[common_pb2.LinearStats]:
         request = calibrator_pb2.CollectRequest(
             job_id=self._job_id, model_path=self._spec.model_path, block=bid, names=list(names),
-            applied=list(applied.values()), scaled=list(scaled.values()),
+            applied=list(applied.values()), scaled=list(scaled.values()), holdout=self._holdout,
         )
         if inputs is not None:
             request.inputs.CopyFrom(inputs)
-        return self._stubs.calibrator.Collect(request, timeout=STEP_TIMEOUT_S).stats
+        with self._recorder.call("calibrate", Role.CALIBRATOR, "Collect", block=bid):
+            reply = self._stubs.calibrator.Collect(request, timeout=STEP_TIMEOUT_S)
+        self._recorder.usage(Role.CALIBRATOR, reply.usage)
+        return reply.stats
 
     def solve(self, bid: int, names: Sequence[str], assignment: Assignment,
-              stats: Sequence[common_pb2.LinearStats], scaled: Mapping[str, common_pb2.NamedTensor],
-              ) -> dict[str, common_pb2.QuantizedRef]:
+              stats: Sequence[common_pb2.LinearStats], scaled: Mapping[str, common_pb2.NamedTensor], *,
+              target: str = "") -> dict[str, common_pb2.QuantizedRef]:
         from bitsmith.rpc.convert import ggml_scheme_to_proto, method_to_proto, scheme_to_proto
         from bitsmith.schemes import GGMLScheme
 
@@ -138,33 +150,58 @@ class RpcBackend:
             request.ggml.CopyFrom(ggml_scheme_to_proto(assignment.scheme))
         else:
             request.scheme.CopyFrom(scheme_to_proto(assignment.scheme))
-        reply = self._stubs.solver.Solve(request, timeout=STEP_TIMEOUT_S)
+        with self._recorder.call("solve", Role.SOLVER, "Solve", block=bid):
+            reply = self._stubs.solver.Solve(request, timeout=STEP_TIMEOUT_S)
+        self._recorder.usage(Role.SOLVER, reply.usage)
+        for solved in reply.solved:
+            self._recorder.layer(_layer_diagnostics(solved, bid, target, request.method, assignment.scheme))
         prefix = self._prefixes[bid] + "."
         return {s.quantized.name.removeprefix(prefix): s.quantized for s in reply.solved}
 
     def advance(self, bid: int, inputs: common_pb2.TensorRef, applied: Mapping[str, common_pb2.QuantizedRef],
-                scaled: Mapping[str, common_pb2.NamedTensor]) -> common_pb2.TensorRef:
-        reply = self._stubs.calibrator.Advance(
-            calibrator_pb2.AdvanceRequest(job_id=self._job_id, model_path=self._spec.model_path, block=bid,
-                                          inputs=inputs, applied=list(applied.values()),
-                                          scaled=list(scaled.values())),
-            timeout=STEP_TIMEOUT_S,
-        )
+                scaled: Mapping[str, common_pb2.NamedTensor], *, float_outputs: bool) -> common_pb2.TensorRef:
+        with self._recorder.call("calibrate", Role.CALIBRATOR, "Advance", block=bid):
+            reply = self._stubs.calibrator.Advance(
+                calibrator_pb2.AdvanceRequest(job_id=self._job_id, model_path=self._spec.model_path, block=bid,
+                                              inputs=inputs, applied=list(applied.values()),
+                                              scaled=list(scaled.values()), holdout=self._holdout,
+                                              float_outputs=float_outputs),
+                timeout=STEP_TIMEOUT_S,
+            )
+        self._recorder.usage(Role.CALIBRATOR, reply.usage)
+        if reply.HasField("output_error"):
+            self._recorder.block(bid, reply.output_error, self._holdout)
         return reply.outputs
 
 
-def check_gate(gate: common_pb2.QualityGate, results: Sequence[common_pb2.EvalResult]) -> None:
-    """Raise GateFailedError naming every dataset and metric that missed the job's gate."""
+def _layer_diagnostics(solved: solver_pb2.SolvedLinear, block: int, target: str, method: int,
+                       scheme: Scheme) -> common_pb2.LayerDiagnostics:
+    """One solved linear as the report shows it (its grid's nominal bits, errors, size)."""
+    quantized = solved.quantized
+    ggml = quantized.HasField("ggml")
+    in_features = quantized.in_features if ggml else quantized.g_idx.shape[0]
+    out_features = (quantized.blocks if ggml else quantized.codes).shape[0]
+    return common_pb2.LayerDiagnostics(
+        name=solved.quantized.name, block=block, target=target, method=method, grid=scheme.label,  # type: ignore[arg-type]
+        bits_per_weight=scheme.bits_per_weight(in_features), parameters=in_features * out_features,
+        error=solved.error, rtn_error=solved.rtn_error, weight_energy=solved.weight_energy,
+        damp_percent=solved.damp_percent,
+    )
+
+
+def check_gate(gate: common_pb2.QualityGate,
+               results: Sequence[tuple[str, Sequence[common_pb2.EvalResult]]]) -> None:
+    """Raise GateFailedError naming every artifact, dataset and metric that missed the job's gate."""
     misses = []
-    for r in results:
+    for artifact, r in ((name, r) for name, evaluated in results for r in evaluated):
         if gate.HasField("max_ppl_increase_pct") and r.HasField("reference_ppl"):
             increase = 100.0 * (r.ppl / r.reference_ppl - 1.0)
             if increase > gate.max_ppl_increase_pct:
-                misses.append(f"{r.dataset}: perplexity +{increase:.2f}% > {gate.max_ppl_increase_pct}%")
+                misses.append(f"{artifact} {r.dataset}: perplexity +{increase:.2f}% > {gate.max_ppl_increase_pct}%")
         if gate.HasField("max_kl") and r.HasField("kl") and r.kl > gate.max_kl:
-            misses.append(f"{r.dataset}: KL {r.kl:.5f} > {gate.max_kl}")
+            misses.append(f"{artifact} {r.dataset}: KL {r.kl:.5f} > {gate.max_kl}")
         if gate.HasField("min_top1") and r.HasField("top1") and r.top1 < gate.min_top1:
-            misses.append(f"{r.dataset}: top-1 {r.top1:.4f} < {gate.min_top1}")
+            misses.append(f"{artifact} {r.dataset}: top-1 {r.top1:.4f} < {gate.min_top1}")
     if misses:
         raise GateFailedError("quality gate failed: " + "; ".join(misses))
 
@@ -189,8 +226,9 @@ class JobRunner:
             self._jobs.update(job)
             self._jobs.transition(self._job_id, common_pb2.JOB_STATE_RUNNING, message="job started")
             state, error, message = common_pb2.JOB_STATE_SUCCEEDED, "", "artifacts published"
+            recorder = JobRecorder()
             try:
-                self._execute(job.spec)
+                self._execute(job.spec, recorder)
             except CancelledError:
                 state, message = common_pb2.JOB_STATE_CANCELLED, "cancelled; partial output removed"
             except BitsmithError as exc:
@@ -203,6 +241,9 @@ class JobRunner:
             if state != common_pb2.JOB_STATE_SUCCEEDED:
                 discard_outputs(self._stubs, job.spec)
             self._release_scratch()
+            job = self._jobs.get(self._job_id)
+            job.diagnostics.CopyFrom(recorder.diagnostics(job.trace_id))
+            self._jobs.update(job)
             self._jobs.transition(self._job_id, state, error=error, message=message)
 
     def _release_scratch(self) -> None:
@@ -220,23 +261,23 @@ class JobRunner:
         if self._stop_requested():
             raise CancelledError(f"job {self._job_id} was cancelled")
 
-    def _execute(self, spec: job_pb2.QuantizeJob) -> None:
+    def _execute(self, spec: job_pb2.QuantizeJob, recorder: JobRecorder) -> None:
         from bitsmith.pipeline import Plan, QuantizedModel, run_sequential
         from bitsmith.rpc.convert import recipe_from_proto
         from bitsmith.targets import JobTargets, job_targets
 
         outputs = [(format_from_proto(f.format), f.variant or None) for f in spec.output.formats]
         targets = job_targets(recipe_from_proto(spec.recipe), outputs, Path(spec.model_path))
-        model_plan = self._stubs.calibrator.Plan(
-            calibrator_pb2.PlanRequest(model_path=spec.model_path), timeout=600
-        )
+        with recorder.call("plan", Role.CALIBRATOR, "Plan"):
+            model_plan = self._stubs.calibrator.Plan(calibrator_pb2.PlanRequest(model_path=spec.model_path),
+                                                     timeout=600)
         plan = Plan(num_blocks=len(model_plan.blocks),
                     groups=[[list(g.names) for g in b.groups] for b in model_plan.blocks],
                     recipe=targets.primary or recipe_from_proto(spec.recipe), extra=targets.extra,
                     parallel=spec.calibration.mode == common_pb2.CALIBRATION_MODE_PARALLEL)
         prefixes = [b.prefix for b in model_plan.blocks]
-        total = (plan.solve_steps if targets.recipes else 0) + len(spec.output.formats) + (
-            1 if spec.eval.files else 0) + 1
+        total = (plan.solve_steps if targets.recipes else 0) + len(spec.output.formats) * (
+            2 if spec.eval.files else 1) + 1
         done = 0
 
         def on_event(event: ProgressEvent) -> None:
@@ -246,7 +287,7 @@ class JobRunner:
             self._event(event.phase, event.message, block=event.block, num_blocks=event.num_blocks,
                         step=done, total=total)
 
-        backend = RpcBackend(self._stubs, self._job_id, spec, prefixes)
+        backend = RpcBackend(self._stubs, self._job_id, spec, prefixes, recorder)
         result: QuantizedModel[common_pb2.QuantizedRef, common_pb2.NamedTensor] = (
             run_sequential(plan, backend, on_event=on_event, should_stop=self._stop_requested)
             if targets.recipes else QuantizedModel({}, {}))
@@ -254,51 +295,77 @@ class JobRunner:
         packed: list[tuple[str, common_pb2.Artifact]] = []
         for fmt, (library_format, variant) in zip(spec.output.formats, outputs, strict=True):
             self._check_cancel()
-            quantized = solved.get(JobTargets.key_of(library_format, variant), {})
-            reply = self._stubs.packer.Pack(
-                packer_pb2.PackRequest(job_id=self._job_id, model_path=spec.model_path,
-                                       quantized=list(quantized.values()), format=fmt,
-                                       out_path=_format_out(spec, fmt), recipe=spec.recipe,
-                                       dense=[common_pb2.NamedTensor(name=name, tensor=t.tensor)
-                                              for name, t in result.dense.items()]),
-                timeout=STEP_TIMEOUT_S,
-            )
+            key = JobTargets.key_of(library_format, variant)
+            quantized = solved.get(key, {})
+            with recorder.call("pack", Role.PACKER, "Pack"):
+                reply = self._stubs.packer.Pack(
+                    packer_pb2.PackRequest(job_id=self._job_id, model_path=spec.model_path,
+                                           quantized=list(quantized.values()), format=fmt,
+                                           out_path=_format_out(spec, fmt), recipe=spec.recipe,
+                                           dense=[common_pb2.NamedTensor(name=name, tensor=t.tensor)
+                                                  for name, t in result.dense.items()]),
+                    timeout=STEP_TIMEOUT_S,
+                )
+            recorder.usage(Role.PACKER, reply.usage)
+            reply.artifact.bits_per_weight = _bits_per_weight(
+                recorder.layers_of("" if key == targets.primary_key else key))
             packed.append((reply.staging_path, reply.artifact))
             done += 1
             self._event("pack", f"packed {format_from_proto(fmt.format).value} ({reply.artifact.bytes} bytes)",
                         step=done, total=total)
-        metrics: list[common_pb2.EvalResult] = []
-        if spec.eval.files and packed:
-            self._check_cancel()
-            staged, first = packed[0]
-            self._event("evaluate", f"evaluating the written {format_from_proto(first.format).value} artifact",
-                        step=done, total=total)
-            reply = self._stubs.runtimes[first.format].Evaluate(
-                runtime_pb2.EvaluateRequest(artifact_path=staged, reference_model_path=spec.model_path,
-                                            data_files=list(spec.eval.files), seq_len=spec.eval.seq_len or 512),
-                timeout=STEP_TIMEOUT_S,
-            )
-            metrics = list(reply.results)
-            done += 1
-            self._event("evaluate", "; ".join(f"{Path(r.dataset).name}: ppl {r.ppl:.3f}" for r in metrics),
-                        step=done, total=total)
-            check_gate(spec.eval.gate, metrics)
+        if spec.eval.files:
+            for staged, artifact in packed:
+                self._check_cancel()
+                name = _artifact_name(artifact)
+                self._event("evaluate", f"evaluating the written {name} artifact", step=done, total=total)
+                role = Stubs.runtime_role(artifact.format)
+                with recorder.call("evaluate", role, "Evaluate"):
+                    evaluated = self._stubs.runtimes[role].Evaluate(
+                        runtime_pb2.EvaluateRequest(artifact_path=staged, reference_model_path=spec.model_path,
+                                                    data_files=list(spec.eval.files),
+                                                    seq_len=spec.eval.seq_len or 512),
+                        timeout=STEP_TIMEOUT_S,
+                    )
+                recorder.usage(role, evaluated.usage)
+                artifact.metrics.extend(evaluated.results)
+                done += 1
+                self._event("evaluate", f"{name}: " + "; ".join(f"{Path(r.dataset).name}: ppl {r.ppl:.3f}"
+                                                                 for r in evaluated.results), step=done, total=total)
+            check_gate(spec.eval.gate, [(_artifact_name(a), a.metrics) for _, a in packed])
         self._check_cancel()
         artifacts = []
+        diagnostics = recorder.diagnostics(current_trace_id())
         for staging, artifact in packed:
-            published = self._stubs.packer.Publish(
-                packer_pb2.PublishRequest(staging_path=staging, out_path=artifact.path, metrics=metrics,
-                                          trace_id=current_trace_id()),
-                timeout=600,
-            )
-            published.variant = artifact.variant  # the manifest records the format, the job its variant
+            with recorder.call("publish", Role.PACKER, "Publish"):
+                published = self._stubs.packer.Publish(
+                    packer_pb2.PublishRequest(staging_path=staging, out_path=artifact.path, metrics=artifact.metrics,
+                                              trace_id=current_trace_id(), diagnostics=diagnostics),
+                    timeout=600,
+                )
+            # The manifest records the format; the job its variant, bits per weight and metrics.
+            published.variant = artifact.variant
+            published.bits_per_weight = artifact.bits_per_weight
+            published.metrics.extend(artifact.metrics)
             artifacts.append(published)
         done += 1
         self._event("publish", ", ".join(a.path for a in artifacts), step=done, total=total)
         job = self._jobs.get(self._job_id)
         job.artifacts.extend(artifacts)
-        job.metrics.extend(metrics)
+        if artifacts:
+            job.metrics.extend(artifacts[0].metrics)
         self._jobs.update(job)
+
+
+def _artifact_name(artifact: common_pb2.Artifact) -> str:
+    """``gptq`` or ``gguf:Q4_K_M``: how messages name an artifact of the job."""
+    name = format_from_proto(artifact.format).value
+    return f"{name}:{artifact.variant}" if artifact.variant and artifact.format == common_pb2.FORMAT_GGUF else name
+
+
+def _bits_per_weight(layers: Sequence[common_pb2.LayerDiagnostics]) -> float:
+    """Bits per weight over the quantized linears of one target, weighted by their size (0: none)."""
+    parameters = sum(layer.parameters for layer in layers)
+    return sum(layer.bits_per_weight * layer.parameters for layer in layers) / parameters if parameters else 0.0
 
 
 def discard_outputs(stubs: Stubs, spec: job_pb2.QuantizeJob) -> None:

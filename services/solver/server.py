@@ -4,7 +4,8 @@ One request carries the linears of one group (those that share an input, like q/
 solves them with one factorization. A linear's weight is read from the checkpoint itself (the
 request's `model_path`) unless its stats carry one (AWQ's rescaled weight, in the store). Results go
 to the artifact store as job scratch; the reply carries references and the per-linear errors the job
-report shows.
+report shows, with tr(W·H·Wᵀ) of each linear so the report can put errors of layers of any size on
+one scale.
 
 The weights and Hessian of one request move to the service's device for the solve (on CUDA the
 library picks its Triton kernels itself) and the results come back to the host for the store, so the
@@ -30,6 +31,7 @@ from bitsmith.rpc.convert import (
     quantized_ref_to_proto,
     scheme_from_proto,
     tensor_ref_from_proto,
+    usage_to_proto,
 )
 from bitsmith.rpc.server import ServiceBinding
 from bitsmith.rpc.server import create_server as _create_server
@@ -70,6 +72,7 @@ class Solver(solver_pb2_grpc.SolverServiceServicer):
 
     def Solve(self, request: solver_pb2.SolveRequest, context: grpc.ServicerContext
               ) -> solver_pb2.SolveResponse:
+        from bitsmith.algos.gptq import weight_energy
         from bitsmith.pipeline import solve_group
 
         started = time.perf_counter()
@@ -88,7 +91,7 @@ class Solver(solver_pb2_grpc.SolverServiceServicer):
         outcomes = solve_group(weights, hessian, method=method_from_proto(request.method), scheme=scheme,
                                options=gptq_from_proto(request.gptq), label=label)
         solved = []
-        for name, outcome in zip(names, outcomes, strict=True):
+        for name, weight, outcome in zip(names, weights, outcomes, strict=True):
             full = _full_name(request, name)
             # One file per (linear, grid): a job's integer target and its GGUF mixes solve the same linear.
             grid = f".{request.ggml.type}" if request.HasField("ggml") else ""
@@ -99,6 +102,7 @@ class Solver(solver_pb2_grpc.SolverServiceServicer):
             solved.append(solver_pb2.SolvedLinear(
                 quantized=quantized_ref_to_proto(full, ref), error=outcome.error, rtn_error=outcome.rtn_error,
                 damp_percent=outcome.damp_percent,
+                weight_energy=0.0 if hessian is None else weight_energy(weight, hessian),
             ))
         release_cached_memory(self._device)  # for the calibrator that may share the device
         extra: dict[str, object] = {"rpc": "Solve", "block": request.block, "device": str(self._device),
@@ -106,7 +110,7 @@ class Solver(solver_pb2_grpc.SolverServiceServicer):
         if self._device.type == "cuda":
             extra["peak_gpu_bytes"] = peak_memory_bytes(self._device)
         log.info("solver call done", extra=extra)
-        return solver_pb2.SolveResponse(solved=solved)
+        return solver_pb2.SolveResponse(solved=solved, usage=usage_to_proto(self._device))
 
 
 def create_server(address: str, *, store_root: Path, device: str = AUTO) -> tuple[grpc.Server, int]:

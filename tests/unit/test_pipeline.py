@@ -40,12 +40,14 @@ class Recorder:
         return f"stats{bid}{''.join(names)}"
 
     def solve(self, bid: int, names: Sequence[str], assignment: Assignment, stats: str,
-              scaled: Mapping[str, str]) -> dict[str, str]:
+              scaled: Mapping[str, str], *, target: str = "") -> dict[str, str]:
         self.calls.append(("solve", bid, tuple(names), stats, assignment.method.value, assignment.scheme.bits))
         return {name: f"q{bid}{name}" for name in names}
 
-    def advance(self, bid: int, inputs: str, applied: Mapping[str, str], scaled: Mapping[str, str]) -> str:
-        self.calls.append(("advance", bid, inputs, tuple(sorted(applied)), tuple(sorted(scaled))))
+    def advance(self, bid: int, inputs: str, applied: Mapping[str, str], scaled: Mapping[str, str], *,
+                float_outputs: bool) -> str:
+        self.calls.append(("advance", bid, inputs, tuple(sorted(applied)), tuple(sorted(scaled)))
+                          + (("float",) if float_outputs else ()))
         return f"x{bid + 1}"
 
 
@@ -166,7 +168,8 @@ def test_parallel_mode_advances_the_float_block() -> None:
     backend = Recorder()
     run_sequential(Plan(num_blocks=2, groups=[GROUPS, GROUPS], recipe=recipe, parallel=True), backend)
     advances = [call for call in backend.calls if call[0] == "advance"]
-    assert advances == [("advance", 0, "x0", (), ()), ("advance", 1, "x1", (), ())]
+    every, scaled = ("a", "b", "c", "d"), ("a.weight", "c.weight", "norm.weight")
+    assert advances == [("advance", 0, "x0", every, scaled, "float"), ("advance", 1, "x1", every, scaled, "float")]
     assert ("collect", 1, ("a", "b"), "x1", ()) in backend.calls
 
 

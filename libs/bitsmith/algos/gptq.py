@@ -78,6 +78,14 @@ def hessian_row_errors(delta: torch.Tensor, hessian: torch.Tensor) -> torch.Tens
     return ((delta @ hessian.double()) * delta).sum(dim=1)
 
 
+def weight_energy(weight: torch.Tensor, hessian: torch.Tensor) -> float:
+    """tr(W·H·Wᵀ): the calibration output energy of a linear, what its error tr(ΔW·H·ΔWᵀ) is relative to.
+
+    Computed in float32 with a float64 sum (one GEMM's work), on the weight's device.
+    """
+    return float(((weight.float() @ hessian.float()) * weight.float()).sum(dtype=torch.float64))
+
+
 ROW_SQUARES_CHUNK = 2**27
 """Elements (1 GiB in float64) per chunk of rows that `row_squares` widens at a time."""
 

@@ -67,14 +67,42 @@ def calibration_tokens(
     >>> calibration_tokens(DEMO_MODEL, CALIB_FILES, samples=3, seq_len=8).shape
     torch.Size([3, 8])
     """
+    calibration, _ = calibration_and_holdout_tokens(tokenizer_dir, files, samples=samples, seq_len=seq_len,
+                                                    seed=seed, holdout=0)
+    return calibration
+
+
+def default_holdout(samples: int) -> int:
+    """Held-out samples a job measures its blocks on when it does not say: samples / 16, in 1..16."""
+    return max(1, min(16, samples // 16))
+
+
+def calibration_and_holdout_tokens(
+    tokenizer_dir: str | Path, files: Sequence[Path], *, samples: int, seq_len: int, seed: int = 0, holdout: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The calibration windows of `calibration_tokens`, unchanged, and `holdout` more windows that
+    overlap none of them ([holdout, seq_len], fewer where the files leave no room), for measuring
+    the quantized model on text its statistics never saw.
+
+    Held-out windows are drawn after the calibration ones, per file in the same even split, from the
+    offsets whose window misses every calibration window of that file.
+
+    >>> from bitsmith.demo import CALIB_FILES, DEMO_MODEL
+    >>> calib, held = calibration_and_holdout_tokens(DEMO_MODEL, CALIB_FILES, samples=3, seq_len=8, holdout=2)
+    >>> calib.equal(calibration_tokens(DEMO_MODEL, CALIB_FILES, samples=3, seq_len=8)), held.shape
+    (True, torch.Size([2, 8]))
+    """
     if samples < 1:
         raise ConfigError(f"samples must be at least 1, got {samples}")
+    if holdout < 0:
+        raise ConfigError(f"holdout samples must not be negative, got {holdout}")
     if seq_len < 2:
         raise ConfigError(f"seq_len must be at least 2, got {seq_len}")
     if not files:
         raise ConfigError("no calibration files given")
     tokenizer = _load_tokenizer(tokenizer_dir)
     generator = torch.Generator().manual_seed(seed)
+    streams = []
     windows: list[torch.Tensor] = []
     for path, count in zip(files, samples_per_file(samples, len(files)), strict=True):
         stream = _encode(tokenizer, Path(path))
@@ -82,4 +110,20 @@ def calibration_tokens(
             raise CalibrationError(f"{path} has {stream.numel()} tokens, fewer than seq_len {seq_len}")
         starts = torch.randint(0, stream.numel() - seq_len + 1, (count,), generator=generator)
         windows.extend(stream[start : start + seq_len] for start in starts.tolist())
-    return torch.stack(windows)
+        streams.append((stream, starts))
+    held: list[torch.Tensor] = []
+    for (stream, taken), count in zip(streams, samples_per_file(holdout, len(files)), strict=True):
+        free = _free_offsets(stream.numel() - seq_len + 1, taken, seq_len)
+        if count and free.numel():
+            picks = free[torch.randperm(free.numel(), generator=generator)[:count]]
+            held.extend(stream[start : start + seq_len] for start in picks.tolist())
+    return torch.stack(windows), (torch.stack(held) if held else torch.empty(0, seq_len, dtype=torch.long))
+
+
+def _free_offsets(offsets: int, taken: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Window starts in range(offsets) whose window overlaps none of the windows starting at `taken`
+    (a start s is blocked by c when |s - c| < seq_len), in O(offsets + len(taken)) memory."""
+    marks = torch.zeros(offsets + 1, dtype=torch.int32)
+    marks.index_add_(0, (taken - seq_len + 1).clamp(min=0), torch.ones_like(taken, dtype=torch.int32))
+    marks.index_add_(0, (taken + seq_len).clamp(max=offsets), -torch.ones_like(taken, dtype=torch.int32))
+    return (marks.cumsum(0)[:offsets] == 0).nonzero().flatten()

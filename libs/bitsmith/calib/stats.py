@@ -41,3 +41,19 @@ class HessianAccumulator:
         if self.count == 0:
             raise CalibrationError(f"{self.name}: no activations were captured")
         return (self._sum * (2.0 / self.count)).float()
+
+
+def relative_output_error(inputs: torch.Tensor, quantized: torch.Tensor, reference: torch.Tensor) -> float:
+    """‖Y_q - Y‖ / ‖Y - X‖ of a residual block: its output error relative to what it adds to its input.
+
+    Relative to Y itself the error would shrink block by block only because the residual stream
+    grows; relative to the block's own contribution it says how much of the block survived.
+
+    >>> x = torch.zeros(1, 2); y = torch.tensor([[3.0, 4.0]])
+    >>> relative_output_error(x, y + torch.tensor([[0.0, 0.5]]), y)
+    0.1
+    """
+    update = (reference.double() - inputs.double()).norm()
+    if update == 0:
+        return 0.0 if torch.equal(quantized, reference) else float("inf")
+    return float((quantized.double() - reference.double()).norm() / update)

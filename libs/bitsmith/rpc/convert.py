@@ -6,11 +6,16 @@ torch tensor or a Python enum.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from bitsmith.errors import ConfigError
 from bitsmith.recipes import ModuleOverride, Recipe
 from bitsmith.schemes import AWQOptions, Format, GGMLScheme, GGMLType, GPTQOptions, GridSearch, Method, QuantScheme
 from bitsmith.store import GGMLRef, QuantizedRef, StoredWeight, TensorRef
 from bitsmith.v1 import common_pb2
+
+if TYPE_CHECKING:
+    import torch
 
 _METHODS = {
     Method.RTN: common_pb2.METHOD_RTN,
@@ -201,3 +206,11 @@ def format_from_proto(value: int) -> Format:
         if proto == value:
             return fmt
     raise ConfigError(f"unknown or unspecified format {value}; known: {[f.value for f in Format]}")
+
+
+def usage_to_proto(device: torch.device) -> common_pb2.ResourceUsage:
+    """This process's peak host memory and `device`'s peak allocation so far, as workers report them."""
+    from bitsmith.devices import peak_host_bytes, peak_memory_bytes
+
+    return common_pb2.ResourceUsage(device=str(device), peak_host_bytes=peak_host_bytes(),
+                                    peak_device_bytes=peak_memory_bytes(device))

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from bitsmith.v1 import common_pb2 as bitsmith_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x62itsmith/v1/calibrator.proto\x12\x0b\x62itsmith.v1\x1a\x18\x62itsmith/v1/common.proto\"x\n\x0bPlanRequest\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12#\n\x06recipe\x18\x03 \x01(\x0b\x32\x13.bitsmith.v1.Recipe\x12*\n\x07\x66ormats\x18\x04 \x03(\x0b\x32\x19.bitsmith.v1.OutputFormatJ\x04\x08\x02\x10\x03\"\x1c\n\x0bLinearGroup\x12\r\n\x05names\x18\x01 \x03(\t\"E\n\tBlockPlan\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12(\n\x06groups\x18\x02 \x03(\x0b\x32\x18.bitsmith.v1.LinearGroup\"I\n\tModelPlan\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12&\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x16.bitsmith.v1.BlockPlan\"e\n\x0cStartRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x31\n\x0b\x63\x61libration\x18\x03 \x01(\x0b\x32\x1c.bitsmith.v1.CalibrationSpec\"7\n\rStartResponse\x12&\n\x06inputs\x18\x01 \x01(\x0b\x32\x16.bitsmith.v1.TensorRef\"\xd0\x01\n\x0e\x43ollectRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\r\n\x05\x62lock\x18\x03 \x01(\x05\x12\r\n\x05names\x18\x04 \x03(\t\x12&\n\x06inputs\x18\x05 \x01(\x0b\x32\x16.bitsmith.v1.TensorRef\x12*\n\x07\x61pplied\x18\x06 \x03(\x0b\x32\x19.bitsmith.v1.QuantizedRef\x12(\n\x06scaled\x18\x07 \x03(\x0b\x32\x18.bitsmith.v1.NamedTensor\":\n\x0f\x43ollectResponse\x12\'\n\x05stats\x18\x01 \x03(\x0b\x32\x18.bitsmith.v1.LinearStats\"\xc1\x01\n\x0e\x41\x64vanceRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\r\n\x05\x62lock\x18\x03 \x01(\x05\x12&\n\x06inputs\x18\x04 \x01(\x0b\x32\x16.bitsmith.v1.TensorRef\x12*\n\x07\x61pplied\x18\x05 \x03(\x0b\x32\x19.bitsmith.v1.QuantizedRef\x12(\n\x06scaled\x18\x06 \x03(\x0b\x32\x18.bitsmith.v1.NamedTensor\":\n\x0f\x41\x64vanceResponse\x12\'\n\x07outputs\x18\x01 \x01(\x0b\x32\x16.bitsmith.v1.TensorRef\"E\n\x0bScaleTarget\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x06scheme\x18\x02 \x01(\x0b\x32\x18.bitsmith.v1.QuantScheme\"\xe8\x01\n\x0cScaleRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\r\n\x05\x62lock\x18\x03 \x01(\x05\x12&\n\x06inputs\x18\x04 \x01(\x0b\x32\x16.bitsmith.v1.TensorRef\x12)\n\x07targets\x18\x05 \x03(\x0b\x32\x18.bitsmith.v1.ScaleTarget\x12$\n\x03\x61wq\x18\x06 \x01(\x0b\x32\x17.bitsmith.v1.AWQOptions\x12,\n\x0bgrid_search\x18\x07 \x01(\x0b\x32\x17.bitsmith.v1.GridSearch\"N\n\rScaleResponse\x12(\n\x06scaled\x18\x01 \x03(\x0b\x32\x18.bitsmith.v1.NamedTensor\x12\x13\n\x0breport_json\x18\x02 \x01(\t\" \n\x0eReleaseRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x11\n\x0fReleaseResponse2\x9f\x03\n\x11\x43\x61libratorService\x12\x38\n\x04Plan\x12\x18.bitsmith.v1.PlanRequest\x1a\x16.bitsmith.v1.ModelPlan\x12>\n\x05Start\x12\x19.bitsmith.v1.StartRequest\x1a\x1a.bitsmith.v1.StartResponse\x12\x44\n\x07\x43ollect\x12\x1b.bitsmith.v1.CollectRequest\x1a\x1c.bitsmith.v1.CollectResponse\x12\x44\n\x07\x41\x64vance\x12\x1b.bitsmith.v1.AdvanceRequest\x1a\x1c.bitsmith.v1.AdvanceResponse\x12>\n\x05Scale\x12\x19.bitsmith.v1.ScaleRequest\x1a\x1a.bitsmith.v1.ScaleResponse\x12\x44\n\x07Release\x12\x1b.bitsmith.v1.ReleaseRequest\x1a\x1c.bitsmith.v1.ReleaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x62itsmith/v1/calibrator.proto\x12\x0b\x62itsmith.v1\x1a\x18\x62itsmith/v1/common.proto\"x\n\x0bPlanRequest\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12#\n\x06recipe\x18\x03 \x01(\x0b\x32\x13.bitsmith.v1.Recipe\x12*\n\x07\x66ormats\x18\x04 \x03(\x0b\x32\x19.bitsmith.v1.OutputFormatJ\x04\x08\x02\x10\x03\"\x1c\n\x0bLinearGroup\x12\r\n\x05names\x18\x01 \x03(\t\"E\n\tBlockPlan\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12(\n\x06groups\x18\x02 \x03(\x0b\x32\x18.bitsmith.v1.LinearGroup\"I\n\tModelPlan\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12&\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x16.bitsmith.v1.BlockPlan\"e\n\x0cStartRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x31\n\x0b\x63\x61libration\x18\x03 \x01(\x0b\x32\x1c.bitsmith.v1.CalibrationSpec\"s\n\rStartResponse\x12&\n\x06inputs\x18\x01 \x01(\x0b\x32\x16.bitsmith.v1.TensorRef\x12\x0f\n\x07holdout\x18\x02 \x01(\x05\x12)\n\x05usage\x18\x03 \x01(\x0b\x32\x1a.bitsmith.v1.ResourceUsage\"\xe1\x01\n\x0e\x43ollectRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\r\n\x05\x62lock\x18\x03 \x01(\x05\x12\r\n\x05names\x18\x04 \x03(\t\x12&\n\x06inputs\x18\x05 \x01(\x0b\x32\x16.bitsmith.v1.TensorRef\x12*\n\x07\x61pplied\x18\x06 \x03(\x0b\x32\x19.bitsmith.v1.QuantizedRef\x12(\n\x06scaled\x18\x07 \x03(\x0b\x32\x18.bitsmith.v1.NamedTensor\x12\x0f\n\x07holdout\x18\x08 \x01(\x05\"e\n\x0f\x43ollectResponse\x12\'\n\x05stats\x18\x01 \x03(\x0b\x32\x18.bitsmith.v1.LinearStats\x12)\n\x05usage\x18\x02 \x01(\x0b\x32\x1a.bitsmith.v1.ResourceUsage\"\xe9\x01\n\x0e\x41\x64vanceRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\r\n\x05\x62lock\x18\x03 \x01(\x05\x12&\n\x06inputs\x18\x04 \x01(\x0b\x32\x16.bitsmith.v1.TensorRef\x12*\n\x07\x61pplied\x18\x05 \x03(\x0b\x32\x19.bitsmith.v1.QuantizedRef\x12(\n\x06scaled\x18\x06 \x03(\x0b\x32\x18.bitsmith.v1.NamedTensor\x12\x0f\n\x07holdout\x18\x07 \x01(\x05\x12\x15\n\rfloat_outputs\x18\x08 \x01(\x08\"\x91\x01\n\x0f\x41\x64vanceResponse\x12\'\n\x07outputs\x18\x01 \x01(\x0b\x32\x16.bitsmith.v1.TensorRef\x12\x19\n\x0coutput_error\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12)\n\x05usage\x18\x03 \x01(\x0b\x32\x1a.bitsmith.v1.ResourceUsageB\x0f\n\r_output_error\"E\n\x0bScaleTarget\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x06scheme\x18\x02 \x01(\x0b\x32\x18.bitsmith.v1.QuantScheme\"\xf9\x01\n\x0cScaleRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\r\n\x05\x62lock\x18\x03 \x01(\x05\x12&\n\x06inputs\x18\x04 \x01(\x0b\x32\x16.bitsmith.v1.TensorRef\x12)\n\x07targets\x18\x05 \x03(\x0b\x32\x18.bitsmith.v1.ScaleTarget\x12$\n\x03\x61wq\x18\x06 \x01(\x0b\x32\x17.bitsmith.v1.AWQOptions\x12,\n\x0bgrid_search\x18\x07 \x01(\x0b\x32\x17.bitsmith.v1.GridSearch\x12\x0f\n\x07holdout\x18\x08 \x01(\x05\"y\n\rScaleResponse\x12(\n\x06scaled\x18\x01 \x03(\x0b\x32\x18.bitsmith.v1.NamedTensor\x12\x13\n\x0breport_json\x18\x02 \x01(\t\x12)\n\x05usage\x18\x03 \x01(\x0b\x32\x1a.bitsmith.v1.ResourceUsage\" \n\x0eReleaseRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x11\n\x0fReleaseResponse2\x9f\x03\n\x11\x43\x61libratorService\x12\x38\n\x04Plan\x12\x18.bitsmith.v1.PlanRequest\x1a\x16.bitsmith.v1.ModelPlan\x12>\n\x05Start\x12\x19.bitsmith.v1.StartRequest\x1a\x1a.bitsmith.v1.StartResponse\x12\x44\n\x07\x43ollect\x12\x1b.bitsmith.v1.CollectRequest\x1a\x1c.bitsmith.v1.CollectResponse\x12\x44\n\x07\x41\x64vance\x12\x1b.bitsmith.v1.AdvanceRequest\x1a\x1c.bitsmith.v1.AdvanceResponse\x12>\n\x05Scale\x12\x19.bitsmith.v1.ScaleRequest\x1a\x1a.bitsmith.v1.ScaleResponse\x12\x44\n\x07Release\x12\x1b.bitsmith.v1.ReleaseRequest\x1a\x1c.bitsmith.v1.ReleaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,25 +43,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STARTREQUEST']._serialized_start=369
   _globals['_STARTREQUEST']._serialized_end=470
   _globals['_STARTRESPONSE']._serialized_start=472
-  _globals['_STARTRESPONSE']._serialized_end=527
-  _globals['_COLLECTREQUEST']._serialized_start=530
-  _globals['_COLLECTREQUEST']._serialized_end=738
-  _globals['_COLLECTRESPONSE']._serialized_start=740
-  _globals['_COLLECTRESPONSE']._serialized_end=798
-  _globals['_ADVANCEREQUEST']._serialized_start=801
-  _globals['_ADVANCEREQUEST']._serialized_end=994
-  _globals['_ADVANCERESPONSE']._serialized_start=996
-  _globals['_ADVANCERESPONSE']._serialized_end=1054
-  _globals['_SCALETARGET']._serialized_start=1056
-  _globals['_SCALETARGET']._serialized_end=1125
-  _globals['_SCALEREQUEST']._serialized_start=1128
-  _globals['_SCALEREQUEST']._serialized_end=1360
-  _globals['_SCALERESPONSE']._serialized_start=1362
-  _globals['_SCALERESPONSE']._serialized_end=1440
-  _globals['_RELEASEREQUEST']._serialized_start=1442
-  _globals['_RELEASEREQUEST']._serialized_end=1474
-  _globals['_RELEASERESPONSE']._serialized_start=1476
-  _globals['_RELEASERESPONSE']._serialized_end=1493
-  _globals['_CALIBRATORSERVICE']._serialized_start=1496
-  _globals['_CALIBRATORSERVICE']._serialized_end=1911
+  _globals['_STARTRESPONSE']._serialized_end=587
+  _globals['_COLLECTREQUEST']._serialized_start=590
+  _globals['_COLLECTREQUEST']._serialized_end=815
+  _globals['_COLLECTRESPONSE']._serialized_start=817
+  _globals['_COLLECTRESPONSE']._serialized_end=918
+  _globals['_ADVANCEREQUEST']._serialized_start=921
+  _globals['_ADVANCEREQUEST']._serialized_end=1154
+  _globals['_ADVANCERESPONSE']._serialized_start=1157
+  _globals['_ADVANCERESPONSE']._serialized_end=1302
+  _globals['_SCALETARGET']._serialized_start=1304
+  _globals['_SCALETARGET']._serialized_end=1373
+  _globals['_SCALEREQUEST']._serialized_start=1376
+  _globals['_SCALEREQUEST']._serialized_end=1625
+  _globals['_SCALERESPONSE']._serialized_start=1627
+  _globals['_SCALERESPONSE']._serialized_end=1748
+  _globals['_RELEASEREQUEST']._serialized_start=1750
+  _globals['_RELEASEREQUEST']._serialized_end=1782
+  _globals['_RELEASERESPONSE']._serialized_start=1784
+  _globals['_RELEASERESPONSE']._serialized_end=1801
+  _globals['_CALIBRATORSERVICE']._serialized_start=1804
+  _globals['_CALIBRATORSERVICE']._serialized_end=2219
 # @@protoc_insertion_point(module_scope)

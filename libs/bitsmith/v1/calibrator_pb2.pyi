@@ -50,13 +50,17 @@ class StartRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., model_path: _Optional[str] = ..., calibration: _Optional[_Union[_common_pb2.CalibrationSpec, _Mapping]] = ...) -> None: ...
 
 class StartResponse(_message.Message):
-    __slots__ = ("inputs",)
+    __slots__ = ("inputs", "holdout", "usage")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
+    HOLDOUT_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     inputs: _common_pb2.TensorRef
-    def __init__(self, inputs: _Optional[_Union[_common_pb2.TensorRef, _Mapping]] = ...) -> None: ...
+    holdout: int
+    usage: _common_pb2.ResourceUsage
+    def __init__(self, inputs: _Optional[_Union[_common_pb2.TensorRef, _Mapping]] = ..., holdout: _Optional[int] = ..., usage: _Optional[_Union[_common_pb2.ResourceUsage, _Mapping]] = ...) -> None: ...
 
 class CollectRequest(_message.Message):
-    __slots__ = ("job_id", "model_path", "block", "names", "inputs", "applied", "scaled")
+    __slots__ = ("job_id", "model_path", "block", "names", "inputs", "applied", "scaled", "holdout")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     BLOCK_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +68,7 @@ class CollectRequest(_message.Message):
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     APPLIED_FIELD_NUMBER: _ClassVar[int]
     SCALED_FIELD_NUMBER: _ClassVar[int]
+    HOLDOUT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     model_path: str
     block: int
@@ -71,35 +76,46 @@ class CollectRequest(_message.Message):
     inputs: _common_pb2.TensorRef
     applied: _containers.RepeatedCompositeFieldContainer[_common_pb2.QuantizedRef]
     scaled: _containers.RepeatedCompositeFieldContainer[_common_pb2.NamedTensor]
-    def __init__(self, job_id: _Optional[str] = ..., model_path: _Optional[str] = ..., block: _Optional[int] = ..., names: _Optional[_Iterable[str]] = ..., inputs: _Optional[_Union[_common_pb2.TensorRef, _Mapping]] = ..., applied: _Optional[_Iterable[_Union[_common_pb2.QuantizedRef, _Mapping]]] = ..., scaled: _Optional[_Iterable[_Union[_common_pb2.NamedTensor, _Mapping]]] = ...) -> None: ...
+    holdout: int
+    def __init__(self, job_id: _Optional[str] = ..., model_path: _Optional[str] = ..., block: _Optional[int] = ..., names: _Optional[_Iterable[str]] = ..., inputs: _Optional[_Union[_common_pb2.TensorRef, _Mapping]] = ..., applied: _Optional[_Iterable[_Union[_common_pb2.QuantizedRef, _Mapping]]] = ..., scaled: _Optional[_Iterable[_Union[_common_pb2.NamedTensor, _Mapping]]] = ..., holdout: _Optional[int] = ...) -> None: ...
 
 class CollectResponse(_message.Message):
-    __slots__ = ("stats",)
+    __slots__ = ("stats", "usage")
     STATS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     stats: _containers.RepeatedCompositeFieldContainer[_common_pb2.LinearStats]
-    def __init__(self, stats: _Optional[_Iterable[_Union[_common_pb2.LinearStats, _Mapping]]] = ...) -> None: ...
+    usage: _common_pb2.ResourceUsage
+    def __init__(self, stats: _Optional[_Iterable[_Union[_common_pb2.LinearStats, _Mapping]]] = ..., usage: _Optional[_Union[_common_pb2.ResourceUsage, _Mapping]] = ...) -> None: ...
 
 class AdvanceRequest(_message.Message):
-    __slots__ = ("job_id", "model_path", "block", "inputs", "applied", "scaled")
+    __slots__ = ("job_id", "model_path", "block", "inputs", "applied", "scaled", "holdout", "float_outputs")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     BLOCK_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     APPLIED_FIELD_NUMBER: _ClassVar[int]
     SCALED_FIELD_NUMBER: _ClassVar[int]
+    HOLDOUT_FIELD_NUMBER: _ClassVar[int]
+    FLOAT_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     model_path: str
     block: int
     inputs: _common_pb2.TensorRef
     applied: _containers.RepeatedCompositeFieldContainer[_common_pb2.QuantizedRef]
     scaled: _containers.RepeatedCompositeFieldContainer[_common_pb2.NamedTensor]
-    def __init__(self, job_id: _Optional[str] = ..., model_path: _Optional[str] = ..., block: _Optional[int] = ..., inputs: _Optional[_Union[_common_pb2.TensorRef, _Mapping]] = ..., applied: _Optional[_Iterable[_Union[_common_pb2.QuantizedRef, _Mapping]]] = ..., scaled: _Optional[_Iterable[_Union[_common_pb2.NamedTensor, _Mapping]]] = ...) -> None: ...
+    holdout: int
+    float_outputs: bool
+    def __init__(self, job_id: _Optional[str] = ..., model_path: _Optional[str] = ..., block: _Optional[int] = ..., inputs: _Optional[_Union[_common_pb2.TensorRef, _Mapping]] = ..., applied: _Optional[_Iterable[_Union[_common_pb2.QuantizedRef, _Mapping]]] = ..., scaled: _Optional[_Iterable[_Union[_common_pb2.NamedTensor, _Mapping]]] = ..., holdout: _Optional[int] = ..., float_outputs: _Optional[bool] = ...) -> None: ...
 
 class AdvanceResponse(_message.Message):
-    __slots__ = ("outputs",)
+    __slots__ = ("outputs", "output_error", "usage")
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_ERROR_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     outputs: _common_pb2.TensorRef
-    def __init__(self, outputs: _Optional[_Union[_common_pb2.TensorRef, _Mapping]] = ...) -> None: ...
+    output_error: float
+    usage: _common_pb2.ResourceUsage
+    def __init__(self, outputs: _Optional[_Union[_common_pb2.TensorRef, _Mapping]] = ..., output_error: _Optional[float] = ..., usage: _Optional[_Union[_common_pb2.ResourceUsage, _Mapping]] = ...) -> None: ...
 
 class ScaleTarget(_message.Message):
     __slots__ = ("name", "scheme")
@@ -110,7 +126,7 @@ class ScaleTarget(_message.Message):
     def __init__(self, name: _Optional[str] = ..., scheme: _Optional[_Union[_common_pb2.QuantScheme, _Mapping]] = ...) -> None: ...
 
 class ScaleRequest(_message.Message):
-    __slots__ = ("job_id", "model_path", "block", "inputs", "targets", "awq", "grid_search")
+    __slots__ = ("job_id", "model_path", "block", "inputs", "targets", "awq", "grid_search", "holdout")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     BLOCK_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +134,7 @@ class ScaleRequest(_message.Message):
     TARGETS_FIELD_NUMBER: _ClassVar[int]
     AWQ_FIELD_NUMBER: _ClassVar[int]
     GRID_SEARCH_FIELD_NUMBER: _ClassVar[int]
+    HOLDOUT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     model_path: str
     block: int
@@ -125,15 +142,18 @@ class ScaleRequest(_message.Message):
     targets: _containers.RepeatedCompositeFieldContainer[ScaleTarget]
     awq: _common_pb2.AWQOptions
     grid_search: _common_pb2.GridSearch
-    def __init__(self, job_id: _Optional[str] = ..., model_path: _Optional[str] = ..., block: _Optional[int] = ..., inputs: _Optional[_Union[_common_pb2.TensorRef, _Mapping]] = ..., targets: _Optional[_Iterable[_Union[ScaleTarget, _Mapping]]] = ..., awq: _Optional[_Union[_common_pb2.AWQOptions, _Mapping]] = ..., grid_search: _Optional[_Union[_common_pb2.GridSearch, _Mapping]] = ...) -> None: ...
+    holdout: int
+    def __init__(self, job_id: _Optional[str] = ..., model_path: _Optional[str] = ..., block: _Optional[int] = ..., inputs: _Optional[_Union[_common_pb2.TensorRef, _Mapping]] = ..., targets: _Optional[_Iterable[_Union[ScaleTarget, _Mapping]]] = ..., awq: _Optional[_Union[_common_pb2.AWQOptions, _Mapping]] = ..., grid_search: _Optional[_Union[_common_pb2.GridSearch, _Mapping]] = ..., holdout: _Optional[int] = ...) -> None: ...
 
 class ScaleResponse(_message.Message):
-    __slots__ = ("scaled", "report_json")
+    __slots__ = ("scaled", "report_json", "usage")
     SCALED_FIELD_NUMBER: _ClassVar[int]
     REPORT_JSON_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     scaled: _containers.RepeatedCompositeFieldContainer[_common_pb2.NamedTensor]
     report_json: str
-    def __init__(self, scaled: _Optional[_Iterable[_Union[_common_pb2.NamedTensor, _Mapping]]] = ..., report_json: _Optional[str] = ...) -> None: ...
+    usage: _common_pb2.ResourceUsage
+    def __init__(self, scaled: _Optional[_Iterable[_Union[_common_pb2.NamedTensor, _Mapping]]] = ..., report_json: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.ResourceUsage, _Mapping]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("job_id",)

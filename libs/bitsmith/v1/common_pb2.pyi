@@ -169,18 +169,20 @@ class Recipe(_message.Message):
     def __init__(self, method: _Optional[_Union[Method, str]] = ..., scheme: _Optional[_Union[QuantScheme, _Mapping]] = ..., gptq: _Optional[_Union[GPTQOptions, _Mapping]] = ..., overrides: _Optional[_Iterable[_Union[ModuleOverride, _Mapping]]] = ..., awq: _Optional[_Union[AWQOptions, _Mapping]] = ...) -> None: ...
 
 class CalibrationSpec(_message.Message):
-    __slots__ = ("files", "samples", "seq_len", "seed", "mode")
+    __slots__ = ("files", "samples", "seq_len", "seed", "mode", "holdout_samples")
     FILES_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    HOLDOUT_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     files: _containers.RepeatedScalarFieldContainer[str]
     samples: int
     seq_len: int
     seed: int
     mode: CalibrationMode
-    def __init__(self, files: _Optional[_Iterable[str]] = ..., samples: _Optional[int] = ..., seq_len: _Optional[int] = ..., seed: _Optional[int] = ..., mode: _Optional[_Union[CalibrationMode, str]] = ...) -> None: ...
+    holdout_samples: int
+    def __init__(self, files: _Optional[_Iterable[str]] = ..., samples: _Optional[int] = ..., seq_len: _Optional[int] = ..., seed: _Optional[int] = ..., mode: _Optional[_Union[CalibrationMode, str]] = ..., holdout_samples: _Optional[int] = ...) -> None: ...
 
 class OutputFormat(_message.Message):
     __slots__ = ("format", "variant")
@@ -243,18 +245,22 @@ class ProgressEvent(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., phase: _Optional[str] = ..., block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., message: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sequence: _Optional[int] = ...) -> None: ...
 
 class Artifact(_message.Message):
-    __slots__ = ("format", "variant", "path", "bytes", "sha256")
+    __slots__ = ("format", "variant", "path", "bytes", "sha256", "metrics", "bits_per_weight")
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    BITS_PER_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     format: Format
     variant: str
     path: str
     bytes: int
     sha256: str
-    def __init__(self, format: _Optional[_Union[Format, str]] = ..., variant: _Optional[str] = ..., path: _Optional[str] = ..., bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+    metrics: _containers.RepeatedCompositeFieldContainer[EvalResult]
+    bits_per_weight: float
+    def __init__(self, format: _Optional[_Union[Format, str]] = ..., variant: _Optional[str] = ..., path: _Optional[str] = ..., bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., metrics: _Optional[_Iterable[_Union[EvalResult, _Mapping]]] = ..., bits_per_weight: _Optional[float] = ...) -> None: ...
 
 class EvalResult(_message.Message):
     __slots__ = ("dataset", "ppl", "tokens", "kl", "top1", "reference_ppl", "tokens_per_s")
@@ -315,3 +321,107 @@ class QuantizedRef(_message.Message):
     ggml: GGMLScheme
     in_features: int
     def __init__(self, name: _Optional[str] = ..., codes: _Optional[_Union[TensorRef, _Mapping]] = ..., scales: _Optional[_Union[TensorRef, _Mapping]] = ..., zeros: _Optional[_Union[TensorRef, _Mapping]] = ..., g_idx: _Optional[_Union[TensorRef, _Mapping]] = ..., scheme: _Optional[_Union[QuantScheme, _Mapping]] = ..., blocks: _Optional[_Union[TensorRef, _Mapping]] = ..., ggml: _Optional[_Union[GGMLScheme, _Mapping]] = ..., in_features: _Optional[int] = ...) -> None: ...
+
+class ResourceUsage(_message.Message):
+    __slots__ = ("device", "peak_host_bytes", "peak_device_bytes")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    PEAK_HOST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PEAK_DEVICE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    peak_host_bytes: int
+    peak_device_bytes: int
+    def __init__(self, device: _Optional[str] = ..., peak_host_bytes: _Optional[int] = ..., peak_device_bytes: _Optional[int] = ...) -> None: ...
+
+class LayerDiagnostics(_message.Message):
+    __slots__ = ("name", "block", "target", "method", "grid", "bits_per_weight", "parameters", "error", "rtn_error", "weight_energy", "damp_percent")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    GRID_FIELD_NUMBER: _ClassVar[int]
+    BITS_PER_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    RTN_ERROR_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_ENERGY_FIELD_NUMBER: _ClassVar[int]
+    DAMP_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    block: int
+    target: str
+    method: Method
+    grid: str
+    bits_per_weight: float
+    parameters: int
+    error: float
+    rtn_error: float
+    weight_energy: float
+    damp_percent: float
+    def __init__(self, name: _Optional[str] = ..., block: _Optional[int] = ..., target: _Optional[str] = ..., method: _Optional[_Union[Method, str]] = ..., grid: _Optional[str] = ..., bits_per_weight: _Optional[float] = ..., parameters: _Optional[int] = ..., error: _Optional[float] = ..., rtn_error: _Optional[float] = ..., weight_energy: _Optional[float] = ..., damp_percent: _Optional[float] = ...) -> None: ...
+
+class BlockDiagnostics(_message.Message):
+    __slots__ = ("block", "output_error", "samples")
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_ERROR_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    block: int
+    output_error: float
+    samples: int
+    def __init__(self, block: _Optional[int] = ..., output_error: _Optional[float] = ..., samples: _Optional[int] = ...) -> None: ...
+
+class PhaseTime(_message.Message):
+    __slots__ = ("phase", "seconds", "calls")
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    phase: str
+    seconds: float
+    calls: int
+    def __init__(self, phase: _Optional[str] = ..., seconds: _Optional[float] = ..., calls: _Optional[int] = ...) -> None: ...
+
+class TimelineSpan(_message.Message):
+    __slots__ = ("name", "service", "phase", "block", "start_s", "duration_s", "span_id", "parent_id")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    START_S_FIELD_NUMBER: _ClassVar[int]
+    DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    SPAN_ID_FIELD_NUMBER: _ClassVar[int]
+    PARENT_ID_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    service: str
+    phase: str
+    block: int
+    start_s: float
+    duration_s: float
+    span_id: str
+    parent_id: str
+    def __init__(self, name: _Optional[str] = ..., service: _Optional[str] = ..., phase: _Optional[str] = ..., block: _Optional[int] = ..., start_s: _Optional[float] = ..., duration_s: _Optional[float] = ..., span_id: _Optional[str] = ..., parent_id: _Optional[str] = ...) -> None: ...
+
+class ServiceUsage(_message.Message):
+    __slots__ = ("service", "usage", "busy_s")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    BUSY_S_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    usage: ResourceUsage
+    busy_s: float
+    def __init__(self, service: _Optional[str] = ..., usage: _Optional[_Union[ResourceUsage, _Mapping]] = ..., busy_s: _Optional[float] = ...) -> None: ...
+
+class JobDiagnostics(_message.Message):
+    __slots__ = ("layers", "blocks", "phases", "timeline", "services", "wall_s", "trace_id")
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PHASES_FIELD_NUMBER: _ClassVar[int]
+    TIMELINE_FIELD_NUMBER: _ClassVar[int]
+    SERVICES_FIELD_NUMBER: _ClassVar[int]
+    WALL_S_FIELD_NUMBER: _ClassVar[int]
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    layers: _containers.RepeatedCompositeFieldContainer[LayerDiagnostics]
+    blocks: _containers.RepeatedCompositeFieldContainer[BlockDiagnostics]
+    phases: _containers.RepeatedCompositeFieldContainer[PhaseTime]
+    timeline: _containers.RepeatedCompositeFieldContainer[TimelineSpan]
+    services: _containers.RepeatedCompositeFieldContainer[ServiceUsage]
+    wall_s: float
+    trace_id: str
+    def __init__(self, layers: _Optional[_Iterable[_Union[LayerDiagnostics, _Mapping]]] = ..., blocks: _Optional[_Iterable[_Union[BlockDiagnostics, _Mapping]]] = ..., phases: _Optional[_Iterable[_Union[PhaseTime, _Mapping]]] = ..., timeline: _Optional[_Iterable[_Union[TimelineSpan, _Mapping]]] = ..., services: _Optional[_Iterable[_Union[ServiceUsage, _Mapping]]] = ..., wall_s: _Optional[float] = ..., trace_id: _Optional[str] = ...) -> None: ...

@@ -26,24 +26,28 @@ class PackRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., model_path: _Optional[str] = ..., quantized: _Optional[_Iterable[_Union[_common_pb2.QuantizedRef, _Mapping]]] = ..., format: _Optional[_Union[_common_pb2.OutputFormat, _Mapping]] = ..., out_path: _Optional[str] = ..., recipe: _Optional[_Union[_common_pb2.Recipe, _Mapping]] = ..., dense: _Optional[_Iterable[_Union[_common_pb2.NamedTensor, _Mapping]]] = ...) -> None: ...
 
 class PackResponse(_message.Message):
-    __slots__ = ("staging_path", "artifact")
+    __slots__ = ("staging_path", "artifact", "usage")
     STAGING_PATH_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     staging_path: str
     artifact: _common_pb2.Artifact
-    def __init__(self, staging_path: _Optional[str] = ..., artifact: _Optional[_Union[_common_pb2.Artifact, _Mapping]] = ...) -> None: ...
+    usage: _common_pb2.ResourceUsage
+    def __init__(self, staging_path: _Optional[str] = ..., artifact: _Optional[_Union[_common_pb2.Artifact, _Mapping]] = ..., usage: _Optional[_Union[_common_pb2.ResourceUsage, _Mapping]] = ...) -> None: ...
 
 class PublishRequest(_message.Message):
-    __slots__ = ("staging_path", "out_path", "metrics", "trace_id")
+    __slots__ = ("staging_path", "out_path", "metrics", "trace_id", "diagnostics")
     STAGING_PATH_FIELD_NUMBER: _ClassVar[int]
     OUT_PATH_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    DIAGNOSTICS_FIELD_NUMBER: _ClassVar[int]
     staging_path: str
     out_path: str
     metrics: _containers.RepeatedCompositeFieldContainer[_common_pb2.EvalResult]
     trace_id: str
-    def __init__(self, staging_path: _Optional[str] = ..., out_path: _Optional[str] = ..., metrics: _Optional[_Iterable[_Union[_common_pb2.EvalResult, _Mapping]]] = ..., trace_id: _Optional[str] = ...) -> None: ...
+    diagnostics: _common_pb2.JobDiagnostics
+    def __init__(self, staging_path: _Optional[str] = ..., out_path: _Optional[str] = ..., metrics: _Optional[_Iterable[_Union[_common_pb2.EvalResult, _Mapping]]] = ..., trace_id: _Optional[str] = ..., diagnostics: _Optional[_Union[_common_pb2.JobDiagnostics, _Mapping]] = ...) -> None: ...
 
 class DiscardRequest(_message.Message):
     __slots__ = ("staging_path", "out_path")

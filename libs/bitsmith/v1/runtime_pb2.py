@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from bitsmith.v1 import common_pb2 as bitsmith_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x62itsmith/v1/runtime.proto\x12\x0b\x62itsmith.v1\x1a\x18\x62itsmith/v1/common.proto\"k\n\x0f\x45valuateRequest\x12\x15\n\rartifact_path\x18\x01 \x01(\t\x12\x1c\n\x14reference_model_path\x18\x02 \x01(\t\x12\x12\n\ndata_files\x18\x03 \x03(\t\x12\x0f\n\x07seq_len\x18\x04 \x01(\x05\"<\n\x10\x45valuateResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.bitsmith.v1.EvalResult\"\x86\x01\n\x0fGenerateRequest\x12\x15\n\rartifact_path\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x1e\n\x11\x63hunk_interval_ms\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x14\n\x12_chunk_interval_ms\"H\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12)\n\x05stats\x18\x02 \x01(\x0b\x32\x1a.bitsmith.v1.GenerateStats\"\x87\x01\n\rGenerateStats\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x16\n\x0eprompt_seconds\x18\x02 \x01(\x01\x12\x15\n\rdecode_tokens\x18\x03 \x01(\x03\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x04 \x01(\x01\x12\x18\n\x10generated_tokens\x18\x05 \x01(\x03\x32\xa1\x01\n\x0eRuntimeService\x12G\n\x08\x45valuate\x12\x1c.bitsmith.v1.EvaluateRequest\x1a\x1d.bitsmith.v1.EvaluateResponse\x12\x46\n\x08Generate\x12\x1c.bitsmith.v1.GenerateRequest\x1a\x1a.bitsmith.v1.GenerateChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x62itsmith/v1/runtime.proto\x12\x0b\x62itsmith.v1\x1a\x18\x62itsmith/v1/common.proto\"k\n\x0f\x45valuateRequest\x12\x15\n\rartifact_path\x18\x01 \x01(\t\x12\x1c\n\x14reference_model_path\x18\x02 \x01(\t\x12\x12\n\ndata_files\x18\x03 \x03(\t\x12\x0f\n\x07seq_len\x18\x04 \x01(\x05\"g\n\x10\x45valuateResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.bitsmith.v1.EvalResult\x12)\n\x05usage\x18\x02 \x01(\x0b\x32\x1a.bitsmith.v1.ResourceUsage\"\x86\x01\n\x0fGenerateRequest\x12\x15\n\rartifact_path\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x1e\n\x11\x63hunk_interval_ms\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x14\n\x12_chunk_interval_ms\"H\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12)\n\x05stats\x18\x02 \x01(\x0b\x32\x1a.bitsmith.v1.GenerateStats\"\x87\x01\n\rGenerateStats\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x16\n\x0eprompt_seconds\x18\x02 \x01(\x01\x12\x15\n\rdecode_tokens\x18\x03 \x01(\x03\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x04 \x01(\x01\x12\x18\n\x10generated_tokens\x18\x05 \x01(\x03\x32\xa1\x01\n\x0eRuntimeService\x12G\n\x08\x45valuate\x12\x1c.bitsmith.v1.EvaluateRequest\x1a\x1d.bitsmith.v1.EvaluateResponse\x12\x46\n\x08Generate\x12\x1c.bitsmith.v1.GenerateRequest\x1a\x1a.bitsmith.v1.GenerateChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,13 +35,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVALUATEREQUEST']._serialized_start=68
   _globals['_EVALUATEREQUEST']._serialized_end=175
   _globals['_EVALUATERESPONSE']._serialized_start=177
-  _globals['_EVALUATERESPONSE']._serialized_end=237
-  _globals['_GENERATEREQUEST']._serialized_start=240
-  _globals['_GENERATEREQUEST']._serialized_end=374
-  _globals['_GENERATECHUNK']._serialized_start=376
-  _globals['_GENERATECHUNK']._serialized_end=448
-  _globals['_GENERATESTATS']._serialized_start=451
-  _globals['_GENERATESTATS']._serialized_end=586
-  _globals['_RUNTIMESERVICE']._serialized_start=589
-  _globals['_RUNTIMESERVICE']._serialized_end=750
+  _globals['_EVALUATERESPONSE']._serialized_end=280
+  _globals['_GENERATEREQUEST']._serialized_start=283
+  _globals['_GENERATEREQUEST']._serialized_end=417
+  _globals['_GENERATECHUNK']._serialized_start=419
+  _globals['_GENERATECHUNK']._serialized_end=491
+  _globals['_GENERATESTATS']._serialized_start=494
+  _globals['_GENERATESTATS']._serialized_end=629
+  _globals['_RUNTIMESERVICE']._serialized_start=632
+  _globals['_RUNTIMESERVICE']._serialized_end=793
 # @@protoc_insertion_point(module_scope)

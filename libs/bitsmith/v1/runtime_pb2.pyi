@@ -20,10 +20,12 @@ class EvaluateRequest(_message.Message):
     def __init__(self, artifact_path: _Optional[str] = ..., reference_model_path: _Optional[str] = ..., data_files: _Optional[_Iterable[str]] = ..., seq_len: _Optional[int] = ...) -> None: ...
 
 class EvaluateResponse(_message.Message):
-    __slots__ = ("results",)
+    __slots__ = ("results", "usage")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[_common_pb2.EvalResult]
-    def __init__(self, results: _Optional[_Iterable[_Union[_common_pb2.EvalResult, _Mapping]]] = ...) -> None: ...
+    usage: _common_pb2.ResourceUsage
+    def __init__(self, results: _Optional[_Iterable[_Union[_common_pb2.EvalResult, _Mapping]]] = ..., usage: _Optional[_Union[_common_pb2.ResourceUsage, _Mapping]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("artifact_path", "prompt", "max_new_tokens", "chunk_interval_ms")

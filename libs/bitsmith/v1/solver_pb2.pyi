@@ -30,19 +30,23 @@ class SolveRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., block: _Optional[int] = ..., prefix: _Optional[str] = ..., stats: _Optional[_Iterable[_Union[_common_pb2.LinearStats, _Mapping]]] = ..., method: _Optional[_Union[_common_pb2.Method, str]] = ..., scheme: _Optional[_Union[_common_pb2.QuantScheme, _Mapping]] = ..., gptq: _Optional[_Union[_common_pb2.GPTQOptions, _Mapping]] = ..., ggml: _Optional[_Union[_common_pb2.GGMLScheme, _Mapping]] = ..., model_path: _Optional[str] = ...) -> None: ...
 
 class SolvedLinear(_message.Message):
-    __slots__ = ("quantized", "error", "rtn_error", "damp_percent")
+    __slots__ = ("quantized", "error", "rtn_error", "damp_percent", "weight_energy")
     QUANTIZED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     RTN_ERROR_FIELD_NUMBER: _ClassVar[int]
     DAMP_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_ENERGY_FIELD_NUMBER: _ClassVar[int]
     quantized: _common_pb2.QuantizedRef
     error: float
     rtn_error: float
     damp_percent: float
-    def __init__(self, quantized: _Optional[_Union[_common_pb2.QuantizedRef, _Mapping]] = ..., error: _Optional[float] = ..., rtn_error: _Optional[float] = ..., damp_percent: _Optional[float] = ...) -> None: ...
+    weight_energy: float
+    def __init__(self, quantized: _Optional[_Union[_common_pb2.QuantizedRef, _Mapping]] = ..., error: _Optional[float] = ..., rtn_error: _Optional[float] = ..., damp_percent: _Optional[float] = ..., weight_energy: _Optional[float] = ...) -> None: ...
 
 class SolveResponse(_message.Message):
-    __slots__ = ("solved",)
+    __slots__ = ("solved", "usage")
     SOLVED_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     solved: _containers.RepeatedCompositeFieldContainer[SolvedLinear]
-    def __init__(self, solved: _Optional[_Iterable[_Union[SolvedLinear, _Mapping]]] = ...) -> None: ...
+    usage: _common_pb2.ResourceUsage
+    def __init__(self, solved: _Optional[_Iterable[_Union[SolvedLinear, _Mapping]]] = ..., usage: _Optional[_Union[_common_pb2.ResourceUsage, _Mapping]] = ...) -> None: ...
