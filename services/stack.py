@@ -2,7 +2,8 @@
 
 This is what `bitsmith quantize` starts when no --server is given (and stops afterwards), what
 `bitsmith up` keeps running, and what `bitsmith serve coordinator` is. Workers run as Ray actors
-by default (a local Ray, or `ray_address` to join a cluster), or at the addresses given.
+by default (a local Ray, or `ray_address` to join a cluster), or at the addresses given. Beside its
+gRPC address the coordinator opens an HTTP port (`http_address`): health, Prometheus metrics, job reports.
 """
 
 from __future__ import annotations
@@ -32,7 +33,10 @@ class LocalStack:
     ray_address: str | None = None
     services: ServiceAddresses | None = None
     max_concurrent_jobs: int = 1
+    http_port: int | None = 0
+    """The coordinator's HTTP port (health, metrics, job reports) on `host`: 0 picks a free one, None opens none."""
     address: str = ""
+    http_address: str | None = None
     _parts: list[Any] = field(default_factory=list)
 
     def start(self) -> str:
@@ -46,13 +50,14 @@ class LocalStack:
         try:
             server, port, coordinator = create_server(
                 f"{self.host}:{self.port}", db_path=self.home / "jobs.sqlite", placement=placement,
-                max_concurrent_jobs=self.max_concurrent_jobs,
+                max_concurrent_jobs=self.max_concurrent_jobs, http_port=self.http_port,
             )
         except BaseException:
             placement.stop()
             raise
         self._parts = [server, coordinator, placement]
         self.address = f"{self.host}:{port}"
+        self.http_address = coordinator.http_address
         return self.address
 
     def stop(self) -> None:

@@ -21,7 +21,9 @@ from bitsmith.rpc.convert import recipe_from_proto
 from bitsmith.rpc.server import ServiceBinding
 from bitsmith.rpc.server import create_server as _create_server
 from bitsmith.v1 import calibrator_pb2, common_pb2, job_pb2, job_pb2_grpc
+from bitsmith_services.coordinator.http import CoordinatorHttp, local_target
 from bitsmith_services.coordinator.jobstore import TERMINAL, JobStore
+from bitsmith_services.coordinator.metrics import CoordinatorMetrics
 from bitsmith_services.coordinator.placement import Placement
 from bitsmith_services.coordinator.runner import JobRunner, Stubs, discard_outputs
 
@@ -68,15 +70,32 @@ class Coordinator(job_pb2_grpc.JobServiceServicer):
         self._pool = ThreadPoolExecutor(max_workers=max_concurrent_jobs, thread_name_prefix="bitsmith-job")
         self._cancel: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
+        self.metrics = CoordinatorMetrics(jobs)
+        self._http: CoordinatorHttp | None = None
+
+    @property
+    def http_address(self) -> str | None:
+        """Where the HTTP port (health, metrics, reports) listens; None if it was not opened."""
+        return self._http.address if self._http else None
+
+    def serve_http(self, host: str, port: int, *, grpc_target: str) -> str:
+        """Open the HTTP port on `host`:`port` (0: a free one); `shutdown()` closes it. Returns its address.
+
+        `grpc_target` is where this coordinator's JobService answers, for /healthz to ask.
+        """
+        http = CoordinatorHttp(host, port, jobs=self._jobs, metrics=self.metrics, grpc_target=grpc_target)
+        http.start()
+        self._http = http
+        return http.address
 
     def recover(self) -> None:
         """After a restart: fail jobs caught running (removing their staged output), requeue queued ones."""
         for job in self._jobs.list_jobs([common_pb2.JOB_STATE_RUNNING], limit=1_000_000):
             discard_outputs(self._stubs, job.spec)
-            self._jobs.transition(
+            self.metrics.observe_job(self._jobs.transition(
                 job.job_id, common_pb2.JOB_STATE_FAILED,
                 error="the coordinator restarted while the job was running; its partial output was removed",
-            )
+            ))
         for job in reversed(self._jobs.list_jobs([common_pb2.JOB_STATE_QUEUED], limit=1_000_000)):
             self._enqueue(job.job_id)
 
@@ -86,10 +105,17 @@ class Coordinator(job_pb2_grpc.JobServiceServicer):
         self._pool.submit(self._run, job_id, event)
 
     def _run(self, job_id: str, cancelled: threading.Event) -> None:
+        """Run one job; once it is final, feed its metrics.
+
+        Each job passes through here exactly once per process (Submit enqueues it once, `recover` once),
+        so observing here counts each job once: also one cancelled while queued, whose turn still comes.
+        """
         try:
-            if cancelled.is_set() or self._jobs.get(job_id).state in TERMINAL:
-                return
-            JobRunner(self._jobs, self._stubs, job_id, cancelled).run()
+            if not cancelled.is_set() and self._jobs.get(job_id).state not in TERMINAL:
+                JobRunner(self._jobs, self._stubs, job_id, cancelled).run()
+            job = self._jobs.get(job_id)
+            if job.state in TERMINAL:
+                self.metrics.observe_job(job)
         finally:
             with self._lock:
                 self._cancel.pop(job_id, None)
@@ -98,6 +124,8 @@ class Coordinator(job_pb2_grpc.JobServiceServicer):
         with self._lock:
             for event in self._cancel.values():
                 event.set()
+        if self._http:
+            self._http.stop()
         self._pool.shutdown(wait=True, cancel_futures=False)
 
     def Submit(self, request: job_pb2.SubmitRequest, context: grpc.ServicerContext) -> job_pb2.Job:
@@ -146,14 +174,26 @@ class Coordinator(job_pb2_grpc.JobServiceServicer):
             self._jobs.wait_for_change(WATCH_POLL_S)
 
 
-def create_server(address: str, *, db_path: Path, placement: Placement, max_concurrent_jobs: int = 1
-                  ) -> tuple[grpc.Server, int, Coordinator]:
-    """Start the worker services (through `placement`), then the JobService on `address`."""
+def create_server(address: str, *, db_path: Path, placement: Placement, max_concurrent_jobs: int = 1,
+                  http_port: int | None = 0) -> tuple[grpc.Server, int, Coordinator]:
+    """Start the worker services (through `placement`), then the JobService on `address` ("host:port").
+
+    The coordinator's HTTP port opens on the same host at `http_port` (0: a free one; None: no HTTP
+    port); `coordinator.http_address` says where, and `coordinator.shutdown()` closes it.
+    """
     addresses = placement.start()
     stubs = Stubs.connect(addresses)
     coordinator = Coordinator(JobStore(db_path), stubs, max_concurrent_jobs=max_concurrent_jobs)
     coordinator.recover()
     binding = ServiceBinding.of(coordinator, job_pb2, job_pb2_grpc, "JobService")
     server, port = _create_server(address, [binding], component="coordinator")
+    if http_port is not None:
+        host = address.rpartition(":")[0]
+        try:
+            coordinator.serve_http(host, http_port, grpc_target=local_target(host, port))
+        except BaseException:
+            server.stop(grace=None)
+            coordinator.shutdown()
+            raise
     return server, port, coordinator
 
