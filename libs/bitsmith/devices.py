@@ -47,11 +47,12 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def peak_host_bytes() -> int:
-    """Peak resident set size of this process so far (what a host must have for what it served)."""
+    """Peak resident set size so far of this process or of the largest of its finished children
+    (llama.cpp evaluates in a worker process): what a host must have for what it served."""
     import resource
     import sys
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
 
 

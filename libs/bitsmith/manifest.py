@@ -2,7 +2,8 @@
 
 Why: an artifact must be self-describing and checkable long after the job that wrote it is gone.
 The manifest lists every file with its size and sha256, the recipe that produced it, metrics added by
-evaluation, the job's trace id and the versions of the libraries involved. Its `digest` (sha256 over
+evaluation, the job's diagnostics (per-layer errors, timeline: what `bitsmith report` draws), the
+job's trace id and the versions of the libraries involved. Its `digest` (sha256 over
 the sorted ``"<sha256>  <path>"`` lines, like ``sha256sum`` output) is the artifact's identity: it
 depends only on the files, so adding metrics later does not change it.
 
@@ -58,6 +59,10 @@ class Manifest:
     digest: str
     recipe: Mapping[str, Any] = field(default_factory=dict)
     metrics: Mapping[str, Any] = field(default_factory=dict)
+    diagnostics: Mapping[str, Any] = field(default_factory=dict)
+    """The job's `JobDiagnostics` in protobuf's JSON mapping (empty for artifacts built in-process)."""
+    bits_per_weight: float = 0.0
+    """Stored bits per weight of the linears the artifact quantizes (0: not recorded)."""
     trace_id: str = ""
     versions: Mapping[str, str] = field(default_factory=dict)
     created_at: str = ""
@@ -70,6 +75,8 @@ class Manifest:
             "files": [{"path": f.path, "bytes": f.bytes, "sha256": f.sha256} for f in self.files],
             "recipe": dict(self.recipe),
             "metrics": dict(self.metrics),
+            "diagnostics": dict(self.diagnostics),
+            "bits_per_weight": self.bits_per_weight,
             "trace_id": self.trace_id,
             "versions": dict(self.versions),
             "created_at": self.created_at,
@@ -92,6 +99,8 @@ class Manifest:
                 digest=str(data["digest"]),
                 recipe=dict(data.get("recipe", {})),
                 metrics=dict(data.get("metrics", {})),
+                diagnostics=dict(data.get("diagnostics", {})),
+                bits_per_weight=float(data.get("bits_per_weight", 0.0)),
                 trace_id=str(data.get("trace_id", "")),
                 versions=dict(data.get("versions", {})),
                 created_at=str(data.get("created_at", "")),
@@ -215,10 +224,16 @@ def verify_manifest(directory: Path) -> Manifest:
     return manifest
 
 
-def update_manifest(directory: Path, *, metrics: Mapping[str, Any]) -> Manifest:
-    """Merge `metrics` into the manifest (atomic replace); files and digest are unchanged."""
+def update_manifest(directory: Path, *, metrics: Mapping[str, Any], diagnostics: Mapping[str, Any] | None = None,
+                    bits_per_weight: float | None = None) -> Manifest:
+    """Merge `metrics` into the manifest and set `diagnostics` and `bits_per_weight` where given
+    (atomic replace); files and digest are unchanged."""
     manifest = read_manifest(directory)
-    return _write(directory, replace(manifest, metrics={**manifest.metrics, **metrics}))
+    return _write(directory, replace(
+        manifest, metrics={**manifest.metrics, **metrics},
+        diagnostics=manifest.diagnostics if diagnostics is None else dict(diagnostics),
+        bits_per_weight=manifest.bits_per_weight if bits_per_weight is None else bits_per_weight,
+    ))
 
 
 def build_artifact(

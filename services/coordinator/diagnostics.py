@@ -35,7 +35,8 @@ class JobRecorder:
     @contextmanager
     def call(self, phase: str, service: str, rpc: str, *, block: int = -1) -> Iterator[None]:
         """Time one call to `service` in `phase`, as a span of the job's trace and a timeline entry."""
-        attributes = {"bitsmith.phase": phase, "bitsmith.block": block, "bitsmith.service": service}
+        attributes: dict[str, str | int] = {"bitsmith.phase": phase, "bitsmith.block": block,
+                                            "bitsmith.service": service}
         with self._tracer.start_as_current_span(f"{phase} {rpc}", attributes=attributes):
             span_id = current_span_id()
             start = time.monotonic()
@@ -82,7 +83,8 @@ class JobRecorder:
                 busy[span.service] = busy.get(span.service, 0.0) + span.duration_s
             services = [common_pb2.ServiceUsage(service=name, usage=self._usage.get(name), busy_s=seconds)
                         for name, seconds in busy.items()]
+            blocks = sorted(self._blocks, key=lambda b: b.block)
             return common_pb2.JobDiagnostics(
-                layers=self._layers, blocks=sorted(self._blocks, key=lambda b: b.block), phases=phases.values(),
+                layers=self._layers, blocks=blocks, phases=phases.values(),
                 timeline=timeline, services=services, wall_s=time.monotonic() - self._started, trace_id=trace_id,
             )

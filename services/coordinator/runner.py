@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import grpc
 from bitsmith.errors import BitsmithError, CancelledError, GateFailedError
 from bitsmith.rpc.client import open_channel
-from bitsmith.rpc.convert import format_from_proto
+from bitsmith.rpc.convert import artifact_name, format_from_proto
 from bitsmith.telemetry import current_trace_id, setup_tracing
 from bitsmith.v1 import (
     calibrator_pb2,
@@ -84,12 +84,13 @@ class RpcBackend:
     messages; AWQ's scaled parameters travel as block-local NamedTensors."""
 
     def __init__(self, stubs: Stubs, job_id: str, spec: job_pb2.QuantizeJob, prefixes: Sequence[str],
-                 recorder: JobRecorder) -> None:
+                 recorder: JobRecorder, primary_key: str) -> None:
         self._stubs = stubs
         self._job_id = job_id
         self._spec = spec
         self._prefixes = prefixes
         self._recorder = recorder
+        self._primary_key = primary_key
         self._holdout = 0
 
     def start(self) -> common_pb2.TensorRef:
@@ -154,7 +155,8 @@ class RpcBackend:
             reply = self._stubs.solver.Solve(request, timeout=STEP_TIMEOUT_S)
         self._recorder.usage(Role.SOLVER, reply.usage)
         for solved in reply.solved:
-            self._recorder.layer(_layer_diagnostics(solved, bid, target, request.method, assignment.scheme))
+            self._recorder.layer(_layer_diagnostics(solved, bid, target or self._primary_key, request.method,
+                                                    assignment.scheme))
         prefix = self._prefixes[bid] + "."
         return {s.quantized.name.removeprefix(prefix): s.quantized for s in reply.solved}
 
@@ -287,7 +289,7 @@ class JobRunner:
             self._event(event.phase, event.message, block=event.block, num_blocks=event.num_blocks,
                         step=done, total=total)
 
-        backend = RpcBackend(self._stubs, self._job_id, spec, prefixes, recorder)
+        backend = RpcBackend(self._stubs, self._job_id, spec, prefixes, recorder, targets.primary_key)
         result: QuantizedModel[common_pb2.QuantizedRef, common_pb2.NamedTensor] = (
             run_sequential(plan, backend, on_event=on_event, should_stop=self._stop_requested)
             if targets.recipes else QuantizedModel({}, {}))
@@ -307,8 +309,7 @@ class JobRunner:
                     timeout=STEP_TIMEOUT_S,
                 )
             recorder.usage(Role.PACKER, reply.usage)
-            reply.artifact.bits_per_weight = _bits_per_weight(
-                recorder.layers_of("" if key == targets.primary_key else key))
+            reply.artifact.bits_per_weight = _bits_per_weight(recorder.layers_of(key))
             packed.append((reply.staging_path, reply.artifact))
             done += 1
             self._event("pack", f"packed {format_from_proto(fmt.format).value} ({reply.artifact.bytes} bytes)",
@@ -316,7 +317,7 @@ class JobRunner:
         if spec.eval.files:
             for staged, artifact in packed:
                 self._check_cancel()
-                name = _artifact_name(artifact)
+                name = artifact_name(artifact)
                 self._event("evaluate", f"evaluating the written {name} artifact", step=done, total=total)
                 role = Stubs.runtime_role(artifact.format)
                 with recorder.call("evaluate", role, "Evaluate"):
@@ -331,7 +332,7 @@ class JobRunner:
                 done += 1
                 self._event("evaluate", f"{name}: " + "; ".join(f"{Path(r.dataset).name}: ppl {r.ppl:.3f}"
                                                                  for r in evaluated.results), step=done, total=total)
-            check_gate(spec.eval.gate, [(_artifact_name(a), a.metrics) for _, a in packed])
+            check_gate(spec.eval.gate, [(artifact_name(a), a.metrics) for _, a in packed])
         self._check_cancel()
         artifacts = []
         diagnostics = recorder.diagnostics(current_trace_id())
@@ -339,7 +340,8 @@ class JobRunner:
             with recorder.call("publish", Role.PACKER, "Publish"):
                 published = self._stubs.packer.Publish(
                     packer_pb2.PublishRequest(staging_path=staging, out_path=artifact.path, metrics=artifact.metrics,
-                                              trace_id=current_trace_id(), diagnostics=diagnostics),
+                                              trace_id=current_trace_id(), diagnostics=diagnostics,
+                                              bits_per_weight=artifact.bits_per_weight),
                     timeout=600,
                 )
             # The manifest records the format; the job its variant, bits per weight and metrics.
@@ -354,12 +356,6 @@ class JobRunner:
         if artifacts:
             job.metrics.extend(artifacts[0].metrics)
         self._jobs.update(job)
-
-
-def _artifact_name(artifact: common_pb2.Artifact) -> str:
-    """``gptq`` or ``gguf:Q4_K_M``: how messages name an artifact of the job."""
-    name = format_from_proto(artifact.format).value
-    return f"{name}:{artifact.variant}" if artifact.variant and artifact.format == common_pb2.FORMAT_GGUF else name
 
 
 def _bits_per_weight(layers: Sequence[common_pb2.LayerDiagnostics]) -> float:

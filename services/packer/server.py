@@ -19,13 +19,14 @@ import grpc
 from bitsmith.errors import ConfigError
 from bitsmith.formats import get_format
 from bitsmith.formats.base import PARTIAL_MARKER, discard, publish, stage, staging_dirs
-from bitsmith.manifest import read_manifest, update_manifest, write_manifest
+from bitsmith.manifest import update_manifest, write_manifest
 from bitsmith.rpc.convert import (
     format_from_proto,
     format_to_proto,
     gptq_from_proto,
     quantized_ref_from_proto,
     tensor_ref_from_proto,
+    usage_to_proto,
 )
 from bitsmith.rpc.server import ServiceBinding
 from bitsmith.rpc.server import create_server as _create_server
@@ -85,12 +86,16 @@ class Packer(packer_pb2_grpc.PackerServiceServicer):
                 format=request.format.format, variant=request.format.variant, path=str(out),
                 bytes=sum(f.bytes for f in manifest.files), sha256=manifest.digest,
             ),
+            usage=usage_to_proto(),
         )
 
     def Publish(self, request: packer_pb2.PublishRequest, context: grpc.ServicerContext) -> common_pb2.Artifact:
         staging = _staging(request.staging_path)
         metrics = {r.dataset: MessageToDict(r, preserving_proto_field_name=True) for r in request.metrics}
-        manifest = update_manifest(staging, metrics=metrics) if metrics else read_manifest(staging)
+        diagnostics = (MessageToDict(request.diagnostics, preserving_proto_field_name=True)
+                       if request.HasField("diagnostics") else None)
+        manifest = update_manifest(staging, metrics=metrics, diagnostics=diagnostics,
+                                   bits_per_weight=request.bits_per_weight or None)
         out = Path(request.out_path)
         publish(staging, out)
         return common_pb2.Artifact(

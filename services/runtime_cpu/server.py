@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 from bitsmith.errors import ConfigError
+from bitsmith.rpc.convert import usage_to_proto
 from bitsmith.rpc.server import ServiceBinding
 from bitsmith.rpc.server import create_server as _create_server
 from bitsmith.schemes import Format
@@ -47,7 +48,7 @@ class Runtime(runtime_pb2_grpc.RuntimeServiceServicer):
             common_pb2.EvalResult(dataset=r.dataset, ppl=r.ppl, tokens=r.tokens, kl=r.kl, top1=r.top1,
                                   reference_ppl=r.reference_ppl, tokens_per_s=r.tokens_per_s)
             for r in results
-        ])
+        ], usage=usage_to_proto())
 
     def Generate(self, request: runtime_pb2.GenerateRequest, context: grpc.ServicerContext
                  ) -> Iterator[runtime_pb2.GenerateChunk]:

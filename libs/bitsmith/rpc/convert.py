@@ -208,9 +208,18 @@ def format_from_proto(value: int) -> Format:
     raise ConfigError(f"unknown or unspecified format {value}; known: {[f.value for f in Format]}")
 
 
-def usage_to_proto(device: torch.device) -> common_pb2.ResourceUsage:
-    """This process's peak host memory and `device`'s peak allocation so far, as workers report them."""
+def artifact_name(artifact: common_pb2.Artifact) -> str:
+    """``gptq`` or ``gguf:Q4_K_M``: how messages and reports name an artifact (GGUF by its mix)."""
+    name = format_from_proto(artifact.format).value
+    return f"{name}:{artifact.variant}" if artifact.variant and artifact.format == common_pb2.FORMAT_GGUF else name
+
+
+def usage_to_proto(device: torch.device | None = None) -> common_pb2.ResourceUsage:
+    """This process's peak host memory and `device`'s peak allocation so far, as workers report them
+    (no device: a process that computes on the host only)."""
     from bitsmith.devices import peak_host_bytes, peak_memory_bytes
 
+    if device is None:
+        return common_pb2.ResourceUsage(device="cpu", peak_host_bytes=peak_host_bytes())
     return common_pb2.ResourceUsage(device=str(device), peak_host_bytes=peak_host_bytes(),
                                     peak_device_bytes=peak_memory_bytes(device))

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from bitsmith.v1 import common_pb2 as bitsmith_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x62itsmith/v1/packer.proto\x12\x0b\x62itsmith.v1\x1a\x18\x62itsmith/v1/common.proto\"\xea\x01\n\x0bPackRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12,\n\tquantized\x18\x03 \x03(\x0b\x32\x19.bitsmith.v1.QuantizedRef\x12)\n\x06\x66ormat\x18\x04 \x01(\x0b\x32\x19.bitsmith.v1.OutputFormat\x12\x10\n\x08out_path\x18\x05 \x01(\t\x12#\n\x06recipe\x18\x06 \x01(\x0b\x32\x13.bitsmith.v1.Recipe\x12\'\n\x05\x64\x65nse\x18\x07 \x03(\x0b\x32\x18.bitsmith.v1.NamedTensor\"x\n\x0cPackResponse\x12\x14\n\x0cstaging_path\x18\x01 \x01(\t\x12\'\n\x08\x61rtifact\x18\x02 \x01(\x0b\x32\x15.bitsmith.v1.Artifact\x12)\n\x05usage\x18\x03 \x01(\x0b\x32\x1a.bitsmith.v1.ResourceUsage\"\xa6\x01\n\x0ePublishRequest\x12\x14\n\x0cstaging_path\x18\x01 \x01(\t\x12\x10\n\x08out_path\x18\x02 \x01(\t\x12(\n\x07metrics\x18\x03 \x03(\x0b\x32\x17.bitsmith.v1.EvalResult\x12\x10\n\x08trace_id\x18\x04 \x01(\t\x12\x30\n\x0b\x64iagnostics\x18\x05 \x01(\x0b\x32\x1b.bitsmith.v1.JobDiagnostics\"8\n\x0e\x44iscardRequest\x12\x14\n\x0cstaging_path\x18\x01 \x01(\t\x12\x10\n\x08out_path\x18\x02 \x01(\t\"\x11\n\x0f\x44iscardResponse2\xd1\x01\n\rPackerService\x12;\n\x04Pack\x12\x18.bitsmith.v1.PackRequest\x1a\x19.bitsmith.v1.PackResponse\x12=\n\x07Publish\x12\x1b.bitsmith.v1.PublishRequest\x1a\x15.bitsmith.v1.Artifact\x12\x44\n\x07\x44iscard\x12\x1b.bitsmith.v1.DiscardRequest\x1a\x1c.bitsmith.v1.DiscardResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x62itsmith/v1/packer.proto\x12\x0b\x62itsmith.v1\x1a\x18\x62itsmith/v1/common.proto\"\xea\x01\n\x0bPackRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12,\n\tquantized\x18\x03 \x03(\x0b\x32\x19.bitsmith.v1.QuantizedRef\x12)\n\x06\x66ormat\x18\x04 \x01(\x0b\x32\x19.bitsmith.v1.OutputFormat\x12\x10\n\x08out_path\x18\x05 \x01(\t\x12#\n\x06recipe\x18\x06 \x01(\x0b\x32\x13.bitsmith.v1.Recipe\x12\'\n\x05\x64\x65nse\x18\x07 \x03(\x0b\x32\x18.bitsmith.v1.NamedTensor\"x\n\x0cPackResponse\x12\x14\n\x0cstaging_path\x18\x01 \x01(\t\x12\'\n\x08\x61rtifact\x18\x02 \x01(\x0b\x32\x15.bitsmith.v1.Artifact\x12)\n\x05usage\x18\x03 \x01(\x0b\x32\x1a.bitsmith.v1.ResourceUsage\"\xbf\x01\n\x0ePublishRequest\x12\x14\n\x0cstaging_path\x18\x01 \x01(\t\x12\x10\n\x08out_path\x18\x02 \x01(\t\x12(\n\x07metrics\x18\x03 \x03(\x0b\x32\x17.bitsmith.v1.EvalResult\x12\x10\n\x08trace_id\x18\x04 \x01(\t\x12\x30\n\x0b\x64iagnostics\x18\x05 \x01(\x0b\x32\x1b.bitsmith.v1.JobDiagnostics\x12\x17\n\x0f\x62its_per_weight\x18\x06 \x01(\x01\"8\n\x0e\x44iscardRequest\x12\x14\n\x0cstaging_path\x18\x01 \x01(\t\x12\x10\n\x08out_path\x18\x02 \x01(\t\"\x11\n\x0f\x44iscardResponse2\xd1\x01\n\rPackerService\x12;\n\x04Pack\x12\x18.bitsmith.v1.PackRequest\x1a\x19.bitsmith.v1.PackResponse\x12=\n\x07Publish\x12\x1b.bitsmith.v1.PublishRequest\x1a\x15.bitsmith.v1.Artifact\x12\x44\n\x07\x44iscard\x12\x1b.bitsmith.v1.DiscardRequest\x1a\x1c.bitsmith.v1.DiscardResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,11 +37,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PACKRESPONSE']._serialized_start=304
   _globals['_PACKRESPONSE']._serialized_end=424
   _globals['_PUBLISHREQUEST']._serialized_start=427
-  _globals['_PUBLISHREQUEST']._serialized_end=593
-  _globals['_DISCARDREQUEST']._serialized_start=595
-  _globals['_DISCARDREQUEST']._serialized_end=651
-  _globals['_DISCARDRESPONSE']._serialized_start=653
-  _globals['_DISCARDRESPONSE']._serialized_end=670
-  _globals['_PACKERSERVICE']._serialized_start=673
-  _globals['_PACKERSERVICE']._serialized_end=882
+  _globals['_PUBLISHREQUEST']._serialized_end=618
+  _globals['_DISCARDREQUEST']._serialized_start=620
+  _globals['_DISCARDREQUEST']._serialized_end=676
+  _globals['_DISCARDRESPONSE']._serialized_start=678
+  _globals['_DISCARDRESPONSE']._serialized_end=695
+  _globals['_PACKERSERVICE']._serialized_start=698
+  _globals['_PACKERSERVICE']._serialized_end=907
 # @@protoc_insertion_point(module_scope)

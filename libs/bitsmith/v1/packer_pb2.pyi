@@ -36,18 +36,20 @@ class PackResponse(_message.Message):
     def __init__(self, staging_path: _Optional[str] = ..., artifact: _Optional[_Union[_common_pb2.Artifact, _Mapping]] = ..., usage: _Optional[_Union[_common_pb2.ResourceUsage, _Mapping]] = ...) -> None: ...
 
 class PublishRequest(_message.Message):
-    __slots__ = ("staging_path", "out_path", "metrics", "trace_id", "diagnostics")
+    __slots__ = ("staging_path", "out_path", "metrics", "trace_id", "diagnostics", "bits_per_weight")
     STAGING_PATH_FIELD_NUMBER: _ClassVar[int]
     OUT_PATH_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
     DIAGNOSTICS_FIELD_NUMBER: _ClassVar[int]
+    BITS_PER_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     staging_path: str
     out_path: str
     metrics: _containers.RepeatedCompositeFieldContainer[_common_pb2.EvalResult]
     trace_id: str
     diagnostics: _common_pb2.JobDiagnostics
-    def __init__(self, staging_path: _Optional[str] = ..., out_path: _Optional[str] = ..., metrics: _Optional[_Iterable[_Union[_common_pb2.EvalResult, _Mapping]]] = ..., trace_id: _Optional[str] = ..., diagnostics: _Optional[_Union[_common_pb2.JobDiagnostics, _Mapping]] = ...) -> None: ...
+    bits_per_weight: float
+    def __init__(self, staging_path: _Optional[str] = ..., out_path: _Optional[str] = ..., metrics: _Optional[_Iterable[_Union[_common_pb2.EvalResult, _Mapping]]] = ..., trace_id: _Optional[str] = ..., diagnostics: _Optional[_Union[_common_pb2.JobDiagnostics, _Mapping]] = ..., bits_per_weight: _Optional[float] = ...) -> None: ...
 
 class DiscardRequest(_message.Message):
     __slots__ = ("staging_path", "out_path")
