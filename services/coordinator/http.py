@@ -80,7 +80,7 @@ class CoordinatorHttp:
         self._health = health_pb2_grpc.HealthStub(self._channel)
         try:
             self._server = _Server((host.strip("[]"), port), self)
-        except OSError as exc:
+        except (OSError, OverflowError) as exc:  # taken or not permitted; out of 0..65535
             self._channel.close()
             raise ConfigError(f"cannot bind the coordinator's HTTP port to {host_port(host, port)}: {exc}") from exc
         self._thread = threading.Thread(target=self._server.serve_forever, name="bitsmith-http", daemon=True)

@@ -69,6 +69,7 @@ class Coordinator(job_pb2_grpc.JobServiceServicer):
         self._stubs = stubs
         self._pool = ThreadPoolExecutor(max_workers=max_concurrent_jobs, thread_name_prefix="bitsmith-job")
         self._cancel: dict[str, threading.Event] = {}
+        self._observed: set[str] = set()
         self._lock = threading.Lock()
         self.metrics = CoordinatorMetrics(jobs)
         self._http: CoordinatorHttp | None = None
@@ -105,20 +106,30 @@ class Coordinator(job_pb2_grpc.JobServiceServicer):
         self._pool.submit(self._run, job_id, event)
 
     def _run(self, job_id: str, cancelled: threading.Event) -> None:
-        """Run one job; once it is final, feed its metrics.
-
-        Each job passes through here exactly once per process (Submit enqueues it once, `recover` once),
-        so observing here counts each job once: also one cancelled while queued, whose turn still comes.
-        """
+        """Run one job, then feed its metrics (unless Cancel did, for a job cancelled in the queue)."""
         try:
             if not cancelled.is_set() and self._jobs.get(job_id).state not in TERMINAL:
                 JobRunner(self._jobs, self._stubs, job_id, cancelled).run()
             job = self._jobs.get(job_id)
             if job.state in TERMINAL:
-                self.metrics.observe_job(job)
+                self._observe_once(job)
         finally:
             with self._lock:
                 self._cancel.pop(job_id, None)
+                self._observed.discard(job_id)
+
+    def _observe_once(self, job: job_pb2.Job) -> None:
+        """Feed a final job to the metrics, once, while its `_run` is pending or running.
+
+        A job cancelled in the queue is counted by Cancel at once (not when its turn in the pool comes,
+        maybe hours later), and its `_run` must not count it again; nor may a Cancel that raced with a
+        `_run` already over. So: only jobs with a pending `_run` (in `_cancel`) and each of them once.
+        """
+        with self._lock:
+            if job.job_id not in self._cancel or job.job_id in self._observed:
+                return
+            self._observed.add(job.job_id)
+        self.metrics.observe_job(job)
 
     def shutdown(self) -> None:
         with self._lock:
@@ -158,7 +169,9 @@ class Coordinator(job_pb2_grpc.JobServiceServicer):
         if event is not None:
             event.set()
         if job.state == common_pb2.JOB_STATE_QUEUED:
-            return self._jobs.transition(job.job_id, common_pb2.JOB_STATE_CANCELLED, message="cancelled while queued")
+            job = self._jobs.transition(job.job_id, common_pb2.JOB_STATE_CANCELLED, message="cancelled while queued")
+            self._observe_once(job)
+            return job
         return self._jobs.get(job.job_id)
 
     def Watch(self, request: job_pb2.WatchJobRequest, context: grpc.ServicerContext
