@@ -1,8 +1,8 @@
-"""The `bitsmith` command line: quantize, eval, serve, up/down, jobs.
+"""The `bitsmith` command line: quantize, eval, serve, up/down, jobs, report.
 
-Thin by design: it builds the job from flags, talks to a JobService through the SDK (starting an
-embedded stack when no --server is given), and renders progress with rich. `--json` makes the last
-line of stdout one JSON object for scripts.
+Thin by design: it builds the job's `QuantizeRequest` from flags, talks to a JobService through the
+SDK (`bitsmith.rpc`; starting an embedded stack when no --server is given and none runs), and renders
+progress with rich. `--json` makes the last line of stdout one JSON object for scripts.
 """
 
 from __future__ import annotations
@@ -18,18 +18,21 @@ import threading
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bitsmith.devices import AUTO
 from bitsmith.errors import BitsmithError, ConfigError
 from bitsmith.recipes import Recipe
+from bitsmith.rpc.request import Calibration, CheckpointFormat, Evaluation, OutputFormat, QuantizeRequest
 from bitsmith.schemes import PER_CHANNEL, Format, GPTQOptions, GridSearch, Method, QuantScheme
 from bitsmith_services.registry import Activations, Role
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from bitsmith.rpc.job import Job
 
 err = Console(stderr=True)
 
@@ -64,92 +67,51 @@ def _recipe(args: argparse.Namespace) -> Recipe:
     )
 
 
-def _gptq_variant(recipe: Recipe, requested: str) -> tuple[Recipe, str]:
-    """The GPTQ checkpoint variant, and the recipe with every asymmetric grid kept off zero 0 for v1.
-
-    v1 loads everywhere for symmetric grids; asymmetric ones go to v2 (true zeros), which GPTQModel and
-    transformers require for them. A forced v1 asymmetric file keeps its zeros >= 1 (v1 stores zero - 1).
-    """
-    schemes = [recipe.scheme, *(o.scheme for o in recipe.overrides if isinstance(o.scheme, QuantScheme))]
-    variant = requested if requested != "auto" else ("gptq" if all(s.sym for s in schemes) else "gptq_v2")
-    if variant != "gptq":
-        return recipe, variant
-
-    def v1(scheme: QuantScheme) -> QuantScheme:
-        return scheme if scheme.sym else replace(scheme, min_zero=max(scheme.min_zero, 1))
-
-    overrides = tuple(replace(o, scheme=v1(o.scheme)) if isinstance(o.scheme, QuantScheme) else o
-                      for o in recipe.overrides)
-    return replace(recipe, scheme=v1(recipe.scheme), overrides=overrides), variant
-
-
-def _output_format(text: str) -> tuple[Format, str | None]:
-    """``gguf:Q4_K_M`` → (Format.GGUF, "Q4_K_M"); a bare name has no variant."""
-    name, _, variant = text.partition(":")
+def _output_format(text: str) -> OutputFormat:
+    """``gguf:Q4_K_M`` → GGUF with that mix; a bare name has no variant."""
     try:
-        fmt = Format(name)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"unknown format {name!r}; known: {', '.join(f.value for f in Format)}"
-                                         ) from None
-    if variant and fmt is not Format.GGUF:
-        raise argparse.ArgumentTypeError(f"{name} takes no ':{variant}' (only gguf:MIX does)")
-    return fmt, variant or None
+        return OutputFormat.parse(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _job_spec(args: argparse.Namespace) -> Any:
-    from bitsmith.rpc.convert import format_to_proto, recipe_to_proto
-    from bitsmith.v1 import common_pb2, job_pb2
-
-    recipe, variant = _gptq_variant(_recipe(args), args.checkpoint_format)
-    if not args.calib and (calibrated := sorted(m.value for m in recipe.methods if m.needs_calibration)):
-        raise ConfigError(f"{' and '.join(calibrated)} need at least one --calib FILE")
-    return job_pb2.QuantizeJob(
-        model_path=str(Path(args.model).resolve()),
-        recipe=recipe_to_proto(recipe),
-        calibration=common_pb2.CalibrationSpec(
-            files=[str(Path(f).resolve()) for f in args.calib], samples=args.samples, seq_len=args.seq_len,
-            seed=args.seed, mode=common_pb2.CalibrationMode.Value(f"CALIBRATION_MODE_{args.calibration_mode.upper()}"),
-        ),
-        output=common_pb2.OutputSpec(
-            path=str(Path(args.out).resolve()),
-            formats=[common_pb2.OutputFormat(format=format_to_proto(fmt),
-                                             variant=variant if fmt is Format.GPTQ else (given or ""))
-                     for fmt, given in (args.format or [(Format.GPTQ, None)])],
-        ),
-        eval=common_pb2.EvalSpec(files=[str(Path(f).resolve()) for f in args.eval], seq_len=args.eval_seq_len),
-        client_request_id=args.request_id or "",
+def _request(args: argparse.Namespace) -> QuantizeRequest:
+    """The job the flags describe (checked before anything connects)."""
+    return QuantizeRequest(
+        model=args.model, out=args.out, recipe=_recipe(args),
+        calibration=Calibration(files=args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
+                                mode=args.calibration_mode),
+        formats=args.format or (OutputFormat(format=Format.GPTQ),),
+        evaluation=Evaluation(files=args.eval, seq_len=args.eval_seq_len) if args.eval else None,
+        request_id=args.request_id, checkpoint_format=args.checkpoint_format,
     )
 
 
-def _follow(client: Any, job_id: str, quiet: bool) -> None:
-    """Render Watch's events as a progress bar until the job ends."""
+def _follow(job: Job, quiet: bool) -> None:
+    """Render the job's progress events as a progress bar until it ends."""
     with Progress(TextColumn("[bold]{task.fields[phase]:<9}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TextColumn("{task.description}"), TimeElapsedColumn(), console=err, disable=quiet) as bar:
         task = bar.add_task("", total=None, phase="queued")
-        for event in client.watch(job_id):
+        for event in job.watch():
             bar.update(task, completed=event.step, total=event.total_steps or None, phase=event.phase,
                        description=event.message[:70])
 
 
-def _job_summary(job: Any) -> dict[str, Any]:
-    from bitsmith.rpc.convert import format_from_proto
-    from bitsmith.v1 import common_pb2
-
+def _job_summary(job: Job) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     for r in job.metrics:
-        entry = {"ppl": r.ppl, "tokens": r.tokens}
-        for name in ("kl", "top1", "reference_ppl"):
-            if r.HasField(name):
-                entry[name] = getattr(r, name)
+        entry: dict[str, Any] = {"ppl": r.ppl, "tokens": r.tokens}
+        entry.update({name: value for name in ("kl", "top1", "reference_ppl")
+                      if (value := getattr(r, name)) is not None})
         metrics[r.dataset] = entry
     return {
-        "job_id": job.job_id,
-        "state": common_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_").lower(),
-        "artifacts": [{"format": format_from_proto(a.format).value,
-                       "path": a.path, "bytes": a.bytes, "sha256": a.sha256} for a in job.artifacts],
+        "job_id": job.id,
+        "state": job.state.value,
+        "artifacts": [{"format": a.format.value, "path": str(a.path), "bytes": a.bytes, "sha256": a.sha256}
+                      for a in job.artifacts],
         "metrics": metrics,
         "trace_id": job.trace_id,
-        "error": job.error,
+        "error": job.error or "",
     }
 
 
@@ -169,9 +131,10 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from bitsmith.rpc.client import Client
-    from bitsmith_services.stack import LocalStack, default_home, running_stack
+    from bitsmith.rpc.discovery import default_home, running_stack
+    from bitsmith_services.stack import LocalStack
 
-    spec = _job_spec(args)
+    request = _request(args)
     with ExitStack() as stack:
         address = args.server or running_stack(default_home())
         if address is None:
@@ -179,10 +142,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bitsmith-")))
             address = stack.enter_context(LocalStack(home=home)).address
         client = stack.enter_context(Client(address))
-        job = client.submit(spec)
-        err.print(f"job [bold]{job.job_id}[/] submitted to {address}")
-        _follow(client, job.job_id, args.json)
-        summary = _job_summary(client.get(job.job_id))
+        job = client.submit(request)
+        err.print(f"job [bold]{job.id}[/] submitted to {address}")
+        _follow(job, args.json)
+        summary = _job_summary(job)
     _print_summary(summary)
     if args.json:
         print(json.dumps(summary))
@@ -211,8 +174,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from bitsmith.logs import configure_json_logging
+    from bitsmith.rpc.discovery import default_home, write_stack_file
     from bitsmith_services.registry import ServiceOptions, start_service
-    from bitsmith_services.stack import LocalStack, default_home, parse_services, write_stack_file
+    from bitsmith_services.stack import LocalStack, parse_services
 
     configure_json_logging()
     stop = threading.Event()
@@ -240,7 +204,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from bitsmith_services.stack import default_home, running_stack, wait_until_serving
+    from bitsmith.rpc.discovery import default_home, running_stack
+    from bitsmith_services.stack import wait_until_serving
 
     home = default_home()
     address = running_stack(home)
@@ -265,7 +230,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from bitsmith_services.stack import default_home, stop_stack
+    from bitsmith.rpc.discovery import default_home
+    from bitsmith_services.stack import stop_stack
 
     stopped = stop_stack(default_home())
     err.print("stopped" if stopped else "no bitsmith stack was running")
@@ -274,34 +240,49 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     from bitsmith.rpc.client import Client
-    from bitsmith.v1 import common_pb2
-    from bitsmith_services.stack import default_home, running_stack
 
-    address = args.server or running_stack(default_home())
-    if address is None:
-        raise ConfigError("no --server given and no stack from `bitsmith up` is running")
-    with Client(address) as client:
+    with Client(args.server) as client:
         if args.action == "list":
-            jobs = client.list()
+            jobs = client.jobs()
             if args.json:
                 print(json.dumps([_job_summary(j) for j in jobs]))
                 return 0
             table = Table("job", "state", "model", "phase", "error")
             for j in jobs:
-                table.add_row(j.job_id, common_pb2.JobState.Name(j.state).removeprefix("JOB_STATE_").lower(),
-                              Path(j.spec.model_path).name, j.progress.phase, j.error[:60])
+                table.add_row(j.id, j.state.value, j.model.name, j.progress.phase if j.progress else "",
+                              (j.error or "")[:60])
             err.print(table)
             return 0
         if not args.job_id:
             raise ConfigError(f"bitsmith jobs {args.action} needs a JOB_ID")
+        job = client.job(args.job_id)
         if args.action == "watch":
-            _follow(client, args.job_id, quiet=False)
+            _follow(job, quiet=False)
         elif args.action == "cancel":
-            client.cancel(args.job_id)
-        summary = _job_summary(client.get(args.job_id))
+            job.cancel()
+        summary = _job_summary(job)
     _print_summary(summary)
     if args.json:
         print(json.dumps(summary))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Render the job report of a job (fetched from the server) or of an artifact directory (its manifest)."""
+    from bitsmith.formats.base import write_file_atomic
+    from bitsmith.report import ReportData, render_report
+    from bitsmith.rpc.client import Client
+
+    target = Path(args.target)
+    if target.is_dir():
+        data, name = ReportData.from_artifact_dir(target), target.resolve().name
+    else:
+        with Client(args.server) as client:
+            job = client.job(args.target)
+        data, name = ReportData.from_job(job.proto), job.id
+    out = Path(args.out) if args.out else Path.cwd() / f"{name}-report.html"
+    write_file_atomic(out, render_report(data).encode())
+    print(out)
     return 0
 
 
@@ -337,7 +318,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="output format, repeatable: gptq, awq, compressed-tensors (NVIDIA: vLLM/transformers), "
                         "onnx (ONNX Runtime on any CPU), mlx (Apple Silicon), gguf:MIX (llama.cpp; MIX is a "
                         "llama-quantize type such as Q4_K_M, Q8_0 or F16); several formats share one calibration")
-    q.add_argument("--checkpoint-format", choices=["auto", "gptq", "gptq_v2"], default="auto",
+    q.add_argument("--checkpoint-format", choices=[c.value for c in CheckpointFormat], default="auto",
                    help="auto: v1 for --sym (loads everywhere), v2 (true zeros) for asymmetric grids")
     q.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     q.add_argument("--eval", action="append", default=[], metavar="FILE", help="held-out text to evaluate on")
@@ -383,9 +364,16 @@ def _parser() -> argparse.ArgumentParser:
     j = sub.add_parser("jobs", help="list, show, watch or cancel jobs")
     j.add_argument("action", choices=["list", "show", "watch", "cancel"])
     j.add_argument("job_id", nargs="?")
-    j.add_argument("--server")
+    j.add_argument("--server", help="HOST:PORT of a JobService (default: the running `bitsmith up`)")
     j.add_argument("--json", action="store_true")
     j.set_defaults(func=cmd_jobs)
+
+    r = sub.add_parser("report", help="write the HTML report of a job or of an artifact directory")
+    r.add_argument("target", metavar="JOB_ID|ARTIFACT_DIR",
+                   help="a job id (fetched from the server) or an artifact directory (read from its manifest)")
+    r.add_argument("--out", metavar="FILE", help="where to write it (default: <job id or dir name>-report.html)")
+    r.add_argument("--server", help="HOST:PORT of a JobService (default: the running `bitsmith up`)")
+    r.set_defaults(func=cmd_report)
     return parser
 
 

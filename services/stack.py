@@ -16,12 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LocalStack", "default_home", "parse_services", "running_stack", "stop_stack", "wait_until_serving",
-           "write_stack_file"]
-
 import grpc
 from bitsmith.errors import ConfigError, ServiceUnavailableError
-from bitsmith.rpc.discovery import STACK_FILE, default_home, running_stack, write_stack_file
+from bitsmith.rpc.discovery import STACK_FILE
 from bitsmith_services.coordinator.placement import Placement, RayPlacement, ServiceAddresses, StaticPlacement
 
 

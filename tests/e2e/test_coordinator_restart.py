@@ -11,11 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from bitsmith.rpc.client import Client
-from bitsmith.v1 import common_pb2
+from bitsmith.rpc import Client, JobState
+from bitsmith.schemes import Method
 from bitsmith_services.registry import Role
 
-from ..integration.conftest import make_job, wait
+from ..integration.conftest import make_request
 
 
 def _serve(*args: str) -> tuple[subprocess.Popen[str], str]:
@@ -47,8 +47,8 @@ def test_killed_coordinator_fails_the_running_job_on_restart(tmp_path: Path, wor
     out = tmp_path / "out"
     coordinator, address = _serve("coordinator", "--home", str(home), "--services", workers)
     with Client(address) as client:
-        job = client.submit(make_job(out, samples=64, seq_len=512))
-        for event in client.watch(job.job_id):
+        job = client.submit(make_request(out, samples=64, seq_len=512))
+        for event in job.watch():
             if event.phase == "solve" and event.block == 1:
                 break
     os.kill(coordinator.pid, signal.SIGKILL)
@@ -57,13 +57,13 @@ def test_killed_coordinator_fails_the_running_job_on_restart(tmp_path: Path, wor
     restarted, address = _serve("coordinator", "--home", str(home), "--services", workers)
     try:
         with Client(address) as client:
-            done = wait(client, job.job_id)
-            assert done.state == common_pb2.JOB_STATE_FAILED
-            assert "restarted while the job was running" in done.error
+            done = client.job(job.id).wait(check=False)
+            assert done.state == JobState.FAILED
+            assert "restarted while the job was running" in (done.error or "")
             assert not out.exists() and not list(tmp_path.glob(".*partial*"))
             # The restarted coordinator still runs new jobs.
-            again = wait(client, client.submit(make_job(tmp_path / "again", method=common_pb2.METHOD_RTN)).job_id)
-            assert again.state == common_pb2.JOB_STATE_SUCCEEDED, again.error
+            again = client.submit(make_request(tmp_path / "again", method=Method.RTN)).wait(check=False)
+            assert again.state == JobState.SUCCEEDED, again.error
     finally:
         restarted.terminate()
         restarted.wait(timeout=30)

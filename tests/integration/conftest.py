@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 from bitsmith.demo import CALIB_FILES, DEMO_MODEL, EVAL_FILES
-from bitsmith.rpc.client import Client
-from bitsmith.v1 import common_pb2, job_pb2
+from bitsmith.recipes import ModuleOverride, Recipe
+from bitsmith.rpc import Calibration, Client, Evaluation, OutputFormat, QualityGate, QuantizeRequest
+from bitsmith.schemes import GPTQOptions, Method, QuantScheme
 from bitsmith_services.coordinator.placement import ServiceAddresses, StaticPlacement
 from bitsmith_services.coordinator.server import create_server
 from bitsmith_services.registry import Role, start_service
@@ -40,29 +41,20 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         s.stop(grace=1).wait()
 
 
-def make_job(out: Path, *, method: int = common_pb2.METHOD_GPTQ, bits: int = 4, group_size: int = 128,
-             samples: int = 8, seq_len: int = 128, model: Path = DEMO_MODEL, evaluate: bool = False,
-             request_id: str = "", min_zero: int = 1, gate: common_pb2.QualityGate | None = None,
-             ) -> job_pb2.QuantizeJob:
-    """A small job on the demo model (few calibration samples so the suite stays fast)."""
-    return job_pb2.QuantizeJob(
-        model_path=str(model),
-        recipe=common_pb2.Recipe(
-            method=method,  # type: ignore[arg-type]
-            scheme=common_pb2.QuantScheme(bits=bits, group_size=group_size, sym=False, min_zero=min_zero),
-            gptq=common_pb2.GPTQOptions(damp_percent=0.01, true_sequential=True),
-        ),
-        calibration=common_pb2.CalibrationSpec(files=[str(f) for f in CALIB_FILES], samples=samples,
-                                               seq_len=seq_len, seed=0),
-        output=common_pb2.OutputSpec(path=str(out), formats=[common_pb2.OutputFormat(format=common_pb2.FORMAT_GPTQ)]),
-        eval=common_pb2.EvalSpec(files=[str(EVAL_FILES[0])] if evaluate else [], seq_len=256,
-                                 gate=gate or common_pb2.QualityGate()),
-        client_request_id=request_id,
+def make_request(out: Path, *, method: Method = Method.GPTQ, bits: int = 4, group_size: int = 128,
+                 samples: int = 8, seq_len: int = 128, model: Path = DEMO_MODEL, calibrate: bool = True,
+                 mode: str = "sequential", evaluate: bool = False, gate: QualityGate | None = None,
+                 request_id: str | None = None, formats: tuple[str, ...] = ("gptq",),
+                 checkpoint_format: str = "gptq", overrides: tuple[ModuleOverride, ...] = ()) -> QuantizeRequest:
+    """A small job on the demo model (few calibration samples so the suite stays fast): GPTQ without
+    activation ordering, into a v1 GPTQ checkpoint unless told otherwise."""
+    recipe = Recipe(method=method, scheme=QuantScheme(bits=bits, group_size=group_size),
+                    gptq=GPTQOptions(damp_percent=0.01, act_order=False, static_groups=False, true_sequential=True),
+                    overrides=overrides)
+    return QuantizeRequest(
+        model=model, out=out, recipe=recipe,
+        calibration=Calibration(files=CALIB_FILES, samples=samples, seq_len=seq_len, mode=mode) if calibrate else None,
+        formats=tuple(OutputFormat.parse(f) for f in formats),
+        evaluation=Evaluation(files=[EVAL_FILES[0]], seq_len=256, gate=gate) if evaluate else None,
+        request_id=request_id, checkpoint_format=checkpoint_format,
     )
-
-
-def wait(client: Client, job_id: str) -> job_pb2.Job:
-    """Follow the job through Watch to its end and return its final record."""
-    for _ in client.watch(job_id):
-        pass
-    return client.get(job_id)

@@ -17,17 +17,17 @@ from bitsmith.errors import (
     ServiceUnavailableError,
 )
 from bitsmith.manifest import verify_manifest
-from bitsmith.rpc.client import Client
-from bitsmith.rpc.convert import format_from_proto
-from bitsmith.v1 import common_pb2
+from bitsmith.recipes import ModuleOverride
+from bitsmith.rpc import Client, JobState, QualityGate
+from bitsmith.schemes import Format, Method, QuantScheme
 from bitsmith_services.registry import Role
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from safetensors.torch import load_file, save_file
 
-from .conftest import Stack, make_job, wait
+from .conftest import Stack, make_request
 
-SUCCEEDED = common_pb2.JOB_STATE_SUCCEEDED
+SUCCEEDED = JobState.SUCCEEDED
 
 
 def _copy_model(tmp_path: Path) -> Path:
@@ -40,9 +40,9 @@ def _copy_model(tmp_path: Path) -> Path:
 
 def test_gptq_job_writes_a_verified_artifact_with_metrics(stack: Stack, tmp_path: Path) -> None:
     out = tmp_path / "gptq"
-    job = stack.client.submit(make_job(out, evaluate=True))
-    events = list(stack.client.watch(job.job_id))
-    done = stack.client.get(job.job_id)
+    job = stack.client.submit(make_request(out, evaluate=True))
+    events = list(job.watch())
+    done = job.wait(check=False)
 
     assert done.state == SUCCEEDED, done.error
     sequences = [e.sequence for e in events]
@@ -55,7 +55,7 @@ def test_gptq_job_writes_a_verified_artifact_with_metrics(stack: Stack, tmp_path
 
     manifest = verify_manifest(out)
     (artifact,) = done.artifacts
-    assert artifact.path == str(out) and artifact.sha256 == manifest.digest
+    assert artifact.path == out and artifact.sha256 == manifest.digest
     assert artifact.bytes == sum(f.bytes for f in manifest.files)
     assert manifest.trace_id == done.trace_id != ""
     (metric,) = done.metrics
@@ -66,44 +66,41 @@ def test_gptq_job_writes_a_verified_artifact_with_metrics(stack: Stack, tmp_path
 
 
 def test_rtn_job_needs_no_calibration(stack: Stack, tmp_path: Path) -> None:
-    spec = make_job(tmp_path / "rtn", method=common_pb2.METHOD_RTN)
-    del spec.calibration.files[:]
-    done = wait(stack.client, stack.client.submit(spec).job_id)
+    done = stack.client.submit(make_request(tmp_path / "rtn", method=Method.RTN, calibrate=False)).wait(check=False)
     assert done.state == SUCCEEDED, done.error
     config = json.loads((tmp_path / "rtn" / "config.json").read_text())
     assert config["quantization_config"]["bits"] == 4
 
 
 def test_submit_is_idempotent_on_client_request_id(stack: Stack, tmp_path: Path) -> None:
-    spec = make_job(tmp_path / "idem", method=common_pb2.METHOD_RTN, request_id="req-42")
-    first = stack.client.submit(spec)
-    again = stack.client.submit(spec)
-    assert again.job_id == first.job_id
-    wait(stack.client, first.job_id)
+    request = make_request(tmp_path / "idem", method=Method.RTN, request_id="req-42")
+    first = stack.client.submit(request)
+    again = stack.client.submit(request)
+    assert again.id == first.id
+    first.wait()
     # Even after the output exists, the same request id answers with the same job.
-    assert stack.client.submit(spec).job_id == first.job_id
-    assert sum(j.spec.client_request_id == "req-42" for j in stack.client.list()) == 1
+    assert stack.client.submit(request).id == first.id
+    assert sum(j.proto.spec.client_request_id == "req-42" for j in stack.client.jobs()) == 1
 
 
 def test_cancel_stops_the_job_and_removes_partial_output(stack: Stack, tmp_path: Path) -> None:
     out = tmp_path / "cancelled"
-    job = stack.client.submit(make_job(out, samples=32, seq_len=256))
-    for event in stack.client.watch(job.job_id):
+    job = stack.client.submit(make_request(out, samples=32, seq_len=256))
+    for event in job.watch():
         if event.phase == "solve":
-            stack.client.cancel(job.job_id)
+            job.cancel()
             break
-    done = wait(stack.client, job.job_id)
-    assert done.state == common_pb2.JOB_STATE_CANCELLED
+    done = job.wait(check=False)
+    assert done.state == JobState.CANCELLED
     assert not out.exists() and not list(tmp_path.glob(".*partial*"))
-    assert not (stack.home / "store" / "jobs" / job.job_id).exists(), "scratch tensors are removed"
+    assert not (stack.home / "store" / "jobs" / job.id).exists(), "scratch tensors are removed"
 
 
 def test_quality_gate_fails_the_job_with_numbers_and_writes_nothing(stack: Stack, tmp_path: Path) -> None:
     out = tmp_path / "gated"
-    gate = common_pb2.QualityGate(max_kl=1e-9)
-    done = wait(stack.client, stack.client.submit(make_job(out, method=common_pb2.METHOD_RTN, evaluate=True,
-                                                           gate=gate)).job_id)
-    assert done.state == common_pb2.JOB_STATE_FAILED
+    request = make_request(out, method=Method.RTN, evaluate=True, gate=QualityGate(max_kl=1e-9))
+    done = stack.client.submit(request).wait(check=False)
+    assert done.state == JobState.FAILED and done.error is not None
     assert "quality gate failed" in done.error and "KL" in done.error
     assert not out.exists() and not list(tmp_path.glob(".*partial*"))
 
@@ -130,13 +127,13 @@ def test_bad_input_is_refused_at_submit_and_nothing_is_written(
     model = _copy_model(tmp_path)
     fields: dict = {"tmp": tmp_path}
     mutate(model, fields)
-    spec = make_job(tmp_path / "out", model=Path(fields.get("model_path", model)),
-                    group_size=fields.get("group_size", 128))
-    before = len(stack.client.list(limit=1000))
+    request = make_request(tmp_path / "out", model=Path(fields.get("model_path", model)),
+                           group_size=fields.get("group_size", 128))
+    before = len(stack.client.jobs(limit=1000))
     with pytest.raises(error) as info:
-        stack.client.submit(spec)
+        stack.client.submit(request)
     assert needle.lower() in str(info.value).lower()
-    assert len(stack.client.list(limit=1000)) == before, "a refused job is not recorded"
+    assert len(stack.client.jobs(limit=1000)) == before, "a refused job is not recorded"
     out = tmp_path / "out"
     assert not out.exists() or [p.name for p in out.iterdir()] == ["x"]
     assert not list(tmp_path.glob(".*partial*"))
@@ -150,16 +147,17 @@ def _poison(model: Path) -> None:
 
 
 def test_invalid_recipes_are_refused_before_anything_runs(stack: Stack, tmp_path: Path) -> None:
-    bad_regex = make_job(tmp_path / "o")
+    """The server checks recipes itself: a bad regex (which the SDK's dataclasses cannot even hold) goes
+    in by hand on the wire."""
+    bad_regex = make_request(tmp_path / "o").to_proto()
     bad_regex.recipe.overrides.add(pattern="mlp(", skip=True)
-    skip_all = make_job(tmp_path / "o")
-    skip_all.recipe.overrides.add(pattern=".", skip=True)
-    bad_group = make_job(tmp_path / "o")
-    bad_group.recipe.overrides.add(pattern="down_proj", scheme=common_pb2.QuantScheme(bits=4, group_size=100))
+    skip_all = make_request(tmp_path / "o", overrides=(ModuleOverride(pattern=".", skip=True),)).to_proto()
+    bad_group = make_request(tmp_path / "o", overrides=(
+        ModuleOverride(pattern="down_proj", scheme=QuantScheme(bits=4, group_size=100)),)).to_proto()
     for spec, reason in [(bad_regex, "not a valid regex"), (skip_all, "nothing to quantize"),
                          (bad_group, r"layers\.0\.mlp\.down_proj: group_size 100 does not divide")]:
         with pytest.raises(ConfigError, match=reason):
-            stack.client.submit(spec)
+            stack.client.calls.submit(spec)
     assert not (tmp_path / "o").exists()
 
 
@@ -168,13 +166,10 @@ def test_parallel_calibration_takes_statistics_from_the_float_model(stack: Stack
     from bitsmith.formats.gptq import read
 
     codes = {}
-    for mode in (common_pb2.CALIBRATION_MODE_SEQUENTIAL, common_pb2.CALIBRATION_MODE_PARALLEL):
-        spec = make_job(tmp_path / str(mode))
-        spec.calibration.mode = mode
-        done = wait(stack.client, stack.client.submit(spec).job_id)
-        assert done.state == SUCCEEDED, done.error
-        codes[mode] = read(Path(done.artifacts[0].path)).quantized
-    sequential, parallel = codes[common_pb2.CALIBRATION_MODE_SEQUENTIAL], codes[common_pb2.CALIBRATION_MODE_PARALLEL]
+    for mode in ("sequential", "parallel"):
+        done = stack.client.submit(make_request(tmp_path / mode, mode=mode)).wait()
+        codes[mode] = read(done.artifacts[0].path).quantized
+    sequential, parallel = codes["sequential"], codes["parallel"]
     first = "model.layers.0.mlp.down_proj"
     assert torch.equal(sequential[first].codes, parallel[first].codes)
     last = "model.layers.3.mlp.down_proj"
@@ -183,7 +178,7 @@ def test_parallel_calibration_takes_statistics_from_the_float_model(stack: Stack
 
 def test_unknown_job_is_not_found(stack: Stack) -> None:
     with pytest.raises(BitsmithError, match="NOT_FOUND"):
-        stack.client.get("nope")
+        stack.client.job("nope")
 
 
 def test_unreachable_server_is_a_clear_error() -> None:
@@ -216,7 +211,7 @@ def test_deadline_exceeded_is_reported_as_such(stack: Stack) -> None:
         stub = calibrator_pb2_grpc.CalibratorServiceStub(channel)
         with pytest.raises(grpc.RpcError) as info:
             stub.Start(calibrator_pb2.StartRequest(job_id="deadline", model_path=str(DEMO_MODEL),
-                                                   calibration=make_job(Path("/nonexistent")).calibration),
+                                                   calibration=make_request(Path("/nonexistent")).to_proto().calibration),
                        timeout=0.001)
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
@@ -234,25 +229,20 @@ def test_packer_refuses_to_touch_anything_but_staging(stack: Stack, tmp_path: Pa
 
 def test_one_job_writes_several_formats_from_one_solve(stack: Stack, tmp_path: Path) -> None:
     from bitsmith.formats import get_format
-    from bitsmith.schemes import Format
 
     out = tmp_path / "multi"
-    spec = make_job(out, method=common_pb2.METHOD_RTN, group_size=64, min_zero=0)
-    del spec.output.formats[:]
-    for fmt in (common_pb2.FORMAT_GPTQ, common_pb2.FORMAT_ONNX, common_pb2.FORMAT_MLX):
-        spec.output.formats.add(format=fmt, variant="gptq_v2" if fmt == common_pb2.FORMAT_GPTQ else "")
-    done = wait(stack.client, stack.client.submit(spec).job_id)
-    assert done.state == SUCCEEDED, done.error
-    paths = {common_pb2.Format.Name(a.format): Path(a.path) for a in done.artifacts}
-    assert paths == {"FORMAT_GPTQ": out / "gptq-gptq_v2", "FORMAT_ONNX": out / "onnx", "FORMAT_MLX": out / "mlx"}
+    request = make_request(out, method=Method.RTN, group_size=64, checkpoint_format="gptq_v2",
+                           formats=("gptq", "onnx", "mlx"))
+    done = stack.client.submit(request).wait()
+    paths = {a.format: a.path for a in done.artifacts}
+    assert paths == {Format.GPTQ: out / "gptq-gptq_v2", Format.ONNX: out / "onnx", Format.MLX: out / "mlx"}
     codes = {}
-    for name, path in paths.items():
+    for fmt, path in paths.items():
         verify_manifest(path)
-        fmt = Format(name.removeprefix("FORMAT_").lower())
         checkpoint = get_format(fmt).read(path)
         weights = checkpoint.quantized_weights() if fmt is Format.MLX else checkpoint.quantized
-        codes[name] = weights["model.layers.2.mlp.down_proj"].codes
-    assert all(c.equal(codes["FORMAT_GPTQ"]) for c in codes.values()), "every format carries the same codes"
+        codes[fmt] = weights["model.layers.2.mlp.down_proj"].codes
+    assert all(c.equal(codes[Format.GPTQ]) for c in codes.values()), "every format carries the same codes"
 
 
 def test_mixed_precision_recipe_reads_back_identically_from_gptq_and_compressed_tensors(
@@ -262,22 +252,18 @@ def test_mixed_precision_recipe_reads_back_identically_from_gptq_and_compressed_
     and zeros, and read back to the same weights up to the scale dtype each format stores (GPTQ: fp16, as
     the format requires; compressed-tensors: the model's bf16, as llm-compressor writes)."""
     from bitsmith.formats import get_format
-    from bitsmith.schemes import Format
 
     out = tmp_path / "mixed"
-    spec = make_job(out, min_zero=0)
-    spec.recipe.overrides.add(pattern=r"layers\.1\.mlp\.down_proj", skip=True)
-    spec.recipe.overrides.add(pattern=r"self_attn\.", scheme=common_pb2.QuantScheme(bits=8, group_size=128))
-    del spec.output.formats[:]
-    spec.output.formats.add(format=common_pb2.FORMAT_GPTQ, variant="gptq_v2")
-    spec.output.formats.add(format=common_pb2.FORMAT_COMPRESSED_TENSORS)
-    done = wait(stack.client, stack.client.submit(spec).job_id)
-    assert done.state == SUCCEEDED, done.error
+    overrides = (ModuleOverride(pattern=r"layers\.1\.mlp\.down_proj", skip=True),
+                 ModuleOverride(pattern=r"self_attn\.", scheme=QuantScheme(bits=8, group_size=128)))
+    request = make_request(out, overrides=overrides, checkpoint_format="gptq_v2",
+                           formats=("gptq", "compressed-tensors"))
+    done = stack.client.submit(request).wait()
     dense, quantized = {}, {}
     for artifact in done.artifacts:
-        fmt = format_from_proto(artifact.format)
-        verify_manifest(Path(artifact.path))
-        checkpoint = get_format(fmt).read(Path(artifact.path))
+        fmt = artifact.format
+        verify_manifest(artifact.path)
+        checkpoint = get_format(fmt).read(artifact.path)
         bits = {name: qw.scheme.bits for name, qw in checkpoint.quantized.items()}
         assert bits["model.layers.0.self_attn.k_proj"] == 8 and bits["model.layers.0.mlp.down_proj"] == 4
         assert "model.layers.1.mlp.down_proj" not in bits and len(bits) == 27
@@ -298,27 +284,21 @@ def test_gptq_and_two_gguf_mixes_share_one_calibration(stack: Stack, tmp_path: P
     GPTQ artifact is the one a GPTQ-only job writes, and each GGUF file carries its mix's tensor types."""
     import gguf
     from bitsmith.formats import get_format
-    from bitsmith.schemes import Format
 
-    alone = make_job(tmp_path / "alone", min_zero=0)
-    alone.output.formats[0].variant = "gptq_v2"
-    spec = make_job(tmp_path / "mixed", min_zero=0)
-    spec.output.formats[0].variant = "gptq_v2"
-    spec.output.formats.add(format=common_pb2.FORMAT_GGUF, variant="Q4_K_M")
-    spec.output.formats.add(format=common_pb2.FORMAT_GGUF, variant="Q8_0")
-    job = stack.client.submit(spec)
-    events = list(stack.client.watch(job.job_id))
-    done = stack.client.get(job.job_id)
-    assert done.state == SUCCEEDED, done.error
+    alone = make_request(tmp_path / "alone", checkpoint_format="gptq_v2")
+    request = make_request(tmp_path / "mixed", checkpoint_format="gptq_v2",
+                           formats=("gptq", "gguf:Q4_K_M", "gguf:Q8_0"))
+    job = stack.client.submit(request)
+    events = list(job.watch())
+    done = job.wait()
     assert [e.phase for e in events].count("calibrate") == 4 * 4  # as many captures as GPTQ alone
     assert events[-1].step == events[-1].total_steps
-    reference = wait(stack.client, stack.client.submit(alone).job_id)
-    assert reference.state == SUCCEEDED, reference.error
+    reference = stack.client.submit(alone).wait()
 
-    paths = {(a.format, a.variant): Path(a.path) for a in done.artifacts}
-    gptq_dir = paths[(common_pb2.FORMAT_GPTQ, "gptq_v2")]
+    paths = {(a.format, a.variant): a.path for a in done.artifacts}
+    gptq_dir = paths[(Format.GPTQ, "gptq_v2")]
     ours = {f.path: f.sha256 for f in verify_manifest(gptq_dir).files if f.path.endswith(".safetensors")}
-    theirs = {f.path: f.sha256 for f in verify_manifest(Path(reference.artifacts[0].path)).files
+    theirs = {f.path: f.sha256 for f in verify_manifest(reference.artifacts[0].path).files
               if f.path.endswith(".safetensors")}
     assert ours == theirs, "extra targets never change what the primary target solves"
 
@@ -327,7 +307,7 @@ def test_gptq_and_two_gguf_mixes_share_one_calibration(stack: Stack, tmp_path: P
                                           "blk.3.ffn_down.weight": "Q6_K", "blk.0.ffn_down.weight": "Q4_K",
                                           "token_embd.weight": "Q6_K", "blk.1.attn_norm.weight": "F32"}),
                               ("Q8_0", {"blk.0.attn_q.weight": "Q8_0", "blk.3.ffn_down.weight": "Q8_0"})):
-        path = paths[(common_pb2.FORMAT_GGUF, variant)]
+        path = paths[(Format.GGUF, variant)]
         verify_manifest(path)
         (file,) = path.glob("*.gguf")
         types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(file).tensors}

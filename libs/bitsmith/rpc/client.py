@@ -1,12 +1,16 @@
-"""Client-side channels: traced, size-bounded, and checked for reachability up front.
+"""The Python SDK's front door, and the client-side channel every bitsmith caller opens.
 
-An unreachable address fails fast with `ServiceUnavailableError` naming it, instead of every later
-call hanging until its deadline.
+`Client(address).quantize(...)` submits a job described by typed dataclasses (`bitsmith.rpc.request`)
+and returns a `Job` (`bitsmith.rpc.job`) to watch, wait on or cancel. With no address the client
+connects to the stack `bitsmith up` left running (`bitsmith.rpc.discovery`). Channels are traced,
+size-bounded and checked for reachability up front: an unreachable address fails fast with
+`ServiceUnavailableError` naming it, instead of every later call hanging until its deadline.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import grpc
@@ -18,6 +22,17 @@ from bitsmith.errors import (
     NotFoundError,
     ServiceUnavailableError,
     UnsupportedError,
+)
+from bitsmith.recipes import Recipe
+from bitsmith.rpc.discovery import default_home, running_stack
+from bitsmith.rpc.job import Job, JobState
+from bitsmith.rpc.request import (
+    Calibration,
+    CheckpointFormat,
+    Evaluation,
+    OutputFormat,
+    QuantizeRequest,
+    StrPath,
 )
 from bitsmith.rpc.server import MAX_MESSAGE_BYTES
 from bitsmith.telemetry import traced_channel
@@ -49,30 +64,18 @@ def open_channel(address: str, *, component: str = "client", connect_timeout: fl
     return traced_channel(channel, f"bitsmith-{component}")
 
 
-class Client:
-    """A JobService client: submit, follow, cancel and list jobs.
+class JobServiceCalls:
+    """The JobService's calls on wire messages, with failures mapped to bitsmith errors.
 
-    >>> client = Client("localhost:50051")          # doctest: +SKIP
-    >>> job = client.submit(spec)                     # doctest: +SKIP
-    >>> for event in client.watch(job.job_id): ...    # doctest: +SKIP
+    What `Job` and `Client` are built on; use it directly only for what the typed API does not cover
+    (a hand-made `QuantizeJob`, say, to see how the server treats it).
     """
 
-    def __init__(self, address: str, *, timeout: float = 60.0) -> None:
+    def __init__(self, channel: grpc.Channel, timeout: float) -> None:
         from bitsmith.v1 import job_pb2_grpc
 
-        self.address = address
+        self._stub = job_pb2_grpc.JobServiceStub(channel)
         self._timeout = timeout
-        self._channel = open_channel(address, component="client")
-        self._stub = job_pb2_grpc.JobServiceStub(self._channel)
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def submit(self, spec: job_pb2.QuantizeJob) -> job_pb2.Job:
         from bitsmith.v1 import job_pb2
@@ -89,19 +92,107 @@ class Client:
 
         return _call(self._stub.Cancel, job_pb2.CancelJobRequest(job_id=job_id), self._timeout)
 
-    def list(self, limit: int = 100) -> list[job_pb2.Job]:
+    def list(self, states: Sequence[common_pb2.JobState] = (), limit: int = 100) -> list[job_pb2.Job]:
         from bitsmith.v1 import job_pb2
 
-        return list(_call(self._stub.List, job_pb2.ListJobsRequest(limit=limit), self._timeout).jobs)
+        reply = _call(self._stub.List, job_pb2.ListJobsRequest(states=states, limit=limit), self._timeout)
+        return list(reply.jobs)
 
-    def watch(self, job_id: str, after_sequence: int = 0) -> Iterator[common_pb2.ProgressEvent]:
-        """Every progress event of the job until it ends (no deadline: jobs take as long as they take)."""
+    def watch(self, job_id: str, *, after_sequence: int = 0, timeout: float | None = None
+              ) -> Iterator[common_pb2.ProgressEvent]:
+        """The job's progress events until it ends: no deadline unless `timeout` (jobs take as long as
+        they take), past which `TimeoutError`."""
         from bitsmith.v1 import job_pb2
 
         try:
-            yield from self._stub.Watch(job_pb2.WatchJobRequest(job_id=job_id, after_sequence=after_sequence))
+            yield from self._stub.Watch(job_pb2.WatchJobRequest(job_id=job_id, after_sequence=after_sequence),
+                                        timeout=timeout)
         except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and timeout is not None:
+                raise TimeoutError(f"job {job_id} did not end within {timeout:g} s") from None
             raise error_from_rpc(exc) from exc
+
+
+class Client:
+    """A JobService client: quantize, follow, cancel and list jobs.
+
+    `address` is HOST:PORT of a JobService; None connects to the stack `bitsmith up` left running in
+    `$BITSMITH_HOME` (default ~/.bitsmith). Use it as a context manager to close the channel.
+
+    >>> with Client() as client:                                              # doctest: +SKIP
+    ...     job = client.quantize("model/", out="out/q", calibration=Calibration(files=["calib.txt"]))
+    ...     print(job.wait().artifacts)
+    """
+
+    def __init__(self, address: str | None = None, *, timeout: float = 60.0) -> None:
+        if address is None:
+            home = default_home()
+            address = running_stack(home)
+            if address is None:
+                raise ServiceUnavailableError(
+                    f"no bitsmith stack is running in {home}: start one with `bitsmith up` (BITSMITH_HOME picks "
+                    "the home) or give the client a HOST:PORT"
+                )
+        self.address = address
+        self._channel = open_channel(address, component="client")
+        self.calls = JobServiceCalls(self._channel, timeout)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def quantize(
+        self,
+        model: StrPath,
+        *,
+        out: StrPath,
+        recipe: Recipe | StrPath | None = None,
+        calibration: Calibration | None = None,
+        formats: Iterable[OutputFormat | str] = ("gptq",),
+        evaluation: Evaluation | None = None,
+        request_id: str | None = None,
+        checkpoint_format: CheckpointFormat | str = CheckpointFormat.AUTO,
+    ) -> Job:
+        """Submit a job quantizing the checkpoint directory `model` into `out`; returns at once.
+
+        `recipe` is a `Recipe` or a YAML recipe file (default: GPTQ w4 g128 asymmetric); `formats` are
+        `OutputFormat`s or their text ("gptq", "onnx", "gguf:Q4_K_M"). The request is checked before
+        anything is sent (`ConfigError` naming the bad field); the server checks the rest (the model,
+        the files, the output path) before it queues the job.
+        """
+        if recipe is None:
+            recipe = Recipe()
+        elif not isinstance(recipe, Recipe):
+            recipe = Recipe.from_yaml(Path(recipe))
+        if isinstance(formats, str):
+            formats = [formats]
+        request = QuantizeRequest(
+            model=model, out=out, recipe=recipe, calibration=calibration,
+            formats=tuple(OutputFormat.parse(f) if isinstance(f, str) else f for f in formats),
+            evaluation=evaluation, request_id=request_id, checkpoint_format=checkpoint_format,
+        )
+        return self.submit(request)
+
+    def submit(self, request: QuantizeRequest) -> Job:
+        """Submit a job; resubmitting a `request_id` returns the job it first made."""
+        return Job(self.calls, self.calls.submit(request.to_proto()))
+
+    def job(self, job_id: str) -> Job:
+        """The job `job_id` (`NotFoundError` if the server has none)."""
+        return Job(self.calls, self.calls.get(job_id))
+
+    def jobs(self, states: Iterable[JobState | str] = (), limit: int = 100) -> list[Job]:
+        """The newest `limit` jobs, in any of `states` (default: all)."""
+        try:
+            wanted = [JobState(s).to_proto() for s in states]
+        except ValueError as exc:
+            raise ConfigError(f"{exc}; known states: {[s.value for s in JobState]}") from None
+        return [Job(self.calls, j) for j in self.calls.list(wanted, limit)]
 
 
 _CODE_TO_ERROR: dict[grpc.StatusCode, type[BitsmithError]] = {
