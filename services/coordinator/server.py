@@ -32,6 +32,7 @@ log = logging.getLogger("bitsmith.coordinator")
 WATCH_POLL_S = 0.5
 MAX_CALIB_SAMPLES = 100_000
 MAX_SEQ_LEN = 1 << 17
+PLAN_TIMEOUT_S = 600.0
 
 
 def validate_spec(spec: job_pb2.QuantizeJob) -> None:
@@ -56,6 +57,8 @@ def validate_spec(spec: job_pb2.QuantizeJob) -> None:
             raise ConfigError(f"calibration samples must be in 1..{MAX_CALIB_SAMPLES}, got {cal.samples}")
         if not 0 < cal.seq_len <= MAX_SEQ_LEN:
             raise ConfigError(f"calibration seq_len must be in 1..{MAX_SEQ_LEN}, got {cal.seq_len}")
+        if cal.HasField("holdout_samples") and not 0 <= cal.holdout_samples <= MAX_CALIB_SAMPLES:
+            raise ConfigError(f"calibration holdout_samples must be in 0..{MAX_CALIB_SAMPLES}, got {cal.holdout_samples}")
     if spec.eval.seq_len < 0 or spec.eval.seq_len > MAX_SEQ_LEN:
         raise ConfigError(f"eval seq_len must be in 1..{MAX_SEQ_LEN}, got {spec.eval.seq_len}")
     for f in [*(cal.files if needs_data else []), *spec.eval.files]:
@@ -147,7 +150,7 @@ class Coordinator(job_pb2_grpc.JobServiceServicer):
         validate_spec(spec)
         self._stubs.calibrator.Plan(
             calibrator_pb2.PlanRequest(model_path=spec.model_path, recipe=spec.recipe, formats=spec.output.formats),
-            timeout=context.time_remaining() or 600,
+            timeout=min(context.time_remaining() or PLAN_TIMEOUT_S, PLAN_TIMEOUT_S),  # no deadline: a huge one
         )
         job, created = self._jobs.create(spec)
         if created:

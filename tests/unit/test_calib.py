@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from bitsmith.calib import HessianAccumulator, calibration_tokens, capture_hessians, tokenize_file
+from bitsmith.calib.data import _free_offsets, calibration_and_holdout_tokens, default_holdout
 from bitsmith.demo import CALIB_FILES, DEMO_MODEL
 from bitsmith.errors import CalibrationError, ConfigError, NotFoundError
 
@@ -31,6 +32,41 @@ def test_windows_are_reproducible_and_split_evenly(streams: list[torch.Tensor]) 
         assert _contains(streams[0], tokens[row])
     for row in range(3, 5):
         assert _contains(streams[1], tokens[row])
+
+
+def _starts(stream: torch.Tensor, window: torch.Tensor) -> list[int]:
+    starts = (stream[: stream.numel() - window.numel() + 1] == window[0]).nonzero().flatten()
+    return [s for s in starts.tolist() if torch.equal(stream[s : s + window.numel()], window)]
+
+
+def test_held_out_windows_overlap_no_calibration_window(streams: list[torch.Tensor]) -> None:
+    calib, held = calibration_and_holdout_tokens(DEMO_MODEL, CALIB_FILES, samples=64, seq_len=512, seed=3,
+                                                 holdout=8)
+    assert torch.equal(calib, calibration_tokens(DEMO_MODEL, CALIB_FILES, samples=64, seq_len=512, seed=3))
+    assert held.shape == (8, 512)
+    for stream, rows, held_rows in ((streams[0], calib[:32], held[:4]), (streams[1], calib[32:], held[4:])):
+        taken = [s for row in rows for s in _starts(stream, row)]
+        for row in held_rows:
+            (start,) = _starts(stream, row)
+            assert all(abs(start - c) >= 512 for c in taken)
+    assert [default_holdout(n) for n in (1, 16, 128, 1024)] == [1, 1, 8, 16]
+
+
+def test_free_offsets_are_exactly_the_non_overlapping_starts() -> None:
+    generator = torch.Generator().manual_seed(0)
+    for offsets, length in ((50, 4), (300, 17), (10, 10)):
+        taken = torch.randint(0, offsets, (5,), generator=generator)
+        expected = [s for s in range(offsets) if all(abs(s - c) >= length for c in taken.tolist())]
+        assert _free_offsets(offsets, taken, length).tolist() == expected
+
+
+def test_no_room_for_held_out_windows_gives_fewer(tmp_path: Path) -> None:
+    small = tmp_path / "small.txt"
+    small.write_text(" ".join(["word"] * 40))
+    calib, held = calibration_and_holdout_tokens(DEMO_MODEL, [small], samples=4, seq_len=32, holdout=3)
+    assert calib.shape == (4, 32) and held.shape[0] < 3 and held.shape[1:] == (32,)
+    with pytest.raises(ConfigError, match="holdout"):
+        calibration_and_holdout_tokens(DEMO_MODEL, [small], samples=1, seq_len=8, holdout=-1)
 
 
 def test_tokenize_adds_no_special_tokens(streams: list[torch.Tensor]) -> None:

@@ -36,7 +36,7 @@ def _svg_chart(draw: Callable[P, Figure]) -> Callable[P, str]:
     def chart(*args: P.args, **kwargs: P.kwargs) -> str:
         buffer = io.StringIO()
         with mpl.rc_context(_SVG_RC):  # type: ignore[arg-type]  # keys are rcParams names
-            draw(*args, **kwargs).savefig(buffer, format="svg", bbox_inches="tight")
+            draw(*args, **kwargs).savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None})
         text = buffer.getvalue()
         return text[text.index("<svg"):]
 
@@ -120,7 +120,7 @@ def size_quality_chart(artifacts: Sequence[ArtifactSummary]) -> Figure:
 def timeline_chart(timeline: Sequence[common_pb2.TimelineSpan]) -> Figure:
     """The job's calls per service over time, colored by phase (a Gantt chart of the trace)."""
     services = list(dict.fromkeys(span.service for span in timeline))
-    fig = _figure(10.0, 0.5 + 0.45 * len(services))
+    fig = _figure(10.0, 1.2 + 0.45 * len(services))
     ax = fig.add_subplot()
     for lane, service in enumerate(services):
         by_phase: dict[str, list[tuple[float, float]]] = {}
@@ -135,7 +135,6 @@ def timeline_chart(timeline: Sequence[common_pb2.TimelineSpan]) -> Figure:
     ax.set_xlabel("seconds since the job started")
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
-    ax.legend(unique.values(), unique.keys(), fontsize=8, ncols=min(7, len(unique)), loc="upper center",
-              bbox_to_anchor=(0.5, -0.35 if len(services) < 4 else -0.15))
+    ax.legend(unique.values(), unique.keys(), fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_title("timeline by service and phase")
     return fig
