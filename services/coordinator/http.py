@@ -23,16 +23,12 @@ from urllib.parse import urlsplit
 import grpc
 from bitsmith import __version__
 from bitsmith.errors import ConfigError, NotFoundError
-from bitsmith.report import ReportData, render_report
 from bitsmith.v1 import job_pb2
-from bitsmith_services.coordinator.jobstore import JobStore
+from bitsmith_services.coordinator.jobstore import JOB_ID, JobStore
 from bitsmith_services.coordinator.metrics import CoordinatorMetrics
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 log = logging.getLogger("bitsmith.coordinator.http")
-
-JOB_ID = re.compile(r"[0-9a-f]{16}")
-"""Job ids as the job store makes them (`JobStore.create`: 16 lowercase hex digits)."""
 
 REPORT_PATH = re.compile(r"/jobs/([^/]*)/report")
 HEALTH_TIMEOUT_S = 2.0
@@ -135,6 +131,8 @@ class CoordinatorHttp:
         return Response.json(HTTPStatus.OK, {"status": "ok", **payload})
 
     def _report(self, job_id: str) -> Response:
+        from bitsmith.report import ReportData, render_report  # matplotlib loads on the first report, not at start
+
         if not JOB_ID.fullmatch(job_id):
             return Response.text(HTTPStatus.BAD_REQUEST, f"{job_id!r} is not a job id (16 lowercase hex digits)")
         try:

@@ -8,6 +8,7 @@ left off. All writes go through one lock and short transactions; readers use the
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import threading
 import time
@@ -40,6 +41,14 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, created_ns);
 """
+
+
+JOB_ID = re.compile(r"[0-9a-f]{16}")
+"""What a job id looks like: 16 lowercase hex digits (`new_job_id`); anything else names no job."""
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex[:16]
 
 
 def _now() -> Timestamp:
@@ -89,7 +98,7 @@ class JobStore:
                 if row:
                     return job_pb2.Job.FromString(row[0]), False
             job = job_pb2.Job(
-                job_id=uuid.uuid4().hex[:16], spec=spec, state=common_pb2.JOB_STATE_QUEUED,
+                job_id=new_job_id(), spec=spec, state=common_pb2.JOB_STATE_QUEUED,
                 created_at=_now(),
             )
             db.execute(
@@ -126,6 +135,13 @@ class JobStore:
         with self._lock:
             rows = self._db.execute(query, args).fetchall()
         return [job_pb2.Job.FromString(r[0]) for r in rows]
+
+    def count_by_state(self) -> dict[int, int]:
+        """How many jobs are in each state (states without jobs absent): one query, what metrics ask at
+        every scrape, however many finished jobs the store keeps."""
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        return {int(state): int(count) for state, count in rows}
 
     def update(self, job: job_pb2.Job) -> None:
         """Persist the whole job record (state, progress, results)."""

@@ -29,10 +29,6 @@ STATES = {value: name.removeprefix("JOB_STATE_").lower()
 CUDA_PREFIX = "cuda"
 """A service whose reported device starts with this computed on a GPU (``cuda``, ``cuda:1``)."""
 
-ALL_JOBS = 1 << 62
-"""`JobStore.list_jobs` takes a limit; counting must see every job."""
-
-
 class JobStateCollector(Collector):
     """`bitsmith_jobs{state}` and `bitsmith_queue_depth`, counted in the job store at each scrape."""
 
@@ -40,9 +36,7 @@ class JobStateCollector(Collector):
         self._jobs = jobs
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        counts = dict.fromkeys(STATES, 0)
-        for job in self._jobs.list_jobs(limit=ALL_JOBS):
-            counts[job.state] = counts.get(job.state, 0) + 1
+        counts = dict.fromkeys(STATES, 0) | self._jobs.count_by_state()
         by_state = GaugeMetricFamily("bitsmith_jobs", "Jobs in the job store, by state.", labels=["state"])
         for state, label in STATES.items():
             by_state.add_metric([label], counts[state])

@@ -58,7 +58,8 @@ def validate_spec(spec: job_pb2.QuantizeJob) -> None:
         if not 0 < cal.seq_len <= MAX_SEQ_LEN:
             raise ConfigError(f"calibration seq_len must be in 1..{MAX_SEQ_LEN}, got {cal.seq_len}")
         if cal.HasField("holdout_samples") and not 0 <= cal.holdout_samples <= MAX_CALIB_SAMPLES:
-            raise ConfigError(f"calibration holdout_samples must be in 0..{MAX_CALIB_SAMPLES}, got {cal.holdout_samples}")
+            raise ConfigError(
+                f"calibration holdout_samples must be in 0..{MAX_CALIB_SAMPLES}, got {cal.holdout_samples}")
     if spec.eval.seq_len < 0 or spec.eval.seq_len > MAX_SEQ_LEN:
         raise ConfigError(f"eval seq_len must be in 1..{MAX_SEQ_LEN}, got {spec.eval.seq_len}")
     for f in [*(cal.files if needs_data else []), *spec.eval.files]:

@@ -134,7 +134,7 @@ def test_report_from_an_artifact_directory_reads_its_manifest(tmp_path: Path) ->
 
 
 def test_malformed_or_missing_manifests_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(FormatError, match="no manifest.json"):
+    with pytest.raises(FormatError, match=r"no manifest\.json"):
         ReportData.from_artifact_dir(tmp_path)
     write_file_atomic(tmp_path / "model.safetensors", b"\x00")
     write_manifest(tmp_path, format=Format.GPTQ, recipe={})
