@@ -276,6 +276,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     target = Path(args.target)
     if target.is_dir():
         data, name = ReportData.from_artifact_dir(target), target.resolve().name
+    elif target.exists() or "/" in args.target:
+        raise ConfigError(f"{args.target} is neither an artifact directory nor a job id")
     else:
         with Client(args.server) as client:
             job = client.job(args.target)

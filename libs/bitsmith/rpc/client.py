@@ -104,13 +104,17 @@ class JobServiceCalls:
         they take), past which `TimeoutError`."""
         from bitsmith.v1 import job_pb2
 
+        stream = self._stub.Watch(job_pb2.WatchJobRequest(job_id=job_id, after_sequence=after_sequence),
+                                  timeout=timeout)
         try:
-            yield from self._stub.Watch(job_pb2.WatchJobRequest(job_id=job_id, after_sequence=after_sequence),
-                                        timeout=timeout)
+            yield from stream
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and timeout is not None:
                 raise TimeoutError(f"job {job_id} did not end within {timeout:g} s") from None
             raise error_from_rpc(exc) from exc
+        finally:
+            if isinstance(stream, grpc.Call):  # (a traced channel hands back a generator, closed with ours)
+                stream.cancel()  # a caller that stops reading early ends the server's stream too
 
 
 class Client:
@@ -131,7 +135,7 @@ class Client:
             if address is None:
                 raise ServiceUnavailableError(
                     f"no bitsmith stack is running in {home}: start one with `bitsmith up` (BITSMITH_HOME picks "
-                    "the home) or give the client a HOST:PORT"
+                    "the home) or name a server's HOST:PORT"
                 )
         self.address = address
         self._channel = open_channel(address, component="client")
