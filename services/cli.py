@@ -187,10 +187,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise ConfigError("the coordinator computes nothing: --device and --activations are for its workers")
         home = Path(args.home) if args.home else default_home()
         with LocalStack(home=home, host=args.host, port=args.port, ray_address=args.ray_address,
-                        services=parse_services(args.services)) as local:
+                        services=parse_services(args.services), http_port=args.http_port) as local:
             if args.write_stack_file:
-                write_stack_file(home, local.address)
-            print(local.address, flush=True)
+                write_stack_file(home, local.address, local.http_address)
+            print(local.address, flush=True)  # stdout is the gRPC address (scripts read it)
+            logging.getLogger("bitsmith.coordinator").info(
+                "serving", extra={"grpc": local.address, "http": local.http_address})
             stop.wait()
         return 0
     if not args.store:
@@ -204,7 +206,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from bitsmith.rpc.discovery import default_home, running_stack
+    from bitsmith.rpc.discovery import default_home, running_stack, running_stack_http
     from bitsmith_services.stack import wait_until_serving
 
     home = default_home()
@@ -215,7 +217,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     home.mkdir(parents=True, exist_ok=True)
     log = open(home / "stack.log", "ab")  # noqa: SIM115 - handed to the child process
     cmd = [sys.executable, "-m", "bitsmith_services.cli", "serve", "coordinator", "--port", str(args.port),
-           "--home", str(home), "--write-stack-file"]
+           "--http-port", str(args.http_port), "--home", str(home), "--write-stack-file"]
     if args.ray_address:
         cmd += ["--ray-address", args.ray_address]
     subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -225,6 +227,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             raise BitsmithError(f"the stack did not start; see {home / 'stack.log'}")
         time.sleep(0.5)
     wait_until_serving(address, timeout=60)
+    err.print(f"health, metrics and job reports at http://{running_stack_http(home)}")
     print(address)
     return 0
 
@@ -342,6 +345,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("service", choices=["coordinator", *(r.value for r in Role)])
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=0)
+    s.add_argument("--http-port", type=int, default=0,
+                   help="coordinator: port of its HTTP endpoint (/healthz, /metrics, /jobs/ID/report) on --host; "
+                        "0 picks a free one")
     s.add_argument("--store", help="artifact store directory (worker services)")
     s.add_argument("--home", help="coordinator: job store and artifact store directory")
     s.add_argument("--ray-address", help="coordinator: join this Ray cluster instead of starting a local one")
@@ -358,6 +364,8 @@ def _parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("up", help="start a long-running local stack in the background; prints its address")
     u.add_argument("--port", type=int, default=0)
+    u.add_argument("--http-port", type=int, default=0,
+                   help="port of the coordinator's HTTP endpoint (health, metrics, job reports); 0 picks a free one")
     u.add_argument("--ray-address")
     u.set_defaults(func=cmd_up)
     d = sub.add_parser("down", help="stop the stack `bitsmith up` started")

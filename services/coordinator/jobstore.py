@@ -166,10 +166,12 @@ class JobStore:
                 job.finished_at.CopyFrom(_now())
             if error:
                 job.error = error
+            # The state and its event under one hold of the (re-entrant) lock: a watcher woken by the
+            # new state must also find its event, or it ends the stream without the final "done".
             self.update(job)
-        phase = "start" if state == common_pb2.JOB_STATE_RUNNING else "done" if state in TERMINAL else "queued"
-        self.append_event(job_id, phase=phase, message=message or error)
-        return self.get(job_id)
+            phase = "start" if state == common_pb2.JOB_STATE_RUNNING else "done" if state in TERMINAL else "queued"
+            self.append_event(job_id, phase=phase, message=message or error)
+            return self.get(job_id)
 
     def append_event(self, job_id: str, *, phase: str, message: str = "", block: int = -1,
                      num_blocks: int = 0, step: int = 0, total_steps: int = 0) -> common_pb2.ProgressEvent:
