@@ -2,7 +2,7 @@
 
 Runs, in one process and one after the other on the same machine:
   services:   start a local stack (Ray actors + gRPC), submit the job, follow it to the end; the time
-              of each phase is read from the job's trace (the coordinator's client spans per RPC);
+              of each phase is read from the job's diagnostics (the coordinator's timeline of its calls);
   in-process: the same calibration, solve, pack and evaluation through `bitsmith` library calls.
 Prints a table of seconds per phase and the services/in-process ratio, with the hardware.
 
@@ -21,10 +21,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-PHASE_OF_RPC = {
-    "Plan": "calibrate", "Start": "calibrate", "Scale": "calibrate", "Collect": "calibrate", "Advance": "calibrate",
-    "Solve": "solve", "Pack": "pack", "Publish": "pack", "Evaluate": "eval",
-}
+PHASE_OF_JOB = {"plan": "calibrate", "calibrate": "calibrate", "scale": "calibrate", "solve": "solve", "pack": "pack",
+                "publish": "pack", "evaluate": "eval"}
+"""The job's phases (`JobDiagnostics.phases`) as this table groups them."""
 PHASES = ("stack start", "calibrate", "solve", "pack", "eval", "total")
 
 
@@ -69,9 +68,8 @@ def in_process(args: argparse.Namespace, work: Path) -> dict[str, float]:
     from bitsmith.manifest import build_artifact
     from bitsmith.models import load_checkpoint
     from bitsmith.pipeline import LocalBackend, Plan, run_sequential
-    from bitsmith.recipes import Recipe
     from bitsmith.runtimes import evaluate_path
-    from bitsmith.schemes import Format, Method, QuantScheme
+    from bitsmith.schemes import Format
 
     seconds: dict[str, float] = defaultdict(float)
     t_all = time.perf_counter()
@@ -79,10 +77,10 @@ def in_process(args: argparse.Namespace, work: Path) -> dict[str, float]:
     model = load_checkpoint(DEMO_MODEL)
     tokens = calibration_tokens(DEMO_MODEL, CALIB_FILES, samples=args.samples, seq_len=args.seq_len)
     seconds["calibrate"] += time.perf_counter() - t0
-    recipe = Recipe(method=Method.GPTQ, scheme=QuantScheme(bits=args.bits, group_size=128, min_zero=1))
-    options = recipe.gptq
-    backend = TimedBackend(LocalBackend(model, recipe=recipe, tokens=tokens), seconds)
-    quantized = run_sequential(Plan.from_model(model, recipe), backend).quantized
+    job_recipe = recipe(args.bits)
+    options = job_recipe.gptq
+    backend = TimedBackend(LocalBackend(model, recipe=job_recipe, tokens=tokens), seconds)
+    quantized = run_sequential(Plan.from_model(model, job_recipe), backend).quantized
     t0 = time.perf_counter()
     out = work / "in-process"
     write = get_format(Format.GPTQ).write
@@ -98,41 +96,32 @@ def in_process(args: argparse.Namespace, work: Path) -> dict[str, float]:
 
 def through_services(args: argparse.Namespace, work: Path) -> dict[str, float]:
     from bitsmith.demo import CALIB_FILES, DEMO_MODEL, EVAL_FILES
-    from bitsmith.rpc.client import Client
-    from bitsmith.telemetry import read_spans
-    from bitsmith.v1 import common_pb2, job_pb2
+    from bitsmith.rpc import Calibration, Client, Evaluation, QuantizeRequest
     from bitsmith_services.stack import LocalStack
 
     seconds: dict[str, float] = defaultdict(float)
     t_all = time.perf_counter()
     with LocalStack(home=work / "home") as stack:
         seconds["stack start"] = time.perf_counter() - t_all
-        spec = job_pb2.QuantizeJob(
-            model_path=str(DEMO_MODEL),
-            recipe=common_pb2.Recipe(method=common_pb2.METHOD_GPTQ,
-                                     scheme=common_pb2.QuantScheme(bits=args.bits, group_size=128, min_zero=1),
-                                     gptq=common_pb2.GPTQOptions(damp_percent=0.01, true_sequential=True)),
-            calibration=common_pb2.CalibrationSpec(files=[str(f) for f in CALIB_FILES], samples=args.samples,
-                                                   seq_len=args.seq_len),
-            output=common_pb2.OutputSpec(path=str(work / "services"),
-                                         formats=[common_pb2.OutputFormat(format=common_pb2.FORMAT_GPTQ)]),
-            eval=common_pb2.EvalSpec(files=[str(f) for f in EVAL_FILES], seq_len=512),
+        request = QuantizeRequest(
+            model=DEMO_MODEL, out=work / "services", recipe=recipe(args.bits), checkpoint_format="gptq",
+            calibration=Calibration(files=CALIB_FILES, samples=args.samples, seq_len=args.seq_len),
+            evaluation=Evaluation(files=EVAL_FILES, seq_len=512),
         )
         with Client(stack.address) as client:
-            job = client.submit(spec)
-            for _ in client.watch(job.job_id):
-                pass
-            job = client.get(job.job_id)
+            job = client.submit(request).wait()
     seconds["total"] = time.perf_counter() - t_all
-    if job.state != common_pb2.JOB_STATE_SUCCEEDED:
-        raise SystemExit(f"job failed: {job.error}")
-    for span in read_spans(os.environ["BITSMITH_TRACE_FILE"]):
-        if span["trace_id"] != job.trace_id or span["service"] != "bitsmith-coordinator":
-            continue
-        rpc = str(span["name"]).rsplit("/", 1)[-1]
-        if rpc in PHASE_OF_RPC and span["end_ns"] and span["start_ns"]:
-            seconds[PHASE_OF_RPC[rpc]] += (int(span["end_ns"]) - int(span["start_ns"])) / 1e9
+    for phase in job.diagnostics.phases:
+        seconds[PHASE_OF_JOB[phase.phase]] += phase.seconds
     return seconds
+
+
+def recipe(bits: int) -> Any:
+    """The job both sides run: GPTQ at `bits`, g128, asymmetric with zeros >= 1 (a GPTQ v1 checkpoint)."""
+    from bitsmith.recipes import Recipe
+    from bitsmith.schemes import Method, QuantScheme
+
+    return Recipe(method=Method.GPTQ, scheme=QuantScheme(bits=bits, group_size=128, min_zero=1))
 
 
 def main() -> None:
@@ -143,7 +132,6 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bitsmith-bench-") as tmp:
         work = Path(tmp)
-        os.environ["BITSMITH_TRACE_FILE"] = str(work / "spans.jsonl")
         services = through_services(args, work)
         local = in_process(args, work)
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.system()}, "

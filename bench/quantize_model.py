@@ -186,18 +186,16 @@ def call_medians(calls: list[dict[str, Any]]) -> dict[str, float]:
     return {kind: statistics.median(v) for kind, v in by_kind.items()}
 
 
-def job_spec(model_dir: Path, calib: Path, out: Path, samples: int, seq_len: int) -> Any:
-    from bitsmith.v1 import common_pb2, job_pb2
+def job_request(model_dir: Path, calib: Path, out: Path, samples: int, seq_len: int) -> Any:
+    """GPTQ w4 g128 asym in column order (the options the recorded numbers used), a GPTQ v2 checkpoint."""
+    from bitsmith.recipes import Recipe
+    from bitsmith.rpc import Calibration, QuantizeRequest
+    from bitsmith.schemes import GPTQOptions, Method, QuantScheme
 
-    return job_pb2.QuantizeJob(
-        model_path=str(model_dir),
-        recipe=common_pb2.Recipe(method=common_pb2.METHOD_GPTQ,
-                                 scheme=common_pb2.QuantScheme(bits=4, group_size=128, sym=False),
-                                 gptq=common_pb2.GPTQOptions(damp_percent=0.01, true_sequential=True)),
-        calibration=common_pb2.CalibrationSpec(files=[str(calib)], samples=samples, seq_len=seq_len, seed=0),
-        output=common_pb2.OutputSpec(path=str(out), formats=[
-            common_pb2.OutputFormat(format=common_pb2.FORMAT_GPTQ, variant="gptq_v2")]),
-    )
+    recipe = Recipe(method=Method.GPTQ, scheme=QuantScheme(bits=4, group_size=128),
+                    gptq=GPTQOptions(damp_percent=0.01, act_order=False, static_groups=False, true_sequential=True))
+    return QuantizeRequest(model=model_dir, out=out, recipe=recipe, checkpoint_format="gptq_v2",
+                           calibration=Calibration(files=[calib], samples=samples, seq_len=seq_len, seed=0))
 
 
 def phase_seconds(events: list[Any]) -> tuple[dict[str, float], dict[str, list[float]]]:
@@ -208,7 +206,7 @@ def phase_seconds(events: list[Any]) -> tuple[dict[str, float], dict[str, list[f
     `pack` is from the last block's end to the publish event (the packer reports after the fact).
     """
     def at(event: Any) -> float:
-        return float(event.time.ToNanoseconds()) / 1e9
+        return float(event.time.timestamp())
 
     total: dict[str, float] = defaultdict(float)
     per_block: dict[str, dict[int, float]] = defaultdict(lambda: defaultdict(float))
@@ -218,7 +216,7 @@ def phase_seconds(events: list[Any]) -> tuple[dict[str, float], dict[str, list[f
             total[phase] += at(after) - at(event)
             per_block[phase][event.block] += at(after) - at(event)
     first_block = next(e for e in events if e.phase in BLOCK_PHASE)
-    last_done = [e for e in events if e.phase == "done" and e.block >= 0][-1]
+    last_done = [e for e in events if e.phase == "done" and e.block is not None][-1]
     total["start"] = at(first_block) - at(next(e for e in events if e.phase == "start"))
     total["pack"] = at([e for e in events if e.phase == "publish"][-1]) - at(last_done)
     return dict(total), {phase: list(blocks.values()) for phase, blocks in per_block.items()}
@@ -234,8 +232,7 @@ def hardware() -> str:
 
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from bitsmith.rpc.client import Client
-    from bitsmith.v1 import common_pb2
+    from bitsmith.rpc import Client
     from bitsmith_services.coordinator.placement import ServiceAddresses
     from bitsmith_services.registry import Role
     from bitsmith_services.stack import LocalStack
@@ -257,16 +254,14 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         local = stack.enter_context(LocalStack(home=work / "home", services=services))
         client = stack.enter_context(Client(local.address))
         t0 = time.perf_counter()
-        job = client.submit(job_spec(model_dir, calib, work / "out", args.samples, args.seq_len))
+        job = client.submit(job_request(model_dir, calib, work / "out", args.samples, args.seq_len))
         events = []
-        for event in client.watch(job.job_id):
+        for event in job.watch():
             events.append(event)
             if event.phase == "done":
                 print(f"  {event.message} at {time.perf_counter() - t0:.1f} s", flush=True)
         wall_s = time.perf_counter() - t0
-        job = client.get(job.job_id)
-    if job.state != common_pb2.JOB_STATE_SUCCEEDED:
-        raise SystemExit(f"job failed: {job.error}")
+        job = job.wait()
     seconds, per_block = phase_seconds(events)
     result: dict[str, Any] = {
         "shape": args.shape, "layers": layers, "samples": args.samples, "seq_len": args.seq_len,
@@ -274,6 +269,14 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "job_wall_s": wall_s, "seconds": seconds,
         "per_block_median_s": {phase: statistics.median(v) for phase, v in per_block.items() if v},
         "artifact_bytes": sum(a.bytes for a in job.artifacts), "hardware": hardware(),
+        # What the job recorded about itself (the report's numbers): its phases and each service's device,
+        # busy seconds and peak memory, and the held-out output error of each block.
+        "job_phases_s": {p.phase: p.seconds for p in job.diagnostics.phases},
+        "job_services": {s.service: {"device": s.usage.device, "busy_s": s.busy_s,
+                                     "peak_device_gib": s.usage.peak_device_bytes / 2**30,
+                                     "peak_host_gib": s.usage.peak_host_bytes / 2**30}
+                         for s in job.diagnostics.services},
+        "block_output_error": [b.output_error for b in job.diagnostics.blocks],
     }
     result["pack_calls"] = call_lines(work / "packer.log")
     for role in ("calibrator", "solver"):
@@ -306,6 +309,11 @@ def report(result: Mapping[str, Any]) -> None:
     for call in result["pack_calls"]:
         print(f"pack {call['format']}: read {call['read_seconds']:.1f} s, write {call['write_seconds']:.1f} s, "
               f"manifest {call['manifest_seconds']:.1f} s", flush=True)
+    print("job diagnostics: " + ", ".join(f"{phase} {s:.1f} s" for phase, s in result["job_phases_s"].items()))
+    for service, u in result["job_services"].items():
+        print(f"  {service}: {u['device']}, busy {u['busy_s']:.1f} s, peak device {u['peak_device_gib']:.2f} GiB, "
+              f"peak host {u['peak_host_gib']:.2f} GiB")
+    print("  held-out block output error: " + " ".join(f"{e:.3f}" for e in result["block_output_error"]), flush=True)
 
 
 def main() -> None:
