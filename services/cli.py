@@ -32,7 +32,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from bitsmith.rpc.job import Job
+    from bitsmith.rpc.job import EvalResult, Job
 
 err = Console(stderr=True)
 
@@ -97,19 +97,25 @@ def _follow(job: Job, quiet: bool) -> None:
                        description=event.message[:70])
 
 
-def _job_summary(job: Job) -> dict[str, Any]:
+def _metrics(results: Sequence[EvalResult]) -> dict[str, Any]:
+    """Evaluation results by dataset, without the measures that were not taken."""
     metrics: dict[str, Any] = {}
-    for r in job.metrics:
+    for r in results:
         entry: dict[str, Any] = {"ppl": r.ppl, "tokens": r.tokens}
         entry.update({name: value for name in ("kl", "top1", "reference_ppl")
                       if (value := getattr(r, name)) is not None})
         metrics[r.dataset] = entry
+    return metrics
+
+
+def _job_summary(job: Job) -> dict[str, Any]:
     return {
         "job_id": job.id,
         "state": job.state.value,
-        "artifacts": [{"format": a.format.value, "path": str(a.path), "bytes": a.bytes, "sha256": a.sha256}
+        "artifacts": [{"format": a.format.value, "variant": a.variant, "path": str(a.path), "bytes": a.bytes,
+                       "sha256": a.sha256, "bits_per_weight": a.bits_per_weight, "metrics": _metrics(a.metrics)}
                       for a in job.artifacts],
-        "metrics": metrics,
+        "metrics": _metrics(job.metrics),
         "trace_id": job.trace_id,
         "error": job.error or "",
     }
@@ -117,12 +123,17 @@ def _job_summary(job: Job) -> dict[str, Any]:
 
 def _print_summary(summary: dict[str, Any]) -> None:
     table = Table(title=f"job {summary['job_id']}: {summary['state']}")
-    for col in ("dataset", "ppl", "reference ppl", "KL", "top-1"):
+    for col in ("artifact", "bits/weight", "dataset", "ppl", "reference ppl", "KL", "top-1"):
         table.add_column(col)
-    for name, m in summary["metrics"].items():
-        table.add_row(Path(name).name, f"{m['ppl']:.3f}", f"{m.get('reference_ppl', float('nan')):.3f}",
-                      f"{m.get('kl', float('nan')):.5f}", f"{m.get('top1', float('nan')):.4f}")
-    err.print(table)
+    for a in summary["artifacts"]:
+        name = a["format"] + (f":{a['variant']}" if a["format"] == "gguf" and a["variant"] else "")
+        bits = f"{a['bits_per_weight']:.3f}" if a["bits_per_weight"] else ""
+        for row, (dataset, m) in enumerate(a["metrics"].items()):
+            table.add_row(name if row == 0 else "", bits if row == 0 else "", Path(dataset).name, f"{m['ppl']:.3f}",
+                          f"{m.get('reference_ppl', float('nan')):.3f}", f"{m.get('kl', float('nan')):.5f}",
+                          f"{m.get('top1', float('nan')):.4f}")
+    if table.row_count:
+        err.print(table)
     for a in summary["artifacts"]:
         err.print(f"artifact [bold]{a['format']}[/]: {a['path']} ({a['bytes']:,} bytes, sha256 {a['sha256'][:16]}…)")
     if summary["error"]:

@@ -219,8 +219,9 @@ def test_the_cli_goes_through_the_sdk(stack: Stack, tmp_path: Path, capsys: pyte
     assert result.keys() == {"job_id", "state", "artifacts", "metrics", "trace_id", "error"}
     assert result["state"] == "succeeded" and result["error"] == "" and result["metrics"] == {}
     manifest = verify_manifest(out)
-    assert result["artifacts"] == [{"format": "gptq", "path": str(out), "sha256": manifest.digest,
-                                    "bytes": sum(f.bytes for f in manifest.files)}]
+    assert result["artifacts"] == [{"format": "gptq", "variant": "gptq", "path": str(out), "sha256": manifest.digest,
+                                    "bytes": sum(f.bytes for f in manifest.files),
+                                    "bits_per_weight": 4.0 + 16 / 128, "metrics": {}}]
     assert json.loads(run("jobs", "show", result["job_id"], "--json")) == result
     assert result in json.loads(run("jobs", "list", "--json"))
 
