@@ -80,7 +80,7 @@ def _request(args: argparse.Namespace) -> QuantizeRequest:
     return QuantizeRequest(
         model=args.model, out=args.out, recipe=_recipe(args),
         calibration=Calibration(files=args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
-                                mode=args.calibration_mode),
+                                mode=args.calibration_mode, holdout_samples=args.holdout_samples),
         formats=args.format or (OutputFormat(format=Format.GPTQ),),
         evaluation=Evaluation(files=args.eval, seq_len=args.eval_seq_len) if args.eval else None,
         request_id=args.request_id, checkpoint_format=args.checkpoint_format,
@@ -327,6 +327,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--samples", type=int, default=128)
     q.add_argument("--seq-len", type=int, default=512)
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--holdout-samples", type=int, metavar="N",
+                   help="further calibration windows kept out of the statistics, on which the report measures "
+                        "each block's output error (default: samples / 16, in 1..16; 0: none)")
     q.add_argument("--calibration-mode", choices=["sequential", "parallel"], default="sequential",
                    help="sequential: block i+1 calibrates on quantized block i's outputs; parallel: every block "
                         "on the float model's activations")

@@ -230,3 +230,9 @@ def test_the_cli_goes_through_the_sdk(stack: Stack, tmp_path: Path, capsys: pyte
     assert report == tmp_path / f"{result['job_id']}-report.html"
     assert result["job_id"] in report.read_text()
     assert Path(run("report", result["job_id"], "--out", str(tmp_path / "r.html"))) == tmp_path / "r.html"
+
+    calibrated = json.loads(run("quantize", str(DEMO_MODEL), "--method", "gptq", "--samples", "8", "--seq-len", "64",
+                                *(a for f in CALIB_FILES for a in ("--calib", str(f))), "--holdout-samples", "3",
+                                "--out", str(tmp_path / "gptq"), "--json"))
+    blocks = stack.client.job(calibrated["job_id"]).diagnostics.blocks
+    assert [b.samples for b in blocks] == [3] * 4 and all(0 < b.output_error < 1 for b in blocks)
