@@ -289,10 +289,14 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
             awq_from_proto(request.awq),
             grid_search=grid_search_from_proto(request.grid_search) if request.HasField("grid_search") else None,
         )
-        refs = self._store.put_tensors(job_key(request.job_id, f"block-{request.block}", "scaled.safetensors"),
-                                       transform.tensors)
+        block = f"block-{request.block}"
+        refs = self._store.put_tensors(job_key(request.job_id, block, "scaled.safetensors"), transform.tensors)
+        references = (self._store.put_tensors(job_key(request.job_id, block, "references.safetensors"),
+                                              transform.references) if transform.references else {})
         return calibrator_pb2.ScaleResponse(
             scaled=[common_pb2.NamedTensor(name=name, tensor=tensor_ref_to_proto(ref)) for name, ref in refs.items()],
+            references=[common_pb2.NamedTensor(name=name, tensor=tensor_ref_to_proto(ref))
+                        for name, ref in references.items()],
             report_json=json.dumps(transform.report.to_dict()), usage=usage_to_proto(self._device),
         )
 

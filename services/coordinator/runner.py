@@ -92,6 +92,7 @@ class RpcBackend:
         self._recorder = recorder
         self._primary_key = primary_key
         self._holdout = 0
+        self._references: dict[int, dict[str, common_pb2.TensorRef]] = {}  # AWQ's pre-clipping weights by block
 
     def start(self) -> common_pb2.TensorRef:
         with self._recorder.call("calibrate", Role.CALIBRATOR, "Start"):
@@ -119,6 +120,7 @@ class RpcBackend:
         with self._recorder.call("scale", Role.CALIBRATOR, "Scale", block=bid):
             reply = self._stubs.calibrator.Scale(request, timeout=STEP_TIMEOUT_S)
         self._recorder.usage(Role.CALIBRATOR, reply.usage)
+        self._references = {bid: {t.name.removesuffix(".weight"): t.tensor for t in reply.references}}
         return {t.name: t for t in reply.scaled}
 
     def collect(self, bid: int, names: Sequence[str], inputs: common_pb2.TensorRef | None,
@@ -147,6 +149,10 @@ class RpcBackend:
             stats=[s for s in stats if s.name in wanted], method=method_to_proto(assignment.method),
             gptq=self._spec.recipe.gptq, model_path=self._spec.model_path,
         )
+        references = self._references.get(bid, {})
+        for linear in request.stats:
+            if linear.name in references:
+                linear.reference.CopyFrom(references[linear.name])
         if isinstance(assignment.scheme, GGMLScheme):
             request.ggml.CopyFrom(ggml_scheme_to_proto(assignment.scheme))
         else:

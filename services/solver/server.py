@@ -40,7 +40,9 @@ from bitsmith.v1 import common_pb2, solver_pb2, solver_pb2_grpc
 
 if TYPE_CHECKING:
     import torch
+    from bitsmith.algos import GPTQResult
     from bitsmith.models.base import TensorIndex
+    from bitsmith.schemes import GPTQOptions
 
 log = logging.getLogger("bitsmith.solver")
 
@@ -70,9 +72,30 @@ class Solver(solver_pb2_grpc.SolverServiceServicer):
             raise ConfigError(f"{stats.name}: the stats carry no weight and the request names no checkpoint")
         return _checkpoint(request.model_path).read(f"{_full_name(request, stats.name)}.weight", self._device)
 
+    def _errors(self, request: solver_pb2.SolveRequest, stats: common_pb2.LinearStats, weight: torch.Tensor,
+                outcome: GPTQResult, hessian: torch.Tensor | None, options: GPTQOptions) -> tuple[float, float, float]:
+        """(error, RTN's error, tr(W·H·Wᵀ)) of one solved linear for the job report.
+
+        A linear AWQ rescaled is measured against its float weight before clipping, and RTN of the
+        checkpoint's own weight is its baseline (`scaled_errors`): the solve's own numbers compare
+        the clipped weight with itself.
+        """
+        from bitsmith.algos.awq import scaled_errors
+        from bitsmith.algos.gptq import weight_energy
+        from bitsmith.quantized import QuantizedWeight
+
+        if hessian is None:
+            return outcome.error, outcome.rtn_error, 0.0
+        if not stats.HasField("weight") or not isinstance(outcome.weight, QuantizedWeight):
+            return outcome.error, outcome.rtn_error, weight_energy(weight, hessian)
+        original = _checkpoint(request.model_path).read(f"{_full_name(request, stats.name)}.weight", self._device)
+        reference = (self._store.get_tensor(tensor_ref_from_proto(stats.reference)).to(self._device)
+                     if stats.HasField("reference") else weight)
+        return scaled_errors(original, reference, outcome.weight.dequantize(), hessian,
+                             outcome.weight.scheme, options.grid_search)
+
     def Solve(self, request: solver_pb2.SolveRequest, context: grpc.ServicerContext
               ) -> solver_pb2.SolveResponse:
-        from bitsmith.algos.gptq import weight_energy
         from bitsmith.pipeline import solve_group
 
         started = time.perf_counter()
@@ -88,10 +111,12 @@ class Solver(solver_pb2_grpc.SolverServiceServicer):
                    if hessian_keys else None)
         label = ",".join(_full_name(request, n) for n in names)
         scheme = ggml_scheme_from_proto(request.ggml) if request.HasField("ggml") else scheme_from_proto(request.scheme)
+        options = gptq_from_proto(request.gptq)
         outcomes = solve_group(weights, hessian, method=method_from_proto(request.method), scheme=scheme,
-                               options=gptq_from_proto(request.gptq), label=label)
+                               options=options, label=label)
         solved = []
-        for name, weight, outcome in zip(names, weights, outcomes, strict=True):
+        for stats, weight, outcome in zip(request.stats, weights, outcomes, strict=True):
+            name = stats.name
             full = _full_name(request, name)
             # One file per (linear, grid): a job's integer target and its GGUF mixes solve the same linear.
             grid = f".{request.ggml.type}" if request.HasField("ggml") else ""
@@ -99,10 +124,10 @@ class Solver(solver_pb2_grpc.SolverServiceServicer):
                 job_key(request.job_id, f"block-{request.block}", f"{name}{grid}.quantized.safetensors"), full,
                 outcome.weight, durable=False,
             )
+            error, rtn_error, energy = self._errors(request, stats, weight, outcome, hessian, options)
             solved.append(solver_pb2.SolvedLinear(
-                quantized=quantized_ref_to_proto(full, ref), error=outcome.error, rtn_error=outcome.rtn_error,
-                damp_percent=outcome.damp_percent,
-                weight_energy=0.0 if hessian is None else weight_energy(weight, hessian),
+                quantized=quantized_ref_to_proto(full, ref), error=error, rtn_error=rtn_error,
+                damp_percent=outcome.damp_percent, weight_energy=energy,
             ))
         release_cached_memory(self._device)  # for the calibrator that may share the device
         extra: dict[str, object] = {"rpc": "Solve", "block": request.block, "device": str(self._device),

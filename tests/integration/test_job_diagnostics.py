@@ -29,14 +29,16 @@ def jobs(stack: Stack) -> Iterator[job_pb2_grpc.JobServiceStub]:
 
 def _run(jobs: job_pb2_grpc.JobServiceStub, out: Path, *, formats: list[common_pb2.OutputFormat],
          mode: int = common_pb2.CALIBRATION_MODE_SEQUENTIAL, holdout: int | None = 2, evaluate: bool = False,
-         gate: common_pb2.QualityGate | None = None) -> job_pb2.Job:
+         gate: common_pb2.QualityGate | None = None, method: int = common_pb2.METHOD_GPTQ) -> job_pb2.Job:
     calibration = common_pb2.CalibrationSpec(files=[str(f) for f in CALIB_FILES], samples=8, seq_len=128, mode=mode)
     if holdout is not None:
         calibration.holdout_samples = holdout
     spec = job_pb2.QuantizeJob(
         model_path=str(DEMO_MODEL),
-        recipe=common_pb2.Recipe(method=common_pb2.METHOD_GPTQ, scheme=common_pb2.QuantScheme(bits=4, group_size=128),
-                                 gptq=common_pb2.GPTQOptions(damp_percent=0.01, true_sequential=True)),
+        recipe=common_pb2.Recipe(method=method, scheme=common_pb2.QuantScheme(bits=4, group_size=128),  # type: ignore[arg-type]
+                                 gptq=common_pb2.GPTQOptions(damp_percent=0.01, true_sequential=True),
+                                 awq=common_pb2.AWQOptions(grid=10, duo_scaling=True, clip=True, clip_grid=10,
+                                                           max_shrink=0.5, clip_tokens=256)),
         calibration=calibration,
         output=common_pb2.OutputSpec(path=str(out), formats=formats),
         eval=common_pb2.EvalSpec(files=[str(EVAL_FILES[0])] if evaluate else [], seq_len=256,
@@ -98,6 +100,19 @@ def test_every_layer_block_call_and_artifact_is_recorded(jobs: job_pb2_grpc.JobS
         assert manifest.diagnostics["layers"] == MessageToDict(d, preserving_proto_field_name=True)["layers"]
         page = render_report(ReportData.from_artifact_dir(Path(artifact.path)))
         assert page.count('id="layer:') == 2 * BLOCKS * LINEARS_PER_BLOCK and page.count('id="block:') == BLOCKS
+
+
+def test_awq_layers_are_measured_against_the_float_model_not_their_own_clipping(
+        jobs: job_pb2_grpc.JobServiceStub, tmp_path: Path) -> None:
+    job = _run(jobs, tmp_path / "out", formats=[common_pb2.OutputFormat(format=common_pb2.FORMAT_AWQ)],
+               method=common_pb2.METHOD_AWQ)
+    assert job.state == common_pb2.JOB_STATE_SUCCEEDED, job.error
+    layers = job.diagnostics.layers
+    assert len(layers) == BLOCKS * LINEARS_PER_BLOCK and all(layer.method == common_pb2.METHOD_AWQ for layer in layers)
+    # RTN of AWQ's own (scaled, clipped) weight would equal its error; RTN of the checkpoint's does not.
+    assert sum(layer.error != pytest.approx(layer.rtn_error) for layer in layers) >= len(layers) // 2
+    assert sum(layer.error for layer in layers) < sum(layer.rtn_error for layer in layers)
+    assert all(0 < layer.error < layer.weight_energy for layer in layers)
 
 
 @pytest.mark.parametrize(("mode", "holdout", "blocks"), [

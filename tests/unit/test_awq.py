@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from bitsmith.algos.awq import awq_block, fake_quantize, scale_factors, search_clip
+from bitsmith.algos.awq import awq_block, fake_quantize, scale_factors, scaled_errors, search_clip
+from bitsmith.algos.gptq import hessian_row_errors, weight_energy
 from bitsmith.algos.rtn import quantize_rtn
 from bitsmith.calib import calibration_tokens, tokenize_file
 from bitsmith.calib.capture import forward_block, run_with_input_hooks
@@ -305,3 +306,29 @@ def test_bad_input_is_refused(demo_checkpoint: CheckpointModel) -> None:
     broken[0, 3, 7] = float("nan")
     with pytest.raises(CalibrationError, match="finite"):
         awq_block(model, 0, broken, _all(model, W4), FAST)
+
+
+def test_scaled_errors_measure_the_original_rtn_and_the_clipping_in_the_scaled_basis() -> None:
+    generator = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 64, generator=generator)
+    x = torch.randn(512, 64, generator=generator) * torch.linspace(0.2, 4.0, 64)
+    h = 2 * x.T @ x / len(x)
+    scheme = QuantScheme(bits=3, group_size=32)
+    rtn = fake_quantize(w, scheme)
+    plain = hessian_row_errors(rtn - w, h).sum()
+    # Unscaled and unclipped: the solve and RTN are one thing.
+    error, rtn_error, energy = scaled_errors(w, w, rtn, h, scheme)
+    assert error == pytest.approx(float(plain), rel=1e-9) and rtn_error == pytest.approx(float(plain), rel=1e-9)
+    assert energy == pytest.approx(weight_energy(w, h))
+    # Scaled columns (W·S with the input divided by S): RTN of the original costs what it cost before.
+    s = torch.linspace(0.5, 2.0, 64)
+    h_scaled = h / torch.outer(s, s)
+    ref = w * s
+    _, rtn_error, energy = scaled_errors(w, ref, fake_quantize(ref, scheme), h_scaled, scheme)
+    assert rtn_error == pytest.approx(float(plain), rel=1e-5)
+    assert energy == pytest.approx(weight_energy(w, h), rel=1e-5)
+    # A clipped weight is measured against the unclipped reference: clipping's own change counts.
+    clipped = ref.clamp(-1.0, 1.0)
+    with_clip, _, _ = scaled_errors(w, ref, fake_quantize(clipped, scheme), h_scaled, scheme)
+    against_itself, _, _ = scaled_errors(w, clipped, fake_quantize(clipped, scheme), h_scaled, scheme)
+    assert with_clip > against_itself

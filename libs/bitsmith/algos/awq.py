@@ -42,11 +42,12 @@ True
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
+from bitsmith.algos.gptq import hessian_row_errors, weight_energy
 from bitsmith.algos.grid import dequantize, fit_grid, group_size_for, quantize
 from bitsmith.calib.capture import DEFAULT_CHUNK, chunks, run_with_input_hooks
 from bitsmith.errors import CalibrationError, ConfigError, UnsupportedError
@@ -110,6 +111,9 @@ class BlockTransform:
 
     tensors: dict[str, torch.Tensor]
     report: AWQReport
+    references: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The scaled weights of the linears clipping then changed, before it (block-local name -> float32):
+    what their quantized weights approximate, for measuring the error clipping and rounding make together."""
 
     def report_dict(self) -> dict[str, Any]:
         """The report as plain names and numbers (JSON-ready), for a manifest."""
@@ -403,7 +407,26 @@ def awq_block(
     return BlockTransform(
         tensors={name: t.float().contiguous() for name, t in final.items()},
         report=AWQReport(scales=tuple(searches), clips=tuple(clips)),
+        references={name: current(scaled, name).float().contiguous() for name in final
+                    if name.removesuffix(".weight") in schemes and not torch.equal(final[name], current(scaled, name))},
     )
+
+
+def scaled_errors(original: torch.Tensor, reference: torch.Tensor, solved: torch.Tensor, hessian: torch.Tensor,
+                  scheme: QuantScheme, search: GridSearch | None = None) -> tuple[float, float, float]:
+    """(error, RTN's error, energy) of one AWQ-scaled linear, all in its scaled basis.
+
+    `original` is the checkpoint's weight, `reference` the float weight AWQ's scaling made of it (before
+    clipping: the block computes the float function with it), `solved` the dequantized result, `hessian`
+    the Hessian of the scaled input. The error is tr(ΔW·H·ΔWᵀ) with ΔW = solved - reference, so clipping's
+    share counts; RTN's is round-to-nearest of the original weight, carried into the scaled basis by the
+    same per-element factor reference / original (scaling is diagonal on both sides, and a zero weight
+    rounds to zero on any grid), so both say how far the same outputs move.
+    """
+    factor = torch.where(original == 0, 0.0, reference / torch.where(original == 0, 1.0, original))
+    rtn = (fake_quantize(original, scheme, search) - original) * factor
+    error = hessian_row_errors(solved - reference, hessian).sum()
+    return float(error), float(hessian_row_errors(rtn, hessian).sum()), weight_energy(reference, hessian)
 
 
 def _search_pair(

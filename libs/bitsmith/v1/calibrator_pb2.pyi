@@ -146,14 +146,16 @@ class ScaleRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., model_path: _Optional[str] = ..., block: _Optional[int] = ..., inputs: _Optional[_Union[_common_pb2.TensorRef, _Mapping]] = ..., targets: _Optional[_Iterable[_Union[ScaleTarget, _Mapping]]] = ..., awq: _Optional[_Union[_common_pb2.AWQOptions, _Mapping]] = ..., grid_search: _Optional[_Union[_common_pb2.GridSearch, _Mapping]] = ..., holdout: _Optional[int] = ...) -> None: ...
 
 class ScaleResponse(_message.Message):
-    __slots__ = ("scaled", "report_json", "usage")
+    __slots__ = ("scaled", "report_json", "usage", "references")
     SCALED_FIELD_NUMBER: _ClassVar[int]
     REPORT_JSON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    REFERENCES_FIELD_NUMBER: _ClassVar[int]
     scaled: _containers.RepeatedCompositeFieldContainer[_common_pb2.NamedTensor]
     report_json: str
     usage: _common_pb2.ResourceUsage
-    def __init__(self, scaled: _Optional[_Iterable[_Union[_common_pb2.NamedTensor, _Mapping]]] = ..., report_json: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.ResourceUsage, _Mapping]] = ...) -> None: ...
+    references: _containers.RepeatedCompositeFieldContainer[_common_pb2.NamedTensor]
+    def __init__(self, scaled: _Optional[_Iterable[_Union[_common_pb2.NamedTensor, _Mapping]]] = ..., report_json: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.ResourceUsage, _Mapping]] = ..., references: _Optional[_Iterable[_Union[_common_pb2.NamedTensor, _Mapping]]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("job_id",)

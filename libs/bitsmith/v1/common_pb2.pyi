@@ -289,16 +289,18 @@ class NamedTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[TensorRef, _Mapping]] = ...) -> None: ...
 
 class LinearStats(_message.Message):
-    __slots__ = ("name", "weight", "hessian", "tokens")
+    __slots__ = ("name", "weight", "hessian", "tokens", "reference")
     NAME_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     HESSIAN_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     weight: TensorRef
     hessian: TensorRef
     tokens: int
-    def __init__(self, name: _Optional[str] = ..., weight: _Optional[_Union[TensorRef, _Mapping]] = ..., hessian: _Optional[_Union[TensorRef, _Mapping]] = ..., tokens: _Optional[int] = ...) -> None: ...
+    reference: TensorRef
+    def __init__(self, name: _Optional[str] = ..., weight: _Optional[_Union[TensorRef, _Mapping]] = ..., hessian: _Optional[_Union[TensorRef, _Mapping]] = ..., tokens: _Optional[int] = ..., reference: _Optional[_Union[TensorRef, _Mapping]] = ...) -> None: ...
 
 class QuantizedRef(_message.Message):
     __slots__ = ("name", "codes", "scales", "zeros", "g_idx", "scheme", "blocks", "ggml", "in_features")
