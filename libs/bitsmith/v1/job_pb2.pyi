@@ -27,7 +27,7 @@ class QuantizeJob(_message.Message):
     def __init__(self, model_path: _Optional[str] = ..., recipe: _Optional[_Union[_common_pb2.Recipe, _Mapping]] = ..., calibration: _Optional[_Union[_common_pb2.CalibrationSpec, _Mapping]] = ..., output: _Optional[_Union[_common_pb2.OutputSpec, _Mapping]] = ..., eval: _Optional[_Union[_common_pb2.EvalSpec, _Mapping]] = ..., client_request_id: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "spec", "state", "created_at", "started_at", "finished_at", "error", "progress", "artifacts", "metrics", "trace_id", "diagnostics")
+    __slots__ = ("job_id", "spec", "state", "created_at", "started_at", "finished_at", "error", "progress", "artifacts", "metrics", "trace_id", "diagnostics", "owner", "project")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,8 @@ class Job(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
     DIAGNOSTICS_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     spec: QuantizeJob
     state: _common_pb2.JobState
@@ -52,7 +54,9 @@ class Job(_message.Message):
     metrics: _containers.RepeatedCompositeFieldContainer[_common_pb2.EvalResult]
     trace_id: str
     diagnostics: _common_pb2.JobDiagnostics
-    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[QuantizeJob, _Mapping]] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., progress: _Optional[_Union[_common_pb2.ProgressEvent, _Mapping]] = ..., artifacts: _Optional[_Iterable[_Union[_common_pb2.Artifact, _Mapping]]] = ..., metrics: _Optional[_Iterable[_Union[_common_pb2.EvalResult, _Mapping]]] = ..., trace_id: _Optional[str] = ..., diagnostics: _Optional[_Union[_common_pb2.JobDiagnostics, _Mapping]] = ...) -> None: ...
+    owner: str
+    project: str
+    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[QuantizeJob, _Mapping]] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., progress: _Optional[_Union[_common_pb2.ProgressEvent, _Mapping]] = ..., artifacts: _Optional[_Iterable[_Union[_common_pb2.Artifact, _Mapping]]] = ..., metrics: _Optional[_Iterable[_Union[_common_pb2.EvalResult, _Mapping]]] = ..., trace_id: _Optional[str] = ..., diagnostics: _Optional[_Union[_common_pb2.JobDiagnostics, _Mapping]] = ..., owner: _Optional[str] = ..., project: _Optional[str] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
     __slots__ = ("job",)
