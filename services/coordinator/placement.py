@@ -8,6 +8,7 @@ that places services itself), a static map of role -> address does the same job.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -19,6 +20,10 @@ from bitsmith.errors import ConfigError, ServiceUnavailableError
 from bitsmith_services.registry import Role, start_service
 
 log = logging.getLogger("bitsmith.coordinator")
+
+RAY_RESOURCES_ENV = "BITSMITH_RAY_RESOURCES"
+"""JSON role -> Ray resources each worker actor asks for, e.g. '{"solver": {"GPU": 1}}' (default: none)."""
+ACTOR_START_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +73,54 @@ class StaticPlacement:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class ActorResources:
+    """What one role's actor asks Ray for, in Ray's resource names ("CPU", "GPU" and custom ones).
+
+    Ray places an actor only on a node that has what it asks for, so this is how an operator pins the
+    solver and calibrator to GPU nodes (`{"GPU": 1}`, or a custom resource those nodes advertise). The
+    default asks for nothing: every role fits anywhere, as on a laptop's local Ray.
+    """
+
+    amounts: Mapping[str, float] = field(default_factory=dict)
+
+    def ray_options(self) -> dict[str, Any]:
+        """`.options(...)` of the actor: Ray takes CPU and GPU as arguments of their own."""
+        custom = {name: n for name, n in self.amounts.items() if name not in ("CPU", "GPU")}
+        return {"num_cpus": self.amounts.get("CPU", 0), "num_gpus": self.amounts.get("GPU", 0),
+                "resources": custom}
+
+
+def parse_role_resources(spec: str) -> dict[Role, ActorResources]:
+    """From JSON such as '{"solver": {"GPU": 1, "bitsmith_gpu_node": 1}, "packer": {"CPU": 1}}'."""
+    if not spec.strip():
+        return {}
+    try:
+        by_role = json.loads(spec)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{RAY_RESOURCES_ENV} is not JSON: {exc}") from exc
+    if not isinstance(by_role, dict):
+        raise ConfigError(f"{RAY_RESOURCES_ENV} must map roles to resources, got {spec!r}")
+    parsed: dict[Role, ActorResources] = {}
+    for name, amounts in by_role.items():
+        try:
+            role = Role(name)
+        except ValueError as exc:
+            raise ConfigError(f"{RAY_RESOURCES_ENV} names unknown role {name!r}; known: {[r.value for r in Role]}"
+                              ) from exc
+        if not isinstance(amounts, dict) or not all(
+                isinstance(n, int | float) and not isinstance(n, bool) and n >= 0 for n in amounts.values()):
+            raise ConfigError(f"{RAY_RESOURCES_ENV}: {name} needs {{resource: amount >= 0, ...}}, got {amounts!r}")
+        parsed[role] = ActorResources({str(r): float(n) for r, n in amounts.items()})
+    return parsed
+
+
+def role_resources_from_env() -> dict[Role, ActorResources]:
+    """The operator's per-role requirements, from the environment so every entry point (`bitsmith up`,
+    `bitsmith serve coordinator`, a container's ConfigMap) takes them without a flag of its own."""
+    return parse_role_resources(os.environ.get(RAY_RESOURCES_ENV, ""))
+
+
 class ServiceHost:
     """Hosts one worker service's gRPC server inside a Ray actor (wrapped with ray.remote at the edge)."""
 
@@ -84,6 +137,12 @@ class ServiceHost:
     def address(self) -> str:
         return self._address
 
+    def node_id(self) -> str:
+        """The Ray node this actor runs on (where its resources were found)."""
+        import ray
+
+        return str(ray.get_runtime_context().get_node_id())
+
     def stop(self) -> None:
         self._server.stop(grace=2).wait()
 
@@ -95,7 +154,11 @@ class RayPlacement:
     store_root: Path
     ray_address: str | None = None
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
-    """Compute threads of each service (torch's intra-op pool)."""
+    """Compute threads of each service (torch's intra-op pool); a role that asks for CPUs computes on those."""
+    resources: Mapping[Role, ActorResources] = field(default_factory=role_resources_from_env)
+    """What each role's actor asks Ray for (default: $BITSMITH_RAY_RESOURCES, else nothing)."""
+    nodes: dict[Role, str] = field(default_factory=dict)
+    """The Ray node id each role's actor landed on, once started."""
     _actors: list[Any] = field(default_factory=list)
     _started_ray: bool = False
 
@@ -122,12 +185,21 @@ class RayPlacement:
         host_cls: Any = ray.remote(ServiceHost)
         by_role: dict[Role, str] = {}
         for role in Role:
-            actor = host_cls.options(num_cpus=0, max_restarts=-1, max_task_retries=-1).remote(
-                role.value, str(self.store_root), self.threads
+            options = self.resources.get(role, ActorResources()).ray_options()
+            threads = int(options["num_cpus"]) or self.threads
+            actor = host_cls.options(**options, max_restarts=-1, max_task_retries=-1).remote(
+                role.value, str(self.store_root), threads
             )
             self._actors.append(actor)
-            by_role[role] = ray.get(actor.address.remote(), timeout=120)
-            log.info("service started", extra={"role": role.value, "address": by_role[role]})
+            try:
+                by_role[role], self.nodes[role] = ray.get([actor.address.remote(), actor.node_id.remote()],
+                                                          timeout=ACTOR_START_TIMEOUT_S)
+            except ray.exceptions.GetTimeoutError as exc:
+                raise ServiceUnavailableError(
+                    f"the {role.value} service did not start within {ACTOR_START_TIMEOUT_S:.0f} s; it asks Ray for "
+                    f"{options}: does a node of the cluster have that free?") from exc
+            log.info("service started",
+                     extra={"role": role.value, "address": by_role[role], "node_id": self.nodes[role]})
         return ServiceAddresses(by_role)
 
     def stop(self) -> None:
