@@ -18,7 +18,9 @@ True
 
 from __future__ import annotations
 
+import math
 import re
+import re._parser as sre_parser
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -31,6 +33,18 @@ MAX_RECIPE_BYTES = 1 << 20
 """A recipe is a few hundred bytes; a larger file is a mistake (or hostile), refused before parsing."""
 
 MAX_OVERRIDES = 10_000
+
+MAX_PATTERN_CHARS = 1024
+MAX_PATTERN_REPEATS = 3
+"""Python's regex engine backtracks: a repetition nested in another (``(\\w+\\.?)+x$``) takes exponential
+time and k repetitions in sequence (``.*.*.*.*.*.*.*.*x``) take n^k on a module name of n characters — seconds
+to hours per name, in the calibrator's Plan, for one override. Patterns are refused before they run: no
+repetition inside a repetition (nor an alternation or back-reference there), at most this many in all."""
+
+MAX_GRID_STEPS = 10_000
+"""GridSearch.steps and AWQ's grids: each step is a quantization of the group (AWQ: of the block), and the
+search lists its steps up front, so a count from the wire must be bounded before a solve allocates it."""
+MAX_CLIP_TOKENS = 1 << 20
 
 _SCHEME_KEYS = frozenset(f.name for f in fields(QuantScheme))
 
@@ -61,10 +75,14 @@ class ModuleOverride:
     def __post_init__(self) -> None:
         if not self.pattern:
             raise ConfigError("an override needs a non-empty pattern")
+        if len(self.pattern) > MAX_PATTERN_CHARS:
+            raise ConfigError(f"override pattern {self.pattern[:64]!r}... is {len(self.pattern)} characters; "
+                              f"the limit is {MAX_PATTERN_CHARS}")
         try:
             object.__setattr__(self, "_regex", re.compile(self.pattern))
         except re.error as exc:
             raise ConfigError(f"override pattern {self.pattern!r} is not a valid regex: {exc}") from None
+        _check_backtracking(self.pattern)
         if self.skip and (self.scheme is not None or self.method is not None):
             raise ConfigError(f"override {self.pattern!r} skips its modules, so it cannot also set a scheme or method")
         if not self.skip and self.scheme is None and self.method is None:
@@ -89,6 +107,7 @@ class Recipe:
     def __post_init__(self) -> None:
         if len(self.overrides) > MAX_OVERRIDES:
             raise ConfigError(f"a recipe takes at most {MAX_OVERRIDES} overrides, got {len(self.overrides)}")
+        _check_work_bounds(self)
 
     def assign(self, module: str) -> Assignment | None:
         """The method and scheme of the linear `module` (full name), or None when it stays float."""
@@ -179,6 +198,60 @@ class Recipe:
         except (UnicodeDecodeError, yaml.YAMLError) as exc:
             raise ConfigError(f"recipe file {path} is not valid YAML: {exc}") from None
         return cls.from_mapping(_mapping(data, str(path)), where=str(path))
+
+
+_REPEATS = (sre_parser.MAX_REPEAT, sre_parser.MIN_REPEAT, sre_parser.POSSESSIVE_REPEAT)
+_REFERENCES = (sre_parser.GROUPREF, sre_parser.GROUPREF_EXISTS)
+
+
+def _check_backtracking(pattern: str) -> None:
+    """Refuse a pattern that could backtrack for minutes (see `MAX_PATTERN_REPEATS`)."""
+    count = _count_repeats(sre_parser.parse(pattern), inside=False, pattern=pattern)
+    if count > MAX_PATTERN_REPEATS:
+        raise ConfigError(f"override pattern {pattern!r} repeats {count} times; at most {MAX_PATTERN_REPEATS} "
+                          "repetitions (*, +, {m,n}) are allowed, so matching a module name stays fast")
+
+
+def _count_repeats(items: Any, *, inside: bool, pattern: str) -> int:
+    """Repetitions (of more than one) in a parsed pattern; `ConfigError` for one nested in another, or an
+    alternation or back-reference inside one (each makes the number of ways to match a name explode)."""
+    count = 0
+    for op, av in items:
+        if op in _REPEATS:
+            if inside:
+                raise ConfigError(f"override pattern {pattern!r} nests a repetition inside a repetition, which can "
+                                  "take exponential time to match; write it without the inner one")
+            _low, high, body = av
+            count += (high > 1) + _count_repeats(body, inside=high > 1, pattern=pattern)
+        elif op is sre_parser.BRANCH or op in _REFERENCES:
+            if inside or op in _REFERENCES:
+                raise ConfigError(f"override pattern {pattern!r} has an alternation inside a repetition or a "
+                                  "back-reference, which can take exponential time to match")
+            count += sum(_count_repeats(branch, inside=inside, pattern=pattern) for branch in av[1])
+        elif op is sre_parser.SUBPATTERN:
+            count += _count_repeats(av[3], inside=inside, pattern=pattern)
+        elif op in (sre_parser.ASSERT, sre_parser.ASSERT_NOT):
+            count += _count_repeats(av[1], inside=inside, pattern=pattern)
+        elif op is sre_parser.ATOMIC_GROUP:
+            count += _count_repeats(av, inside=inside, pattern=pattern)
+    return count
+
+
+def _check_work_bounds(recipe: Recipe) -> None:
+    """Options that size a solve's work or memory, bounded (schemes check their ranges, not their size)."""
+    search = recipe.gptq.grid_search
+    sizes = {"gptq.grid_search.steps": search.steps if search else 1, "awq.grid": recipe.awq.grid,
+             "awq.clip_grid": recipe.awq.clip_grid}
+    for name, value in sizes.items():
+        if value > MAX_GRID_STEPS:
+            raise ConfigError(f"recipe {name} is {value}; the limit is {MAX_GRID_STEPS}")
+    if recipe.awq.clip_tokens > MAX_CLIP_TOKENS:
+        raise ConfigError(f"recipe awq.clip_tokens is {recipe.awq.clip_tokens}; the limit is {MAX_CLIP_TOKENS}")
+    finite = {"gptq.max_damp_percent": recipe.gptq.max_damp_percent,
+              "gptq.grid_search.norm": search.norm if search else 1.0}
+    for name, number in finite.items():
+        if not math.isfinite(number):
+            raise ConfigError(f"recipe {name} must be a finite number, got {number}")
 
 
 def _check_keys(data: Mapping[str, Any], allowed: Iterable[str], where: str) -> None:

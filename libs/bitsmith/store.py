@@ -143,6 +143,11 @@ StoredWeight = QuantizedRef | GGMLRef
 """A solver's stored result, whatever grid it was solved on."""
 
 
+MAX_KEY_BYTES = 1024
+MAX_KEY_PART_BYTES = 255
+"""NAME_MAX of common file systems; PATH_MAX is 4096, and the root's own path counts against it."""
+
+
 def job_key(job_id: str, *parts: str) -> str:
     """The store key of a job's scratch (``jobs/<job_id>/...``); refuses ids that could leave it."""
     if not job_id or "/" in job_id or job_id.startswith("."):
@@ -160,17 +165,25 @@ class ArtifactStore:
     def resolve(self, key: str) -> Path:
         """The path of `key`, refusing anything that could leave the root (`ConfigError`).
 
-        Refused: empty keys, absolute keys, backslashes, empty / `.` / `..` parts, and keys whose
-        resolved path (following symlinks already in the tree) is outside the root.
+        Refused: empty keys, absolute keys, backslashes, empty / `.` / `..` parts, keys or parts longer
+        than a file system takes (so a hostile key fails here, not as an OSError mid-write), and keys whose
+        resolved path (following symlinks already in the tree, at any part) is outside the root.
         """
         if not key or key.startswith("/") or "\\" in key or "\0" in key:
             raise ConfigError(f"invalid store key {key!r}: must be a non-empty relative POSIX path")
+        if len(key.encode()) > MAX_KEY_BYTES:
+            raise ConfigError(f"invalid store key {key[:64]!r}...: {len(key.encode())} bytes, over {MAX_KEY_BYTES}")
         parts = key.split("/")
         bad = [p for p in parts if p in ("", ".", "..")]
         if bad:
             raise ConfigError(f"invalid store key {key!r}: empty, '.' or '..' parts are not allowed")
+        if long := [p for p in parts if len(p.encode()) > MAX_KEY_PART_BYTES]:
+            raise ConfigError(f"invalid store key {key!r}: part {long[0][:64]!r}... is over {MAX_KEY_PART_BYTES} bytes")
         path = self.root.joinpath(*parts)
-        real = path.resolve()
+        try:
+            real = path.resolve()
+        except (RuntimeError, OSError) as exc:  # a symlink loop planted in the tree
+            raise ConfigError(f"store key {key!r} cannot be resolved: {exc}") from None
         if real != self.root and self.root not in real.parents:
             raise ConfigError(f"store key {key!r} resolves to {real}, outside the store root {self.root}")
         return path

@@ -87,10 +87,14 @@ def read_header(path: Path) -> SafetensorsHeader:
             raw = f.read(header_len)
     except FileNotFoundError as e:
         raise NotFoundError(f"safetensors file {path} does not exist") from e
+    except OSError as e:  # a directory, a file we may not read: still the caller's input, named
+        raise FormatError(f"{path}: cannot be read as a safetensors file: {e.strerror}") from e
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FormatError(f"{path}: header is not valid JSON: {e}") from e
+    except RecursionError:  # a header of nested brackets, far deeper than any real one
+        raise FormatError(f"{path}: header nests JSON too deeply to be a safetensors header") from None
     if not isinstance(header, dict):
         raise FormatError(f"{path}: header is not a JSON object")
     metadata = header.pop("__metadata__", {})
@@ -157,6 +161,8 @@ def _read_index(index: Path) -> dict[str, str]:
         data = json.loads(index.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FormatError(f"{index}: not valid JSON: {e}") from e
+    except RecursionError:
+        raise FormatError(f"{index}: nests JSON too deeply to be a shard index") from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise FormatError(f"{index}: missing or empty weight_map")

@@ -15,6 +15,7 @@ block, not the model: a model larger than a GPU calibrates on it.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +24,7 @@ from typing import Any
 import torch
 
 from bitsmith.errors import ConfigError, FormatError, NotFoundError, UnsupportedError
-
-SINGLE_FILE = "model.safetensors"
-SHARD_INDEX = "model.safetensors.index.json"
+from bitsmith.formats.safetensors_io import scan_checkpoint
 
 DIMENSION_LIMITS: Mapping[str, int] = {
     "hidden_size": 1 << 17,
@@ -35,11 +34,20 @@ DIMENSION_LIMITS: Mapping[str, int] = {
     "num_hidden_layers": 1 << 12,
     "vocab_size": 1 << 23,
     "head_dim": 1 << 12,
+    "max_position_embeddings": 1 << 26,
 }
 """Upper bounds far above any real model: a config past them is corrupt or hostile, and is refused
 before anything is allocated for it."""
 
-OPTIONAL_DIMENSIONS = frozenset({"head_dim"})
+OPTIONAL_DIMENSIONS = frozenset({"head_dim", "max_position_embeddings"})
+
+MAX_JSON_DEPTH = 32
+"""A config nests a few levels (rope_parameters, quantization_config); transformers copies and compares
+configs recursively, so a deeply nested value would exhaust the stack there."""
+
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+"""The safetensors dtypes a dense checkpoint's weights may have: an integer (or fp8) tensor where the model
+declares a float parameter is another kind of file, and read as floats it would be garbage."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -152,9 +160,22 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise NotFoundError(f"{path} does not exist") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FormatError(f"{path} is not valid JSON: {exc}") from exc
+    except RecursionError:  # brackets nested thousands deep: no config looks like that
+        raise FormatError(f"{path} nests JSON too deeply to be a config") from None
     if not isinstance(data, dict):
         raise FormatError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    if _nested_deeper(data, MAX_JSON_DEPTH):
+        raise FormatError(f"{path} nests values more than {MAX_JSON_DEPTH} levels deep")
     return data
+
+
+def _nested_deeper(value: Any, limit: int) -> bool:
+    """Whether `value` nests lists/objects more than `limit` levels (recursion bounded by `limit`)."""
+    if not isinstance(value, dict | list):
+        return False
+    if limit == 0:
+        return True
+    return any(_nested_deeper(item, limit - 1) for item in (value.values() if isinstance(value, dict) else value))
 
 
 def _check_dimensions(raw: Mapping[str, Any], path: Path) -> None:
@@ -172,15 +193,30 @@ def _check_dimensions(raw: Mapping[str, Any], path: Path) -> None:
         raise FormatError(f"{path}: hidden_size {raw['hidden_size']} is not divisible by {heads} heads")
 
 
+def _check_scalars(raw: Mapping[str, Any], path: Path) -> None:
+    """The norm epsilon and RoPE base: a NaN, infinite or non-positive one gives a model that computes NaN."""
+    rope = raw.get("rope_parameters")
+    values = {"rms_norm_eps": raw.get("rms_norm_eps"), "rope_theta": raw.get("rope_theta"),
+              "rope_parameters.rope_theta": rope.get("rope_theta") if isinstance(rope, dict) else None}
+    for key, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+            raise FormatError(f"{path}: {key} must be a finite positive number, got {value!r}")
+
+
 def read_config(model_dir: str | Path) -> tuple[Any, ArchAdapter]:
     """Parse and validate `config.json` of a checkpoint into a transformers config and its adapter.
 
     Any ``quantization_config`` is dropped: it describes an artifact's packing, and the dense model
     we build from it must not be re-quantized by transformers.
     """
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
     model_dir = Path(model_dir)
+    if model_dir.exists() and not model_dir.is_dir():
+        raise ConfigError(f"{model_dir} is a file; a model is a checkpoint directory (config.json and safetensors)")
     if not model_dir.is_dir():
         raise NotFoundError(f"model directory {model_dir} does not exist")
     path = model_dir / "config.json"
@@ -190,6 +226,8 @@ def read_config(model_dir: str | Path) -> tuple[Any, ArchAdapter]:
         raise FormatError(f"{path}: model_type is missing")
     adapter = get_adapter(model_type)
     architectures = raw.get("architectures") or list(adapter.architectures)
+    if not isinstance(architectures, list) or not all(isinstance(arch, str) for arch in architectures):
+        raise FormatError(f"{path}: architectures must be a list of class names, got {architectures!r}")
     unknown = [arch for arch in architectures if arch not in adapter.architectures]
     if unknown:
         raise UnsupportedError(
@@ -197,66 +235,49 @@ def read_config(model_dir: str | Path) -> tuple[Any, ArchAdapter]:
             f"(expected one of {list(adapter.architectures)})"
         )
     _check_dimensions(raw, path)
+    _check_scalars(raw, path)
     fields = {k: v for k, v in raw.items() if k not in ("model_type", "quantization_config")}
     try:
         config = AutoConfig.for_model(model_type, **fields)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, StrictDataclassError) as exc:
         raise FormatError(f"{path}: transformers rejects this config: {exc}") from exc
     config._attn_implementation = "sdpa"
-    return config, adapter
+    _build_model(config, adapter, path, device="meta")  # fields only the model's layers read (an unknown
+    return config, adapter                              # activation, RoPE type) fail here, not mid-job
 
 
-def _meta_state_shapes(config: Any, adapter: ArchAdapter) -> dict[str, tuple[int, ...]]:
-    """Every tensor the architecture's transformers class declares, with its shape, at zero cost."""
+def _build_model(config: Any, adapter: ArchAdapter, path: Path, *, device: str) -> torch.nn.Module:
+    """The architecture's transformers model of `config` on `device`; a config it cannot build is a
+    `FormatError` naming `path` (transformers raises TypeError/KeyError for an unknown activation or RoPE
+    type only when a layer is built)."""
     import transformers
 
-    with torch.device("meta"):
-        model = getattr(transformers, adapter.causal_lm_class)(config)
+    try:
+        with torch.device(device):
+            model: torch.nn.Module = getattr(transformers, adapter.causal_lm_class)(config)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise FormatError(f"{path}: transformers cannot build a {adapter.model_type} model from it: {exc!r}") from exc
+    return model
+
+
+def _meta_state_shapes(config: Any, adapter: ArchAdapter, model_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor the architecture's transformers class declares, with its shape, at zero cost."""
+    model = _build_model(config, adapter, model_dir / "config.json", device="meta")
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
 class TensorIndex:
-    """Where every tensor of a checkpoint lives (single file or shards), validated header-first."""
+    """Where every tensor of a checkpoint lives (single file or shards), validated header-first.
+
+    Headers go through `scan_checkpoint`, which bounds every number in them against the file before
+    anything is mapped and names the file and tensor at fault (the safetensors library names neither).
+    """
 
     def __init__(self, model_dir: Path) -> None:
-        self._files: dict[str, Path] = {}
-        self._shapes: dict[str, tuple[int, ...]] = {}
-        for path in self._shard_paths(model_dir):
-            self._scan_header(path)
-
-    @staticmethod
-    def _shard_paths(model_dir: Path) -> list[Path]:
-        single, index = model_dir / SINGLE_FILE, model_dir / SHARD_INDEX
-        if single.is_file():
-            return [single]
-        if not index.is_file():
-            raise NotFoundError(f"{model_dir} has neither {SINGLE_FILE} nor {SHARD_INDEX}")
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise FormatError(f"{index}: weight_map is missing or empty")
-        shards = sorted(set(weight_map.values()))
-        paths = []
-        for shard in shards:
-            if not isinstance(shard, str) or Path(shard).name != shard:
-                raise FormatError(f"{index}: shard name {shard!r} is not a plain file name")
-            path = model_dir / shard
-            if not path.is_file():
-                raise NotFoundError(f"{index} names shard {shard}, which does not exist")
-            paths.append(path)
-        return paths
-
-    def _scan_header(self, path: Path) -> None:
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                for name in handle.keys():  # noqa: SIM118 - safe_open is not a Mapping
-                    if name in self._files:
-                        raise FormatError(f"{path}: tensor {name} also appears in {self._files[name]}")
-                    self._files[name] = path
-                    self._shapes[name] = tuple(handle.get_slice(name).get_shape())
-        except SafetensorError as exc:
-            raise FormatError(f"{path} is not a readable safetensors file: {exc}") from exc
+        infos = scan_checkpoint(model_dir)
+        self._files: dict[str, Path] = {name: info.file for name, info in infos.items()}
+        self._shapes: dict[str, tuple[int, ...]] = {name: info.shape for name, info in infos.items()}
+        self._dtypes: dict[str, str] = {name: info.dtype for name, info in infos.items()}
 
     def __contains__(self, name: str) -> bool:
         return name in self._files
@@ -266,6 +287,10 @@ class TensorIndex:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]
+
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype code (``BF16``) the tensor is stored in."""
+        return self._dtypes[name]
 
     def read(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
         """Load one tensor as float32 on `device`.
@@ -292,7 +317,7 @@ class TensorIndex:
 def _check_tensors(
     index: TensorIndex, config: Any, adapter: ArchAdapter, model_dir: Path, *, check_finite: bool = True
 ) -> None:
-    expected = _meta_state_shapes(config, adapter)
+    expected = _meta_state_shapes(config, adapter, model_dir)
     if getattr(config, "tie_word_embeddings", False):
         expected.pop(adapter.lm_head, None)
     for name, shape in expected.items():
@@ -300,6 +325,9 @@ def _check_tensors(
             raise FormatError(f"{model_dir}: required tensor {name} is missing")
         if index.shape(name) != shape:
             raise FormatError(f"{model_dir}: tensor {name} has shape {index.shape(name)}, expected {shape}")
+        if index.dtype(name) not in FLOAT_DTYPES:
+            raise FormatError(f"{model_dir}: tensor {name} is stored as {index.dtype(name)}; a checkpoint's "
+                              f"weights are one of {sorted(FLOAT_DTYPES)}")
     for name, tensor in index.iter_tensors() if check_finite else ():
         if not torch.isfinite(tensor).all():
             raise FormatError(f"{model_dir}: tensor {name} contains NaN or Inf")
@@ -521,13 +549,11 @@ def build_causal_lm(model_dir: str | Path, state_dict: Mapping[str, torch.Tensor
     embeddings the state dict may omit the LM head. Loading is strict: a missing or unexpected tensor
     is a `FormatError` naming it.
     """
-    import transformers
-
     config, adapter = read_config(model_dir)
     weights = {name: tensor.float() for name, tensor in state_dict.items()}
     if getattr(config, "tie_word_embeddings", False) and adapter.lm_head not in weights and adapter.embed in weights:
         weights[adapter.lm_head] = weights[adapter.embed]
-    model = getattr(transformers, adapter.causal_lm_class)(config).to(torch.float32)
+    model = _build_model(config, adapter, Path(model_dir) / "config.json", device="cpu").to(torch.float32)
     missing, unexpected = (
         sorted(set(model.state_dict()) - set(weights)),
         sorted(set(weights) - set(model.state_dict())),

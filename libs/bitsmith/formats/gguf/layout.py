@@ -6,8 +6,9 @@ walk reads every header field through one bounds-checked cursor, rejects a count
 it when the bytes left cannot hold that many records, and checks what ggml's loader checks: magic,
 version 3, value types (no nested arrays), unique non-empty keys, `general.alignment` a power of two,
 unique tensor names, 1 to 4 dimensions each ≥ 1 with no int64 overflow, a known tensor type whose block
-divides ne[0], offsets exactly Σ pad(nbytes, alignment) in record order, and data inside the file. Every
-`FormatError` names the file, what is wrong and the byte offset.
+divides ne[0], offsets exactly Σ pad(nbytes, alignment) in record order, and data inside the file; and
+every string, array elements included, valid UTF-8 (gguf-py decodes them all). Every `FormatError`
+names the file, what is wrong and the byte offset.
 
 >>> import tempfile
 >>> bad = Path(tempfile.mkdtemp()) / "bad.gguf"
@@ -167,7 +168,7 @@ def _skip_value(cur: _Cursor, key: str, vtype: GGUFValueType) -> tuple[GGUFValue
     if element == V.STRING:
         n = cur.count(f"length of array {key!r}", STRING_MIN_BYTES)
         for i in range(n):
-            cur.skip(cur.u64(f"length of {key!r}[{i}]"), f"{key!r}[{i}]")
+            cur.string(f"{key!r}[{i}]")  # decoded, not skipped: gguf-py decodes every element as UTF-8
     else:
         size = struct.calcsize(SCALAR_FORMATS[element])
         n = cur.count(f"length of array {key!r}", size)
