@@ -2,7 +2,8 @@
 
 Thin by design: it builds the job's `QuantizeRequest` from flags, talks to a JobService through the
 SDK (`bitsmith.rpc`; starting an embedded stack when no --server is given and none runs), and renders
-progress with rich. `--json` makes the last line of stdout one JSON object for scripts.
+progress with rich. `--json` makes the last line of stdout one JSON object for scripts. A secured
+stack takes `--security FILE` on `serve` and `up`; its clients `--token` and `--ca` (docs/security.md).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -32,7 +34,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 if TYPE_CHECKING:
+    from bitsmith.rpc.client import Client
     from bitsmith.rpc.job import EvalResult, Job
+    from bitsmith.rpc.security import SecurityConfig
 
 err = Console(stderr=True)
 
@@ -140,8 +144,22 @@ def _print_summary(summary: dict[str, Any]) -> None:
         err.print(f"[red]error:[/] {summary['error']}")
 
 
-def cmd_quantize(args: argparse.Namespace) -> int:
+def _client(args: argparse.Namespace, address: str | None) -> Client:
+    """The SDK client the flags ask for: --token as the bearer token, TLS verified with --ca when given."""
     from bitsmith.rpc.client import Client
+    from bitsmith.rpc.security import ClientTls
+
+    return Client(address, token=args.token or None, tls=ClientTls(ca=Path(args.ca)) if args.ca else None)
+
+
+def _security(args: argparse.Namespace) -> SecurityConfig | None:
+    """The --security file (default $BITSMITH_SECURITY), loaded and checked; None without one."""
+    from bitsmith.rpc.security import SecurityConfig
+
+    return SecurityConfig.load(args.security) if args.security else None
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
     from bitsmith.rpc.discovery import default_home, running_stack
     from bitsmith_services.stack import LocalStack
 
@@ -152,7 +170,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             err.print("[dim]starting an embedded bitsmith stack (local Ray + gRPC services)…[/]")
             home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bitsmith-")))
             address = stack.enter_context(LocalStack(home=home)).address
-        client = stack.enter_context(Client(address))
+        client = stack.enter_context(_client(args, address))
         job = client.submit(request)
         err.print(f"job [bold]{job.id}[/] submitted to {address}")
         _follow(job, args.json)
@@ -198,7 +216,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise ConfigError("the coordinator computes nothing: --device and --activations are for its workers")
         home = Path(args.home) if args.home else default_home()
         with LocalStack(home=home, host=args.host, port=args.port, ray_address=args.ray_address,
-                        services=parse_services(args.services), http_port=args.http_port) as local:
+                        services=parse_services(args.services), http_port=args.http_port,
+                        security=_security(args)) as local:
             if args.write_stack_file:
                 write_stack_file(home, local.address, local.http_address)
             print(local.address, flush=True)  # stdout is the gRPC address (scripts read it)
@@ -209,7 +228,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not args.store:
         raise ConfigError(f"bitsmith serve {args.service} needs --store DIR (the artifact store it shares)")
     options = ServiceOptions(device=args.device, activations=Activations(args.activations))
-    server, port = start_service(args.service, f"{args.host}:{args.port}", Path(args.store), options=options)
+    server, port = start_service(args.service, f"{args.host}:{args.port}", Path(args.store), options=options,
+                                 security=_security(args))
     print(f"{args.host}:{port}", flush=True)
     stop.wait()
     server.stop(grace=5).wait()
@@ -225,19 +245,22 @@ def cmd_up(args: argparse.Namespace) -> int:
     if address:
         print(address)
         return 0
+    security = _security(args)  # checked here, so a bad file fails `up` itself rather than the stack it starts
     home.mkdir(parents=True, exist_ok=True)
     log = open(home / "stack.log", "ab")  # noqa: SIM115 - handed to the child process
     cmd = [sys.executable, "-m", "bitsmith_services.cli", "serve", "coordinator", "--port", str(args.port),
            "--http-port", str(args.http_port), "--home", str(home), "--write-stack-file"]
     if args.ray_address:
         cmd += ["--ray-address", args.ray_address]
+    if args.security:
+        cmd += ["--security", str(Path(args.security).resolve())]
     subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 180
     while (address := running_stack(home)) is None:
         if time.monotonic() > deadline:
             raise BitsmithError(f"the stack did not start; see {home / 'stack.log'}")
         time.sleep(0.5)
-    wait_until_serving(address, timeout=60)
+    wait_until_serving(address, timeout=60, tls=security.tls.client if security and security.tls else None)
     err.print(f"health, metrics and job reports at http://{running_stack_http(home)}")
     print(address)
     return 0
@@ -253,9 +276,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from bitsmith.rpc.client import Client
-
-    with Client(args.server) as client:
+    with _client(args, args.server) as client:
         if args.action == "list":
             jobs = client.jobs()
             if args.json:
@@ -285,7 +306,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Render the job report of a job (fetched from the server) or of an artifact directory (its manifest)."""
     from bitsmith.formats.base import write_file_atomic
     from bitsmith.report import ReportData, render_report
-    from bitsmith.rpc.client import Client
 
     target = Path(args.target)
     if target.is_dir():
@@ -293,13 +313,28 @@ def cmd_report(args: argparse.Namespace) -> int:
     elif target.exists() or "/" in args.target:
         raise ConfigError(f"{args.target} is neither an artifact directory nor a job id")
     else:
-        with Client(args.server) as client:
+        with _client(args, args.server) as client:
             job = client.job(args.target)
         data, name = ReportData.from_job(job.proto), job.id
     out = Path(args.out) if args.out else Path.cwd() / f"{name}-report.html"
     write_file_atomic(out, render_report(data).encode())
     print(out)
     return 0
+
+
+def _add_credentials(parser: argparse.ArgumentParser) -> None:
+    """--token and --ca: how a client command proves itself to a secured stack and verifies it."""
+    parser.add_argument("--token", default=os.environ.get("BITSMITH_TOKEN"),
+                        help="bearer token for a stack that authenticates its callers (default: $BITSMITH_TOKEN)")
+    parser.add_argument("--ca", metavar="FILE", default=os.environ.get("BITSMITH_CA"),
+                        help="CA certificate (PEM) of a TLS stack: connect over TLS, verifying the server with it "
+                             "(default: $BITSMITH_CA; none: plaintext)")
+
+
+def _add_security(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--security", metavar="FILE", default=os.environ.get("BITSMITH_SECURITY"),
+                        help="YAML security config: TLS, bearer tokens and projects, limits (default: "
+                             "$BITSMITH_SECURITY; none: plaintext and open)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -345,6 +380,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--server", help="HOST:PORT of a JobService (default: a running `bitsmith up`, else embedded)")
     q.add_argument("--request-id", help="client request id: resubmitting it returns the same job")
     q.add_argument("--json", action="store_true", help="print the result as JSON on the last line of stdout")
+    _add_credentials(q)
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="perplexity / KL / top-1 of a checkpoint or an artifact")
@@ -374,6 +410,7 @@ def _parser() -> argparse.ArgumentParser:
                         "host (this process's memory; no per-block write of the calibration set, what a GPU "
                         "calibrator wants)")
     s.add_argument("--write-stack-file", action="store_true", help=argparse.SUPPRESS)
+    _add_security(s)
     s.set_defaults(func=cmd_serve)
 
     u = sub.add_parser("up", help="start a long-running local stack in the background; prints its address")
@@ -381,6 +418,7 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--http-port", type=int, default=0,
                    help="port of the coordinator's HTTP endpoint (health, metrics, job reports); 0 picks a free one")
     u.add_argument("--ray-address")
+    _add_security(u)
     u.set_defaults(func=cmd_up)
     d = sub.add_parser("down", help="stop the stack `bitsmith up` started")
     d.set_defaults(func=cmd_down)
@@ -390,6 +428,7 @@ def _parser() -> argparse.ArgumentParser:
     j.add_argument("job_id", nargs="?")
     j.add_argument("--server", help="HOST:PORT of a JobService (default: the running `bitsmith up`)")
     j.add_argument("--json", action="store_true")
+    _add_credentials(j)
     j.set_defaults(func=cmd_jobs)
 
     r = sub.add_parser("report", help="write the HTML report of a job or of an artifact directory")
@@ -397,6 +436,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="a job id (fetched from the server) or an artifact directory (read from its manifest)")
     r.add_argument("--out", metavar="FILE", help="where to write it (default: <job id or dir name>-report.html)")
     r.add_argument("--server", help="HOST:PORT of a JobService (default: the running `bitsmith up`)")
+    _add_credentials(r)
     r.set_defaults(func=cmd_report)
     return parser
 

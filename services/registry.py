@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 from bitsmith.devices import AUTO
 from bitsmith.errors import ConfigError
+from bitsmith.rpc.security import SecurityConfig, securing
 
 
 class Role(StrEnum):
@@ -82,11 +83,12 @@ def server_factory(role: Role | str) -> ServerFactory:
     return factory
 
 
-def start_service(role: Role | str, address: str, store_root: Path, *, options: ServiceOptions | None = None
-                  ) -> tuple[grpc.Server, int]:
+def start_service(role: Role | str, address: str, store_root: Path, *, options: ServiceOptions | None = None,
+                  security: SecurityConfig | None = None) -> tuple[grpc.Server, int]:
     """Start one worker service on `address`, serving the artifact store at `store_root`, run as `options` say
-    (default: every setting's default)."""
+    (default: every setting's default), secured by `security` (None: plaintext, open)."""
     role = _role(role)
     options = options or ServiceOptions()
     options.check(role)
-    return server_factory(role)(address, store_root=store_root, **options.server_kwargs(role))
+    with securing(security):
+        return server_factory(role)(address, store_root=store_root, **options.server_kwargs(role))

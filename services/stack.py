@@ -4,6 +4,7 @@ This is what `bitsmith quantize` starts when no --server is given (and stops aft
 `bitsmith up` keeps running, and what `bitsmith serve coordinator` is. Workers run as Ray actors
 by default (a local Ray, or `ray_address` to join a cluster), or at the addresses given. Beside its
 gRPC address the coordinator opens an HTTP port (`http_address`): health, Prometheus metrics, job reports.
+A `SecurityConfig` secures the coordinator and the workers it starts alike.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import grpc
 from bitsmith.errors import ConfigError, ServiceUnavailableError
 from bitsmith.rpc.discovery import STACK_FILE
+from bitsmith.rpc.security import ClientTls, SecurityConfig
 from bitsmith_services.coordinator.placement import Placement, RayPlacement, ServiceAddresses, StaticPlacement
 
 
@@ -32,6 +34,8 @@ class LocalStack:
     max_concurrent_jobs: int = 1
     http_port: int | None = 0
     """The coordinator's HTTP port (health, metrics, job reports) on `host`: 0 picks a free one, None opens none."""
+    security: SecurityConfig | None = None
+    """TLS, tokens and limits of the coordinator and the workers it starts (None: plaintext, open)."""
     address: str = ""
     http_address: str | None = None
     _parts: list[Any] = field(default_factory=list)
@@ -42,12 +46,12 @@ class LocalStack:
         self.home.mkdir(parents=True, exist_ok=True)
         placement: Placement = (
             StaticPlacement(self.services) if self.services
-            else RayPlacement(store_root=self.home / "store", ray_address=self.ray_address)
+            else RayPlacement(store_root=self.home / "store", ray_address=self.ray_address, security=self.security)
         )
         try:
             server, port, coordinator = create_server(
                 f"{self.host}:{self.port}", db_path=self.home / "jobs.sqlite", placement=placement,
-                max_concurrent_jobs=self.max_concurrent_jobs, http_port=self.http_port,
+                max_concurrent_jobs=self.max_concurrent_jobs, http_port=self.http_port, security=self.security,
             )
         except BaseException:
             placement.stop()
@@ -94,14 +98,19 @@ def stop_stack(home: Path, timeout: float = 60.0) -> bool:
     raise ServiceUnavailableError(f"the bitsmith stack (pid {pid}) did not stop within {timeout:.0f} s")
 
 
-def wait_until_serving(address: str, timeout: float) -> None:
-    """Block until the server at `address` answers its health check."""
+def wait_until_serving(address: str, timeout: float, tls: ClientTls | None = None) -> None:
+    """Block until the server at `address` answers its health check (over TLS, verified as `tls` says)."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    credentials = None
+    if tls is not None:
+        ca, key, cert = tls.pem()
+        credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
     deadline = time.monotonic() + timeout
     while True:
         try:
-            with grpc.insecure_channel(address) as channel:
+            with (grpc.secure_channel(address, credentials) if credentials
+                  else grpc.insecure_channel(address)) as channel:
                 reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return

@@ -73,3 +73,21 @@ class ServiceUnavailableError(BitsmithError):
     """A service bitsmith needs could not be reached."""
 
     grpc_code = "UNAVAILABLE"
+
+
+class UnauthenticatedError(BitsmithError):
+    """A call that carries no credentials, or ones the server does not know."""
+
+    grpc_code = "UNAUTHENTICATED"
+
+
+class PermissionDeniedError(BitsmithError):
+    """A known caller asking for what its project may not touch (another project's job, a path outside its roots)."""
+
+    grpc_code = "PERMISSION_DENIED"
+
+
+class ResourceExhaustedError(BitsmithError):
+    """A request over one of the server's limits (jobs per client, model size, request size)."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"

@@ -4,6 +4,8 @@ Rows hold the job's spec and results as serialized protobuf (the wire contract i
 the columns queries need. Every progress event is appended with a per-job sequence number, so
 `Watch` can replay a job's history and then follow it, and a client that reconnects resumes where it
 left off. All writes go through one lock and short transactions; readers use their own connection.
+Each job names the client that submitted it and that client's project (columns too, so a project's
+jobs and a client's active ones are one indexed query).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from bitsmith.errors import ConfigError, NotFoundError
+from bitsmith.errors import ConfigError, NotFoundError, ResourceExhaustedError
 from bitsmith.v1 import common_pb2, job_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -41,6 +43,14 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, created_ns);
 """
+
+_OWNERSHIP = {"owner": "TEXT NOT NULL DEFAULT ''", "project": "TEXT NOT NULL DEFAULT ''"}
+"""Columns added after the first schema: a store written before them gains them (empty: nobody's) on open."""
+_OWNERSHIP_INDEXES = """
+CREATE INDEX IF NOT EXISTS jobs_by_project ON jobs(project, created_ns);
+CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs(owner, state);
+"""
+ACTIVE = (common_pb2.JOB_STATE_QUEUED, common_pb2.JOB_STATE_RUNNING)
 
 
 JOB_ID = re.compile(r"[0-9a-f]{16}")
@@ -69,6 +79,11 @@ class JobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for name, decl in _OWNERSHIP.items():
+            if name not in columns:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
+        self._db.executescript(_OWNERSHIP_INDEXES)
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
 
@@ -88,8 +103,12 @@ class JobStore:
             self._db.execute("COMMIT")
             self._changed.notify_all()
 
-    def create(self, spec: job_pb2.QuantizeJob) -> tuple[job_pb2.Job, bool]:
-        """Insert a queued job; returns (job, created). A known client_request_id returns its job."""
+    def create(self, spec: job_pb2.QuantizeJob, *, owner: str = "", project: str = "",
+               max_active: int | None = None) -> tuple[job_pb2.Job, bool]:
+        """Insert a queued job of `owner` in `project`; returns (job, created). A known client_request_id
+        returns its job. With `max_active`, an owner with that many queued or running jobs gets
+        `ResourceExhaustedError` (counted in the insert's transaction, so racing submits cannot both pass).
+        """
         with self._tx() as db:
             if spec.client_request_id:
                 row = db.execute(
@@ -97,14 +116,24 @@ class JobStore:
                 ).fetchone()
                 if row:
                     return job_pb2.Job.FromString(row[0]), False
+            if max_active is not None:
+                (active,) = db.execute(
+                    f"SELECT COUNT(*) FROM jobs WHERE owner = ? AND state IN ({','.join('?' * len(ACTIVE))})",
+                    (owner, *ACTIVE),
+                ).fetchone()
+                if active >= max_active:
+                    raise ResourceExhaustedError(
+                        f"client {owner or '(anonymous)'} has {active} queued or running jobs; the limit is "
+                        f"{max_active}: wait for one to end or cancel one")
             job = job_pb2.Job(
                 job_id=new_job_id(), spec=spec, state=common_pb2.JOB_STATE_QUEUED,
-                created_at=_now(),
+                created_at=_now(), owner=owner, project=project,
             )
             db.execute(
-                "INSERT INTO jobs (job_id, client_request_id, state, created_ns, job) VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO jobs (job_id, client_request_id, state, created_ns, job, owner, project)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (job.job_id, spec.client_request_id or None, job.state, time.time_ns(),
-                 job.SerializeToString()),
+                 job.SerializeToString(), owner, project),
             )
         self.append_event(job.job_id, phase="queued", message="job accepted")
         return self.get(job.job_id), True
@@ -124,12 +153,20 @@ class JobStore:
             raise NotFoundError(f"no job {job_id!r}")
         return job_pb2.Job.FromString(row[0])
 
-    def list_jobs(self, states: Sequence[int] = (), limit: int = 100) -> list[job_pb2.Job]:
+    def list_jobs(self, states: Sequence[int] = (), limit: int = 100, *, project: str | None = None
+                  ) -> list[job_pb2.Job]:
+        """The newest `limit` jobs in any of `states` (all if empty), of `project` only unless it is None."""
         query = "SELECT job FROM jobs"
+        where: list[str] = []
         args: list[object] = []
         if states:
-            query += f" WHERE state IN ({','.join('?' * len(states))})"
+            where.append(f"state IN ({','.join('?' * len(states))})")
             args.extend(states)
+        if project is not None:
+            where.append("project = ?")
+            args.append(project)
+        if where:
+            query += " WHERE " + " AND ".join(where)
         query += " ORDER BY created_ns DESC LIMIT ?"
         args.append(limit)
         with self._lock:

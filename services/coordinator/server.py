@@ -5,6 +5,11 @@ calibrator's Plan, the data files and the output path here), so bad input is ref
 a clear status and nothing is written. Jobs then run on a small pool of threads; their state lives in
 the SQLite job store, so a restarted coordinator knows every job: queued ones run again, and ones
 caught running are failed with the reason and their staged output removed — never left "running".
+
+Under a `SecurityConfig` with tokens every call has a caller (`bitsmith.rpc.auth.caller()`): a job
+records its submitter and project, only that project (or an admin) may get, watch or cancel it, and
+Submit takes only paths under the project's roots, symlinks resolved. The config's limits (jobs per
+client, model size) are checked here too, before anything is queued.
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-from bitsmith.errors import AlreadyExistsError, ConfigError
+from bitsmith.errors import AlreadyExistsError, ConfigError, PermissionDeniedError, ResourceExhaustedError
+from bitsmith.rpc.auth import caller
 from bitsmith.rpc.convert import recipe_from_proto
-from bitsmith.rpc.server import ServiceBinding
+from bitsmith.rpc.security import Grant, Limits, SecurityConfig, securing
+from bitsmith.rpc.server import Callers, ServiceBinding
 from bitsmith.rpc.server import create_server as _create_server
 from bitsmith.v1 import calibrator_pb2, common_pb2, job_pb2, job_pb2_grpc
 from bitsmith_services.coordinator.http import CoordinatorHttp, local_target
@@ -67,10 +74,47 @@ def validate_spec(spec: job_pb2.QuantizeJob) -> None:
             raise ConfigError(f"data file {f} does not exist or is not a file")
 
 
+def confine_to_roots(spec: job_pb2.QuantizeJob, grant: Grant) -> None:
+    """Refuse a job that would read or write outside its caller's project roots.
+
+    Checked before anything about the paths is (existence included), so a caller learns nothing about
+    files it may not read. Every entry of the model directory is checked as well: a file symlinked out
+    of a root is read by the workers like any other.
+    """
+    paths = [("model_path", spec.model_path), ("output path", spec.output.path),
+             *(("calibration file", f) for f in spec.calibration.files), *(("eval file", f) for f in spec.eval.files)]
+    for what, path in paths:
+        if path and not grant.confines(path):
+            raise PermissionDeniedError(f"{what} {path} is outside the roots of project {grant.project}")
+    model = Path(spec.model_path)
+    if spec.model_path and model.is_dir():
+        for entry in model.iterdir():
+            if not grant.confines(entry):
+                raise PermissionDeniedError(
+                    f"{entry} in model_path leads outside the roots of project {grant.project}")
+
+
+def check_model_size(model_path: str, limit: int) -> None:
+    """Refuse a checkpoint whose *.safetensors files weigh more than `limit` bytes."""
+    model = Path(model_path)
+    size = sum(f.stat().st_size for f in model.glob("*.safetensors")) if model.is_dir() else 0
+    if size > limit:
+        raise ResourceExhaustedError(f"model {model_path} holds {size:,} bytes of safetensors; the limit is {limit:,}")
+
+
+def check_access(job: job_pb2.Job) -> None:
+    """Refuse the caller a job of another project (admins and unauthenticated servers see every job)."""
+    grant = caller()
+    if grant is not None and not grant.admin and job.project != grant.project:
+        raise PermissionDeniedError(f"job {job.job_id} belongs to another project than {grant.project}")
+
+
 class Coordinator(job_pb2_grpc.JobServiceServicer):
-    def __init__(self, jobs: JobStore, stubs: Stubs, *, max_concurrent_jobs: int = 1) -> None:
+    def __init__(self, jobs: JobStore, stubs: Stubs, *, max_concurrent_jobs: int = 1, limits: Limits | None = None
+                 ) -> None:
         self._jobs = jobs
         self._stubs = stubs
+        self._limits = limits or Limits()
         self._pool = ThreadPoolExecutor(max_workers=max_concurrent_jobs, thread_name_prefix="bitsmith-job")
         self._cancel: dict[str, threading.Event] = {}
         self._observed: set[str] = set()
@@ -145,27 +189,45 @@ class Coordinator(job_pb2_grpc.JobServiceServicer):
 
     def Submit(self, request: job_pb2.SubmitRequest, context: grpc.ServicerContext) -> job_pb2.Job:
         spec = request.job
+        grant = caller()
         known = self._jobs.find_by_request_id(spec.client_request_id) if spec.client_request_id else None
         if known is not None:
-            return self._jobs.get(known)
+            job = self._jobs.get(known)
+            check_access(job)
+            return job
+        if grant is not None:
+            confine_to_roots(spec, grant)
         validate_spec(spec)
+        if self._limits.max_model_bytes is not None:
+            check_model_size(spec.model_path, self._limits.max_model_bytes)
         self._stubs.calibrator.Plan(
             calibrator_pb2.PlanRequest(model_path=spec.model_path, recipe=spec.recipe, formats=spec.output.formats),
             timeout=min(context.time_remaining() or PLAN_TIMEOUT_S, PLAN_TIMEOUT_S),  # no deadline: a huge one
         )
-        job, created = self._jobs.create(spec)
+        job, created = self._jobs.create(spec, owner=grant.client if grant else "",
+                                         project=grant.project if grant else "",
+                                         max_active=self._limits.max_jobs_per_client)
         if created:
             self._enqueue(job.job_id)
         return job
 
+    def _job(self, job_id: str) -> job_pb2.Job:
+        """The job `job_id`, if the caller may see it."""
+        job = self._jobs.get(job_id)
+        check_access(job)
+        return job
+
     def Get(self, request: job_pb2.GetJobRequest, context: grpc.ServicerContext) -> job_pb2.Job:
-        return self._jobs.get(request.job_id)
+        return self._job(request.job_id)
 
     def List(self, request: job_pb2.ListJobsRequest, context: grpc.ServicerContext) -> job_pb2.ListJobsResponse:
-        return job_pb2.ListJobsResponse(jobs=self._jobs.list_jobs(list(request.states), request.limit or 100))
+        grant = caller()
+        project = None if grant is None or grant.admin else grant.project
+        return job_pb2.ListJobsResponse(
+            jobs=self._jobs.list_jobs(list(request.states), request.limit or 100, project=project))
 
     def Cancel(self, request: job_pb2.CancelJobRequest, context: grpc.ServicerContext) -> job_pb2.Job:
-        job = self._jobs.get(request.job_id)
+        job = self._job(request.job_id)
         if job.state in TERMINAL:
             return job
         with self._lock:
@@ -180,7 +242,7 @@ class Coordinator(job_pb2_grpc.JobServiceServicer):
 
     def Watch(self, request: job_pb2.WatchJobRequest, context: grpc.ServicerContext
               ) -> Iterator[common_pb2.ProgressEvent]:
-        self._jobs.get(request.job_id)  # NOT_FOUND before streaming anything
+        self._job(request.job_id)  # NOT_FOUND or PERMISSION_DENIED before streaming anything
         last = request.after_sequence
         while context.is_active():
             for event in self._jobs.events_after(request.job_id, last):
@@ -192,18 +254,24 @@ class Coordinator(job_pb2_grpc.JobServiceServicer):
 
 
 def create_server(address: str, *, db_path: Path, placement: Placement, max_concurrent_jobs: int = 1,
-                  http_port: int | None = 0) -> tuple[grpc.Server, int, Coordinator]:
+                  http_port: int | None = 0, security: SecurityConfig | None = None
+                  ) -> tuple[grpc.Server, int, Coordinator]:
     """Start the worker services (through `placement`), then the JobService on `address` ("host:port").
 
     The coordinator's HTTP port opens on the same host at `http_port` (0: a free one; None: no HTTP
-    port); `coordinator.http_address` says where, and `coordinator.shutdown()` closes it.
+    port); `coordinator.http_address` says where, and `coordinator.shutdown()` closes it. `security`
+    (None: plaintext, open) secures the JobService and the channels to the workers, which must be
+    secured by the same config (`placement` starts them so; static ones are started with it).
     """
-    addresses = placement.start()
-    stubs = Stubs.connect(addresses)
-    coordinator = Coordinator(JobStore(db_path), stubs, max_concurrent_jobs=max_concurrent_jobs)
+    with securing(security):
+        addresses = placement.start()
+        stubs = Stubs.connect(addresses)
+    coordinator = Coordinator(JobStore(db_path), stubs, max_concurrent_jobs=max_concurrent_jobs,
+                              limits=security.limits if security else None)
     coordinator.recover()
     binding = ServiceBinding.of(coordinator, job_pb2, job_pb2_grpc, "JobService")
-    server, port = _create_server(address, [binding], component="coordinator")
+    server, port = _create_server(address, [binding], component="coordinator", callers=Callers.CLIENTS,
+                                  security=security)
     if http_port is not None:
         host = address.rpartition(":")[0]
         try:

@@ -4,7 +4,9 @@
 and returns a `Job` (`bitsmith.rpc.job`) to watch, wait on or cancel. With no address the client
 connects to the stack `bitsmith up` left running (`bitsmith.rpc.discovery`). Channels are traced,
 size-bounded and checked for reachability up front: an unreachable address fails fast with
-`ServiceUnavailableError` naming it, instead of every later call hanging until its deadline.
+`ServiceUnavailableError` naming it, instead of every later call hanging until its deadline. A stack
+secured by a `SecurityConfig` (docs/security.md) takes `token=` (sent as a bearer token on every call)
+and `tls=ClientTls(ca=...)`.
 """
 
 from __future__ import annotations
@@ -20,10 +22,14 @@ from bitsmith.errors import (
     BitsmithError,
     ConfigError,
     NotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
     ServiceUnavailableError,
+    UnauthenticatedError,
     UnsupportedError,
 )
 from bitsmith.recipes import Recipe
+from bitsmith.rpc.auth import BearerToken
 from bitsmith.rpc.discovery import default_home, running_stack
 from bitsmith.rpc.job import Job, JobState
 from bitsmith.rpc.request import (
@@ -34,6 +40,7 @@ from bitsmith.rpc.request import (
     QuantizeRequest,
     StrPath,
 )
+from bitsmith.rpc.security import ClientTls, scoped
 from bitsmith.rpc.server import MAX_MESSAGE_BYTES
 from bitsmith.telemetry import traced_channel
 
@@ -44,23 +51,39 @@ T = TypeVar("T")
 CONNECT_TIMEOUT_S = 10.0
 
 
-def open_channel(address: str, *, component: str = "client", connect_timeout: float = CONNECT_TIMEOUT_S
-                 ) -> grpc.Channel:
-    """A traced channel to `address`, after waiting up to `connect_timeout` for it to be ready."""
-    channel = grpc.insecure_channel(
-        address,
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ],
-    )
+def open_channel(address: str, *, component: str = "client", connect_timeout: float = CONNECT_TIMEOUT_S,
+                 tls: ClientTls | None = None, token: str | None = None) -> grpc.Channel:
+    """A traced channel to `address`, after waiting up to `connect_timeout` for it to be ready.
+
+    `tls` makes it a TLS channel (verifying the server with `tls.ca`, presenting `tls.cert` for mTLS);
+    `token` goes with every call as `authorization: Bearer <token>`. Given neither, a channel opened
+    inside `securing(config)` (the coordinator's to its workers) uses the config's client certificate
+    and service token.
+    """
+    config = scoped()
+    if tls is None and token is None and config is not None:
+        tls = config.tls.client if config.tls else None
+        token = config.service_token()
+    options = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ]
+    if tls is None:
+        channel = grpc.insecure_channel(address, options=options)
+    else:
+        ca, key, cert = tls.pem()
+        credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+        channel = grpc.secure_channel(address, credentials, options=options)
     try:
         grpc.channel_ready_future(channel).result(timeout=connect_timeout)
     except grpc.FutureTimeoutError as exc:
         channel.close()
+        hint = "" if tls is None else " (over TLS: does the server speak TLS, with a certificate the CA signed?)"
         raise ServiceUnavailableError(
-            f"cannot reach a bitsmith service at {address} within {connect_timeout:.0f} s"
+            f"cannot reach a bitsmith service at {address} within {connect_timeout:.0f} s{hint}"
         ) from exc
+    if token is not None:
+        channel = grpc.intercept_channel(channel, BearerToken(token))
     return traced_channel(channel, f"bitsmith-{component}")
 
 
@@ -121,14 +144,16 @@ class Client:
     """A JobService client: quantize, follow, cancel and list jobs.
 
     `address` is HOST:PORT of a JobService; None connects to the stack `bitsmith up` left running in
-    `$BITSMITH_HOME` (default ~/.bitsmith). Use it as a context manager to close the channel.
+    `$BITSMITH_HOME` (default ~/.bitsmith). Use it as a context manager to close the channel. A secured
+    stack wants `token` (the bearer token its config lists the sha256 of) and, over TLS, `tls`.
 
     >>> with Client() as client:                                              # doctest: +SKIP
     ...     job = client.quantize("model/", out="out/q", calibration=Calibration(files=["calib.txt"]))
     ...     print(job.wait().artifacts)
     """
 
-    def __init__(self, address: str | None = None, *, timeout: float = 60.0) -> None:
+    def __init__(self, address: str | None = None, *, timeout: float = 60.0, token: str | None = None,
+                 tls: ClientTls | None = None) -> None:
         if address is None:
             home = default_home()
             address = running_stack(home)
@@ -138,7 +163,7 @@ class Client:
                     "the home) or name a server's HOST:PORT"
                 )
         self.address = address
-        self._channel = open_channel(address, component="client")
+        self._channel = open_channel(address, component="client", tls=tls, token=token)
         self.calls = JobServiceCalls(self._channel, timeout)
 
     def close(self) -> None:
@@ -205,6 +230,9 @@ _CODE_TO_ERROR: dict[grpc.StatusCode, type[BitsmithError]] = {
     grpc.StatusCode.NOT_FOUND: NotFoundError,
     grpc.StatusCode.ALREADY_EXISTS: AlreadyExistsError,
     grpc.StatusCode.UNAVAILABLE: ServiceUnavailableError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
 }
 
 
