@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bitsmith.errors import ConfigError, ServiceUnavailableError
+from bitsmith.rpc.security import SecurityConfig
 from bitsmith_services.registry import Role, start_service
 
 log = logging.getLogger("bitsmith.coordinator")
@@ -124,14 +125,14 @@ def role_resources_from_env() -> dict[Role, ActorResources]:
 class ServiceHost:
     """Hosts one worker service's gRPC server inside a Ray actor (wrapped with ray.remote at the edge)."""
 
-    def __init__(self, role: str, store_root: str, threads: int) -> None:
+    def __init__(self, role: str, store_root: str, threads: int, security: SecurityConfig | None = None) -> None:
         import ray
 
         # Ray starts a zero-CPU actor with OMP_NUM_THREADS=1; the services compute in torch, which reads
         # it on first import (lazily, in the first request), so give them the threads they are meant to use.
         os.environ["OMP_NUM_THREADS"] = str(threads)
         host = ray.util.get_node_ip_address()
-        self._server, port = start_service(role, f"{host}:0", Path(store_root))
+        self._server, port = start_service(role, f"{host}:0", Path(store_root), security=security)
         self._address = f"{host}:{port}"
 
     def address(self) -> str:
@@ -159,6 +160,8 @@ class RayPlacement:
     """What each role's actor asks Ray for (default: $BITSMITH_RAY_RESOURCES, else nothing)."""
     nodes: dict[Role, str] = field(default_factory=dict)
     """The Ray node id each role's actor landed on, once started."""
+    security: SecurityConfig | None = None
+    """Secures every service it starts (its files must be readable where the actors run)."""
     _actors: list[Any] = field(default_factory=list)
     _started_ray: bool = False
 
@@ -188,7 +191,7 @@ class RayPlacement:
             options = self.resources.get(role, ActorResources()).ray_options()
             threads = int(options["num_cpus"]) or self.threads
             actor = host_cls.options(**options, max_restarts=-1, max_task_retries=-1).remote(
-                role.value, str(self.store_root), threads
+                role.value, str(self.store_root), threads, self.security
             )
             self._actors.append(actor)
             try:
