@@ -206,21 +206,29 @@ def _check_scalars(raw: Mapping[str, Any], path: Path) -> None:
 
 
 def read_config(model_dir: str | Path) -> tuple[Any, ArchAdapter]:
-    """Parse and validate `config.json` of a checkpoint into a transformers config and its adapter.
-
-    Any ``quantization_config`` is dropped: it describes an artifact's packing, and the dense model
-    we build from it must not be re-quantized by transformers.
-    """
-    from huggingface_hub.errors import StrictDataclassError
-    from transformers import AutoConfig
-
+    """Parse and validate `config.json` of a checkpoint into a transformers config and its adapter
+    (see `parse_config`)."""
     model_dir = Path(model_dir)
     if model_dir.exists() and not model_dir.is_dir():
         raise ConfigError(f"{model_dir} is a file; a model is a checkpoint directory (config.json and safetensors)")
     if not model_dir.is_dir():
         raise NotFoundError(f"model directory {model_dir} does not exist")
     path = model_dir / "config.json"
-    raw = _read_json(path)
+    return parse_config(_read_json(path), path)
+
+
+def parse_config(raw: Mapping[str, Any], path: Path) -> tuple[Any, ArchAdapter]:
+    """Validate an HF-style config (`path` names it in errors) into a transformers config and its adapter.
+
+    Checked: a supported architecture, dimensions within `DIMENSION_LIMITS`, a finite positive norm epsilon
+    and RoPE base, fields transformers accepts, and a model transformers can build from them (on the meta
+    device: an unknown activation or RoPE type fails here, not mid-job). Any ``quantization_config`` is
+    dropped: it describes an artifact's packing, and the dense model we build from it must not be
+    re-quantized by transformers.
+    """
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+
     model_type = raw.get("model_type")
     if not isinstance(model_type, str):
         raise FormatError(f"{path}: model_type is missing")
@@ -242,8 +250,8 @@ def read_config(model_dir: str | Path) -> tuple[Any, ArchAdapter]:
     except (TypeError, ValueError, StrictDataclassError) as exc:
         raise FormatError(f"{path}: transformers rejects this config: {exc}") from exc
     config._attn_implementation = "sdpa"
-    _build_model(config, adapter, path, device="meta")  # fields only the model's layers read (an unknown
-    return config, adapter                              # activation, RoPE type) fail here, not mid-job
+    _build_model(config, adapter, path, device="meta")
+    return config, adapter
 
 
 def _build_model(config: Any, adapter: ArchAdapter, path: Path, *, device: str) -> torch.nn.Module:
@@ -260,9 +268,10 @@ def _build_model(config: Any, adapter: ArchAdapter, path: Path, *, device: str) 
     return model
 
 
-def _meta_state_shapes(config: Any, adapter: ArchAdapter, model_dir: Path) -> dict[str, tuple[int, ...]]:
-    """Every tensor the architecture's transformers class declares, with its shape, at zero cost."""
-    model = _build_model(config, adapter, model_dir / "config.json", device="meta")
+def meta_state_shapes(config: Any, adapter: ArchAdapter, path: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor the architecture's transformers class declares, with its shape, at zero cost (`path`:
+    the config, named in errors)."""
+    model = _build_model(config, adapter, path, device="meta")
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
@@ -317,7 +326,7 @@ class TensorIndex:
 def _check_tensors(
     index: TensorIndex, config: Any, adapter: ArchAdapter, model_dir: Path, *, check_finite: bool = True
 ) -> None:
-    expected = _meta_state_shapes(config, adapter, model_dir)
+    expected = meta_state_shapes(config, adapter, model_dir / "config.json")
     if getattr(config, "tie_word_embeddings", False):
         expected.pop(adapter.lm_head, None)
     for name, shape in expected.items():

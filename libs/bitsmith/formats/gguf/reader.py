@@ -99,25 +99,20 @@ def _candidates(config: Mapping[str, Any]) -> list[str]:
     return names
 
 
-def _expected_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    """The shapes transformers' model of `config` has (built on the meta device, nothing allocated)."""
-    import transformers
+def _expected_shapes(path: Path, config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The shapes transformers' model of `config` has (built on the meta device, nothing allocated), after
+    the checks every checkpoint's config gets: a file's metadata is as untrusted as a config.json."""
+    from bitsmith.models.base import meta_state_shapes, parse_config
 
-    fields = {k: v for k, v in config.items() if k != "model_type"}
-    try:
-        hf_config = transformers.AutoConfig.for_model(str(config["model_type"]), **fields)
-        with torch.device("meta"):
-            model = getattr(transformers, architecture(str(config["model_type"])).causal_lm_class)(hf_config)
-    except (TypeError, ValueError) as e:
-        raise FormatError(f"GGUF: the metadata describes no valid model: {e}") from e
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    hf_config, adapter = parse_config(config, path)
+    return meta_state_shapes(hf_config, adapter, path)
 
 
 def _map_tensors(path: Path, layout: Layout, config: Mapping[str, Any]) -> dict[str, TensorRecord]:
     arch = architecture(str(config["model_type"]))
     name_map = gguf.get_tensor_name_map(arch.arch, int(config["num_hidden_layers"]))
     back = {name_map.get_name(hf, try_suffixes=SUFFIXES): hf for hf in _candidates(config)}
-    expected = _expected_shapes(config)
+    expected = _expected_shapes(path, config)
     records: dict[str, TensorRecord] = {}
     for record in layout.tensors:
         hf = back.get(record.name)
