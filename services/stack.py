@@ -100,12 +100,10 @@ def stop_stack(home: Path, timeout: float = 60.0) -> bool:
 
 def wait_until_serving(address: str, timeout: float, tls: ClientTls | None = None) -> None:
     """Block until the server at `address` answers its health check (over TLS, verified as `tls` says)."""
+    from bitsmith.rpc.client import channel_credentials
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    credentials = None
-    if tls is not None:
-        ca, key, cert = tls.pem()
-        credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+    credentials = channel_credentials(tls) if tls is not None else None
     deadline = time.monotonic() + timeout
     while True:
         try:

@@ -209,7 +209,9 @@ def test_limits_are_resource_exhausted(secured: Secured) -> None:
         # The client's one allowed job, held in the queue: written to the store the coordinator reads, as
         # no job of the demo model runs long enough to be sure it is still running at the next submit.
         spec = make_request(batch_root / "held", method=Method.RTN, calibrate=False).to_proto()
-        held, _ = JobStore(secured.home / "jobs.sqlite").create(spec, owner="batch-bot", project="batch")
+        store = JobStore(secured.home / "jobs.sqlite")
+        held, _ = store.create(spec, owner="batch-bot", project="batch")
+        store.close()
         with pytest.raises(ResourceExhaustedError, match="batch-bot has 1 queued or running jobs; the limit is 1"):
             batch.submit(make_request(batch_root / "second", method=Method.RTN, calibrate=False))
         assert batch.job(held.job_id).cancel().state is JobState.CANCELLED

@@ -51,6 +51,12 @@ T = TypeVar("T")
 CONNECT_TIMEOUT_S = 10.0
 
 
+def channel_credentials(tls: ClientTls) -> grpc.ChannelCredentials:
+    """TLS credentials that verify the server with `tls.ca` (system roots without) and present `tls.cert`."""
+    ca, key, cert = tls.pem()
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+
 def open_channel(address: str, *, component: str = "client", connect_timeout: float = CONNECT_TIMEOUT_S,
                  tls: ClientTls | None = None, token: str | None = None) -> grpc.Channel:
     """A traced channel to `address`, after waiting up to `connect_timeout` for it to be ready.
@@ -71,9 +77,7 @@ def open_channel(address: str, *, component: str = "client", connect_timeout: fl
     if tls is None:
         channel = grpc.insecure_channel(address, options=options)
     else:
-        ca, key, cert = tls.pem()
-        credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
-        channel = grpc.secure_channel(address, credentials, options=options)
+        channel = grpc.secure_channel(address, channel_credentials(tls), options=options)
     try:
         grpc.channel_ready_future(channel).result(timeout=connect_timeout)
     except grpc.FutureTimeoutError as exc:
