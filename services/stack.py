@@ -100,15 +100,13 @@ def stop_stack(home: Path, timeout: float = 60.0) -> bool:
 
 def wait_until_serving(address: str, timeout: float, tls: ClientTls | None = None) -> None:
     """Block until the server at `address` answers its health check (over TLS, verified as `tls` says)."""
-    from bitsmith.rpc.client import channel_credentials
+    from bitsmith.rpc.client import plain_channel
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    credentials = channel_credentials(tls) if tls is not None else None
     deadline = time.monotonic() + timeout
     while True:
         try:
-            with (grpc.secure_channel(address, credentials) if credentials
-                  else grpc.insecure_channel(address)) as channel:
+            with plain_channel(address, tls) as channel:
                 reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return

@@ -225,6 +225,10 @@ def test_a_plaintext_client_cannot_reach_the_tls_server(secured: Secured) -> Non
         open_channel(secured.address, connect_timeout=2)
     with pytest.raises(ServiceUnavailableError, match="over TLS"):
         open_channel(secured.address, connect_timeout=2, tls=ClientTls())  # not trusting the test CA
+    with pytest.raises(ServiceUnavailableError, match="over TLS"):  # a certificate for another name
+        open_channel(secured.address, connect_timeout=2, tls=ClientTls(ca=secured.pki / "ca.pem", server_name="other"))
+    open_channel(secured.address, connect_timeout=5, tls=ClientTls(ca=secured.pki / "ca.pem", server_name="localhost")
+                 ).close()
 
 
 def _empty_discard(channel: grpc.Channel) -> grpc.StatusCode:

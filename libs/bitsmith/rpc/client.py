@@ -51,10 +51,17 @@ T = TypeVar("T")
 CONNECT_TIMEOUT_S = 10.0
 
 
-def channel_credentials(tls: ClientTls) -> grpc.ChannelCredentials:
-    """TLS credentials that verify the server with `tls.ca` (system roots without) and present `tls.cert`."""
+def plain_channel(address: str, tls: ClientTls | None = None,
+                  options: Sequence[tuple[str, object]] = ()) -> grpc.Channel:
+    """A bare channel: TLS verified with `tls.ca` (system roots without), presenting `tls.cert`, expecting
+    `tls.server_name` in the server's certificate when given; plaintext when `tls` is None."""
+    if tls is None:
+        return grpc.insecure_channel(address, options=list(options))
     ca, key, cert = tls.pem()
-    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+    if tls.server_name:
+        options = [*options, ("grpc.ssl_target_name_override", tls.server_name)]
+    return grpc.secure_channel(address, credentials, options=list(options))
 
 
 def open_channel(address: str, *, component: str = "client", connect_timeout: float = CONNECT_TIMEOUT_S,
@@ -70,14 +77,11 @@ def open_channel(address: str, *, component: str = "client", connect_timeout: fl
     if tls is None and token is None and config is not None:
         tls = config.tls.client if config.tls else None
         token = config.service_token()
-    options = [
+    options: list[tuple[str, object]] = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ]
-    if tls is None:
-        channel = grpc.insecure_channel(address, options=options)
-    else:
-        channel = grpc.secure_channel(address, channel_credentials(tls), options=options)
+    channel = plain_channel(address, tls, options)
     try:
         grpc.channel_ready_future(channel).result(timeout=connect_timeout)
     except grpc.FutureTimeoutError as exc:

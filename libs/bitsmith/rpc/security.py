@@ -50,6 +50,10 @@ class ClientTls:
     ca: Path | None = None
     cert: Path | None = None
     key: Path | None = None
+    server_name: str | None = None
+    """The name the server's certificate must carry, when not the host it is reached at: Ray places the
+    workers at node addresses the operator does not know in advance, so their certificates name a
+    service ("bitsmith-worker") instead."""
 
     def __post_init__(self) -> None:
         if (self.cert is None) != (self.key is None):
@@ -191,6 +195,11 @@ class _Loader:
     def _optional_file(self, data: Mapping[str, Any], name: str, key: str) -> Path | None:
         return self._file(data[name], f"{key}.{name}") if data.get(name) is not None else None
 
+    def _name(self, value: Any, key: str) -> str | None:
+        if value is not None and (not isinstance(value, str) or not value):
+            raise self._error(key, f"must be a host name, got {value!r}")
+        return value
+
     def _positive(self, data: Mapping[str, Any], name: str) -> int | None:
         value = data.get(name)
         if value is None:
@@ -214,14 +223,16 @@ class _Loader:
         return config
 
     def _tls(self, value: Any) -> TlsConfig:
-        data = self._mapping(value, "tls", {"cert", "key", "ca", "client_ca", "client_cert", "client_key"})
+        data = self._mapping(value, "tls", {"cert", "key", "ca", "client_ca", "client_cert", "client_key",
+                                            "server_name"})
         for required in ("cert", "key"):
             if data.get(required) is None:
                 raise self._error(f"tls.{required}", "is required when tls is given")
         try:
             client = ClientTls(ca=self._optional_file(data, "ca", "tls"),
                                cert=self._optional_file(data, "client_cert", "tls"),
-                               key=self._optional_file(data, "client_key", "tls"))
+                               key=self._optional_file(data, "client_key", "tls"),
+                               server_name=self._name(data.get("server_name"), "tls.server_name"))
         except ConfigError as exc:
             raise self._error("tls", str(exc)) from None
         tls = TlsConfig(cert=self._file(data["cert"], "tls.cert"), key=self._file(data["key"], "tls.key"),
