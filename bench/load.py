@@ -12,7 +12,9 @@ stream ended with its job's final "done" event, its sequence numbers increasing;
 p50/p95/p99 latency of Submit and Get and the wall time, with the hardware.
 
     python bench/load.py [--submits 50] [--repeats 10] [--watchers-per-job 4] [--max-concurrent-jobs 1]
-                         [--json PATH]
+                         [--warm-up] [--json PATH]
+
+Exits 1 when a check fails. docs/benchmarks.md ("Coordinator under load") has a run's numbers.
 """
 
 from __future__ import annotations
