@@ -197,8 +197,9 @@ def test_services_land_on_the_nodes_their_resources_name_and_run_a_job(
     """`gcs`: the coordinator is a driver on a node of the cluster (`--ray-address auto` on the head, as
     infra/ray/cluster.yaml runs it); `ray-client`: it joins from outside through the head's client port
     (`ray://`, as the Kubernetes Deployment does)."""
-    for name, resources in NODE_RESOURCES.items():
-        ray_cluster.start_head(resources) if name == "head" else ray_cluster.add_node(name, resources)
+    ray_cluster.start_head(NODE_RESOURCES["head"])
+    for name in ("gpu", "cpu"):
+        ray_cluster.add_node(name, NODE_RESOURCES[name])
     monkeypatch.setenv(RAY_RESOURCES_ENV, json.dumps(
         {role.value: {next(iter(NODE_RESOURCES[node])): 1} for role, node in ROLE_NODES.items()}))
     address = ray_cluster.gcs_address if join == "gcs" else ray_cluster.client_address
