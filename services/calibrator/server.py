@@ -56,8 +56,18 @@ if TYPE_CHECKING:
 log = logging.getLogger("bitsmith.calibrator")
 
 
-@functools.lru_cache(maxsize=2)
+_LOADING = threading.Lock()
+"""Checkpoints load one at a time: concurrent first Plans (several Submits at once) would otherwise load
+the same model twice and race on transformers' lazily imported names ("cannot import name AutoConfig")."""
+
+
 def _model(path: str, device: str) -> CheckpointModel:
+    with _LOADING:
+        return _cached_model(path, device)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_model(path: str, device: str) -> CheckpointModel:
     from bitsmith.models import load_checkpoint
 
     return load_checkpoint(Path(path), device=device)
