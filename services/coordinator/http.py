@@ -15,6 +15,7 @@ import logging
 import re
 import socket
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,6 +24,9 @@ from urllib.parse import urlsplit
 import grpc
 from bitsmith import __version__
 from bitsmith.errors import ConfigError, NotFoundError
+from bitsmith.rpc.auth import AUTHORIZATION, bearer_token
+from bitsmith.rpc.client import plain_channel
+from bitsmith.rpc.security import ClientTls, Grant, token_digest
 from bitsmith.v1 import job_pb2
 from bitsmith_services.coordinator.jobstore import JOB_ID, JobStore
 from bitsmith_services.coordinator.metrics import CoordinatorMetrics
@@ -67,12 +71,15 @@ def local_target(host: str, port: int) -> str:
 class CoordinatorHttp:
     """The HTTP port of one coordinator: its job store, its metrics, and a health check of its gRPC server."""
 
-    def __init__(self, host: str, port: int, *, jobs: JobStore, metrics: CoordinatorMetrics, grpc_target: str
-                 ) -> None:
+    def __init__(self, host: str, port: int, *, jobs: JobStore, metrics: CoordinatorMetrics, grpc_target: str,
+                 tls: ClientTls | None = None, grants: Mapping[str, Grant] | None = None) -> None:
+        """`tls`: how to reach the JobService when it speaks TLS; `grants`: the tokens (by sha256) that may
+        read reports, each its own project's (none: reports are open, like the JobService)."""
         self._jobs = jobs
         self._metrics = metrics
         self._grpc_target = grpc_target
-        self._channel = grpc.insecure_channel(grpc_target)
+        self._grants = dict(grants or {})
+        self._channel = plain_channel(grpc_target, tls)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         try:
             self._server = _Server((host.strip("[]"), port), self)
@@ -97,8 +104,9 @@ class CoordinatorHttp:
         self._server.server_close()
         self._channel.close()
 
-    def respond(self, path: str, accept: str) -> Response:
-        """The answer to a GET of `path` (a request target, with or without a query)."""
+    def respond(self, path: str, accept: str, authorization: str | None = None) -> Response:
+        """The answer to a GET of `path` (a request target, with or without a query); `authorization` is
+        the request's Authorization header, which a report needs when tokens are configured."""
         route = urlsplit(path).path
         try:
             if route == "/healthz":
@@ -107,7 +115,7 @@ class CoordinatorHttp:
                 body, content_type = self._metrics.exposition(accept)
                 return Response(HTTPStatus.OK, body, content_type)
             if match := REPORT_PATH.fullmatch(route):
-                return self._report(match.group(1))
+                return self._report(match.group(1), authorization)
         except Exception:
             log.exception("the coordinator's HTTP port failed to answer", extra={"path": route})
             return Response.text(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error; see the coordinator's log")
@@ -130,15 +138,24 @@ class CoordinatorHttp:
             return Response.json(HTTPStatus.SERVICE_UNAVAILABLE, {"status": status, **payload})
         return Response.json(HTTPStatus.OK, {"status": "ok", **payload})
 
-    def _report(self, job_id: str) -> Response:
+    def _report(self, job_id: str, authorization: str | None) -> Response:
         from bitsmith.report import ReportData, render_report  # matplotlib loads on the first report, not at start
 
         if not JOB_ID.fullmatch(job_id):
             return Response.text(HTTPStatus.BAD_REQUEST, f"{job_id!r} is not a job id (16 lowercase hex digits)")
+        grant = None
+        if self._grants:  # a report shows a job's model, paths and numbers: the JobService's rules apply
+            token, why = bearer_token([(AUTHORIZATION, authorization)] if authorization else [])
+            grant = self._grants.get(token_digest(token)) if token else None
+            if grant is None:
+                return Response(HTTPStatus.UNAUTHORIZED, ((why or "unknown token") + "\n").encode(),
+                                headers={"WWW-Authenticate": 'Bearer realm="bitsmith"'})
         try:
             job = self._jobs.get(job_id)
         except NotFoundError:
             return Response.text(HTTPStatus.NOT_FOUND, f"no job {job_id}")
+        if grant is not None and not grant.admin and job.project != grant.project:
+            return Response.text(HTTPStatus.FORBIDDEN, f"job {job_id} belongs to another project than {grant.project}")
         return Response(HTTPStatus.OK, render_report(ReportData.from_job(job)).encode(), "text/html; charset=utf-8")
 
 
@@ -164,10 +181,13 @@ class _Handler(BaseHTTPRequestHandler):
     ALLOWED = "GET, HEAD"
 
     def do_GET(self) -> None:
-        self._send(self.server.app.respond(self.path, self.headers.get("Accept", "")), with_body=True)
+        self._send(self._response(), with_body=True)
 
     def do_HEAD(self) -> None:
-        self._send(self.server.app.respond(self.path, self.headers.get("Accept", "")), with_body=False)
+        self._send(self._response(), with_body=False)
+
+    def _response(self) -> Response:
+        return self.server.app.respond(self.path, self.headers.get("Accept", ""), self.headers.get("Authorization"))
 
     def _method_not_allowed(self) -> None:
         # The request's body is never read, so the connection cannot carry another request.

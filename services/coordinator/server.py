@@ -40,6 +40,9 @@ WATCH_POLL_S = 0.5
 MAX_CALIB_SAMPLES = 100_000
 MAX_SEQ_LEN = 1 << 17
 PLAN_TIMEOUT_S = 600.0
+COORDINATOR_THREADS = 256
+"""gRPC worker threads of the JobService: every Watch stream holds one until its job ends, so the pool
+must outnumber the streams clients keep open, or Submit and Get queue behind them."""
 
 
 def validate_spec(spec: job_pb2.QuantizeJob) -> None:
@@ -127,12 +130,15 @@ class Coordinator(job_pb2_grpc.JobServiceServicer):
         """Where the HTTP port (health, metrics, reports) listens; None if it was not opened."""
         return self._http.address if self._http else None
 
-    def serve_http(self, host: str, port: int, *, grpc_target: str) -> str:
+    def serve_http(self, host: str, port: int, *, grpc_target: str, security: SecurityConfig | None = None) -> str:
         """Open the HTTP port on `host`:`port` (0: a free one); `shutdown()` closes it. Returns its address.
 
-        `grpc_target` is where this coordinator's JobService answers, for /healthz to ask.
+        `grpc_target` is where this coordinator's JobService answers, for /healthz to ask (over TLS when
+        `security` has it); `security`'s tokens guard the reports as they guard the JobService.
         """
-        http = CoordinatorHttp(host, port, jobs=self._jobs, metrics=self.metrics, grpc_target=grpc_target)
+        http = CoordinatorHttp(host, port, jobs=self._jobs, metrics=self.metrics, grpc_target=grpc_target,
+                               tls=security.tls.client if security and security.tls else None,
+                               grants=security.tokens if security else None)
         http.start()
         self._http = http
         return http.address
@@ -271,11 +277,11 @@ def create_server(address: str, *, db_path: Path, placement: Placement, max_conc
     coordinator.recover()
     binding = ServiceBinding.of(coordinator, job_pb2, job_pb2_grpc, "JobService")
     server, port = _create_server(address, [binding], component="coordinator", callers=Callers.CLIENTS,
-                                  security=security)
+                                  security=security, max_workers=COORDINATOR_THREADS)
     if http_port is not None:
         host = address.rpartition(":")[0]
         try:
-            coordinator.serve_http(host, http_port, grpc_target=local_target(host, port))
+            coordinator.serve_http(host, http_port, grpc_target=local_target(host, port), security=security)
         except BaseException:
             server.stop(grace=None)
             coordinator.shutdown()

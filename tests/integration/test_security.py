@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +88,7 @@ class Secured:
     home: Path
     pki: Path
     config: SecurityConfig
+    http: str
 
     @property
     def tls(self) -> ClientTls:
@@ -119,8 +122,10 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
     servers = {role: start_service(role, "127.0.0.1:0", home / "store", security=config) for role in Role}
     addresses = ServiceAddresses({role: f"127.0.0.1:{port}" for role, (_, port) in servers.items()})
     server, port, coordinator = create_server("127.0.0.1:0", db_path=home / "jobs.sqlite",
-                                              placement=StaticPlacement(addresses), http_port=None, security=config)
-    yield Secured(address=f"127.0.0.1:{port}", addresses=addresses, home=home, pki=home / "pki", config=config)
+                                              placement=StaticPlacement(addresses), http_port=0, security=config)
+    assert coordinator.http_address is not None
+    yield Secured(address=f"127.0.0.1:{port}", addresses=addresses, home=home, pki=home / "pki", config=config,
+                  http=coordinator.http_address)
     server.stop(grace=1).wait()
     coordinator.shutdown()
     for s, _ in servers.values():
@@ -156,6 +161,28 @@ def test_calls_without_a_known_token_are_unauthenticated(secured: Secured, visio
     with grpc.secure_channel(secured.address, grpc.ssl_channel_credentials(secured.tls.pem()[0])) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING  # health checks need no token
+
+
+def _get(url: str, token: str | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def test_the_http_port_checks_health_over_tls_and_guards_reports_like_the_job_service(
+        secured: Secured, vision_job: str) -> None:
+    status, body = _get(f"http://{secured.http}/healthz")
+    assert status == 200 and '"ok"' in body  # its health check reaches the JobService over TLS
+    report = f"http://{secured.http}/jobs/{vision_job}/report"
+    assert _get(report)[0] == 401 and _get(report, "not-a-listed-token")[0] == 401
+    status, body = _get(report, TOKENS["audio"])
+    assert status == 403 and "another project" in body
+    for who in ("vision", "admin"):
+        status, body = _get(report, TOKENS[who])
+        assert status == 200 and vision_job in body
 
 
 def test_another_projects_job_is_denied_and_unlisted(secured: Secured, vision_job: str) -> None:

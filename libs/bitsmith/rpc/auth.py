@@ -36,7 +36,7 @@ def caller() -> Grant | None:
     return _caller.get()
 
 
-def _bearer(metadata: Any) -> tuple[str | None, str]:
+def bearer_token(metadata: Any) -> tuple[str | None, str]:
     """The token of `metadata`'s authorization entry, or None and why there is none."""
     values = [value for key, value in metadata or () if key == AUTHORIZATION]
     if not values:
@@ -110,7 +110,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(OPEN_METHODS):
             return handler
-        token, reason = _bearer(handler_call_details.invocation_metadata)
+        token, reason = bearer_token(handler_call_details.invocation_metadata)
         # A dict lookup of the digest, not of the token: timing tells an attacker about the digest of
         # their guess at most, which brings them no closer to a listed token.
         grant = self._grants.get(token_digest(token)) if token is not None else None
