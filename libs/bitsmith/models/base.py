@@ -14,6 +14,7 @@ block, not the model: a model larger than a GPU calibrates on it.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Iterator, Mapping
@@ -194,7 +195,15 @@ def _check_dimensions(raw: Mapping[str, Any], path: Path) -> None:
 
 
 def _check_scalars(raw: Mapping[str, Any], path: Path) -> None:
-    """The norm epsilon and RoPE base: a NaN, infinite or non-positive one gives a model that computes NaN."""
+    """The norm epsilon and RoPE base (a NaN, infinite or non-positive one gives a model that computes NaN),
+    and the dtype name, which transformers looks up on torch and prints back without checking either."""
+    for key in ("dtype", "torch_dtype"):
+        name = raw.get(key)
+        if name is not None and not (isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype)):
+            raise FormatError(f"{path}: {key} must name a torch dtype (\"bfloat16\"), got {name!r}")
+    pad, vocab = raw.get("pad_token_id"), raw["vocab_size"]
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or not -vocab <= pad < vocab):
+        raise FormatError(f"{path}: pad_token_id {pad!r} is not a token of the {vocab}-token vocabulary")
     rope = raw.get("rope_parameters")
     values = {"rms_norm_eps": raw.get("rms_norm_eps"), "rope_theta": raw.get("rope_theta"),
               "rope_parameters.rope_theta": rope.get("rope_theta") if isinstance(rope, dict) else None}
@@ -221,8 +230,9 @@ def parse_config(raw: Mapping[str, Any], path: Path) -> tuple[Any, ArchAdapter]:
     """Validate an HF-style config (`path` names it in errors) into a transformers config and its adapter.
 
     Checked: a supported architecture, dimensions within `DIMENSION_LIMITS`, a finite positive norm epsilon
-    and RoPE base, fields transformers accepts, and a model transformers can build from them (on the meta
-    device: an unknown activation or RoPE type fails here, not mid-job). Any ``quantization_config`` is
+    and RoPE base, fields transformers accepts, and a model transformers can build from them (one block of
+    it, on the meta device: an unknown activation or RoPE type fails here, not mid-job, and a config that
+    claims thousands of blocks costs no more to check than one that has one). Any ``quantization_config`` is
     dropped: it describes an artifact's packing, and the dense model we build from it must not be
     re-quantized by transformers.
     """
@@ -247,10 +257,12 @@ def parse_config(raw: Mapping[str, Any], path: Path) -> tuple[Any, ArchAdapter]:
     fields = {k: v for k, v in raw.items() if k not in ("model_type", "quantization_config")}
     try:
         config = AutoConfig.for_model(model_type, **fields)
-    except (TypeError, ValueError, StrictDataclassError) as exc:
+    except (TypeError, ValueError, AttributeError, StrictDataclassError) as exc:
         raise FormatError(f"{path}: transformers rejects this config: {exc}") from exc
     config._attn_implementation = "sdpa"
-    _build_model(config, adapter, path, device="meta")
+    one_block = copy.deepcopy(config)
+    one_block.num_hidden_layers = 1
+    _build_model(one_block, adapter, path, device="meta")
     return config, adapter
 
 
@@ -263,7 +275,7 @@ def _build_model(config: Any, adapter: ArchAdapter, path: Path, *, device: str) 
     try:
         with torch.device(device):
             model: torch.nn.Module = getattr(transformers, adapter.causal_lm_class)(config)
-    except (TypeError, ValueError, KeyError) as exc:
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
         raise FormatError(f"{path}: transformers cannot build a {adapter.model_type} model from it: {exc!r}") from exc
     return model
 
@@ -326,6 +338,10 @@ class TensorIndex:
 def _check_tensors(
     index: TensorIndex, config: Any, adapter: ArchAdapter, model_dir: Path, *, check_finite: bool = True
 ) -> None:
+    last_block = adapter.block_name(int(config.num_hidden_layers) - 1, adapter.linears[0]) + ".weight"
+    if last_block not in index:  # before the model of the config is built: it may claim thousands of blocks
+        raise FormatError(f"{model_dir}: required tensor {last_block} is missing "
+                          f"(the config has {config.num_hidden_layers} blocks)")
     expected = meta_state_shapes(config, adapter, model_dir / "config.json")
     if getattr(config, "tie_word_embeddings", False):
         expected.pop(adapter.lm_head, None)

@@ -111,8 +111,11 @@ def _expected_shapes(path: Path, config: Mapping[str, Any]) -> dict[str, tuple[i
 def _map_tensors(path: Path, layout: Layout, config: Mapping[str, Any]) -> dict[str, TensorRecord]:
     arch = architecture(str(config["model_type"]))
     name_map = gguf.get_tensor_name_map(arch.arch, int(config["num_hidden_layers"]))
+    blocks = int(config["num_hidden_layers"])
+    if not any(record.name.startswith(f"blk.{blocks - 1}.") for record in layout.tensors):
+        raise FormatError(f"{path}: the metadata claims {blocks} blocks, the file has no tensor of block {blocks - 1}")
     back = {name_map.get_name(hf, try_suffixes=SUFFIXES): hf for hf in _candidates(config)}
-    expected = _expected_shapes(path, config)
+    expected = _expected_shapes(path, config)  # after the check above: it builds a model of every claimed block
     records: dict[str, TensorRecord] = {}
     for record in layout.tensors:
         hf = back.get(record.name)
