@@ -171,6 +171,12 @@ CHECKPOINTS: list[Hostile[Callable[[Path], Path]]] = [
             r"config\.json: num_hidden_layers must be an integer in \[1, 4096\]"),
     Hostile("config-negative-vocab", _edit_config(vocab_size=-4096), INVALID,
             r"config\.json: vocab_size must be an integer in \[1, \d+\], got -4096"),
+    Hostile("config-more-blocks-than-tensors", _edit_config(num_hidden_layers=4000), INVALID,
+            r"tensor model\.layers\.3999\.self_attn\.q_proj\.weight is missing \(the config has 4000 blocks\)"),
+    Hostile("config-pad-outside-vocab", _edit_config(pad_token_id=4096), INVALID,
+            r"config\.json: pad_token_id 4096 is not a token of the 4096-token vocabulary"),
+    Hostile("config-unknown-dtype", _edit_config(dtype="float31"), INVALID,
+            r"config\.json: dtype must name a torch dtype \(\"bfloat16\"\), got 'float31'"),
     Hostile("config-nan-epsilon", _edit_config(rms_norm_eps=float("nan")), INVALID,
             r"config\.json: rms_norm_eps must be a finite positive number, got nan"),
     Hostile("config-nested-value", _edit_config(rope_scaling=_nested(100)), INVALID,
@@ -269,6 +275,12 @@ def _tensor_offset_moved(raw: bytes) -> bytes:
     return raw[:offset_at] + struct.pack("<Q", offset + 2**40) + raw[offset_at + 8:]
 
 
+def with_block_count(raw: bytes, blocks: int) -> bytes:
+    """The file with `llama.block_count` (a uint32 after its value type) set to `blocks`."""
+    at = _field_after(raw, "llama.block_count") + 4
+    return raw[:at] + struct.pack("<I", blocks) + raw[at + 4:]
+
+
 def _token_not_utf8(raw: bytes) -> bytes:
     at = _field_after(raw, "tokenizer.ggml.tokens") + 4 + 4 + 8  # value type, element type, count
     while struct.unpack_from("<Q", raw, at)[0] == 0:
@@ -284,6 +296,8 @@ GGUF_FILES: list[Hostile[Callable[[bytes], bytes]]] = [
     Hostile("gguf-absurd-kv-count", _with_header(n_kv=2**40), INVALID, r"\.gguf: KV count 1099511627776 cannot fit"),
     Hostile("gguf-tensor-offset-outside", _tensor_offset_moved, INVALID,
             r"tensor 'blk\.0\.attn_q\.weight' has offset \d+, expected \d+"),
+    Hostile("gguf-absurd-block-count", lambda raw: with_block_count(raw, 4000), INVALID,
+            r"llama\.block_count 4000 is outside llama\.cpp's 1 to 512 blocks at byte \d+"),
     Hostile("gguf-truncated-data", lambda raw: raw[:-1000], INVALID, r"truncated: tensor data ends at byte \d+"),
     Hostile("gguf-token-not-utf8", _token_not_utf8, INVALID, r"'tokenizer\.ggml\.tokens'\[\d+\] is not UTF-8"),
 ]

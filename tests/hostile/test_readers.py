@@ -21,7 +21,7 @@ from bitsmith.store import ArtifactStore, TensorRef, tensor_digest
 
 from tests.unit.gguf_files import write_artifact
 
-from .corpus import CHECKPOINTS, GGUF_FILES, RECIPES, STORE_KEYS, Hostile, copy_demo
+from .corpus import CHECKPOINTS, GGUF_FILES, RECIPES, STORE_KEYS, Hostile, copy_demo, with_block_count
 
 READ_LIMIT_S = 5.0
 """Every refusal comes long before a hang would be noticed: the readers check sizes before reading."""
@@ -69,6 +69,15 @@ def test_gguf_validator_and_reader_refuse(case: Hostile[Callable[[bytes], bytes]
     path = tmp_path / "model-F16.gguf"
     path.write_bytes(case.build(f16))
     assert_refused(case, lambda: validate(path), FormatError)
+    assert_refused(case, lambda: read(path), FormatError)
+
+
+def test_gguf_reader_counts_blocks_before_building_a_model_of_them(f16: bytes, tmp_path: Path) -> None:
+    """500 blocks claimed (llama.cpp's limit allows it), 4 in the file: refused before transformers builds 500."""
+    path = tmp_path / "model-F16.gguf"
+    path.write_bytes(with_block_count(f16, 500))
+    case = Hostile("gguf-more-blocks-than-tensors", None, "INVALID_ARGUMENT",
+                   r"the metadata claims 500 blocks, the file has no tensor of block 499")
     assert_refused(case, lambda: read(path), FormatError)
 
 

@@ -7,8 +7,8 @@ it when the bytes left cannot hold that many records, and checks what ggml's loa
 version 3, value types (no nested arrays), unique non-empty keys, `general.alignment` a power of two,
 unique tensor names, 1 to 4 dimensions each ≥ 1 with no int64 overflow, a known tensor type whose block
 divides ne[0], offsets exactly Σ pad(nbytes, alignment) in record order, and data inside the file; and
-every string, array elements included, valid UTF-8 (gguf-py decodes them all). Every `FormatError`
-names the file, what is wrong and the byte offset.
+every string, array elements included, valid UTF-8 (gguf-py decodes them all), and a block count
+llama.cpp accepts. Every `FormatError` names the file, what is wrong and the byte offset.
 
 >>> import tempfile
 >>> bad = Path(tempfile.mkdtemp()) / "bad.gguf"
@@ -46,6 +46,10 @@ KV_MIN_BYTES = 8 + 1 + 4 + 1
 TENSOR_MIN_BYTES = 8 + 1 + 4 + 8 + 4 + 8
 """Smallest tensor record: name length, a 1-byte name, n_dims, one ne, type, offset."""
 INT64_MAX = (1 << 63) - 1
+MAX_LAYERS = 512
+"""LLAMA_MAX_LAYERS: llama.cpp asserts (aborting the process) that `<arch>.block_count` is in [1, 512]."""
+BLOCK_COUNT = Keys.LLM.BLOCK_COUNT.format(arch="")
+"""The key's suffix (``.block_count``), whatever the architecture."""
 KV_TYPES = MappingProxyType({
     Keys.General.ARCHITECTURE: (V.STRING, None), Keys.General.ALIGNMENT: (V.UINT32, None),
     Keys.General.FILE_TYPE: (V.UINT32, None), Keys.General.QUANTIZATION_VERSION: (V.UINT32, None),
@@ -198,6 +202,8 @@ def _read_kvs(cur: _Cursor, n_kv: int) -> tuple[dict[str, tuple[V, V | None]], d
             alignment = value if isinstance(value, int) else 0
             if alignment == 0 or alignment & (alignment - 1):
                 raise cur.fail(f"general.alignment {alignment} is not a power of two", start)
+        if key.endswith(BLOCK_COUNT) and not (isinstance(value, int) and 1 <= value <= MAX_LAYERS):
+            raise cur.fail(f"{key} {value!r} is outside llama.cpp's 1 to {MAX_LAYERS} blocks", start)
         kv_types[key] = (vtype, element)
         if length is not None:
             lengths[key] = length
