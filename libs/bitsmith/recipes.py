@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import re
-import re._parser as sre_parser
+import re._parser as sre_parser  # re's own parser: the one view of a pattern as the engine will run it
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
