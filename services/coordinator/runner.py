@@ -34,6 +34,7 @@ from bitsmith.v1 import (
 from bitsmith_services.coordinator.diagnostics import JobRecorder
 from bitsmith_services.coordinator.jobstore import JobStore
 from bitsmith_services.coordinator.placement import ServiceAddresses
+from bitsmith_services.coordinator.retry import retrying
 from bitsmith_services.registry import Role
 
 if TYPE_CHECKING:
@@ -60,11 +61,11 @@ class Stubs:
     @classmethod
     def connect(cls, addresses: ServiceAddresses) -> Stubs:
         channels = {role: open_channel(addresses[role], component="coordinator") for role in Role}
-        return cls(
-            calibrator=calibrator_pb2_grpc.CalibratorServiceStub(channels[Role.CALIBRATOR]),
-            solver=solver_pb2_grpc.SolverServiceStub(channels[Role.SOLVER]),
-            packer=packer_pb2_grpc.PackerServiceStub(channels[Role.PACKER]),
-            runtimes={role: runtime_pb2_grpc.RuntimeServiceStub(channels[role])
+        return cls(  # a worker that went away is waited for (see `retry`), not given up on
+            calibrator=retrying(calibrator_pb2_grpc.CalibratorServiceStub(channels[Role.CALIBRATOR]), Role.CALIBRATOR),
+            solver=retrying(solver_pb2_grpc.SolverServiceStub(channels[Role.SOLVER]), Role.SOLVER),
+            packer=retrying(packer_pb2_grpc.PackerServiceStub(channels[Role.PACKER]), Role.PACKER),
+            runtimes={role: retrying(runtime_pb2_grpc.RuntimeServiceStub(channels[role]), role)
                       for role in (Role.RUNTIME_CPU, Role.RUNTIME_APPLE)},
             channels=list(channels.values()),
         )
@@ -355,6 +356,7 @@ class JobRunner:
             published.bits_per_weight = artifact.bits_per_weight
             published.metrics.extend(artifact.metrics)
             artifacts.append(published)
+        discard_outputs(self._stubs, spec)  # staging left by a Pack a restarted packer never finished
         done += 1
         self._event("publish", ", ".join(a.path for a in artifacts), step=done, total=total)
         job = self._jobs.get(self._job_id)
