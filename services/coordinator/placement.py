@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,9 @@ class ServiceAddresses:
 
 class Placement(Protocol):
     def start(self) -> ServiceAddresses: ...
+    def address(self, role: Role) -> str:
+        """Where `role`'s service answers now (a restarted Ray actor listens on a new port)."""
+        ...
     def stop(self) -> None: ...
 
 
@@ -69,6 +73,9 @@ class StaticPlacement:
 
     def start(self) -> ServiceAddresses:
         return self.addresses
+
+    def address(self, role: Role) -> str:
+        return self.addresses[role]
 
     def stop(self) -> None:
         return None
@@ -162,8 +169,9 @@ class RayPlacement:
     """The Ray node id each role's actor landed on, once started."""
     security: SecurityConfig | None = None
     """Secures every service it starts (its files must be readable where the actors run)."""
-    _actors: list[Any] = field(default_factory=list)
+    _actors: dict[Role, Any] = field(default_factory=dict)
     _started_ray: bool = False
+    _id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
 
     def start(self) -> ServiceAddresses:
         try:
@@ -190,10 +198,12 @@ class RayPlacement:
         for role in Role:
             options = self.resources.get(role, ActorResources()).ray_options()
             threads = int(options["num_cpus"]) or self.threads
-            actor = host_cls.options(**options, max_restarts=-1, max_task_retries=-1).remote(
+            # Named for operators (`ray list actors`), unique per placement so stacks can share a cluster.
+            actor = host_cls.options(**options, max_restarts=-1, max_task_retries=-1,
+                                     name=f"bitsmith-{role.value}-{self._id}").remote(
                 role.value, str(self.store_root), threads, self.security
             )
-            self._actors.append(actor)
+            self._actors[role] = actor
             try:
                 by_role[role], self.nodes[role] = ray.get([actor.address.remote(), actor.node_id.remote()],
                                                           timeout=ACTOR_START_TIMEOUT_S)
@@ -205,10 +215,16 @@ class RayPlacement:
                      extra={"role": role.value, "address": by_role[role], "node_id": self.nodes[role]})
         return ServiceAddresses(by_role)
 
+    def address(self, role: Role) -> str:
+        """The role's actor's address; while Ray restarts the actor this waits for the new one."""
+        import ray
+
+        return str(ray.get(self._actors[role].address.remote(), timeout=ACTOR_START_TIMEOUT_S))
+
     def stop(self) -> None:
         import ray
 
-        for actor in self._actors:
+        for actor in self._actors.values():
             try:
                 ray.get(actor.stop.remote(), timeout=10)
             except Exception:  # the actor may already be gone; kill it regardless

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from bitsmith.errors import BitsmithError, CancelledError, GateFailedError
-from bitsmith.rpc.client import open_channel
 from bitsmith.rpc.convert import artifact_name, format_from_proto
 from bitsmith.telemetry import current_trace_id, setup_tracing
 from bitsmith.v1 import (
@@ -34,7 +33,7 @@ from bitsmith.v1 import (
 from bitsmith_services.coordinator.diagnostics import JobRecorder
 from bitsmith_services.coordinator.jobstore import JobStore
 from bitsmith_services.coordinator.placement import ServiceAddresses
-from bitsmith_services.coordinator.retry import retrying
+from bitsmith_services.coordinator.retry import WorkerLink, retrying
 from bitsmith_services.registry import Role
 
 if TYPE_CHECKING:
@@ -56,18 +55,27 @@ class Stubs:
     solver: solver_pb2_grpc.SolverServiceStub
     packer: packer_pb2_grpc.PackerServiceStub
     runtimes: dict[Role, runtime_pb2_grpc.RuntimeServiceStub]
-    channels: list[grpc.Channel]
+    links: list[WorkerLink]
 
     @classmethod
-    def connect(cls, addresses: ServiceAddresses) -> Stubs:
-        channels = {role: open_channel(addresses[role], component="coordinator") for role in Role}
-        return cls(  # a worker that went away is waited for (see `retry`), not given up on
-            calibrator=retrying(calibrator_pb2_grpc.CalibratorServiceStub(channels[Role.CALIBRATOR]), Role.CALIBRATOR),
-            solver=retrying(solver_pb2_grpc.SolverServiceStub(channels[Role.SOLVER]), Role.SOLVER),
-            packer=retrying(packer_pb2_grpc.PackerServiceStub(channels[Role.PACKER]), Role.PACKER),
-            runtimes={role: retrying(runtime_pb2_grpc.RuntimeServiceStub(channels[role]), role)
+    def connect(cls, addresses: ServiceAddresses, locate: Callable[[Role], str] | None = None) -> Stubs:
+        """Stubs over one link per role; a worker that went away is waited for, and looked up again
+        through `locate` (the placement's current address of a role), not given up on (see `retry`)."""
+        def link(role: Role, stub: Callable[[grpc.Channel], Any]) -> WorkerLink:
+            return WorkerLink(role.value, addresses[role], stub, (lambda: locate(role)) if locate else None)
+
+        links = {Role.CALIBRATOR: link(Role.CALIBRATOR, calibrator_pb2_grpc.CalibratorServiceStub),
+                 Role.SOLVER: link(Role.SOLVER, solver_pb2_grpc.SolverServiceStub),
+                 Role.PACKER: link(Role.PACKER, packer_pb2_grpc.PackerServiceStub),
+                 **{role: link(role, runtime_pb2_grpc.RuntimeServiceStub)
+                    for role in (Role.RUNTIME_CPU, Role.RUNTIME_APPLE)}}
+        return cls(
+            calibrator=retrying(links[Role.CALIBRATOR], calibrator_pb2_grpc.CalibratorServiceStub),
+            solver=retrying(links[Role.SOLVER], solver_pb2_grpc.SolverServiceStub),
+            packer=retrying(links[Role.PACKER], packer_pb2_grpc.PackerServiceStub),
+            runtimes={role: retrying(links[role], runtime_pb2_grpc.RuntimeServiceStub)
                       for role in (Role.RUNTIME_CPU, Role.RUNTIME_APPLE)},
-            channels=list(channels.values()),
+            links=list(links.values()),
         )
 
     @staticmethod
@@ -76,8 +84,8 @@ class Stubs:
         return Role.RUNTIME_APPLE if fmt == common_pb2.FORMAT_MLX else Role.RUNTIME_CPU
 
     def close(self) -> None:
-        for channel in self.channels:
-            channel.close()
+        for link in self.links:
+            link.close()
 
 
 class RpcBackend:

@@ -271,7 +271,7 @@ def create_server(address: str, *, db_path: Path, placement: Placement, max_conc
     """
     with securing(security):
         addresses = placement.start()
-        stubs = Stubs.connect(addresses)
+        stubs = Stubs.connect(addresses, locate=placement.address)
     coordinator = Coordinator(JobStore(db_path), stubs, max_concurrent_jobs=max_concurrent_jobs,
                               limits=security.limits if security else None)
     coordinator.recover()

@@ -107,3 +107,26 @@ def test_killed_workers_are_waited_for_and_the_artifact_is_bitwise_the_same(
     assert verify_manifest(got.path).digest == expected.sha256
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == ["disturbed", "undisturbed"], f"staging left behind: {left}"
+
+
+def test_a_killed_ray_actor_is_restarted_found_at_its_new_address_and_the_job_goes_on(tmp_path: Path) -> None:
+    import ray
+    from bitsmith_services.stack import LocalStack
+
+    with LocalStack(home=tmp_path / "home") as stack, Client(stack.address) as sdk:
+        undisturbed = sdk.submit(_request(tmp_path / "undisturbed")).wait(timeout=900)
+        (name,) = [n for n in ray.util.list_named_actors() if n.startswith("bitsmith-solver-")]
+        handle = ray.get_actor(name)
+        before = ray.get(handle.address.remote())
+        pid = ray.get(handle.__ray_call__.remote(lambda _: os.getpid()))
+        job = sdk.submit(_request(tmp_path / "disturbed"))
+        killed = False
+        for event in job.watch():
+            if event.phase == "solve" and event.block == 1 and not killed:
+                os.kill(pid, signal.SIGKILL)  # Ray restarts the actor, which binds a new port
+                killed = True
+        job.wait(timeout=900)
+        assert killed and job.state is JobState.SUCCEEDED, job.error
+        assert ray.get(handle.address.remote()) != before, "the restarted solver answers at a new address"
+    (expected,), (got,) = undisturbed.artifacts, job.artifacts
+    assert got.sha256 == expected.sha256, "the artifact differs from the undisturbed run's"
