@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,51 +15,13 @@ from bitsmith.demo import CALIB_FILES, DEMO_MODEL
 from bitsmith.manifest import verify_manifest
 from bitsmith.rpc import Calibration, Client, JobState, QuantizeRequest, Recipe
 from bitsmith.schemes import Method, QuantScheme
-from bitsmith_services.coordinator.placement import ServiceAddresses, StaticPlacement
+from bitsmith_services.coordinator.placement import StaticPlacement
 from bitsmith_services.coordinator.server import create_server
 from bitsmith_services.registry import Role
 
+from tests.e2e.workers import Workers
+
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Workers:
-    """The worker services as processes of their own, each at a fixed address, killable and restartable."""
-
-    def __init__(self, store: Path) -> None:
-        self.store = store
-        self.ports = {role: _free_port() for role in Role}
-        self.processes: dict[Role, subprocess.Popen[str]] = {}
-        for role in Role:
-            self.start(role)
-
-    def start(self, role: Role) -> None:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "bitsmith_services.cli", "serve", role.value, "--port", str(self.ports[role]),
-             "--store", str(self.store)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        )
-        assert process.stdout is not None
-        assert process.stdout.readline().strip().endswith(f":{self.ports[role]}"), f"{role} did not start"
-        self.processes[role] = process
-
-    def kill(self, role: Role) -> None:
-        process = self.processes[role]
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
-
-    def addresses(self) -> ServiceAddresses:
-        return ServiceAddresses({role: f"127.0.0.1:{port}" for role, port in self.ports.items()})
-
-    def stop(self) -> None:
-        for process in self.processes.values():
-            process.terminate()
-        for process in self.processes.values():
-            process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

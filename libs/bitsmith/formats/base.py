@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterator, Mapping
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
 
 PARTIAL_MARKER = ".partial-"
 """Staging directories are named `.<name>.partial-<random>`: hidden, and obviously incomplete."""
+OS_ERROR = re.compile(r"\(os error (\d+)\)")
+"""How the safetensors library's writer ends the message of a write the OS refused."""
 
 
 def read_json_object(path: Path, *, missing: str | None = None) -> dict[str, Any]:
@@ -100,12 +103,23 @@ def write_file_atomic(path: Path, data: bytes) -> Path:
 def save_safetensors_atomic(
     path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> Path:
-    """`safetensors.torch.save_file` through a temporary name, fsync and rename."""
+    """`safetensors.torch.save_file` through a temporary name, fsync and rename.
+
+    The library's writer reports a refused write (a full disk) as a `SafetensorError` whose message
+    ends in the OS error; it is raised again as the `OSError` it was, naming the file, so a full
+    store reads as one to every caller.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     tmp = temp_sibling(path)
     try:
-        save_file(dict(tensors), str(tmp), metadata=dict(metadata) if metadata is not None else None)
+        try:
+            save_file(dict(tensors), str(tmp), metadata=dict(metadata) if metadata is not None else None)
+        except SafetensorError as exc:
+            if code := OS_ERROR.search(str(exc)):
+                raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from exc
+            raise
         fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:

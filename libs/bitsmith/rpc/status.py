@@ -2,12 +2,15 @@
 
 Every service installs it, so a servicer method simply raises `ConfigError("...")` and the caller
 sees `INVALID_ARGUMENT: ...`; a failed call to another service passes on that service's status.
-Anything that is not a BitsmithError is a bug: it is logged with its
-traceback and reported as INTERNAL with the exception's type and message, never swallowed.
+A disk that is full or will not be written (the store, an output directory) is not a bug but the
+machine's state: `RESOURCE_EXHAUSTED` or `FAILED_PRECONDITION` naming the path. Anything else that is
+not a BitsmithError is a bug: it is logged with its traceback and reported as INTERNAL with the
+exception's type and message, never swallowed.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -19,9 +22,24 @@ from bitsmith.errors import BitsmithError
 log = logging.getLogger("bitsmith.rpc")
 
 
+STORAGE_FULL = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file too large"}
+STORAGE_REFUSED = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                   errno.EPERM: "operation not permitted"}
+
+
 def status_code(error: BitsmithError) -> grpc.StatusCode:
     """The gRPC status code an error names."""
     return getattr(grpc.StatusCode, error.grpc_code, grpc.StatusCode.INTERNAL)
+
+
+def storage_status(exc: OSError) -> tuple[grpc.StatusCode, str] | None:
+    """The status of a write the disk refused (full, or not writable), None for any other OSError."""
+    where = f" writing {exc.filename}" if exc.filename else ""
+    if exc.errno in STORAGE_FULL:
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"storage full{where}: {STORAGE_FULL[exc.errno]}"
+    if exc.errno in STORAGE_REFUSED:
+        return grpc.StatusCode.FAILED_PRECONDITION, f"storage not writable{where}: {STORAGE_REFUSED[exc.errno]}"
+    return None
 
 
 def _abort(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
@@ -32,6 +50,9 @@ def _abort(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
     if isinstance(exc, grpc.Call):
         # A call this servicer made to another service failed: pass its status and reason on.
         context.abort(exc.code(), exc.details() or "")
+    if isinstance(exc, OSError) and (storage := storage_status(exc)) is not None:
+        log.warning("storage refused a write in %s: %s", method, storage[1])
+        context.abort(*storage)
     log.exception("unexpected error in %s", method)
     context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
