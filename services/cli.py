@@ -103,13 +103,7 @@ def _follow(job: Job, quiet: bool) -> None:
 
 def _metrics(results: Sequence[EvalResult]) -> dict[str, Any]:
     """Evaluation results by dataset, without the measures that were not taken."""
-    metrics: dict[str, Any] = {}
-    for r in results:
-        entry: dict[str, Any] = {"ppl": r.ppl, "tokens": r.tokens}
-        entry.update({name: value for name in ("kl", "top1", "reference_ppl")
-                      if (value := getattr(r, name)) is not None})
-        metrics[r.dataset] = entry
-    return metrics
+    return {r.dataset: {k: v for k, v in r.as_dict().items() if k != "dataset"} for r in results}
 
 
 def _job_summary(job: Job) -> dict[str, Any]:

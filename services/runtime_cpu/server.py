@@ -13,11 +13,11 @@ from pathlib import Path
 
 import grpc
 from bitsmith.errors import ConfigError
-from bitsmith.rpc.convert import usage_to_proto
+from bitsmith.rpc.convert import eval_result_to_proto, usage_to_proto
 from bitsmith.rpc.server import ServiceBinding
 from bitsmith.rpc.server import create_server as _create_server
 from bitsmith.schemes import Format
-from bitsmith.v1 import common_pb2, runtime_pb2, runtime_pb2_grpc
+from bitsmith.v1 import runtime_pb2, runtime_pb2_grpc
 
 MAX_NEW_TOKENS = 4096
 DEFAULT_CHUNK_INTERVAL_MS = 10
@@ -44,11 +44,8 @@ class Runtime(runtime_pb2_grpc.RuntimeServiceServicer):
             reference=Path(request.reference_model_path) if request.reference_model_path else None,
             formats=self.formats,
         )
-        return runtime_pb2.EvaluateResponse(results=[
-            common_pb2.EvalResult(dataset=r.dataset, ppl=r.ppl, tokens=r.tokens, kl=r.kl, top1=r.top1,
-                                  reference_ppl=r.reference_ppl, tokens_per_s=r.tokens_per_s)
-            for r in results
-        ], usage=usage_to_proto())
+        return runtime_pb2.EvaluateResponse(results=[eval_result_to_proto(r) for r in results],
+                                            usage=usage_to_proto())
 
     def Generate(self, request: runtime_pb2.GenerateRequest, context: grpc.ServicerContext
                  ) -> Iterator[runtime_pb2.GenerateChunk]:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from bitsmith.errors import ConfigError
 from bitsmith.recipes import ModuleOverride, Recipe
+from bitsmith.runtimes import DatasetResult
 from bitsmith.schemes import AWQOptions, Format, GGMLScheme, GGMLType, GPTQOptions, GridSearch, Method, QuantScheme
 from bitsmith.store import GGMLRef, QuantizedRef, StoredWeight, TensorRef
 from bitsmith.v1 import common_pb2
@@ -206,6 +207,19 @@ def format_from_proto(value: int) -> Format:
         if proto == value:
             return fmt
     raise ConfigError(f"unknown or unspecified format {value}; known: {[f.value for f in Format]}")
+
+
+def eval_result_from_proto(msg: common_pb2.EvalResult) -> DatasetResult:
+    """An artifact's quality on one file; the measures the message lacks are None."""
+    optional = {name: getattr(msg, name) if msg.HasField(name) else None
+                for name in ("kl", "top1", "reference_ppl", "tokens_per_s")}
+    return DatasetResult(dataset=msg.dataset, ppl=msg.ppl, tokens=msg.tokens, **optional)
+
+
+def eval_result_to_proto(result: DatasetResult) -> common_pb2.EvalResult:
+    return common_pb2.EvalResult(dataset=result.dataset, ppl=result.ppl, tokens=result.tokens, kl=result.kl,
+                                 top1=result.top1, reference_ppl=result.reference_ppl,
+                                 tokens_per_s=result.tokens_per_s)
 
 
 def artifact_name(artifact: common_pb2.Artifact) -> str:

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bitsmith.errors import BitsmithError
+from bitsmith.rpc.convert import eval_result_from_proto
+from bitsmith.runtimes import DatasetResult as EvalResult
 from bitsmith.schemes import Format
 
 if TYPE_CHECKING:
@@ -87,26 +89,6 @@ class ProgressEvent:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class EvalResult:
-    """An artifact's quality on one evaluation file; KL, top-1 and the reference perplexity are against
-    the unquantized model (None where not measured)."""
-
-    dataset: str
-    ppl: float
-    tokens: int
-    kl: float | None = None
-    top1: float | None = None
-    reference_ppl: float | None = None
-    tokens_per_s: float | None = None
-
-    @classmethod
-    def from_proto(cls, msg: common_pb2.EvalResult) -> EvalResult:
-        optional = {name: getattr(msg, name) if msg.HasField(name) else None
-                    for name in ("kl", "top1", "reference_ppl", "tokens_per_s")}
-        return cls(dataset=msg.dataset, ppl=msg.ppl, tokens=msg.tokens, **optional)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
 class Artifact:
     """One written artifact: where it is, what its manifest digests to, and how good it is."""
 
@@ -124,7 +106,7 @@ class Artifact:
 
         return cls(format=format_from_proto(msg.format), variant=msg.variant or None, path=Path(msg.path),
                    bytes=msg.bytes, sha256=msg.sha256, bits_per_weight=msg.bits_per_weight or None,
-                   metrics=tuple(EvalResult.from_proto(m) for m in msg.metrics))
+                   metrics=tuple(eval_result_from_proto(m) for m in msg.metrics))
 
 
 class Job:
@@ -189,7 +171,7 @@ class Job:
     @property
     def metrics(self) -> tuple[EvalResult, ...]:
         """The first artifact's metrics (every artifact carries its own in `artifacts`)."""
-        return tuple(EvalResult.from_proto(m) for m in self._proto.metrics)
+        return tuple(eval_result_from_proto(m) for m in self._proto.metrics)
 
     @property
     def diagnostics(self) -> common_pb2.JobDiagnostics:
