@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,9 @@ log = logging.getLogger("bitsmith.coordinator")
 RAY_RESOURCES_ENV = "BITSMITH_RAY_RESOURCES"
 """JSON role -> Ray resources each worker actor asks for, e.g. '{"solver": {"GPU": 1}}' (default: none)."""
 ACTOR_START_TIMEOUT_S = 120.0
+JOIN_ATTEMPTS = 4
+"""Tries at joining a cluster: a head's Ray Client server starts a server per client, which fails now and
+then on a loaded head ("Starting Ray client server failed") and succeeds on the next try."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +133,22 @@ def role_resources_from_env() -> dict[Role, ActorResources]:
     return parse_role_resources(os.environ.get(RAY_RESOURCES_ENV, ""))
 
 
+def _join(ray: Any, kwargs: dict[str, Any], address: str | None) -> None:
+    """`ray.init`, tried again (after 2, 4, 8 s) while the cluster refuses the connection."""
+    for attempt in range(1, JOIN_ATTEMPTS + 1):
+        try:
+            ray.init(**kwargs)
+            return
+        except ConnectionError as exc:
+            if attempt == JOIN_ATTEMPTS:
+                raise ServiceUnavailableError(
+                    f"cannot join the Ray cluster at {address} ({attempt} tries): {exc}") from exc
+            log.warning("joining the Ray cluster failed; trying again",
+                        extra={"address": address, "attempt": attempt, "reason": str(exc)[:300]})
+            ray.shutdown()
+            time.sleep(2 ** attempt)
+
+
 class ServiceHost:
     """Hosts one worker service's gRPC server inside a Ray actor (wrapped with ray.remote at the edge)."""
 
@@ -188,10 +208,7 @@ class RayPlacement:
             else:
                 kwargs.update(include_dashboard=False, _node_ip_address="127.0.0.1",
                               num_cpus=os.cpu_count() or 1)
-            try:
-                ray.init(**kwargs)
-            except ConnectionError as exc:
-                raise ServiceUnavailableError(f"cannot join the Ray cluster at {self.ray_address}: {exc}") from exc
+            _join(ray, kwargs, self.ray_address)
             self._started_ray = True
         host_cls: Any = ray.remote(ServiceHost)
         by_role: dict[Role, str] = {}
