@@ -60,6 +60,9 @@ class TimedBackend:
         return self._timed("calibrate",
                            lambda: self._inner.advance(bid, inputs, applied, scaled, float_outputs=float_outputs))
 
+    def finish(self, bid: int, applied: Mapping[str, Any], scaled: Mapping[str, Any], *, measure: bool) -> None:
+        self._timed("calibrate", lambda: self._inner.finish(bid, applied, scaled, measure=measure))
+
 
 def in_process(args: argparse.Namespace, work: Path) -> dict[str, float]:
     from bitsmith.calib import calibration_tokens

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from bitsmith.devices import AUTO
 from bitsmith.errors import BitsmithError, ConfigError
 from bitsmith.recipes import Recipe
-from bitsmith.rpc.request import Calibration, CheckpointFormat, Evaluation, OutputFormat, QuantizeRequest
+from bitsmith.rpc.request import Calibration, CheckpointFormat, Evaluation, OutputFormat, QuantizeRequest, Resources
 from bitsmith.schemes import PER_CHANNEL, Format, GPTQOptions, GridSearch, Method, QuantScheme
 from bitsmith_services.registry import Activations, Role
 from rich.console import Console
@@ -88,6 +88,7 @@ def _request(args: argparse.Namespace) -> QuantizeRequest:
         formats=args.format or (OutputFormat(format=Format.GPTQ),),
         evaluation=Evaluation(files=args.eval, seq_len=args.eval_seq_len) if args.eval else None,
         request_id=args.request_id, checkpoint_format=args.checkpoint_format,
+        resources=Resources(gpus=args.gpus, host_memory_bytes=args.host_memory, node_label=args.node_label),
     )
 
 
@@ -211,7 +212,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         home = Path(args.home) if args.home else default_home()
         with LocalStack(home=home, host=args.host, port=args.port, ray_address=args.ray_address,
                         services=parse_services(args.services), http_port=args.http_port,
-                        security=_security(args)) as local:
+                        max_concurrent_jobs=args.max_jobs, security=_security(args)) as local:
             if args.write_stack_file:
                 write_stack_file(home, local.address, local.http_address)
             print(local.address, flush=True)  # stdout is the gRPC address (scripts read it)
@@ -371,6 +372,13 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     q.add_argument("--eval", action="append", default=[], metavar="FILE", help="held-out text to evaluate on")
     q.add_argument("--eval-seq-len", type=int, default=512)
+    q.add_argument("--gpus", type=int, default=1,
+                   help="solver replicas (GPUs) the job's solves fan out over; the job waits until they are free")
+    q.add_argument("--host-memory", type=int, metavar="BYTES",
+                   help="calibrator host memory the job holds (default: estimated from the model and calibration)")
+    q.add_argument("--node-label", metavar="LABEL",
+                   help="run the job's solves only on nodes with this label (key=value, or a resource such as "
+                        "accelerator_type:H100)")
     q.add_argument("--server", help="HOST:PORT of a JobService (default: a running `bitsmith up`, else embedded)")
     q.add_argument("--request-id", help="client request id: resubmitting it returns the same job")
     q.add_argument("--json", action="store_true", help="print the result as JSON on the last line of stdout")
@@ -395,7 +403,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--store", help="artifact store directory (worker services)")
     s.add_argument("--home", help="coordinator: job store and artifact store directory")
     s.add_argument("--ray-address", help="coordinator: join this Ray cluster instead of starting a local one")
-    s.add_argument("--services", help="coordinator: role=host:port,... of running services, instead of Ray")
+    s.add_argument("--services", help="coordinator: role=host:port,... of running services, instead of Ray "
+                                      "(solver=host:port once per solver replica)")
+    s.add_argument("--max-jobs", type=int, metavar="N",
+                   help="coordinator: jobs running at once at most (default: one per solver replica)")
     s.add_argument("--device", default=AUTO,
                    help="calibrator, solver: where to compute: auto (CUDA when torch sees a GPU, else cpu), cpu, "
                         "cuda, cuda:N; the calibrator holds one decoder block on it at a time")

@@ -31,7 +31,8 @@ class LocalStack:
     port: int = 0
     ray_address: str | None = None
     services: ServiceAddresses | None = None
-    max_concurrent_jobs: int = 1
+    max_concurrent_jobs: int | None = None
+    """Jobs running at once at most (None: one per solver replica; the queue places them by resources)."""
     http_port: int | None = 0
     """The coordinator's HTTP port (health, metrics, job reports) on `host`: 0 picks a free one, None opens none."""
     security: SecurityConfig | None = None

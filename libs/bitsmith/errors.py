@@ -91,3 +91,9 @@ class ResourceExhaustedError(BitsmithError):
     """A request over one of the server's limits (jobs per client, model size, request size)."""
 
     grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class UnplaceableError(BitsmithError):
+    """A job the cluster can never run as asked (more solver replicas than it has, a node label none has)."""
+
+    grpc_code = "FAILED_PRECONDITION"

@@ -14,9 +14,19 @@ when they share a method and scheme, skipped linears are never solved, and per b
   block applied, then `solve` its units;
 * calibration, not true-sequential: one `collect` for the whole block, then `solve` each unit;
 * after a calibrated block, `advance` with all its quantized linears applied, so block i+1 calibrates
-  on the outputs of the *quantized* block i (sequential mode); in parallel mode `advance` runs the
-  float block instead, so every block's statistics come from the unquantized model and blocks no
-  longer depend on each other's solves.
+  on the outputs of the *quantized* block i (sequential mode);
+* parallel mode takes every statistic from the *unquantized* model: one `collect` per block with
+  nothing applied (true-sequential does not apply), and `advance` runs the float block, so no
+  calibration step waits on a solve;
+* once every solve of a calibrated block is done, `finish`: the backend may drop the block's
+  statistics, and in parallel mode measures the block's output error with its quantized linears.
+
+Solves are independent given their statistics, so `run_sequential(..., concurrency=n)` runs up to n
+at once on a thread pool while the loop goes on calibrating; it waits only where data forces it.
+Sequential mode waits for a group's primary solves before the next group's `collect` (true-sequential)
+and for all of them before `advance`; parallel mode never waits inside a block. Extra targets' solves
+are never waited for until their block is finished, and calibration runs at most `concurrency` blocks
+ahead of the oldest unfinished block, whose statistics the backend still holds.
 
 A plan may carry `extra` targets: further recipes (a GGUF mix's ggml grids beside the integer grid
 of the other formats) solved on the same statistics, so several artifacts cost one calibration. The
@@ -26,8 +36,13 @@ come back under its key.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextvars
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Generic, Protocol, TypeVar
 
@@ -84,6 +99,14 @@ class Backend(Protocol[A, S, Q, D]):
         not propagated)."""
         ...
 
+    def finish(self, bid: int, applied: Mapping[str, Q], scaled: Mapping[str, D], *, measure: bool) -> None:
+        """Every solve of block `bid` (all targets) is done: the backend may drop its statistics; with
+        `measure` (parallel mode, where `advance` ran the float block before the solves ended) it
+        measures the block's held-out output error with `applied` (the primary recipe's linears).
+
+        Called once per calibrated block, in block order, from the loop's thread."""
+        ...
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Unit:
@@ -99,7 +122,8 @@ class Plan:
     recipe that assigns each linear its method and scheme.
 
     `block_prefix` turns a block-local name into the model-wide one (``{bid}`` is the block index);
-    `parallel` selects parallel calibration (statistics from the unquantized model).
+    `parallel` selects parallel calibration (statistics from the unquantized model, one `collect` per
+    block: the recipe's true-sequential is ignored there).
     """
 
     num_blocks: int
@@ -214,8 +238,26 @@ def run_sequential(
     *,
     on_event: Callable[[ProgressEvent], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    concurrency: int = 1,
 ) -> QuantizedModel[Q, D]:
-    """Quantize every assigned linear of `plan` through `backend`."""
+    """Quantize every assigned linear of `plan` through `backend`.
+
+    `concurrency` is how many `solve` calls may run at once. With 1 every step runs in this thread,
+    in order. With more, solves run on a thread pool (each in a copy of the caller's context, so
+    tracing follows them): a solve needs only its unit's statistics, and the loop waits for solves
+    only where their results are inputs: sequential mode waits for the primary recipe's solves of a
+    group before the next group's `collect` (true-sequential) and for all of the block's before
+    `advance`; parallel mode (statistics from the float model, one `collect` per block whatever
+    true-sequential says) waits for none, and extra targets' solves are never waited for. Before
+    block b is calibrated, every block before b - `concurrency` is finished, which bounds the
+    statistics held for unfinished blocks. `backend.finish` runs in block order, from this thread,
+    once all of a block's solves are done. Events come from this thread, as each step starts or is
+    submitted; a failed solve is raised at the next wait or block boundary, after the solves not
+    yet started are cancelled and the running ones have returned. The result does not depend on
+    `concurrency`.
+    """
+    if concurrency < 1:
+        raise ConfigError(f"concurrency must be at least 1, got {concurrency}")
 
     def step(phase: str, bid: int, group: int, names: Sequence[str], message: str = "") -> None:
         if should_stop is not None and should_stop():
@@ -232,45 +274,140 @@ def run_sequential(
                 )
             )
 
+    def retire(before: int) -> None:
+        """Finish, in block order, the blocks before `before` (waiting for their solves) and then those
+        whose solves are all done; their results go into `result`."""
+        solves.check()
+        while solves.blocks and (solves.blocks[0].bid < before or solves.blocks[0].done):
+            block = solves.blocks[0]
+            applied = solves.applied(block)
+            solves.wait([future for _, _, future in block.extra])
+            solves.blocks.popleft()
+            result.quantized.update({plan.full_name(block.bid, name): applied[name] for name in block.every})
+            for key, unit, future in block.extra:
+                solved = future.result()
+                result.extra[key].update({plan.full_name(block.bid, name): solved[name] for name in unit.names})
+            if block.calibrated:
+                backend.finish(block.bid, applied, block.scaled, measure=plan.parallel)
+
     calibrate = plan.needs_calibration
-    true_sequential = calibrate and plan.recipe.gptq.true_sequential
+    per_group = calibrate and plan.recipe.gptq.true_sequential and not plan.parallel
     result: QuantizedModel[Q, D] = QuantizedModel({}, {}, {key: {} for key, _ in plan.extra})
-    inputs = backend.start() if calibrate else None
-    for bid in range(plan.num_blocks):
-        units = plan.units(bid)
-        extra = [(key, plan.units(bid, recipe)) for key, recipe in plan.extra]
-        every = [name for group in units for unit in group for name in unit.names]
-        wanted = _in_group_order(plan.groups[bid], [units, *(u for _, u in extra)])
-        applied: dict[str, Q] = {}
-        scaled: Mapping[str, D] = {}
-        if targets := plan.scale_targets(bid):
-            step("scale", bid, -1, list(targets))
-            scaled = backend.scale(bid, inputs, targets)  # type: ignore[arg-type]  # AWQ implies calibration
-            result.dense.update({plan.full_name(bid, param): value for param, value in scaled.items()
-                                 if param.removesuffix(".weight") not in every})
-        stats = None
-        if not true_sequential and (names := [n for group in wanted for n in group]):
-            step("calibrate", bid, -1, names)
-            stats = backend.collect(bid, names, inputs, applied, scaled)
-        for index, names in enumerate(wanted):
-            if names and true_sequential:
-                step("calibrate", bid, index, names)
-                stats = backend.collect(bid, names, inputs, applied, scaled)
-            for unit in units[index]:
-                step("solve", bid, index, unit.names)
-                applied.update(backend.solve(bid, unit.names, unit.assignment, stats, scaled))  # type: ignore[arg-type]
-            for key, target_units in extra:
-                for unit in target_units[index]:
-                    step("solve", bid, index, unit.names, key)
-                    solved = backend.solve(bid, unit.names, unit.assignment, stats, scaled,  # type: ignore[arg-type]
-                                           target=key)
-                    result.extra[key].update({plan.full_name(bid, name): solved[name] for name in unit.names})
-        result.quantized.update({plan.full_name(bid, name): applied[name] for name in every})
-        if inputs is not None:
-            step("advance", bid, -1, every)
-            inputs = backend.advance(bid, inputs, applied, scaled, float_outputs=plan.parallel)
-        step("done", bid, -1, every, f"block {bid + 1}/{plan.num_blocks} quantized")
+    solves: _Solves[Q, D] = _Solves(concurrency, should_stop)
+    try:
+        inputs = backend.start() if calibrate else None
+        for bid in range(plan.num_blocks):
+            retire(bid - concurrency)
+            units = plan.units(bid)
+            extra = [(key, plan.units(bid, recipe)) for key, recipe in plan.extra]
+            every = [name for group in units for unit in group for name in unit.names]
+            wanted = _in_group_order(plan.groups[bid], [units, *(u for _, u in extra)])
+            scaled: Mapping[str, D] = {}
+            if targets := plan.scale_targets(bid):
+                step("scale", bid, -1, list(targets))
+                scaled = backend.scale(bid, inputs, targets)  # type: ignore[arg-type]  # AWQ implies calibration
+                result.dense.update({plan.full_name(bid, param): value for param, value in scaled.items()
+                                     if param.removesuffix(".weight") not in every})
+            block: _Block[Q, D] = _Block(bid=bid, every=every, scaled=scaled, calibrated=inputs is not None)
+            solves.blocks.append(block)
+            stats = None
+            if not per_group and (names := [n for group in wanted for n in group]):
+                step("calibrate", bid, -1, names)
+                stats = backend.collect(bid, names, inputs, {}, scaled)
+            for index, names in enumerate(wanted):
+                if names and per_group:
+                    applied = solves.applied(block)
+                    step("calibrate", bid, index, names)
+                    stats = backend.collect(bid, names, inputs, applied, scaled)
+                for unit in units[index]:
+                    step("solve", bid, index, unit.names)
+                    solve = partial(backend.solve, bid, unit.names, unit.assignment, stats, scaled)  # type: ignore[arg-type]
+                    block.primary.append(solves.submit(solve))
+                for key, target_units in extra:
+                    for unit in target_units[index]:
+                        step("solve", bid, index, unit.names, key)
+                        solve = partial(backend.solve, bid, unit.names, unit.assignment, stats, scaled,  # type: ignore[arg-type]
+                                        target=key)
+                        block.extra.append((key, unit, solves.submit(solve)))
+            if inputs is not None:
+                applied = {} if plan.parallel else solves.applied(block)
+                step("advance", bid, -1, every)
+                inputs = backend.advance(bid, inputs, applied, scaled, float_outputs=plan.parallel)
+            retire(0)
+            step("done", bid, -1, every, f"block {bid + 1}/{plan.num_blocks} quantized")
+        retire(plan.num_blocks)
+    finally:
+        solves.close()
     return result
+
+
+@dataclass(slots=True, kw_only=True)
+class _Block(Generic[Q, D]):
+    """One block's submitted solves, in submission order, until it is finished."""
+
+    bid: int
+    every: list[str]
+    scaled: Mapping[str, D]
+    calibrated: bool
+    primary: list[Future[Mapping[str, Q]]] = field(default_factory=list)
+    extra: list[tuple[str, Unit, Future[Mapping[str, Q]]]] = field(default_factory=list)
+
+    def futures(self) -> Iterable[Future[Mapping[str, Q]]]:
+        yield from self.primary
+        yield from (future for _, _, future in self.extra)
+
+    @property
+    def done(self) -> bool:
+        return all(future.done() for future in self.futures())
+
+
+class _Solves(Generic[Q, D]):
+    """The solves of unfinished blocks: run inline (`concurrency` 1) or on a pool of that many threads."""
+
+    POLL_S = 0.1
+    """How often a wait for solves looks at `should_stop`."""
+
+    def __init__(self, concurrency: int, should_stop: Callable[[], bool] | None) -> None:
+        self.blocks: deque[_Block[Q, D]] = deque()
+        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="solve") if concurrency > 1 else None
+        self._should_stop = should_stop
+
+    def submit(self, solve: Callable[[], Mapping[str, Q]]) -> Future[Mapping[str, Q]]:
+        if self._pool is not None:
+            return self._pool.submit(contextvars.copy_context().run, solve)
+        future: Future[Mapping[str, Q]] = Future()
+        future.set_result(solve())
+        return future
+
+    def check(self) -> None:
+        """Raise the error of the first failed solve (in submission order) of any unfinished block."""
+        for block in self.blocks:
+            for future in block.futures():
+                if future.done() and (error := future.exception()) is not None:
+                    raise error
+
+    def wait(self, futures: Iterable[Future[Mapping[str, Q]]]) -> None:
+        """Until `futures` are done, raising any solve's failure as soon as it is seen."""
+        waiting = [future for future in futures if not future.done()]
+        while True:
+            self.check()
+            waiting = [future for future in waiting if not future.done()]
+            if not waiting:
+                return
+            if self._should_stop is not None and self._should_stop():
+                raise CancelledError("cancelled while solves were running")
+            running = {future for block in self.blocks for future in block.futures() if not future.done()}
+            wait_futures(running.union(waiting), timeout=self.POLL_S, return_when=FIRST_COMPLETED)
+
+    def applied(self, block: _Block[Q, D]) -> dict[str, Q]:
+        """The primary recipe's linears of `block` solved so far, waiting for those submitted."""
+        self.wait(block.primary)
+        return {name: q for future in block.primary for name, q in future.result().items()}
+
+    def close(self) -> None:
+        """Cancel the solves not started and wait for the running ones."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _in_group_order(groups: Sequence[Sequence[str]], targets: Sequence[Sequence[Sequence[Unit]]]) -> list[list[str]]:
@@ -371,6 +508,11 @@ class LocalBackend:
                 scaled: Mapping[str, torch.Tensor], *, float_outputs: bool) -> torch.Tensor:
         return forward_block(self.model, bid, inputs, {} if float_outputs else self._overrides(applied, scaled))
 
+    def finish(self, bid: int, applied: Mapping[str, Solved], scaled: Mapping[str, torch.Tensor], *,
+               measure: bool) -> None:
+        """Nothing to do: statistics live only as the values `collect` returned to the loop, which drops
+        them with the block, and the in-process path reports no held-out output error."""
+
     @staticmethod
     def _overrides(
         applied: Mapping[str, Solved], scaled: Mapping[str, torch.Tensor]
@@ -391,9 +533,11 @@ def quantize_in_process(
     parallel: bool = False,
     extra: Sequence[tuple[str, Recipe]] = (),
     on_event: Callable[[ProgressEvent], None] | None = None,
+    concurrency: int = 1,
 ) -> QuantizedModel[Solved, torch.Tensor]:
     """Quantize a checkpoint in this process; linears and replaced float tensors by full name
-    (`extra` targets are solved on the same statistics, see `Plan.extra`).
+    (`extra` targets are solved on the same statistics, see `Plan.extra`; `concurrency` solves may
+    run at once, see `run_sequential`).
 
     >>> from bitsmith.demo import CALIB_FILES, DEMO_MODEL
     >>> out = quantize_in_process(DEMO_MODEL, calib_files=CALIB_FILES, samples=2, seq_len=32,
@@ -408,4 +552,5 @@ def quantize_in_process(
         if plan.needs_calibration
         else None
     )
-    return run_sequential(plan, LocalBackend(model, recipe=recipe, tokens=tokens), on_event=on_event)
+    return run_sequential(plan, LocalBackend(model, recipe=recipe, tokens=tokens), on_event=on_event,
+                          concurrency=concurrency)

@@ -7,7 +7,8 @@ two passes of sha256 over the whole calibration set per block (4.3 GB for 128 x 
 
 `Activations.HOST` keeps them in this process's memory instead (page-locked when the model computes on
 a GPU). Nothing is written: only this calibrator can resolve the reference it hands out, and it holds
-the latest two per job (the current block's inputs and outputs) until the job's Release. Since the
+the latest two per job (the current block's inputs and outputs) until the job's Release, plus the
+held-out rows a parallel-mode Advance keeps for the block's Finish (a few samples per block). Since the
 tensor never leaves this process, the reference's `sha256` is not a digest of its bytes (hashing 4.3 GB
 per block cost seconds and protected nothing) but a random handle, `HOST_HANDLE` followed by 32 hex
 digits: a reference matches only the very tensor it was minted for, and a store read of it can never
@@ -37,6 +38,7 @@ class HostActivations:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._jobs: dict[str, OrderedDict[str, tuple[TensorRef, torch.Tensor]]] = {}
+        self._held_out: dict[str, dict[int, torch.Tensor]] = {}
 
     def put(self, job_id: str, key: str, name: str, tensor: torch.Tensor) -> TensorRef:
         """Hold `tensor` under `key` (dropping the job's older activations); a reference to it alone."""
@@ -65,6 +67,26 @@ class HostActivations:
                 "keeping activations in host memory was restarted, or another replica served the job; rerun it"
             ) from None
 
+    def keep_held_out(self, job_id: str, block: int, rows: torch.Tensor) -> None:
+        """Hold a block's held-out input rows until `drop_held_out` (a copy: not a view of the whole set)."""
+        rows = rows.clone()
+        with self._lock:
+            self._held_out.setdefault(job_id, {})[block] = rows
+
+    def held_out(self, job_id: str, block: int) -> torch.Tensor | None:
+        """The held-out input rows kept for `block`; None when none are held."""
+        with self._lock:
+            return self._held_out.get(job_id, {}).get(block)
+
+    def drop_held_out(self, job_id: str, block: int) -> None:
+        with self._lock:
+            held = self._held_out.get(job_id)
+            if held is not None:
+                held.pop(block, None)
+                if not held:
+                    del self._held_out[job_id]
+
     def release(self, job_id: str) -> None:
         with self._lock:
             self._jobs.pop(job_id, None)
+            self._held_out.pop(job_id, None)

@@ -12,8 +12,15 @@ block's solved weights, see `SolvedWeights`). After every call the service logs 
 and the device's peak memory so far (`peak_gpu_bytes`).
 
 Only what the solver cannot get elsewhere goes to the store: Collect writes a group's Hessian, not
-its weights (the solver reads the checkpoint's own; AWQ's rescaled weights are already in the store),
-and Advance deletes the finished block's Hessians.
+its weights (the solver reads the checkpoint's own; AWQ's rescaled weights are already in the store).
+
+Advance and Finish split the end of a block, so the block loop can move on while solves of a block
+still run: Advance computes the next block's inputs and keeps the block's statistics; Finish, once
+every solve of the block is done, deletes its Hessians. In parallel mode (`float_outputs`) Advance
+forwards the float block, which needs no solved weight, and keeps the block's held-out input rows (in
+memory with `Activations.HOST`, else in the store beside the Hessians); Finish then measures the
+block's output error on them with the solved weights applied, and drops them. In sequential mode
+Advance has the solved weights anyway and measures the error itself.
 """
 
 from __future__ import annotations
@@ -23,13 +30,14 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from bitsmith.devices import AUTO, peak_memory_bytes, release_cached_memory, resolve_device
-from bitsmith.errors import ConfigError
+from bitsmith.errors import ConfigError, FormatError, NotFoundError
 from bitsmith.rpc.convert import (
     awq_from_proto,
     format_from_proto,
@@ -61,6 +69,22 @@ _LOADING = threading.Lock()
 the same model twice and race on transformers' lazily imported names ("cannot import name AutoConfig")."""
 
 
+R = TypeVar("R")
+
+
+def _computes(method: Callable[[Calibrator, Any, grpc.ServicerContext], R]
+              ) -> Callable[[Calibrator, Any, grpc.ServicerContext], R]:
+    """Run a call that computes on the model one at a time per calibrator. Jobs share the cached model,
+    and a block's forward swaps the job's parameters in for its duration (`functional_call`) with the
+    job's capture hooks on it: two jobs in the same block at once would see each other's weights."""
+    @functools.wraps(method)
+    def run(self: Calibrator, request: Any, context: grpc.ServicerContext) -> R:
+        with self._computing:
+            return method(self, request, context)
+
+    return run
+
+
 def _model(path: str, device: str) -> CheckpointModel:
     with _LOADING:
         return _cached_model(path, device)
@@ -84,8 +108,14 @@ def _on_device(weight: QuantizedWeight | GGMLWeight, device: torch.device) -> Qu
 
 
 def _stats_key(job_id: str, block: int, *parts: str) -> str:
-    """Where a block's Hessians live: apart from its solved weights, so Advance can drop them alone."""
+    """Where a block's Hessians (and, in store mode, its kept held-out rows) live: apart from its solved
+    weights, so Finish can drop them alone."""
     return job_key(job_id, "stats", f"block-{block}", *parts)
+
+
+HELD_OUT_KEY = ("held-out", "inputs.safetensors")
+"""Under a block's `_stats_key`: the held-out input rows a parallel-mode Advance keeps for Finish (a folder
+of its own, so no group's Hessian file can take the name)."""
 
 
 class SolvedWeights:
@@ -140,6 +170,7 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
         self._device = device
         self._host = HostActivations() if activations is Activations.HOST else None
         self._solved = SolvedWeights()
+        self._computing = threading.Lock()
 
     def _model(self, path: str) -> CheckpointModel:
         return _model(path, str(self._device))
@@ -166,17 +197,49 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
 
     def _overrides(self, job_id: str, applied: RepeatedCompositeFieldContainer[common_pb2.QuantizedRef],
                    block: int, model: CheckpointModel,
-                   scaled: RepeatedCompositeFieldContainer[common_pb2.NamedTensor]) -> dict[str, torch.Tensor]:
+                   scaled: RepeatedCompositeFieldContainer[common_pb2.NamedTensor], *, cache: bool = True
+                   ) -> dict[str, torch.Tensor]:
         """AWQ's rescaled parameters, then the dense weights of the linears already quantized (from
-        them) on top, keyed by block-local parameter name."""
+        them) on top, keyed by block-local parameter name. `cache=False` reads the solved weights
+        without keeping them (a finished block's: the job's current block keeps its own)."""
         local = {model.full_name(block, n): n for group in model.groups(block) for n in group}
         overrides = self._scaled(scaled)
         for msg in applied:
             if msg.name not in local:
                 raise ConfigError(f"{msg.name!r} is not a linear of block {block}")
-            solved = self._solved.get(job_id, block, quantized_ref_from_proto(msg), self._store, self._device)
+            ref = quantized_ref_from_proto(msg)
+            solved = (self._solved.get(job_id, block, ref, self._store, self._device) if cache
+                      else _on_device(self._store.get_quantized(ref), self._device))
             overrides[f"{local[msg.name]}.weight"] = solved.dequantize()
         return overrides
+
+    def _keep_held_out(self, job_id: str, block: int, rows: torch.Tensor) -> None:
+        """Keep a block's held-out input rows until its Finish."""
+        if self._host is not None:
+            self._host.keep_held_out(job_id, block, rows)
+        else:
+            self._store.put_tensors(_stats_key(job_id, block, *HELD_OUT_KEY), {"hidden": rows}, durable=False)
+
+    def _held_out(self, job_id: str, block: int) -> torch.Tensor | None:
+        """The held-out input rows Advance kept for `block`; None when there are none."""
+        if self._host is not None:
+            return self._host.held_out(job_id, block)
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        key = _stats_key(job_id, block, *HELD_OUT_KEY)
+        path = self._store.resolve(key)
+        try:
+            return load_file(str(path))["hidden"]
+        except FileNotFoundError:
+            return None
+        except (SafetensorError, KeyError) as exc:
+            raise FormatError(f"store key {key!r} holds no readable held-out rows: {exc}") from exc
+
+    def _drop_held_out(self, job_id: str, block: int) -> None:
+        if self._host is not None:
+            self._host.drop_held_out(job_id, block)
+        # In store mode the rows lie under the block's statistics prefix, which Finish deletes.
 
     def _scaled(self, scaled: RepeatedCompositeFieldContainer[common_pb2.NamedTensor]) -> dict[str, torch.Tensor]:
         return {t.name: self._store.get_tensor(tensor_ref_from_proto(t.tensor)) for t in scaled}
@@ -204,6 +267,7 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
             ],
         )
 
+    @_computes
     def Start(self, request: calibrator_pb2.StartRequest, context: grpc.ServicerContext
               ) -> calibrator_pb2.StartResponse:
         import torch
@@ -224,6 +288,7 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
         self._report("Start", started)
         return calibrator_pb2.StartResponse(inputs=inputs, holdout=len(held), usage=usage_to_proto(self._device))
 
+    @_computes
     def Collect(self, request: calibrator_pb2.CollectRequest, context: grpc.ServicerContext
                 ) -> calibrator_pb2.CollectResponse:
         from bitsmith.pipeline import collect_stats
@@ -258,6 +323,7 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
         self._report("Collect", started, request.block, names)
         return calibrator_pb2.CollectResponse(stats=stats, usage=usage_to_proto(self._device))
 
+    @_computes
     def Advance(self, request: calibrator_pb2.AdvanceRequest, context: grpc.ServicerContext
                 ) -> calibrator_pb2.AdvanceResponse:
         from bitsmith.calib import forward_block
@@ -268,23 +334,60 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
         inputs = self._inputs(request.job_id, request.inputs)
         if not 0 <= request.holdout < len(inputs):
             raise ConfigError(f"block {request.block}: holdout {request.holdout} of {len(inputs)} samples")
-        overrides = self._overrides(request.job_id, request.applied, request.block, model, request.scaled)
-        # The outputs the next block calibrates on: the quantized block's, or the float one's (parallel
-        # mode); the held-out rows run through the other one too, for the block's output error.
-        hidden = forward_block(model, request.block, inputs, {} if request.float_outputs else overrides)
         reply = calibrator_pb2.AdvanceResponse()
-        if request.holdout:
-            held = inputs[len(inputs) - request.holdout:]
-            other = forward_block(model, request.block, held, overrides if request.float_outputs else {})
-            mine = hidden[len(inputs) - request.holdout:]
-            quantized, reference = (other, mine) if request.float_outputs else (mine, other)
-            reply.output_error = relative_output_error(held, quantized, reference)
+        held = inputs[len(inputs) - request.holdout:]
+        if request.float_outputs:
+            # Parallel mode: the next block calibrates on the float block's outputs, which need no solve
+            # of this block; the output error waits for Finish, on the held-out rows kept here.
+            hidden = forward_block(model, request.block, inputs, {})
+            if request.holdout:
+                self._keep_held_out(request.job_id, request.block, held)
+        else:
+            # The quantized block's outputs; the held-out rows run through the float block too, for the
+            # block's output error.
+            overrides = self._overrides(request.job_id, request.applied, request.block, model, request.scaled)
+            hidden = forward_block(model, request.block, inputs, overrides)
+            if request.holdout:
+                reference = forward_block(model, request.block, held, {})
+                reply.output_error = relative_output_error(held, hidden[len(inputs) - request.holdout:], reference)
         reply.outputs.CopyFrom(self._put_activations(request.job_id, f"inputs-{request.block + 1}.safetensors", hidden))
-        self._store.delete_prefix(_stats_key(request.job_id, request.block))
         self._report("Advance", started, request.block)
         reply.usage.CopyFrom(usage_to_proto(self._device))
         return reply
 
+    @_computes
+    def Finish(self, request: calibrator_pb2.FinishRequest, context: grpc.ServicerContext
+               ) -> calibrator_pb2.FinishResponse:
+        from bitsmith.calib import forward_block
+        from bitsmith.calib.stats import relative_output_error
+
+        started = time.perf_counter()
+        if request.holdout < 0:
+            raise ConfigError(f"block {request.block}: negative holdout {request.holdout}")
+        reply = calibrator_pb2.FinishResponse()
+        if request.measure and request.holdout:
+            held = self._held_out(request.job_id, request.block)
+            if held is None:
+                raise NotFoundError(
+                    f"block {request.block} of job {request.job_id!r} has no held-out rows to measure: no "
+                    "parallel-mode Advance kept them, the block was finished already, or (activations in host "
+                    "memory) this calibrator was restarted or another replica served the job")
+            if len(held) != request.holdout:
+                raise ConfigError(
+                    f"block {request.block}: holdout {request.holdout}, but Advance kept {len(held)} rows")
+            model = self._model(request.model_path)
+            overrides = self._overrides(request.job_id, request.applied, request.block, model, request.scaled,
+                                        cache=False)
+            quantized = forward_block(model, request.block, held, overrides)
+            reference = forward_block(model, request.block, held, {})
+            reply.output_error = relative_output_error(held, quantized, reference)
+        self._drop_held_out(request.job_id, request.block)
+        self._store.delete_prefix(_stats_key(request.job_id, request.block))
+        self._report("Finish", started, request.block)
+        reply.usage.CopyFrom(usage_to_proto(self._device))
+        return reply
+
+    @_computes
     def Scale(self, request: calibrator_pb2.ScaleRequest, context: grpc.ServicerContext
               ) -> calibrator_pb2.ScaleResponse:
         from bitsmith.algos.awq import awq_block

@@ -33,10 +33,11 @@ class JobRecorder:
         self._blocks: list[common_pb2.BlockDiagnostics] = []
 
     @contextmanager
-    def call(self, phase: str, service: str, rpc: str, *, block: int = -1) -> Iterator[None]:
-        """Time one call to `service` in `phase`, as a span of the job's trace and a timeline entry."""
+    def call(self, phase: str, service: str, rpc: str, *, block: int = -1, worker: str = "") -> Iterator[None]:
+        """Time one call to `service` (its replica at `worker`, where there are several) in `phase`, as a
+        span of the job's trace and a timeline entry."""
         attributes: dict[str, str | int] = {"bitsmith.phase": phase, "bitsmith.block": block,
-                                            "bitsmith.service": service}
+                                            "bitsmith.service": service, "bitsmith.worker": worker}
         with self._tracer.start_as_current_span(f"{phase} {rpc}", attributes=attributes):
             span_id = current_span_id()
             start = time.monotonic()
@@ -45,7 +46,7 @@ class JobRecorder:
             finally:
                 entry = common_pb2.TimelineSpan(
                     name=rpc, service=service, phase=phase, block=block, start_s=start - self._started,
-                    duration_s=time.monotonic() - start, span_id=span_id, parent_id=self._root,
+                    duration_s=time.monotonic() - start, span_id=span_id, parent_id=self._root, worker=worker,
                 )
                 with self._lock:
                     self._timeline.append(entry)

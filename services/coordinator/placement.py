@@ -4,6 +4,12 @@ With Ray, each worker service is a gRPC server hosted inside a Ray actor, starte
 its role needs and restarted by Ray if it dies; the coordinator learns the actor's address and talks
 gRPC to it like to any other server. Without Ray (a host where it is not installed, or a deployment
 that places services itself), a static map of role -> address does the same job.
+
+The solver runs as several replicas (`BITSMITH_SOLVER_REPLICAS`, or `solver=` given more than once):
+one per GPU of a cluster ("auto"), each asking Ray for what the solver role asks (`{"GPU": 1}`), so Ray
+spreads them over the nodes that have it. Each replica is known with its node's labels (Ray's node labels as
+"key=value", the node's resource names such as "accelerator_type:H100", "node:<ip>"), which is what a
+job's `node_label` is matched against.
 """
 
 from __future__ import annotations
@@ -26,6 +32,9 @@ log = logging.getLogger("bitsmith.coordinator")
 
 RAY_RESOURCES_ENV = "BITSMITH_RAY_RESOURCES"
 """JSON role -> Ray resources each worker actor asks for, e.g. '{"solver": {"GPU": 1}}' (default: none)."""
+SOLVER_REPLICAS_ENV = "BITSMITH_SOLVER_REPLICAS"
+"""How many solver replicas a Ray placement starts: a count, or "auto" (as many as the cluster has free of
+what one asks: one per GPU for a solver that asks for {"GPU": 1}); default 1."""
 ACTOR_START_TIMEOUT_S = 120.0
 JOIN_ATTEMPTS = 4
 """Tries at joining a cluster: a head's Ray Client server starts a server per client, which fails now and
@@ -33,38 +42,59 @@ then on a loaded head ("Starting Ray client server failed") and succeeds on the 
 
 
 @dataclass(frozen=True, slots=True)
+class Worker:
+    """One solver replica: where it answers, the node it runs on and that node's labels."""
+
+    address: str
+    node: str = ""
+    labels: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceAddresses:
-    """host:port of every worker role."""
+    """host:port of every worker role, and every solver replica (the first is `by_role[SOLVER]`)."""
 
     by_role: Mapping[Role, str]
+    solvers: tuple[Worker, ...] = ()
+    """Empty: the one solver at `by_role[SOLVER]`."""
 
     def __post_init__(self) -> None:
         missing = [r.value for r in Role if r not in self.by_role]
         if missing:
             raise ConfigError(f"no address for services {missing}")
+        if not self.solvers:
+            object.__setattr__(self, "solvers", (Worker(self.by_role[Role.SOLVER]),))
 
     def __getitem__(self, role: Role) -> str:
         return self.by_role[role]
 
     @classmethod
     def parse(cls, spec: str) -> ServiceAddresses:
-        """From "calibrator=host:port,solver=host:port,packer=...,runtime_cpu=..."."""
+        """From "calibrator=host:port,solver=host:port,packer=...,runtime_cpu=..."; `solver=` may repeat
+        (one entry per replica), no other role may."""
         by_role: dict[Role, str] = {}
+        solvers: list[Worker] = []
         for item in filter(None, (p.strip() for p in spec.split(","))):
-            role, sep, address = item.partition("=")
+            name, sep, address = item.partition("=")
             if not sep or not address:
                 raise ConfigError(f"expected role=host:port in --services, got {item!r}")
             try:
-                by_role[Role(role)] = address
+                role = Role(name)
             except ValueError as exc:
-                raise ConfigError(f"unknown service role {role!r}; known: {[r.value for r in Role]}") from exc
-        return cls(by_role)
+                raise ConfigError(f"unknown service role {name!r}; known: {[r.value for r in Role]}") from exc
+            if role is Role.SOLVER:
+                solvers.append(Worker(address))
+            elif role in by_role:
+                raise ConfigError(f"--services names {name} twice; only solver may have several replicas")
+            by_role.setdefault(role, address)
+        return cls(by_role, tuple(solvers))
 
 
 class Placement(Protocol):
     def start(self) -> ServiceAddresses: ...
-    def address(self, role: Role) -> str:
-        """Where `role`'s service answers now (a restarted Ray actor listens on a new port)."""
+    def address(self, role: Role, replica: int = 0) -> str:
+        """Where `role`'s service (its `replica`-th one: solvers have several) answers now (a restarted
+        Ray actor listens on a new port)."""
         ...
     def stop(self) -> None: ...
 
@@ -78,8 +108,8 @@ class StaticPlacement:
     def start(self) -> ServiceAddresses:
         return self.addresses
 
-    def address(self, role: Role) -> str:
-        return self.addresses[role]
+    def address(self, role: Role, replica: int = 0) -> str:
+        return self.addresses.solvers[replica].address if role is Role.SOLVER else self.addresses[role]
 
     def stop(self) -> None:
         return None
@@ -149,6 +179,31 @@ def _join(ray: Any, kwargs: dict[str, Any], address: str | None) -> None:
             time.sleep(2 ** attempt)
 
 
+def solver_replicas(spec: str, resources: ActorResources, free: Mapping[str, float]) -> int:
+    """How many solver replicas to start: `spec` is a count, or "auto": as many as the cluster's `free`
+    resources hold of what one replica asks (`{"GPU": 1}`: one per free GPU), at least one. A solver that
+    asks for nothing gets one replica: nothing tells how many it should have."""
+    if spec.strip().lower() == "auto":
+        asked = {name: amount for name, amount in resources.amounts.items() if amount > 0}
+        return max(1, min(int(free.get(name, 0) // amount) for name, amount in asked.items())) if asked else 1
+    try:
+        count = int(spec)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ConfigError(f"{SOLVER_REPLICAS_ENV} must be a count >= 1 or 'auto', got {spec!r}")
+    return count
+
+
+def _node_labels(nodes: list[dict[str, Any]]) -> dict[str, frozenset[str]]:
+    """Each live node's labels, by node id: its Ray labels as "key=value" and its resources' names
+    (custom ones, "accelerator_type:<GPU>", "node:<ip>"), which jobs name to pin their solves."""
+    generic = {"CPU", "GPU", "memory", "object_store_memory"}
+    return {str(n["NodeID"]): frozenset({f"{k}={v}" for k, v in (n.get("Labels") or {}).items()}
+                                        | {r for r in n.get("Resources", {}) if r not in generic})
+            for n in nodes if n.get("Alive")}
+
+
 class ServiceHost:
     """Hosts one worker service's gRPC server inside a Ray actor (wrapped with ray.remote at the edge)."""
 
@@ -186,10 +241,13 @@ class RayPlacement:
     resources: Mapping[Role, ActorResources] = field(default_factory=role_resources_from_env)
     """What each role's actor asks Ray for (default: $BITSMITH_RAY_RESOURCES, else nothing)."""
     nodes: dict[Role, str] = field(default_factory=dict)
-    """The Ray node id each role's actor landed on, once started."""
+    """The Ray node id each role's (first) actor landed on, once started."""
     security: SecurityConfig | None = None
     """Secures every service it starts (its files must be readable where the actors run)."""
-    _actors: dict[Role, Any] = field(default_factory=dict)
+    solver_replicas: str = field(default_factory=lambda: os.environ.get(SOLVER_REPLICAS_ENV, "1"))
+    """Solver replicas to start: a count or "auto" (see `solver_replicas`); default $BITSMITH_SOLVER_REPLICAS,
+    else 1."""
+    _actors: dict[Role, list[Any]] = field(default_factory=dict)
     _started_ray: bool = False
     _id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
 
@@ -210,38 +268,52 @@ class RayPlacement:
                               num_cpus=os.cpu_count() or 1)
             _join(ray, kwargs, self.ray_address)
             self._started_ray = True
-        host_cls: Any = ray.remote(ServiceHost)
         by_role: dict[Role, str] = {}
+        solvers: list[Worker] = []
+        labels = _node_labels(ray.nodes())
         for role in Role:
-            options = self.resources.get(role, ActorResources()).ray_options()
-            threads = int(options["num_cpus"]) or self.threads
-            # Named for operators (`ray list actors`), unique per placement so stacks can share a cluster.
-            actor = host_cls.options(**options, max_restarts=-1, max_task_retries=-1,
-                                     name=f"bitsmith-{role.value}-{self._id}").remote(
-                role.value, str(self.store_root), threads, self.security
-            )
-            self._actors[role] = actor
-            try:
-                by_role[role], self.nodes[role] = ray.get([actor.address.remote(), actor.node_id.remote()],
-                                                          timeout=ACTOR_START_TIMEOUT_S)
-            except ray.exceptions.GetTimeoutError as exc:
-                raise ServiceUnavailableError(
-                    f"the {role.value} service did not start within {ACTOR_START_TIMEOUT_S:.0f} s; it asks Ray for "
-                    f"{options}: does a node of the cluster have that free?") from exc
-            log.info("service started",
-                     extra={"role": role.value, "address": by_role[role], "node_id": self.nodes[role]})
-        return ServiceAddresses(by_role)
+            resources = self.resources.get(role, ActorResources())
+            # The solver comes after the calibrator, so "auto" counts what is left beside it.
+            count = (solver_replicas(self.solver_replicas, resources, ray.available_resources())
+                     if role is Role.SOLVER else 1)
+            for replica in range(count):
+                address, node = self._start_actor(ray, role, replica, resources)
+                if role is Role.SOLVER:
+                    solvers.append(Worker(address, node, labels.get(node, frozenset())))
+                by_role.setdefault(role, address)
+                self.nodes.setdefault(role, node)
+        return ServiceAddresses(by_role, tuple(solvers))
 
-    def address(self, role: Role) -> str:
-        """The role's actor's address; while Ray restarts the actor this waits for the new one."""
+    def _start_actor(self, ray: Any, role: Role, replica: int, resources: ActorResources) -> tuple[str, str]:
+        """Start one actor of `role`; its address and the node it landed on."""
+        options = resources.ray_options()
+        threads = int(options["num_cpus"]) or self.threads
+        # Named for operators (`ray list actors`), unique per placement so stacks can share a cluster.
+        suffix = f"-{replica}" if role is Role.SOLVER else ""
+        actor = ray.remote(ServiceHost).options(**options, max_restarts=-1, max_task_retries=-1,
+                                                name=f"bitsmith-{role.value}{suffix}-{self._id}").remote(
+            role.value, str(self.store_root), threads, self.security
+        )
+        self._actors.setdefault(role, []).append(actor)
+        try:
+            address, node = ray.get([actor.address.remote(), actor.node_id.remote()], timeout=ACTOR_START_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError as exc:
+            raise ServiceUnavailableError(
+                f"the {role.value} service{suffix} did not start within {ACTOR_START_TIMEOUT_S:.0f} s; it asks Ray "
+                f"for {options}: does a node of the cluster have that free?") from exc
+        log.info("service started", extra={"role": role.value, "replica": replica, "address": address, "node_id": node})
+        return str(address), str(node)
+
+    def address(self, role: Role, replica: int = 0) -> str:
+        """The actor's address; while Ray restarts the actor this waits for the new one."""
         import ray
 
-        return str(ray.get(self._actors[role].address.remote(), timeout=ACTOR_START_TIMEOUT_S))
+        return str(ray.get(self._actors[role][replica].address.remote(), timeout=ACTOR_START_TIMEOUT_S))
 
     def stop(self) -> None:
         import ray
 
-        for actor in self._actors.values():
+        for actor in (a for actors in self._actors.values() for a in actors):
             try:
                 ray.get(actor.stop.remote(), timeout=10)
             except Exception:  # the actor may already be gone; kill it regardless

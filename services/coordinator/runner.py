@@ -8,8 +8,10 @@ layer errors, held-out block errors, timeline, peak memory) in the job store and
 from __future__ import annotations
 
 import logging
+import queue
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,7 +34,7 @@ from bitsmith.v1 import (
 )
 from bitsmith_services.coordinator.diagnostics import JobRecorder
 from bitsmith_services.coordinator.jobstore import JobStore
-from bitsmith_services.coordinator.placement import ServiceAddresses
+from bitsmith_services.coordinator.placement import ServiceAddresses, Worker
 from bitsmith_services.coordinator.retry import WorkerLink, retrying
 from bitsmith_services.registry import Role
 
@@ -47,35 +49,46 @@ STEP_TIMEOUT_S = 3600.0
 """Deadline of one block step; generous because a 70B block on a slow GPU is minutes, not hours."""
 
 
+@dataclass(frozen=True, slots=True)
+class SolverStub:
+    """One solver replica: its stub, and where it runs (for leases, node labels and the timeline)."""
+
+    worker: Worker
+    stub: solver_pb2_grpc.SolverServiceStub
+
+
 @dataclass
 class Stubs:
-    """gRPC stubs of every worker role, over channels the coordinator keeps open."""
+    """gRPC stubs of every worker role (every solver replica), over channels the coordinator keeps open."""
 
     calibrator: calibrator_pb2_grpc.CalibratorServiceStub
-    solver: solver_pb2_grpc.SolverServiceStub
+    solvers: list[SolverStub]
     packer: packer_pb2_grpc.PackerServiceStub
     runtimes: dict[Role, runtime_pb2_grpc.RuntimeServiceStub]
     links: list[WorkerLink]
 
     @classmethod
-    def connect(cls, addresses: ServiceAddresses, locate: Callable[[Role], str] | None = None) -> Stubs:
-        """Stubs over one link per role; a worker that went away is waited for, and looked up again
-        through `locate` (the placement's current address of a role), not given up on (see `retry`)."""
-        def link(role: Role, stub: Callable[[grpc.Channel], Any]) -> WorkerLink:
-            return WorkerLink(role.value, addresses[role], stub, (lambda: locate(role)) if locate else None)
+    def connect(cls, addresses: ServiceAddresses, locate: Callable[[Role, int], str] | None = None) -> Stubs:
+        """Stubs over one link per worker; a worker that went away is waited for, and looked up again
+        through `locate` (the placement's current address of a role's replica), not given up on (see `retry`)."""
+        def link(role: Role, stub: Callable[[grpc.Channel], Any], replica: int = 0, address: str = "") -> WorkerLink:
+            return WorkerLink(role.value, address or addresses[role], stub,
+                              (lambda: locate(role, replica)) if locate else None)
 
         links = {Role.CALIBRATOR: link(Role.CALIBRATOR, calibrator_pb2_grpc.CalibratorServiceStub),
-                 Role.SOLVER: link(Role.SOLVER, solver_pb2_grpc.SolverServiceStub),
                  Role.PACKER: link(Role.PACKER, packer_pb2_grpc.PackerServiceStub),
                  **{role: link(role, runtime_pb2_grpc.RuntimeServiceStub)
                     for role in (Role.RUNTIME_CPU, Role.RUNTIME_APPLE)}}
+        solvers = [link(Role.SOLVER, solver_pb2_grpc.SolverServiceStub, i, worker.address)
+                   for i, worker in enumerate(addresses.solvers)]
         return cls(
             calibrator=retrying(links[Role.CALIBRATOR], calibrator_pb2_grpc.CalibratorServiceStub),
-            solver=retrying(links[Role.SOLVER], solver_pb2_grpc.SolverServiceStub),
+            solvers=[SolverStub(worker, retrying(solver, solver_pb2_grpc.SolverServiceStub))
+                     for worker, solver in zip(addresses.solvers, solvers, strict=True)],
             packer=retrying(links[Role.PACKER], packer_pb2_grpc.PackerServiceStub),
             runtimes={role: retrying(links[role], runtime_pb2_grpc.RuntimeServiceStub)
                       for role in (Role.RUNTIME_CPU, Role.RUNTIME_APPLE)},
-            links=list(links.values()),
+            links=[*links.values(), *solvers],
         )
 
     @staticmethod
@@ -88,13 +101,34 @@ class Stubs:
             link.close()
 
 
+class SolverPool:
+    """The solver replicas leased to one job: each solve takes a free one, so as many solves run at once
+    as the job holds replicas (the block loop's concurrency)."""
+
+    def __init__(self, solvers: Sequence[SolverStub]) -> None:
+        self._free: queue.SimpleQueue[SolverStub] = queue.SimpleQueue()
+        for solver in solvers:
+            self._free.put(solver)
+        self.size = len(solvers)
+
+    @contextmanager
+    def take(self) -> Iterator[SolverStub]:
+        solver = self._free.get()
+        try:
+            yield solver
+        finally:
+            self._free.put(solver)
+
+
 class RpcBackend:
     """`bitsmith.pipeline.Backend` whose handles are TensorRef / LinearStats / QuantizedRef / NamedTensor
-    messages; AWQ's scaled parameters travel as block-local NamedTensors."""
+    messages; AWQ's scaled parameters travel as block-local NamedTensors. Solves may run on several
+    threads at once (one per leased solver replica); the other steps run on the loop's thread."""
 
-    def __init__(self, stubs: Stubs, job_id: str, spec: job_pb2.QuantizeJob, prefixes: Sequence[str],
-                 recorder: JobRecorder, primary_key: str) -> None:
+    def __init__(self, stubs: Stubs, solvers: SolverPool, job_id: str, spec: job_pb2.QuantizeJob,
+                 prefixes: Sequence[str], recorder: JobRecorder, primary_key: str) -> None:
         self._stubs = stubs
+        self._solvers = solvers
         self._job_id = job_id
         self._spec = spec
         self._prefixes = prefixes
@@ -129,7 +163,7 @@ class RpcBackend:
         with self._recorder.call("scale", Role.CALIBRATOR, "Scale", block=bid):
             reply = self._stubs.calibrator.Scale(request, timeout=STEP_TIMEOUT_S)
         self._recorder.usage(Role.CALIBRATOR, reply.usage)
-        self._references = {bid: {t.name.removesuffix(".weight"): t.tensor for t in reply.references}}
+        self._references[bid] = {t.name.removesuffix(".weight"): t.tensor for t in reply.references}
         return {t.name: t for t in reply.scaled}
 
     def collect(self, bid: int, names: Sequence[str], inputs: common_pb2.TensorRef | None,
@@ -166,8 +200,9 @@ class RpcBackend:
             request.ggml.CopyFrom(ggml_scheme_to_proto(assignment.scheme))
         else:
             request.scheme.CopyFrom(scheme_to_proto(assignment.scheme))
-        with self._recorder.call("solve", Role.SOLVER, "Solve", block=bid):
-            reply = self._stubs.solver.Solve(request, timeout=STEP_TIMEOUT_S)
+        with self._solvers.take() as solver, self._recorder.call("solve", Role.SOLVER, "Solve", block=bid,
+                                                                 worker=solver.worker.address):
+            reply = solver.stub.Solve(request, timeout=STEP_TIMEOUT_S)
         self._recorder.usage(Role.SOLVER, reply.usage)
         for solved in reply.solved:
             self._recorder.layer(_layer_diagnostics(solved, bid, target or self._primary_key, request.method,
@@ -189,6 +224,20 @@ class RpcBackend:
         if reply.HasField("output_error"):
             self._recorder.block(bid, reply.output_error, self._holdout)
         return reply.outputs
+
+    def finish(self, bid: int, applied: Mapping[str, common_pb2.QuantizedRef],
+               scaled: Mapping[str, common_pb2.NamedTensor], *, measure: bool) -> None:
+        with self._recorder.call("calibrate", Role.CALIBRATOR, "Finish", block=bid):
+            reply = self._stubs.calibrator.Finish(
+                calibrator_pb2.FinishRequest(job_id=self._job_id, model_path=self._spec.model_path, block=bid,
+                                             applied=list(applied.values()), scaled=list(scaled.values()),
+                                             holdout=self._holdout, measure=measure),
+                timeout=STEP_TIMEOUT_S,
+            )
+        self._recorder.usage(Role.CALIBRATOR, reply.usage)
+        self._references.pop(bid, None)
+        if reply.HasField("output_error"):
+            self._recorder.block(bid, reply.output_error, self._holdout)
 
 
 def _layer_diagnostics(solved: solver_pb2.SolvedLinear, block: int, target: str, method: int,
@@ -226,11 +275,13 @@ def check_gate(gate: common_pb2.QualityGate,
 class JobRunner:
     """Executes one job to a terminal state, recording every step in the job store."""
 
-    def __init__(self, jobs: JobStore, stubs: Stubs, job_id: str, cancelled: threading.Event) -> None:
+    def __init__(self, jobs: JobStore, stubs: Stubs, job_id: str, cancelled: threading.Event,
+                 solvers: Sequence[SolverStub]) -> None:
         self._jobs = jobs
         self._stubs = stubs
         self._job_id = job_id
         self._cancelled = cancelled
+        self._solvers = solvers
 
     def _stop_requested(self) -> bool:
         return self._cancelled.is_set()
@@ -240,6 +291,7 @@ class JobRunner:
         with tracer.start_as_current_span("job", attributes={"bitsmith.job_id": self._job_id}):
             job = self._jobs.get(self._job_id)
             job.trace_id = current_trace_id()
+            job.solvers[:] = [solver.worker.address for solver in self._solvers]
             self._jobs.update(job)
             self._jobs.transition(self._job_id, common_pb2.JOB_STATE_RUNNING, message="job started")
             state, error, message = common_pb2.JOB_STATE_SUCCEEDED, "", "artifacts published"
@@ -304,9 +356,11 @@ class JobRunner:
             self._event(event.phase, event.message, block=event.block, num_blocks=event.num_blocks,
                         step=done, total=total)
 
-        backend = RpcBackend(self._stubs, self._job_id, spec, prefixes, recorder, targets.primary_key)
+        solvers = SolverPool(self._solvers)
+        backend = RpcBackend(self._stubs, solvers, self._job_id, spec, prefixes, recorder, targets.primary_key)
         result: QuantizedModel[common_pb2.QuantizedRef, common_pb2.NamedTensor] = (
-            run_sequential(plan, backend, on_event=on_event, should_stop=self._stop_requested)
+            run_sequential(plan, backend, on_event=on_event, should_stop=self._stop_requested,
+                           concurrency=solvers.size)
             if targets.recipes else QuantizedModel({}, {}))
         solved = {targets.primary_key: result.quantized, **result.extra}
         packed: list[tuple[str, common_pb2.Artifact]] = []

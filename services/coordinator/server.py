@@ -1,10 +1,12 @@
 """JobService: accepts jobs, runs them on the worker services, and answers for them.
 
 Submit validates what it can before anything is queued (the checkpoint and the scheme through the
-calibrator's Plan, the data files and the output path here), so bad input is refused at the door with
-a clear status and nothing is written. Jobs then run on a small pool of threads; their state lives in
-the SQLite job store, so a restarted coordinator knows every job: queued ones run again, and ones
-caught running are failed with the reason and their staged output removed — never left "running".
+calibrator's Plan, the data files and the output path here, and that the cluster can ever give the job
+what it asks: solver replicas of its node label, host memory), so bad input is refused at the door with
+a clear status and nothing is written. Jobs then wait in the `Scheduler`'s fair queue until their share
+of the cluster is free and run on a thread each, their solves on the solver replicas they lease; their
+state lives in the SQLite job store, so a restarted coordinator knows every job: queued ones run again,
+and ones caught running are failed with the reason and their staged output removed — never left "running".
 
 Under a `SecurityConfig` with tokens every call has a caller (`bitsmith.rpc.auth.caller()`): a job
 records its submitter and project, only that project (or an admin) may get, watch or cancel it, and
@@ -21,7 +23,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-from bitsmith.errors import AlreadyExistsError, ConfigError, PermissionDeniedError, ResourceExhaustedError
+from bitsmith.errors import (
+    AlreadyExistsError,
+    BitsmithError,
+    ConfigError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+)
 from bitsmith.rpc.auth import caller
 from bitsmith.rpc.convert import recipe_from_proto
 from bitsmith.rpc.security import Grant, Limits, SecurityConfig, securing
@@ -33,6 +41,7 @@ from bitsmith_services.coordinator.jobstore import TERMINAL, JobStore
 from bitsmith_services.coordinator.metrics import CoordinatorMetrics
 from bitsmith_services.coordinator.placement import Placement
 from bitsmith_services.coordinator.runner import JobRunner, Stubs, discard_outputs
+from bitsmith_services.coordinator.scheduler import Demand, Lease, Scheduler, demand_of, host_memory_from_env
 
 log = logging.getLogger("bitsmith.coordinator")
 
@@ -105,6 +114,11 @@ def check_model_size(model_path: str, limit: int) -> None:
         raise ResourceExhaustedError(f"model {model_path} holds {size:,} bytes of safetensors; the limit is {limit:,}")
 
 
+def party_of(job: job_pb2.Job) -> str:
+    """Whom fair sharing counts a job against: its project, else its submitter."""
+    return job.project or job.owner
+
+
 def check_access(job: job_pb2.Job) -> None:
     """Refuse the caller a job of another project (admins and unauthenticated servers see every job)."""
     grant = caller()
@@ -113,12 +127,17 @@ def check_access(job: job_pb2.Job) -> None:
 
 
 class Coordinator(job_pb2_grpc.JobServiceServicer):
-    def __init__(self, jobs: JobStore, stubs: Stubs, *, max_concurrent_jobs: int = 1, limits: Limits | None = None
-                 ) -> None:
+    def __init__(self, jobs: JobStore, stubs: Stubs, *, max_concurrent_jobs: int | None = None,
+                 limits: Limits | None = None, host_memory_bytes: int | None = None) -> None:
         self._jobs = jobs
         self._stubs = stubs
         self._limits = limits or Limits()
-        self._pool = ThreadPoolExecutor(max_workers=max_concurrent_jobs, thread_name_prefix="bitsmith-job")
+        if max_concurrent_jobs is not None and max_concurrent_jobs < 1:
+            raise ConfigError(f"jobs running at once must be at least 1, got {max_concurrent_jobs}")
+        running = max_concurrent_jobs or len(stubs.solvers)  # each running job leases a replica at least
+        self._scheduler = Scheduler([s.worker for s in stubs.solvers],
+                                    host_memory_bytes or host_memory_from_env(), max_running=running)
+        self._pool = ThreadPoolExecutor(max_workers=running, thread_name_prefix="bitsmith-job")
         self._cancel: dict[str, threading.Event] = {}
         self._observed: set[str] = set()
         self._lock = threading.Lock()
@@ -152,25 +171,53 @@ class Coordinator(job_pb2_grpc.JobServiceServicer):
                 error="the coordinator restarted while the job was running; its partial output was removed",
             ))
         for job in reversed(self._jobs.list_jobs([common_pb2.JOB_STATE_QUEUED], limit=1_000_000)):
-            self._enqueue(job.job_id)
+            try:
+                demand = self._demand(job.spec)
+            except BitsmithError as exc:  # the cluster or the checkpoint changed while it was down
+                self.metrics.observe_job(self._jobs.transition(
+                    job.job_id, common_pb2.JOB_STATE_FAILED, error=f"cannot be placed after a restart: {exc}"))
+                continue
+            self._enqueue(job, demand)
 
-    def _enqueue(self, job_id: str) -> None:
+    def _demand(self, spec: job_pb2.QuantizeJob) -> Demand:
+        """What the job asks of the cluster, refused unless the cluster can ever give it."""
+        demand = demand_of(spec, calibrated=any(m.needs_calibration for m in recipe_from_proto(spec.recipe).methods))
+        limit = self._limits.max_gpus_per_job
+        if limit is not None and demand.gpus > limit:
+            raise ResourceExhaustedError(
+                f"the job asks for {demand.gpus} solver replicas; the limit per job is {limit}")
+        self._scheduler.check(demand)
+        return demand
+
+    def _enqueue(self, job: job_pb2.Job, demand: Demand) -> None:
         with self._lock:
-            event = self._cancel.setdefault(job_id, threading.Event())
-        self._pool.submit(self._run, job_id, event)
+            self._cancel.setdefault(job.job_id, threading.Event())
+            self._scheduler.add(job.job_id, party_of(job), demand)
+        self._dispatch()
 
-    def _run(self, job_id: str, cancelled: threading.Event) -> None:
-        """Run one job, then feed its metrics (unless Cancel did, for a job cancelled in the queue)."""
+    def _dispatch(self) -> None:
+        """Start every queued job whose share of the cluster is free now."""
+        with self._lock:
+            for lease in self._scheduler.start_ready():
+                self._pool.submit(self._run, lease, self._cancel[lease.job_id])
+
+    def _run(self, lease: Lease, cancelled: threading.Event) -> None:
+        """Run one job on what it leased, then feed its metrics (unless Cancel did, for a job cancelled in
+        the queue), give its lease back and start what now fits."""
+        job_id = lease.job_id
         try:
             if not cancelled.is_set() and self._jobs.get(job_id).state not in TERMINAL:
-                JobRunner(self._jobs, self._stubs, job_id, cancelled).run()
+                JobRunner(self._jobs, self._stubs, job_id, cancelled,
+                          [self._stubs.solvers[i] for i in lease.solvers]).run()
             job = self._jobs.get(job_id)
             if job.state in TERMINAL:
                 self._observe_once(job)
         finally:
             with self._lock:
+                self._scheduler.release(job_id)
                 self._cancel.pop(job_id, None)
                 self._observed.discard(job_id)
+            self._dispatch()
 
     def _observe_once(self, job: job_pb2.Job) -> None:
         """Feed a final job to the metrics, once, while its `_run` is pending or running.
@@ -210,11 +257,12 @@ class Coordinator(job_pb2_grpc.JobServiceServicer):
             calibrator_pb2.PlanRequest(model_path=spec.model_path, recipe=spec.recipe, formats=spec.output.formats),
             timeout=min(context.time_remaining() or PLAN_TIMEOUT_S, PLAN_TIMEOUT_S),  # no deadline: a huge one
         )
+        demand = self._demand(spec)
         job, created = self._jobs.create(spec, owner=grant.client if grant else "",
                                          project=grant.project if grant else "",
                                          max_active=self._limits.max_jobs_per_client)
         if created:
-            self._enqueue(job.job_id)
+            self._enqueue(job, demand)
         return job
 
     def _job(self, job_id: str) -> job_pb2.Job:
@@ -238,11 +286,16 @@ class Coordinator(job_pb2_grpc.JobServiceServicer):
             return job
         with self._lock:
             event = self._cancel.get(job.job_id)
+            waiting = self._scheduler.remove(job.job_id)
         if event is not None:
             event.set()
         if job.state == common_pb2.JOB_STATE_QUEUED:
             job = self._jobs.transition(job.job_id, common_pb2.JOB_STATE_CANCELLED, message="cancelled while queued")
             self._observe_once(job)
+            if waiting:  # no `_run` will come for it
+                with self._lock:
+                    self._cancel.pop(job.job_id, None)
+                    self._observed.discard(job.job_id)
             return job
         return self._jobs.get(job.job_id)
 
@@ -259,21 +312,24 @@ class Coordinator(job_pb2_grpc.JobServiceServicer):
             self._jobs.wait_for_change(WATCH_POLL_S)
 
 
-def create_server(address: str, *, db_path: Path, placement: Placement, max_concurrent_jobs: int = 1,
-                  http_port: int | None = 0, security: SecurityConfig | None = None
-                  ) -> tuple[grpc.Server, int, Coordinator]:
+def create_server(address: str, *, db_path: Path, placement: Placement, max_concurrent_jobs: int | None = None,
+                  http_port: int | None = 0, security: SecurityConfig | None = None,
+                  host_memory_bytes: int | None = None) -> tuple[grpc.Server, int, Coordinator]:
     """Start the worker services (through `placement`), then the JobService on `address` ("host:port").
 
     The coordinator's HTTP port opens on the same host at `http_port` (0: a free one; None: no HTTP
     port); `coordinator.http_address` says where, and `coordinator.shutdown()` closes it. `security`
     (None: plaintext, open) secures the JobService and the channels to the workers, which must be
     secured by the same config (`placement` starts them so; static ones are started with it).
+    `max_concurrent_jobs` caps the jobs running at once (None: as many as there are solver replicas, each
+    holding one at least), `host_memory_bytes` (None: $BITSMITH_HOST_MEMORY,
+    else 3/4 of this host's) the calibrator host memory they hold (see `scheduler`).
     """
     with securing(security):
         addresses = placement.start()
         stubs = Stubs.connect(addresses, locate=placement.address)
     coordinator = Coordinator(JobStore(db_path), stubs, max_concurrent_jobs=max_concurrent_jobs,
-                              limits=security.limits if security else None)
+                              limits=security.limits if security else None, host_memory_bytes=host_memory_bytes)
     coordinator.recover()
     binding = ServiceBinding.of(coordinator, job_pb2, job_pb2_grpc, "JobService")
     server, port = _create_server(address, [binding], component="coordinator", callers=Callers.CLIENTS,

@@ -28,12 +28,12 @@ from typing import Any
 
 import psutil
 import pytest
-from bitsmith.demo import DEMO_MODEL
+from bitsmith.demo import CALIB_FILES, DEMO_MODEL
 from bitsmith.manifest import verify_manifest
 from bitsmith.recipes import Recipe
-from bitsmith.rpc import Client, QuantizeRequest
+from bitsmith.rpc import Calibration, Client, QuantizeRequest, Resources
 from bitsmith.schemes import Method
-from bitsmith_services.coordinator.placement import RAY_RESOURCES_ENV
+from bitsmith_services.coordinator.placement import RAY_RESOURCES_ENV, SOLVER_REPLICAS_ENV
 from bitsmith_services.registry import Role
 
 NODE_RESOURCES = {
@@ -50,9 +50,10 @@ CLUSTER_STATE = """
 import json, sys, ray
 ray.init(address=sys.argv[1], log_to_driver=False)
 print(json.dumps({"nodes": {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]},
+                  "labels": {n["NodeID"]: n.get("Labels") or {} for n in ray.nodes() if n["Alive"]},
                   "free": ray.available_resources()}))
 """
-"""Prints the cluster's live nodes (id -> resources) and its free resources, as a driver of its own."""
+"""Prints the cluster's live nodes (id -> resources, id -> labels) and its free resources, as a driver of its own."""
 
 
 def ray_cli() -> str:
@@ -87,6 +88,7 @@ class LocalRayCluster:
         self.client_address = ""
 
     def _start(self, name: str, args: list[str], resources: dict[str, int]) -> None:
+        """`ray start --block` for node `name`, offering `resources` (args may add `--labels k=v`)."""
         agent, agent_grpc, metrics, runtime_env, node_manager, object_manager = free_ports(6)
         with open(self._log_dir / f"{name}.log", "wb") as log:
             self._procs[name] = subprocess.Popen(
@@ -121,8 +123,8 @@ class LocalRayCluster:
         self._start("head", ["--head", "--port", str(gcs), "--ray-client-server-port", str(client),
                              "--include-dashboard", "false"], resources)
 
-    def add_node(self, name: str, resources: dict[str, int]) -> None:
-        self._start(name, ["--address", self.gcs_address], resources)
+    def add_node(self, name: str, resources: dict[str, int], labels: str = "") -> None:
+        self._start(name, ["--address", self.gcs_address, *(["--labels", labels] if labels else [])], resources)
 
     def state(self) -> dict[str, Any]:
         """Live nodes and free resources, read by a driver process of its own."""
@@ -166,10 +168,15 @@ def ray_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Loc
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def started_services(log: Path) -> list[dict[str, Any]]:
+    """The coordinator's "service started" log records (role, replica, address, node_id)."""
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    return [r for r in records if r.get("msg") == "service started"]
+
+
 def service_nodes(log: Path) -> dict[Role, str]:
     """Role -> Ray node id, from the coordinator's "service started" log records."""
-    records = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
-    return {Role(r["role"]): r["node_id"] for r in records if r.get("msg") == "service started"}
+    return {Role(r["role"]): r["node_id"] for r in started_services(log)}
 
 
 @contextmanager
@@ -220,3 +227,46 @@ def test_services_land_on_the_nodes_their_resources_name_and_run_a_job(
                                                 recipe=Recipe(method=Method.RTN))).wait(timeout=120)
         (artifact,) = job.artifacts
         assert artifact.sha256 == verify_manifest(tmp_path / "rtn").digest
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_solver_replicas_spread_over_nodes_and_jobs_run_where_their_label_says(
+        ray_cluster: LocalRayCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two solver replicas, each asking for the one `bitsmith_solver` unit of a node of its own, labelled
+    zone=a and zone=b: a job pinned to zone=b solves only on that node's replica, a job asking for two
+    GPUs fans its parallel-mode solves out over both, and a job asking for a label no node has is refused
+    before it is queued."""
+    ray_cluster.start_head({"bitsmith_head": 1})
+    ray_cluster.add_node("zone-a", {"bitsmith_solver": 1}, labels="zone=a")
+    ray_cluster.add_node("zone-b", {"bitsmith_solver": 1}, labels="zone=b")
+    monkeypatch.setenv(RAY_RESOURCES_ENV, json.dumps({"solver": {"bitsmith_solver": 1}}))
+    monkeypatch.setenv(SOLVER_REPLICAS_ENV, "2")
+
+    with coordinator(ray_cluster.gcs_address, tmp_path / "home", tmp_path / "coordinator.log") as server:
+        state = ray_cluster.state()
+        solver_nodes = {r["address"]: r["node_id"] for r in started_services(tmp_path / "coordinator.log")
+                        if r["role"] == "solver"}
+        assert len(solver_nodes) == 2 and len(set(solver_nodes.values())) == 2, solver_nodes
+        assert set(solver_nodes.values()) == {node for node, offered in state["nodes"].items()
+                                              if "bitsmith_solver" in offered}
+        assert state["free"].get("bitsmith_solver", 0) == 0
+
+        def request(out: str, resources: Resources) -> QuantizeRequest:
+            return QuantizeRequest(model=DEMO_MODEL, out=tmp_path / out, recipe=Recipe(method=Method.GPTQ),
+                                   calibration=Calibration(files=CALIB_FILES, samples=4, seq_len=64, mode="parallel"),
+                                   resources=resources)
+
+        with Client(server) as client:
+            pinned = client.submit(request("pinned", Resources(node_label="zone=b"))).wait(timeout=300)
+            both = client.submit(request("both", Resources(gpus=2))).wait(timeout=300)
+            with pytest.raises(Exception, match="zone=c"):
+                client.submit(request("nowhere", Resources(node_label="zone=c")))
+        (address,) = pinned.solvers
+        assert state["labels"][solver_nodes[address]].get("zone") == "b"
+        assert {s.worker for s in pinned.diagnostics.timeline if s.phase == "solve"} == {address}
+        assert set(both.solvers) == set(solver_nodes)
+        assert {s.worker for s in both.diagnostics.timeline if s.phase == "solve"} == set(solver_nodes)
+        assert not (tmp_path / "nowhere").exists()
+        # The same solves, spread or not: the artifacts are bitwise equal.
+        assert pinned.artifacts[0].sha256 == both.artifacts[0].sha256 == verify_manifest(tmp_path / "both").digest

@@ -162,18 +162,30 @@ def test_invalid_recipes_are_refused_before_anything_runs(stack: Stack, tmp_path
 
 
 def test_parallel_calibration_takes_statistics_from_the_float_model(stack: Stack, tmp_path: Path) -> None:
-    """Block 0 sees the same inputs either way; later blocks see float (not quantized) outputs in parallel mode."""
+    """Parallel mode's statistics are all the float model's: block 0's q/k/v see the embeddings either way,
+    but its down_proj sees the float MLP (not the quantized gate/up of true-sequential), and later blocks
+    the float outputs of earlier ones. It equals the in-process loop given the float model's statistics."""
     from bitsmith.formats.gptq import read
+    from bitsmith.pipeline import quantize_in_process
+    from bitsmith.rpc.convert import recipe_from_proto
 
     codes = {}
     for mode in ("sequential", "parallel"):
-        done = stack.client.submit(make_request(tmp_path / mode, mode=mode)).wait()
+        request = make_request(tmp_path / mode, mode=mode)
+        done = stack.client.submit(request).wait()
         codes[mode] = read(done.artifacts[0].path).quantized
     sequential, parallel = codes["sequential"], codes["parallel"]
-    first = "model.layers.0.mlp.down_proj"
-    assert torch.equal(sequential[first].codes, parallel[first].codes)
-    last = "model.layers.3.mlp.down_proj"
-    assert not torch.equal(sequential[last].codes, parallel[last].codes)
+    assert torch.equal(sequential["model.layers.0.self_attn.q_proj"].codes,
+                       parallel["model.layers.0.self_attn.q_proj"].codes)
+    for changed in ("model.layers.0.mlp.down_proj", "model.layers.3.mlp.down_proj"):
+        assert not torch.equal(sequential[changed].codes, parallel[changed].codes)
+    calibration = request.calibration
+    assert calibration is not None
+    local = quantize_in_process(DEMO_MODEL, calib_files=calibration.files, samples=calibration.samples,
+                                seq_len=calibration.seq_len, recipe=recipe_from_proto(request.to_proto().recipe),
+                                parallel=True)
+    for name, weight in parallel.items():
+        assert torch.equal(weight.codes, local.quantized[name].codes), name
 
 
 def test_unknown_job_is_not_found(stack: Stack) -> None:

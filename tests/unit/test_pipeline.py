@@ -25,6 +25,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self.calls: list[tuple[object, ...]] = []
+        self.finished: list[tuple[int, tuple[str, ...], bool]] = []
 
     def start(self) -> str:
         self.calls.append(("start",))
@@ -49,6 +50,9 @@ class Recorder:
         self.calls.append(("advance", bid, inputs, tuple(sorted(applied)), tuple(sorted(scaled)))
                           + (("float",) if float_outputs else ()))
         return f"x{bid + 1}"
+
+    def finish(self, bid: int, applied: Mapping[str, str], scaled: Mapping[str, str], *, measure: bool) -> None:
+        self.finished.append((bid, tuple(sorted(applied)), measure))
 
 
 def plan(recipe: Recipe) -> Plan:
@@ -164,13 +168,23 @@ def test_awq_scales_each_block_first_and_returns_what_codes_do_not_replace() -> 
 
 
 def test_parallel_mode_advances_the_float_block() -> None:
+    """Parallel mode: one collect per block with nothing applied (the float model's statistics), the
+    float block advanced, and each block finished with its solves applied, to be measured."""
     recipe = Recipe(method=Method.AWQ)
     backend = Recorder()
     run_sequential(Plan(num_blocks=2, groups=[GROUPS, GROUPS], recipe=recipe, parallel=True), backend)
     advances = [call for call in backend.calls if call[0] == "advance"]
     every, scaled = ("a", "b", "c", "d"), ("a.weight", "c.weight", "norm.weight")
-    assert advances == [("advance", 0, "x0", every, scaled, "float"), ("advance", 1, "x1", every, scaled, "float")]
-    assert ("collect", 1, ("a", "b"), "x1", ()) in backend.calls
+    assert advances == [("advance", 0, "x0", (), scaled, "float"), ("advance", 1, "x1", (), scaled, "float")]
+    assert [call for call in backend.calls if call[0] == "collect" and call[1] == 1] == [
+        ("collect", 1, every, "x1", ())]
+    assert backend.finished == [(0, every, True), (1, every, True)]
+
+
+def test_sequential_mode_finishes_each_block_after_its_advance() -> None:
+    backend = Recorder()
+    run_sequential(plan(GPTQ), backend)
+    assert backend.finished == [(0, ("a", "b", "c", "d"), False), (1, ("a", "b", "c", "d"), False)]
 
 
 def test_should_stop_cancels_between_steps() -> None:

@@ -27,7 +27,7 @@ from bitsmith_services.solver.server import Solver
 CPU = torch.device("cpu")
 
 
-def test_collect_stores_only_the_hessian_the_solver_reads_the_checkpoint_and_advance_drops_it(
+def test_collect_stores_only_the_hessian_the_solver_reads_the_checkpoint_and_finish_drops_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = ArtifactStore(tmp_path)
@@ -71,6 +71,9 @@ def test_collect_stores_only_the_hessian_the_solver_reads_the_checkpoint_and_adv
     calibrator.Advance(calibrator_pb2.AdvanceRequest(job_id="j", model_path=model_path, block=0, inputs=inputs,
                                                      applied=applied), None)  # type: ignore[arg-type]
     assert len(reads) == len(applied)  # read and verified once, then kept for the block's later steps
+    assert store.resolve("jobs/j/stats/block-0").exists()  # solves of other targets may still read them
+    calibrator.Finish(calibrator_pb2.FinishRequest(job_id="j", model_path=model_path, block=0),
+                      None)  # type: ignore[arg-type]
     assert not store.resolve("jobs/j/stats/block-0").exists()
     assert all(store.resolve(s.quantized.codes.key).is_file() for s in solved)
 

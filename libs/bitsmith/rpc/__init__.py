@@ -25,6 +25,7 @@ from bitsmith.rpc.request import (
     OutputFormat,
     QualityGate,
     QuantizeRequest,
+    Resources,
 )
 from bitsmith.schemes import Format, GPTQOptions, Method, QuantScheme
 
@@ -50,4 +51,5 @@ __all__ = [
     "QuantScheme",
     "QuantizeRequest",
     "Recipe",
+    "Resources",
 ]

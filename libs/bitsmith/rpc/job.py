@@ -174,6 +174,11 @@ class Job:
         return tuple(eval_result_from_proto(m) for m in self._proto.metrics)
 
     @property
+    def solvers(self) -> tuple[str, ...]:
+        """Addresses of the solver replicas the job's solves ran on (empty until it starts)."""
+        return tuple(self._proto.solvers)
+
+    @property
     def diagnostics(self) -> common_pb2.JobDiagnostics:
         """Per-layer errors, per-block held-out errors, phase times and resource use (complete once ended)."""
         return self._proto.diagnostics

@@ -37,7 +37,8 @@ class CalibrationMode(StrEnum):
     SEQUENTIAL = "sequential"
     """Block i+1 calibrates on the outputs of quantized block i (what GPTQ's paper does)."""
     PARALLEL = "parallel"
-    """Every block calibrates on the float model's activations."""
+    """Every block calibrates on the float model's activations, so the solves of all blocks fan out over
+    the job's solver replicas while calibration moves on."""
 
 
 class CheckpointFormat(StrEnum):
@@ -180,6 +181,34 @@ class Evaluation:
                                    gate=self.gate.to_proto() if self.gate else common_pb2.QualityGate())
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Resources:
+    """What the job holds of the cluster while it runs; it waits in the coordinator's queue until that is free.
+
+    `gpus` solver replicas (one GPU each on a GPU cluster) its solves fan out over; `host_memory_bytes` of
+    calibrator memory (None: estimated from the model and calibration set); `node_label` pins its solves
+    to replicas whose node has it (a Ray label "key=value", a resource such as "accelerator_type:H100").
+    """
+
+    gpus: int = 1
+    host_memory_bytes: int | None = None
+    node_label: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.gpus < 1:
+            raise ConfigError(f"a job needs at least one GPU (solver replica), got gpus={self.gpus}")
+        if self.host_memory_bytes is not None and self.host_memory_bytes < 1:
+            raise ConfigError(f"host_memory_bytes must be positive, got {self.host_memory_bytes}")
+        if self.node_label == "":
+            raise ConfigError("node_label must be None or non-empty")
+
+    def to_proto(self) -> job_pb2.JobResources:
+        from bitsmith.v1 import job_pb2
+
+        return job_pb2.JobResources(gpus=self.gpus, host_memory_bytes=self.host_memory_bytes or 0,
+                                    node_label=self.node_label or "")
+
+
 def gptq_checkpoint(recipe: Recipe, requested: CheckpointFormat | str) -> tuple[Recipe, CheckpointFormat]:
     """The GPTQ checkpoint variant, and the recipe with every asymmetric grid kept off zero 0 for v1.
 
@@ -217,6 +246,7 @@ class QuantizeRequest:
     evaluation: Evaluation | None = None
     request_id: str | None = None
     checkpoint_format: CheckpointFormat | str = CheckpointFormat.AUTO
+    resources: Resources = field(default_factory=Resources)
 
     def __post_init__(self) -> None:
         (model,) = _absolute([self.model], "model")
@@ -260,4 +290,5 @@ class QuantizeRequest:
             ]),
             eval=self.evaluation.to_proto() if self.evaluation else common_pb2.EvalSpec(),
             client_request_id=self.request_id or "",
+            resources=self.resources.to_proto(),
         )

@@ -113,6 +113,8 @@ class Limits:
     """The largest checkpoint (sum of its *.safetensors files) a job may quantize."""
     max_request_bytes: int | None = None
     """The largest request message the JobService accepts (None: the server's own bound)."""
+    max_gpus_per_job: int | None = None
+    """The most solver replicas (GPUs) one job may lease."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,10 +279,9 @@ class _Loader:
         return roots
 
     def _limits(self, value: Any) -> Limits:
-        data = self._mapping(value, "limits", {"max_jobs_per_client", "max_model_bytes", "max_request_bytes"})
-        return Limits(max_jobs_per_client=self._positive(data, "max_jobs_per_client"),
-                      max_model_bytes=self._positive(data, "max_model_bytes"),
-                      max_request_bytes=self._positive(data, "max_request_bytes"))
+        names = ("max_jobs_per_client", "max_model_bytes", "max_request_bytes", "max_gpus_per_job")
+        data = self._mapping(value, "limits", set(names))
+        return Limits(**{name: self._positive(data, name) for name in names})
 
 
 _scope: ContextVar[SecurityConfig | None] = ContextVar("bitsmith_security", default=None)

@@ -117,6 +117,32 @@ class AdvanceResponse(_message.Message):
     usage: _common_pb2.ResourceUsage
     def __init__(self, outputs: _Optional[_Union[_common_pb2.TensorRef, _Mapping]] = ..., output_error: _Optional[float] = ..., usage: _Optional[_Union[_common_pb2.ResourceUsage, _Mapping]] = ...) -> None: ...
 
+class FinishRequest(_message.Message):
+    __slots__ = ("job_id", "model_path", "block", "applied", "scaled", "holdout", "measure")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    SCALED_FIELD_NUMBER: _ClassVar[int]
+    HOLDOUT_FIELD_NUMBER: _ClassVar[int]
+    MEASURE_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    model_path: str
+    block: int
+    applied: _containers.RepeatedCompositeFieldContainer[_common_pb2.QuantizedRef]
+    scaled: _containers.RepeatedCompositeFieldContainer[_common_pb2.NamedTensor]
+    holdout: int
+    measure: bool
+    def __init__(self, job_id: _Optional[str] = ..., model_path: _Optional[str] = ..., block: _Optional[int] = ..., applied: _Optional[_Iterable[_Union[_common_pb2.QuantizedRef, _Mapping]]] = ..., scaled: _Optional[_Iterable[_Union[_common_pb2.NamedTensor, _Mapping]]] = ..., holdout: _Optional[int] = ..., measure: _Optional[bool] = ...) -> None: ...
+
+class FinishResponse(_message.Message):
+    __slots__ = ("output_error", "usage")
+    OUTPUT_ERROR_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    output_error: float
+    usage: _common_pb2.ResourceUsage
+    def __init__(self, output_error: _Optional[float] = ..., usage: _Optional[_Union[_common_pb2.ResourceUsage, _Mapping]] = ...) -> None: ...
+
 class ScaleTarget(_message.Message):
     __slots__ = ("name", "scheme")
     NAME_FIELD_NUMBER: _ClassVar[int]

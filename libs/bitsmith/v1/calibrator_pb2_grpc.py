@@ -54,6 +54,11 @@ class CalibratorServiceStub:
                 request_serializer=bitsmith_dot_v1_dot_calibrator__pb2.AdvanceRequest.SerializeToString,
                 response_deserializer=bitsmith_dot_v1_dot_calibrator__pb2.AdvanceResponse.FromString,
                 _registered_method=True)
+        self.Finish = channel.unary_unary(
+                '/bitsmith.v1.CalibratorService/Finish',
+                request_serializer=bitsmith_dot_v1_dot_calibrator__pb2.FinishRequest.SerializeToString,
+                response_deserializer=bitsmith_dot_v1_dot_calibrator__pb2.FinishResponse.FromString,
+                _registered_method=True)
         self.Scale = channel.unary_unary(
                 '/bitsmith.v1.CalibratorService/Scale',
                 request_serializer=bitsmith_dot_v1_dot_calibrator__pb2.ScaleRequest.SerializeToString,
@@ -89,6 +94,13 @@ class CalibratorServiceServicer:
 
     def Advance(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Finish(self, request, context):
+        """Ends a block once its solves are done: drops its statistics (and measures it, in parallel mode).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -129,6 +141,11 @@ def add_CalibratorServiceServicer_to_server(servicer, server):
                     servicer.Advance,
                     request_deserializer=bitsmith_dot_v1_dot_calibrator__pb2.AdvanceRequest.FromString,
                     response_serializer=bitsmith_dot_v1_dot_calibrator__pb2.AdvanceResponse.SerializeToString,
+            ),
+            'Finish': grpc.unary_unary_rpc_method_handler(
+                    servicer.Finish,
+                    request_deserializer=bitsmith_dot_v1_dot_calibrator__pb2.FinishRequest.FromString,
+                    response_serializer=bitsmith_dot_v1_dot_calibrator__pb2.FinishResponse.SerializeToString,
             ),
             'Scale': grpc.unary_unary_rpc_method_handler(
                     servicer.Scale,
@@ -249,6 +266,33 @@ class CalibratorService:
             '/bitsmith.v1.CalibratorService/Advance',
             bitsmith_dot_v1_dot_calibrator__pb2.AdvanceRequest.SerializeToString,
             bitsmith_dot_v1_dot_calibrator__pb2.AdvanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Finish(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bitsmith.v1.CalibratorService/Finish',
+            bitsmith_dot_v1_dot_calibrator__pb2.FinishRequest.SerializeToString,
+            bitsmith_dot_v1_dot_calibrator__pb2.FinishResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -381,7 +381,7 @@ class PhaseTime(_message.Message):
     def __init__(self, phase: _Optional[str] = ..., seconds: _Optional[float] = ..., calls: _Optional[int] = ...) -> None: ...
 
 class TimelineSpan(_message.Message):
-    __slots__ = ("name", "service", "phase", "block", "start_s", "duration_s", "span_id", "parent_id")
+    __slots__ = ("name", "service", "phase", "block", "start_s", "duration_s", "span_id", "parent_id", "worker")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
@@ -390,6 +390,7 @@ class TimelineSpan(_message.Message):
     DURATION_S_FIELD_NUMBER: _ClassVar[int]
     SPAN_ID_FIELD_NUMBER: _ClassVar[int]
     PARENT_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
     name: str
     service: str
     phase: str
@@ -398,7 +399,8 @@ class TimelineSpan(_message.Message):
     duration_s: float
     span_id: str
     parent_id: str
-    def __init__(self, name: _Optional[str] = ..., service: _Optional[str] = ..., phase: _Optional[str] = ..., block: _Optional[int] = ..., start_s: _Optional[float] = ..., duration_s: _Optional[float] = ..., span_id: _Optional[str] = ..., parent_id: _Optional[str] = ...) -> None: ...
+    worker: str
+    def __init__(self, name: _Optional[str] = ..., service: _Optional[str] = ..., phase: _Optional[str] = ..., block: _Optional[int] = ..., start_s: _Optional[float] = ..., duration_s: _Optional[float] = ..., span_id: _Optional[str] = ..., parent_id: _Optional[str] = ..., worker: _Optional[str] = ...) -> None: ...
 
 class ServiceUsage(_message.Message):
     __slots__ = ("service", "usage", "busy_s")

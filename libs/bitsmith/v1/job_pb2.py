@@ -26,7 +26,7 @@ from bitsmith.v1 import common_pb2 as bitsmith_dot_v1_dot_common__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x62itsmith/v1/job.proto\x12\x0b\x62itsmith.v1\x1a\x18\x62itsmith/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe2\x01\n\x0bQuantizeJob\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12#\n\x06recipe\x18\x02 \x01(\x0b\x32\x13.bitsmith.v1.Recipe\x12\x31\n\x0b\x63\x61libration\x18\x03 \x01(\x0b\x32\x1c.bitsmith.v1.CalibrationSpec\x12\'\n\x06output\x18\x04 \x01(\x0b\x32\x17.bitsmith.v1.OutputSpec\x12#\n\x04\x65val\x18\x05 \x01(\x0b\x32\x15.bitsmith.v1.EvalSpec\x12\x19\n\x11\x63lient_request_id\x18\x06 \x01(\t\"\xe9\x03\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12&\n\x04spec\x18\x02 \x01(\x0b\x32\x18.bitsmith.v1.QuantizeJob\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.bitsmith.v1.JobState\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12,\n\x08progress\x18\x08 \x01(\x0b\x32\x1a.bitsmith.v1.ProgressEvent\x12(\n\tartifacts\x18\t \x03(\x0b\x32\x15.bitsmith.v1.Artifact\x12(\n\x07metrics\x18\n \x03(\x0b\x32\x17.bitsmith.v1.EvalResult\x12\x10\n\x08trace_id\x18\x0b \x01(\t\x12\x30\n\x0b\x64iagnostics\x18\x0c \x01(\x0b\x32\x1b.bitsmith.v1.JobDiagnostics\x12\r\n\x05owner\x18\r \x01(\t\x12\x0f\n\x07project\x18\x0e \x01(\t\"6\n\rSubmitRequest\x12%\n\x03job\x18\x01 \x01(\x0b\x32\x18.bitsmith.v1.QuantizeJob\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"9\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"G\n\x0fListJobsRequest\x12%\n\x06states\x18\x01 \x03(\x0e\x32\x15.bitsmith.v1.JobState\x12\r\n\x05limit\x18\x02 \x01(\x05\"2\n\x10ListJobsResponse\x12\x1e\n\x04jobs\x18\x01 \x03(\x0b\x32\x10.bitsmith.v1.Job2\xbe\x02\n\nJobService\x12\x36\n\x06Submit\x12\x1a.bitsmith.v1.SubmitRequest\x1a\x10.bitsmith.v1.Job\x12\x33\n\x03Get\x12\x1a.bitsmith.v1.GetJobRequest\x1a\x10.bitsmith.v1.Job\x12\x43\n\x05Watch\x12\x1c.bitsmith.v1.WatchJobRequest\x1a\x1a.bitsmith.v1.ProgressEvent0\x01\x12\x39\n\x06\x43\x61ncel\x12\x1d.bitsmith.v1.CancelJobRequest\x1a\x10.bitsmith.v1.Job\x12\x43\n\x04List\x12\x1c.bitsmith.v1.ListJobsRequest\x1a\x1d.bitsmith.v1.ListJobsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x62itsmith/v1/job.proto\x12\x0b\x62itsmith.v1\x1a\x18\x62itsmith/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x90\x02\n\x0bQuantizeJob\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12#\n\x06recipe\x18\x02 \x01(\x0b\x32\x13.bitsmith.v1.Recipe\x12\x31\n\x0b\x63\x61libration\x18\x03 \x01(\x0b\x32\x1c.bitsmith.v1.CalibrationSpec\x12\'\n\x06output\x18\x04 \x01(\x0b\x32\x17.bitsmith.v1.OutputSpec\x12#\n\x04\x65val\x18\x05 \x01(\x0b\x32\x15.bitsmith.v1.EvalSpec\x12\x19\n\x11\x63lient_request_id\x18\x06 \x01(\t\x12,\n\tresources\x18\x07 \x01(\x0b\x32\x19.bitsmith.v1.JobResources\"K\n\x0cJobResources\x12\x0c\n\x04gpus\x18\x01 \x01(\x05\x12\x19\n\x11host_memory_bytes\x18\x02 \x01(\x03\x12\x12\n\nnode_label\x18\x03 \x01(\t\"\xfa\x03\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12&\n\x04spec\x18\x02 \x01(\x0b\x32\x18.bitsmith.v1.QuantizeJob\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.bitsmith.v1.JobState\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12,\n\x08progress\x18\x08 \x01(\x0b\x32\x1a.bitsmith.v1.ProgressEvent\x12(\n\tartifacts\x18\t \x03(\x0b\x32\x15.bitsmith.v1.Artifact\x12(\n\x07metrics\x18\n \x03(\x0b\x32\x17.bitsmith.v1.EvalResult\x12\x10\n\x08trace_id\x18\x0b \x01(\t\x12\x30\n\x0b\x64iagnostics\x18\x0c \x01(\x0b\x32\x1b.bitsmith.v1.JobDiagnostics\x12\r\n\x05owner\x18\r \x01(\t\x12\x0f\n\x07project\x18\x0e \x01(\t\x12\x0f\n\x07solvers\x18\x0f \x03(\t\"6\n\rSubmitRequest\x12%\n\x03job\x18\x01 \x01(\x0b\x32\x18.bitsmith.v1.QuantizeJob\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"9\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"G\n\x0fListJobsRequest\x12%\n\x06states\x18\x01 \x03(\x0e\x32\x15.bitsmith.v1.JobState\x12\r\n\x05limit\x18\x02 \x01(\x05\"2\n\x10ListJobsResponse\x12\x1e\n\x04jobs\x18\x01 \x03(\x0b\x32\x10.bitsmith.v1.Job2\xbe\x02\n\nJobService\x12\x36\n\x06Submit\x12\x1a.bitsmith.v1.SubmitRequest\x1a\x10.bitsmith.v1.Job\x12\x33\n\x03Get\x12\x1a.bitsmith.v1.GetJobRequest\x1a\x10.bitsmith.v1.Job\x12\x43\n\x05Watch\x12\x1c.bitsmith.v1.WatchJobRequest\x1a\x1a.bitsmith.v1.ProgressEvent0\x01\x12\x39\n\x06\x43\x61ncel\x12\x1d.bitsmith.v1.CancelJobRequest\x1a\x10.bitsmith.v1.Job\x12\x43\n\x04List\x12\x1c.bitsmith.v1.ListJobsRequest\x1a\x1d.bitsmith.v1.ListJobsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,21 +34,23 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'bitsmith.v1.job_pb2', _glob
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_QUANTIZEJOB']._serialized_start=98
-  _globals['_QUANTIZEJOB']._serialized_end=324
-  _globals['_JOB']._serialized_start=327
-  _globals['_JOB']._serialized_end=816
-  _globals['_SUBMITREQUEST']._serialized_start=818
-  _globals['_SUBMITREQUEST']._serialized_end=872
-  _globals['_GETJOBREQUEST']._serialized_start=874
-  _globals['_GETJOBREQUEST']._serialized_end=905
-  _globals['_WATCHJOBREQUEST']._serialized_start=907
-  _globals['_WATCHJOBREQUEST']._serialized_end=964
-  _globals['_CANCELJOBREQUEST']._serialized_start=966
-  _globals['_CANCELJOBREQUEST']._serialized_end=1000
-  _globals['_LISTJOBSREQUEST']._serialized_start=1002
-  _globals['_LISTJOBSREQUEST']._serialized_end=1073
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1075
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1125
-  _globals['_JOBSERVICE']._serialized_start=1128
-  _globals['_JOBSERVICE']._serialized_end=1446
+  _globals['_QUANTIZEJOB']._serialized_end=370
+  _globals['_JOBRESOURCES']._serialized_start=372
+  _globals['_JOBRESOURCES']._serialized_end=447
+  _globals['_JOB']._serialized_start=450
+  _globals['_JOB']._serialized_end=956
+  _globals['_SUBMITREQUEST']._serialized_start=958
+  _globals['_SUBMITREQUEST']._serialized_end=1012
+  _globals['_GETJOBREQUEST']._serialized_start=1014
+  _globals['_GETJOBREQUEST']._serialized_end=1045
+  _globals['_WATCHJOBREQUEST']._serialized_start=1047
+  _globals['_WATCHJOBREQUEST']._serialized_end=1104
+  _globals['_CANCELJOBREQUEST']._serialized_start=1106
+  _globals['_CANCELJOBREQUEST']._serialized_end=1140
+  _globals['_LISTJOBSREQUEST']._serialized_start=1142
+  _globals['_LISTJOBSREQUEST']._serialized_end=1213
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1215
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1265
+  _globals['_JOBSERVICE']._serialized_start=1268
+  _globals['_JOBSERVICE']._serialized_end=1586
 # @@protoc_insertion_point(module_scope)
