@@ -19,7 +19,8 @@ asym, GPTQ v2 checkpoint), then prints:
 - the hardware.
 
     python bench/quantize_model.py [--shape 8b|70b|tiny] [--layers N] [--samples 128] [--seq-len 2048]
-                                   [--activations host|store] [--json PATH] [--work DIR]
+                                   [--activations host|store] [--matmul-precision high|highest]
+                                   [--json PATH] [--work DIR]
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def write_calibration_text(path: Path, vocab: int, words: int, seed: int = 0) ->
 
 
 @contextmanager
-def worker_services(work: Path, activations: str) -> Iterator[dict[str, str]]:
+def worker_services(work: Path, activations: str, precision: str = "high") -> Iterator[dict[str, str]]:
     """Every worker service as a `bitsmith serve` process; yields role -> address, stops them on exit."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     procs: list[tuple[subprocess.Popen[str], IO[str]]] = []
@@ -141,7 +142,7 @@ def worker_services(work: Path, activations: str) -> Iterator[dict[str, str]]:
         for role in WORKERS:
             cmd = [sys.executable, "-m", "bitsmith_services.cli", "serve", role, "--store", str(work / "store")]
             if role == "calibrator":
-                cmd += ["--activations", activations]
+                cmd += ["--activations", activations, "--matmul-precision", precision]
             log: IO[str] = open(work / f"{role}.log", "w")  # noqa: SIM115 - closed with the process
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
             procs.append((proc, log))
@@ -249,7 +250,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     print(f"checkpoint: {args.shape}-shaped, {layers} layers, {checkpoint_bytes / 2**30:.1f} GiB bf16, "
           f"built in {build_s:.1f} s", flush=True)
     with ExitStack() as stack:
-        addresses = stack.enter_context(worker_services(work, args.activations))
+        addresses = stack.enter_context(worker_services(work, args.activations, args.matmul_precision))
         services = ServiceAddresses({Role(role): address for role, address in addresses.items()})
         local = stack.enter_context(LocalStack(home=work / "home", services=services))
         client = stack.enter_context(Client(local.address))
@@ -265,7 +266,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     seconds, per_block = phase_seconds(events)
     result: dict[str, Any] = {
         "shape": args.shape, "layers": layers, "samples": args.samples, "seq_len": args.seq_len,
-        "activations": args.activations, "checkpoint_gib": checkpoint_bytes / 2**30, "build_s": build_s,
+        "activations": args.activations, "matmul_precision": args.matmul_precision,
+        "checkpoint_gib": checkpoint_bytes / 2**30, "build_s": build_s,
         "job_wall_s": wall_s, "seconds": seconds,
         "per_block_median_s": {phase: statistics.median(v) for phase, v in per_block.items() if v},
         "artifact_bytes": sum(a.bytes for a in job.artifacts), "hardware": hardware(),
@@ -294,7 +296,7 @@ def report(result: Mapping[str, Any]) -> None:
     print(f"# {result['hardware']}")
     print(f"# {result['shape']}-shaped, {result['layers']} layers ({result['checkpoint_gib']:.1f} GiB bf16), "
           f"GPTQ w4 g128 asym, {result['samples']} x {result['seq_len']} calibration tokens, "
-          f"activations in {result['activations']}")
+          f"activations in {result['activations']}, calibrator matmuls {result['matmul_precision']}")
     print(f"{'job wall s':>11} {'start s':>8} {'calib s':>8} {'solve s':>8} {'pack s':>7} "
           f"{'calib/blk':>10} {'solve/blk':>10} {'calibrator GiB':>15} {'solver GiB':>11}")
     med = result["per_block_median_s"]
@@ -323,6 +325,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--activations", choices=["host", "store"], default="host")
+    parser.add_argument("--matmul-precision", choices=["high", "highest"], default="high",
+                        help="the calibrator's float32 products: TensorFloat-32 (high) or exact (highest)")
     parser.add_argument("--json", help="also write the result here")
     parser.add_argument("--work", help="work directory (default: a temporary one, removed afterwards)")
     args = parser.parse_args()

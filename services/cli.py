@@ -23,7 +23,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bitsmith.devices import AUTO
+from bitsmith.devices import AUTO, MatmulPrecision
 from bitsmith.errors import BitsmithError, ConfigError
 from bitsmith.recipes import Recipe
 from bitsmith.rpc.request import Calibration, CheckpointFormat, Evaluation, OutputFormat, QuantizeRequest, Resources
@@ -207,8 +207,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     if args.service == "coordinator":
-        if args.device != AUTO or args.activations != Activations.STORE:
-            raise ConfigError("the coordinator computes nothing: --device and --activations are for its workers")
+        if args.device != AUTO or args.activations != Activations.STORE or args.matmul_precision is not None:
+            raise ConfigError("the coordinator computes nothing: --device, --activations and --matmul-precision "
+                              "are for its workers")
         home = Path(args.home) if args.home else default_home()
         with LocalStack(home=home, host=args.host, port=args.port, ray_address=args.ray_address,
                         services=parse_services(args.services), http_port=args.http_port,
@@ -222,7 +223,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     if not args.store:
         raise ConfigError(f"bitsmith serve {args.service} needs --store DIR (the artifact store it shares)")
-    options = ServiceOptions(device=args.device, activations=Activations(args.activations))
+    options = ServiceOptions(device=args.device, activations=Activations(args.activations),
+                             **({"matmul_precision": MatmulPrecision(args.matmul_precision)}
+                                if args.matmul_precision else {}))
     server, port = start_service(args.service, f"{args.host}:{args.port}", Path(args.store), options=options,
                                  security=_security(args))
     print(f"{args.host}:{port}", flush=True)
@@ -410,6 +413,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=AUTO,
                    help="calibrator, solver: where to compute: auto (CUDA when torch sees a GPU, else cpu), cpu, "
                         "cuda, cuda:N; the calibrator holds one decoder block on it at a time")
+    s.add_argument("--matmul-precision", choices=[p.value for p in MatmulPrecision],
+                   help="calibrator on a GPU: high (TensorFloat-32 products, the default: several times faster) or "
+                        "highest (exact float32)")
     s.add_argument("--activations", choices=[a.value for a in Activations], default=Activations.STORE.value,
                    help="calibrator: where activations wait between blocks: store (any replica can continue) or "
                         "host (this process's memory; no per-block write of the calibration set, what a GPU "

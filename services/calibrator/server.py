@@ -36,7 +36,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
-from bitsmith.devices import AUTO, peak_memory_bytes, release_cached_memory, resolve_device
+from bitsmith.devices import (
+    AUTO,
+    MatmulPrecision,
+    matmul_precision,
+    peak_memory_bytes,
+    release_cached_memory,
+    resolve_device,
+)
 from bitsmith.errors import ConfigError, FormatError, NotFoundError
 from bitsmith.rpc.convert import (
     awq_from_proto,
@@ -74,12 +81,13 @@ R = TypeVar("R")
 
 def _computes(method: Callable[[Calibrator, Any, grpc.ServicerContext], R]
               ) -> Callable[[Calibrator, Any, grpc.ServicerContext], R]:
-    """Run a call that computes on the model one at a time per calibrator. Jobs share the cached model,
+    """Run a call that computes on the model, at the service's matmul precision, one at a time per
+    calibrator (the precision is a process-wide torch setting). Jobs share the cached model,
     and a block's forward swaps the job's parameters in for its duration (`functional_call`) with the
     job's capture hooks on it: two jobs in the same block at once would see each other's weights."""
     @functools.wraps(method)
     def run(self: Calibrator, request: Any, context: grpc.ServicerContext) -> R:
-        with self._computing:
+        with self._computing, matmul_precision(self._device, self._precision):
             return method(self, request, context)
 
     return run
@@ -164,10 +172,11 @@ def _block_prefix(model: CheckpointModel, block: int) -> str:
 
 
 class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
-    def __init__(self, store: ArtifactStore, *, device: torch.device, activations: Activations = Activations.STORE
-                 ) -> None:
+    def __init__(self, store: ArtifactStore, *, device: torch.device, activations: Activations = Activations.STORE,
+                 matmul_precision: MatmulPrecision = MatmulPrecision.HIGH) -> None:
         self._store = store
         self._device = device
+        self._precision = matmul_precision
         self._host = HostActivations() if activations is Activations.HOST else None
         self._solved = SolvedWeights()
         self._computing = threading.Lock()
@@ -424,9 +433,11 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
 
 
 def create_server(address: str, *, store_root: Path, device: str = AUTO,
-                  activations: Activations = Activations.STORE) -> tuple[grpc.Server, int]:
-    """Serve the calibrator, computing on `device` ("auto": CUDA when there is one), keeping activations
-    between blocks where `activations` says."""
-    servicer = Calibrator(ArtifactStore(store_root), device=resolve_device(device), activations=activations)
+                  activations: Activations = Activations.STORE,
+                  matmul_precision: MatmulPrecision = MatmulPrecision.HIGH) -> tuple[grpc.Server, int]:
+    """Serve the calibrator, computing on `device` ("auto": CUDA when there is one) at `matmul_precision`,
+    keeping activations between blocks where `activations` says."""
+    servicer = Calibrator(ArtifactStore(store_root), device=resolve_device(device), activations=activations,
+                          matmul_precision=matmul_precision)
     binding = ServiceBinding.of(servicer, calibrator_pb2, calibrator_pb2_grpc, "CalibratorService")
     return _create_server(address, [binding], component="calibrator")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from bitsmith.calib import capture_hessians, forward_block
 from bitsmith.calib.capture import run_with_input_hooks
-from bitsmith.devices import resolve_device
+from bitsmith.devices import MatmulPrecision, resolve_device
 from bitsmith.errors import ConfigError, FormatError, NotFoundError
 from bitsmith.models import load_checkpoint
 from bitsmith.store import ArtifactStore
@@ -131,9 +131,12 @@ def test_device_settings_go_only_to_the_roles_that_compute() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA GPU"):
             resolve_device("cuda")
-    options = ServiceOptions(device="cpu", activations=Activations.HOST)
-    assert options.server_kwargs(Role.CALIBRATOR) == {"device": "cpu", "activations": Activations.HOST}
+    options = ServiceOptions(device="cpu", activations=Activations.HOST, matmul_precision=MatmulPrecision.HIGHEST)
+    assert options.server_kwargs(Role.CALIBRATOR) == {"device": "cpu", "activations": Activations.HOST,
+                                                      "matmul_precision": MatmulPrecision.HIGHEST}
     assert options.server_kwargs(Role.SOLVER) == {"device": "cpu"}
+    with pytest.raises(ConfigError, match="takes no matmul precision"):
+        ServiceOptions(matmul_precision=MatmulPrecision.HIGHEST).check(Role.SOLVER)
     with pytest.raises(ConfigError, match="takes no device"):
         ServiceOptions(device="cpu").check(Role.PACKER)
     with pytest.raises(ConfigError, match="keeps no activations"):
