@@ -10,10 +10,11 @@ with it (`observe_job`); they count what this process saw finish, as Prometheus 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from bitsmith.v1 import common_pb2, job_pb2
 from bitsmith_services.coordinator.jobstore import TERMINAL, JobStore
+from bitsmith_services.coordinator.scheduler import Usage
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
@@ -45,12 +46,36 @@ class JobStateCollector(Collector):
                                 value=counts[common_pb2.JOB_STATE_QUEUED])
 
 
-class CoordinatorMetrics:
-    """Every metric of one coordinator, in its own registry."""
+class LeaseCollector(Collector):
+    """`bitsmith_solver_replicas{state}` and `bitsmith_host_memory_bytes{state}`: what the scheduler places,
+    leased to running jobs or free, read at each scrape."""
 
-    def __init__(self, jobs: JobStore) -> None:
+    def __init__(self, usage: Callable[[], Usage]) -> None:
+        self._usage = usage
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        usage = self._usage()
+        replicas = GaugeMetricFamily("bitsmith_solver_replicas", "Solver replicas, leased to running jobs or free.",
+                                     labels=["state"])
+        replicas.add_metric(["leased"], usage.leased_replicas)
+        replicas.add_metric(["free"], usage.replicas - usage.leased_replicas)
+        yield replicas
+        memory = GaugeMetricFamily("bitsmith_host_memory_bytes",
+                                   "Calibrator host memory the queue places, leased to running jobs or free.",
+                                   labels=["state"])
+        memory.add_metric(["leased"], usage.leased_host_bytes)
+        memory.add_metric(["free"], usage.host_bytes - usage.leased_host_bytes)
+        yield memory
+
+
+class CoordinatorMetrics:
+    """Every metric of one coordinator, in its own registry (`usage`: what its scheduler has leased)."""
+
+    def __init__(self, jobs: JobStore, usage: Callable[[], Usage] | None = None) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(JobStateCollector(jobs))
+        if usage is not None:
+            self.registry.register(LeaseCollector(usage))
         self._phase = Histogram(
             "bitsmith_phase_duration_seconds",
             "Seconds one finished job spent in calls of a phase (calibrate, solve, pack, evaluate, publish, ...).",

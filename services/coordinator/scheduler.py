@@ -52,6 +52,16 @@ class Lease:
     host_bytes: int
 
 
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What running jobs hold now, of what the scheduler places (for the coordinator's metrics)."""
+
+    replicas: int
+    leased_replicas: int
+    host_bytes: int
+    leased_host_bytes: int
+
+
 @dataclass(slots=True)
 class _Waiting:
     job_id: str
@@ -124,6 +134,12 @@ class Scheduler:
     def release(self, job_id: str) -> None:
         """A job ended: what it held is free again."""
         self._running.pop(job_id, None)
+
+    def usage(self) -> Usage:
+        return Usage(replicas=len(self.solvers),
+                     leased_replicas=sum(len(lease.solvers) for lease in self._running.values()),
+                     host_bytes=self.host_bytes,
+                     leased_host_bytes=sum(lease.host_bytes for lease in self._running.values()))
 
     def _next(self) -> Lease | None:
         skipped: list[_Waiting] = []

@@ -41,7 +41,14 @@ from bitsmith_services.coordinator.jobstore import TERMINAL, JobStore
 from bitsmith_services.coordinator.metrics import CoordinatorMetrics
 from bitsmith_services.coordinator.placement import Placement
 from bitsmith_services.coordinator.runner import JobRunner, Stubs, discard_outputs
-from bitsmith_services.coordinator.scheduler import Demand, Lease, Scheduler, demand_of, host_memory_from_env
+from bitsmith_services.coordinator.scheduler import (
+    Demand,
+    Lease,
+    Scheduler,
+    Usage,
+    demand_of,
+    host_memory_from_env,
+)
 
 log = logging.getLogger("bitsmith.coordinator")
 
@@ -141,7 +148,7 @@ class Coordinator(job_pb2_grpc.JobServiceServicer):
         self._cancel: dict[str, threading.Event] = {}
         self._observed: set[str] = set()
         self._lock = threading.Lock()
-        self.metrics = CoordinatorMetrics(jobs)
+        self.metrics = CoordinatorMetrics(jobs, usage=self._usage)
         self._http: CoordinatorHttp | None = None
 
     @property
@@ -178,6 +185,10 @@ class Coordinator(job_pb2_grpc.JobServiceServicer):
                     job.job_id, common_pb2.JOB_STATE_FAILED, error=f"cannot be placed after a restart: {exc}"))
                 continue
             self._enqueue(job, demand)
+
+    def _usage(self) -> Usage:
+        with self._lock:
+            return self._scheduler.usage()
 
     def _demand(self, spec: job_pb2.QuantizeJob) -> Demand:
         """What the job asks of the cluster, refused unless the cluster can ever give it."""

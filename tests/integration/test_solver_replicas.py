@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from bitsmith.errors import BitsmithError
 from bitsmith.rpc import Client, JobState, Resources
 from bitsmith.v1 import common_pb2
 from bitsmith_services.coordinator.placement import ServiceAddresses, StaticPlacement, Worker
-from bitsmith_services.coordinator.server import create_server
+from bitsmith_services.coordinator.server import Coordinator, create_server
 from bitsmith_services.registry import Role, start_service
 
 from .conftest import make_request
@@ -30,6 +31,13 @@ GIB = 1 << 30
 class Replicas:
     client: Client
     solvers: list[str]
+    coordinator: Coordinator
+
+    def metric(self, line: str) -> float:
+        """The value of the exposition line that starts with `line` (a name and its labels)."""
+        text = self.coordinator.metrics.exposition("")[0].decode()
+        (value,) = [row.rpartition(" ")[2] for row in text.splitlines() if row.startswith(line + " ")]
+        return float(value)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +54,7 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
                                               placement=StaticPlacement(addresses), max_concurrent_jobs=4,
                                               host_memory_bytes=GIB)
     client = Client(f"127.0.0.1:{port}")
-    yield Replicas(client=client, solvers=[w.address for w in workers])
+    yield Replicas(client=client, solvers=[w.address for w in workers], coordinator=coordinator)
     client.close()
     server.stop(grace=1).wait()
     coordinator.shutdown()
@@ -126,8 +134,16 @@ def test_a_job_waits_for_its_replicas_and_can_be_cancelled_while_it_waits(replic
     queued = replicas.client.submit(dataclasses.replace(make_request(tmp_path / "queued"),
                                                         resources=Resources(gpus=1)))
     assert waiting.refresh().state is JobState.QUEUED and not waiting.solvers
+    assert replicas.metric('bitsmith_solver_replicas{state="leased"}') == 2
+    assert replicas.metric('bitsmith_solver_replicas{state="free"}') == 0
+    assert replicas.metric('bitsmith_host_memory_bytes{state="leased"}') > 0
     assert queued.cancel().state is JobState.CANCELLED
     assert holder.wait(timeout=300).state is JobState.SUCCEEDED
     assert waiting.wait(timeout=300).state is JobState.SUCCEEDED and len(waiting.solvers) == 1
     assert queued.refresh().state is JobState.CANCELLED and not queued.solvers
     assert not (tmp_path / "queued").exists()
+    deadline = time.monotonic() + 10  # a lease comes back just after its job's final state is stored
+    while replicas.metric('bitsmith_solver_replicas{state="leased"}') and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert replicas.metric('bitsmith_solver_replicas{state="leased"}') == 0
+    assert replicas.metric('bitsmith_host_memory_bytes{state="free"}') == GIB
