@@ -570,3 +570,19 @@ def test_linears_solved_together_may_share_g_idx(tmp_path: Path) -> None:
                                     ).quantized
     write(tmp_path / "art", quantized, variant="gptq_v2")
     assert set(read_gptq(tmp_path / "art").quantized) == set(quantized)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("layout", ["transposed", "contiguous", "int64"])
+def test_byte_packing_writes_the_words_of_the_bit_stream(bits: int, layout: str) -> None:
+    """The byte-at-a-time packing of widths that divide 8 is the same words as the bit-stream packing,
+    whatever the layout and dtype the caller hands over."""
+    from bitsmith.formats.gptq.packing import _pack_bytes, _pack_stream, pack_dim0, unpack_dim0
+
+    codes = torch.randint(0, 1 << bits, (48, 64), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
+    values = {"transposed": codes.t(), "contiguous": codes.t().contiguous(), "int64": codes.t().to(torch.int64)}[layout]
+    fast = _pack_bytes(values, bits)
+    assert fast.dtype == torch.int32 and fast.is_contiguous()
+    assert torch.equal(fast, _pack_stream(values, bits))
+    assert torch.equal(pack_dim0(values, bits), fast)
+    assert torch.equal(unpack_dim0(fast, bits), values.to(torch.int64))

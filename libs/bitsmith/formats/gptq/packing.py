@@ -5,6 +5,9 @@ and for 3 bits 32 values fill 3 words with values 10 and 21 straddling word boun
 same thing — the values of one column laid end to end as a little-endian bit stream, cut into 32-bit
 words — so packing and unpacking are written once for that stream. qweight packs codes along K
 (input), qzeros packs zeros along N (output): callers transpose so the packed dim comes first.
+Widths that divide 8 (2, 4, 8 bits) make that stream whole bytes, so they are packed a byte at a time
+in uint8 and the bytes read as little-endian words: the same words, from a quarter of the memory
+traffic of 64-bit arithmetic (packing an 8B model's linears took seconds per block before).
 
 >>> import torch
 >>> hex(pack_dim0(torch.full((8, 1), 7), 4).item() & 0xFFFFFFFF)
@@ -15,6 +18,7 @@ words — so packing and unpacking are written once for that stream. qweight pac
 
 from __future__ import annotations
 
+import sys
 from math import gcd
 
 import torch
@@ -44,6 +48,14 @@ def packed_rows(length: int, bits: int, *, what: str) -> int:
 
 def pack_dim0(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integers in [0, 2^bits) [L, M] into int32 words [L·bits/32, M] along dim 0."""
+    packed_rows(values.shape[0], bits, what="pack")
+    if 8 % bits == 0 and sys.byteorder == "little":
+        return _pack_bytes(values, bits)
+    return _pack_stream(values, bits)
+
+
+def _pack_stream(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """`pack_dim0` for any width, on the bit stream in 64-bit arithmetic (3 bits straddle words)."""
     length, cols = values.shape
     n_values, n_words = chunk_shape(bits)
     rows = packed_rows(length, bits, what="pack")
@@ -56,6 +68,18 @@ def pack_dim0(values: torch.Tensor, bits: int) -> torch.Tensor:
             words[:, word + 1] |= x[:, i] >> (WORD_BITS - shift)
     words = torch.where(words >= 1 << (WORD_BITS - 1), words - (1 << WORD_BITS), words)
     return words.reshape(rows, cols).to(torch.int32)
+
+
+def _pack_bytes(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """`pack_dim0` for widths that divide 8: each column's values, `8 // bits` to a byte, LSB first,
+    then every 4 bytes of a column read as one little-endian int32."""
+    per_byte = 8 // bits
+    by_column = values.t().to(torch.uint8)  # [M, L]: the packed dim last (contiguous for a transposed view)
+    x = by_column.reshape(by_column.shape[0], -1, per_byte)
+    packed = x[..., 0].clone()
+    for i in range(1, per_byte):
+        packed |= x[..., i] << (i * bits)
+    return packed.contiguous().view(torch.int32).t().contiguous()
 
 
 def unpack_dim0(words: torch.Tensor, bits: int) -> torch.Tensor:
