@@ -3,6 +3,7 @@ roots, and the per-client limits, each checked against the real servers (certifi
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import ipaddress
 import urllib.error
@@ -16,13 +17,14 @@ import pytest
 import yaml
 from bitsmith.demo import DEMO_MODEL
 from bitsmith.errors import (
+    BitsmithError,
     ConfigError,
     PermissionDeniedError,
     ResourceExhaustedError,
     ServiceUnavailableError,
     UnauthenticatedError,
 )
-from bitsmith.rpc import Client, JobState
+from bitsmith.rpc import Client, JobState, Resources
 from bitsmith.rpc.client import open_channel
 from bitsmith.rpc.security import ClientTls, SecurityConfig, token_digest
 from bitsmith.schemes import Method
@@ -116,7 +118,8 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
         "tokens": [_grant("vision", [home / "vision", DEMO_MODEL.parent]), _grant("audio", [home / "audio"]),
                    _grant("batch", [home / "batch", DEMO_MODEL.parent]),
                    _grant("admin", [home], admin=True)],
-        "limits": {"max_jobs_per_client": 1, "max_model_bytes": MODEL_BYTES + 1024, "max_request_bytes": 64 * 1024},
+        "limits": {"max_jobs_per_client": 1, "max_model_bytes": MODEL_BYTES + 1024, "max_request_bytes": 64 * 1024,
+                   "max_gpus_per_job": 2},
     }))
     config = SecurityConfig.load(path)
     servers = {role: start_service(role, "127.0.0.1:0", home / "store", security=config) for role in Role}
@@ -232,6 +235,11 @@ def test_limits_are_resource_exhausted(secured: Secured) -> None:
             batch.submit(make_request(batch_root / "big-out", method=Method.RTN, calibrate=False, model=big))
         with pytest.raises(ResourceExhaustedError):
             batch.calls.submit(job_pb2.QuantizeJob(model_path="m" * (128 * 1024)))  # over max_request_bytes
+        rtn = make_request(batch_root / "wide", method=Method.RTN, calibrate=False)
+        with pytest.raises(ResourceExhaustedError, match="asks for 3 solver replicas; the limit per job is 2"):
+            batch.submit(dataclasses.replace(rtn, resources=Resources(gpus=3)))
+        with pytest.raises(BitsmithError, match=r"FAILED_PRECONDITION: .* 2 solver replicas; the cluster has 1"):
+            batch.submit(dataclasses.replace(rtn, resources=Resources(gpus=2)))  # within the limit, but never free
 
         # The client's one allowed job, held in the queue: written to the store the coordinator reads, as
         # no job of the demo model runs long enough to be sure it is still running at the next submit.
