@@ -1,9 +1,11 @@
 """Kill -9 the coordinator in the middle of a job, start it again: the job is reported failed with the
-reason (never stuck in running) and nothing complete-looking is left at the output path."""
+reason (never stuck in running) and nothing complete-looking is left at the output path; the jobs that
+were waiting in its queue are placed again and run, or fail with the reason when they no longer can."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from bitsmith.demo import DEMO_MODEL
 from bitsmith.rpc import Client, JobState
 from bitsmith.schemes import Method
 from bitsmith_services.registry import Role
@@ -46,13 +49,20 @@ def test_killed_coordinator_fails_the_running_job_on_restart(tmp_path: Path, wor
     home = tmp_path / "home"
     out = tmp_path / "out"
     coordinator, address = _serve("coordinator", "--home", str(home), "--services", workers)
+    vanishing = tmp_path / "vanishing-model"
+    shutil.copytree(DEMO_MODEL, vanishing)
     with Client(address) as client:
         job = client.submit(make_request(out, samples=64, seq_len=512))
         for event in job.watch():
             if event.phase == "solve" and event.block == 1:
                 break
+        # The one solver replica is leased to the running job: these two wait in the queue.
+        waiting = client.submit(make_request(tmp_path / "waiting", method=Method.RTN, calibrate=False))
+        orphan = client.submit(make_request(tmp_path / "orphan", samples=4, model=vanishing))
+        assert client.job(waiting.id).state is client.job(orphan.id).state is JobState.QUEUED
     os.kill(coordinator.pid, signal.SIGKILL)
     coordinator.wait(timeout=30)
+    shutil.rmtree(vanishing)  # gone while the coordinator was down: its queued job can no longer be placed
 
     restarted, address = _serve("coordinator", "--home", str(home), "--services", workers)
     try:
@@ -61,6 +71,10 @@ def test_killed_coordinator_fails_the_running_job_on_restart(tmp_path: Path, wor
             assert done.state == JobState.FAILED
             assert "restarted while the job was running" in (done.error or "")
             assert not out.exists() and not list(tmp_path.glob(".*partial*"))
+            assert client.job(waiting.id).wait(check=False).state is JobState.SUCCEEDED
+            lost = client.job(orphan.id).wait(check=False)
+            assert lost.state is JobState.FAILED and "cannot be placed after a restart" in (lost.error or "")
+            assert "config.json" in (lost.error or "") and not (tmp_path / "orphan").exists()
             # The restarted coordinator still runs new jobs.
             again = client.submit(make_request(tmp_path / "again", method=Method.RTN)).wait(check=False)
             assert again.state == JobState.SUCCEEDED, again.error
