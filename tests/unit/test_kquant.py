@@ -239,7 +239,8 @@ def test_gptq_with_a_diagonal_hessian_is_llama_cpp_rounding(type: GGMLType) -> N
 def test_bytes_hold_exactly_what_the_loop_rounded_to(type: GGMLType, monkeypatch: pytest.MonkeyPatch) -> None:
     """Record each run's grid tables, the shift the tracker adds to the block, and the codes the
     block solver writes; the result's bytes must carry those codes and decode to scale·(code - zero)
-    minus that shift (equal up to the rounding of the shift's addition)."""
+    minus that shift (equal up to the rounding of the shift's addition). Column order, where each
+    block is fit as the solve reaches it (the ordered solve's grids are pinned by the test below)."""
     w, h = _problem(6, _cols(type), seed=10)
     runs: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     shifts = torch.zeros_like(w)
@@ -265,7 +266,8 @@ def test_bytes_hold_exactly_what_the_loop_rounded_to(type: GGMLType, monkeypatch
 
     monkeypatch.setattr(GGMLTracker, "run_grids", recording_run_grids)
     monkeypatch.setattr(select, "solve_block_reference", recording_solver)
-    result = solve_gptq(w, h, GGMLScheme(type=type), GPTQOptions(block_size=64), kernels=KernelPreference.REFERENCE)
+    result = solve_gptq(w, h, GGMLScheme(type=type), GPTQOptions(block_size=64, act_order=False, static_groups=False),
+                        kernels=KernelPreference.REFERENCE)
     assert isinstance(result.weight, GGMLWeight)
     blocks = kquant.unpack(result.weight.data, type, w.shape[1])
     assert torch.equal(blocks.codes.float(), codes_seen)
@@ -278,13 +280,26 @@ def test_bytes_hold_exactly_what_the_loop_rounded_to(type: GGMLType, monkeypatch
     assert torch.allclose(decoded, loop_values, rtol=0, atol=1e-6 * float(w.abs().max()))
 
 
-def test_gptq_on_ggml_grids_solves_in_column_order_and_refuses_bad_shapes() -> None:
-    """A ggml row records no column order: act-order and static groups leave its solve unchanged."""
-    w, h = _problem(4, 256, seed=11)
-    plain = solve_gptq(w, h, GGMLScheme(type=GGMLType.Q4_K), GPTQOptions(act_order=False, static_groups=False))
-    for options in (GPTQOptions(), GPTQOptions(act_order=True, static_groups=False)):
-        ordered = solve_gptq(w, h, GGMLScheme(type=GGMLType.Q4_K), options)
-        assert torch.equal(ordered.weight.data, plain.weight.data) and ordered.error == plain.error
+def test_gptq_on_ggml_grids_orders_columns_only_on_grids_fit_before_the_solve_and_refuses_bad_shapes() -> None:
+    """A ggml row records no column order. Activation ordering with static groups (the default) fits every
+    block to the checkpoint's weights first, exactly as llama.cpp's rounding would, then solves columns by
+    decreasing Hessian diagonal; without static groups the solve stays in column order."""
+    for type in (GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q4_0):
+        w, h = _problem(6, 512, seed=11)
+        scheme = GGMLScheme(type=type, importance=True)
+        plain = solve_gptq(w, h, scheme, GPTQOptions(act_order=False, static_groups=False))
+        unordered = solve_gptq(w, h, scheme, GPTQOptions(act_order=True, static_groups=False))
+        assert torch.equal(unordered.weight.data, plain.weight.data) and unordered.error == plain.error
+        ordered = solve_gptq(w, h, scheme, GPTQOptions())
+        assert isinstance(ordered.weight, GGMLWeight)
+        blocks = kquant.unpack(ordered.weight.data, type, w.shape[1])
+        rounded = kquant.unpack(kquant.quantize(w, type, torch.diagonal(h)).data, type, w.shape[1])
+        for field in ("d", "dmin", "scales", "mins"):  # the grids of llama.cpp's rounding, codes of GPTQ's
+            assert torch.equal(getattr(blocks, field), getattr(rounded, field)), (type, field)
+        assert not torch.equal(blocks.codes, rounded.codes)
+        assert ordered.error < ordered.rtn_error
+        assert ordered.error == pytest.approx(float(hessian_row_errors(w - ordered.weight.dequantize(), h).sum()),
+                                              rel=1e-6)
     with pytest.raises(ConfigError, match=r"blk\.0\.q: Q4_K needs rows of a multiple of 256 weights, got 128"):
         solve_gptq(w[:, :128], h[:128, :128], GGMLScheme(type=GGMLType.Q4_K), GPTQOptions(), name="blk.0.q")
 

@@ -259,7 +259,8 @@ def prepare(
         grids = [fit_grid(w[:, start : start + size], scheme, search) for start in range(0, k, size)]
         static_grids = (torch.stack([g[0] for g in grids], 1), torch.stack([g[1] for g in grids], 1))
     perm = None
-    if options.act_order and isinstance(scheme, QuantScheme):  # a ggml row records no column order
+    # A ggml row records no column order: its grids are fit before the solve when the order changes.
+    if options.act_order and (isinstance(scheme, QuantScheme) or options.static_groups):
         perm = torch.argsort(torch.diagonal(h), descending=True)
         w, h = w[:, perm], h[perm][:, perm]
     factor, damp = hessian_factor(h, options, name)
@@ -279,8 +280,9 @@ def prepare(
 def _ggml_group_size(in_features: int, scheme: GGMLScheme, name: str) -> int:
     """A ggml block is a group; `ConfigError` naming the layer when blocks do not tile its rows.
 
-    ggml grids are solved in column order whatever `GPTQOptions.act_order` / `static_groups` say: a
-    ggml row records no column order (no g_idx), and each block's grid is fit when the solve reaches it.
+    A ggml row records no column order (no g_idx), so ggml grids take activation ordering only with
+    static groups (every block fit before the solve, `GGMLTracker`); otherwise they are solved in
+    column order, each block's grid fit when the solve reaches it.
     """
     label = name or "weight"
     try:

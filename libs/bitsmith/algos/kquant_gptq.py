@@ -15,6 +15,12 @@ its columns of the working matrix are shifted by +b. GPTQ's updates are additive
 differences w - value, both blind to a constant shift, and a solved column is never read again.
 A sub-block whose a is 0 holds the single value -b whatever its codes; its scale becomes
 `FLAT_SCALE`, so every weight rounds to the offset code and the value 0 (-b once unshifted) exactly.
+
+With activation ordering (`Prepared.perm`, GPTQ's default with static groups) every block is fit before
+the solve, to the weights as the checkpoint has them, and the whole working matrix is shifted once; the
+columns are then solved in order of decreasing Hessian diagonal, each on its own block's grid. A ggml
+row records no column order, and needs none: its grids do not depend on the order the codes were found
+in, just as GPTQ's static groups keep an integer checkpoint free of g_idx.
 """
 
 from __future__ import annotations
@@ -60,6 +66,9 @@ class GGMLTracker:
         )
         self._fitted: list[kquant.Blocks] = []
         self._tables: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._static_sel: torch.Tensor | None = None
+        if prepared.perm is not None:
+            self._fit_all(prepared.perm)
 
     @property
     def maxq(self) -> int:
@@ -67,7 +76,10 @@ class GGMLTracker:
         return self._layout.maxq
 
     def runs(self, start: int, stop: int) -> list[tuple[int, int]]:
-        """Cut [start, stop) before every block start: a block's grids are fit at its first column."""
+        """Cut [start, stop) before every block start: a block's grids are fit at its first column
+        (one run when every grid was fit before the solve)."""
+        if self._static_sel is not None:
+            return [(start, stop)]
         size = self._type.block_size
         bounds = [start, *(c for c in range(start + 1, stop) if c % size == 0), stop]
         return list(itertools.pairwise(bounds))
@@ -80,6 +92,9 @@ class GGMLTracker:
         At a block start `current` (the working matrix's columns from `begin`, as updated so far) is
         fit and its block's columns are shifted in place by the grids' b (see the module docstring).
         """
+        if self._static_sel is not None:
+            scales, zeros = self._tables[0]
+            return scales, zeros, self._static_sel[begin:end]
         size, sub = self._type.block_size, self._layout.sub_block
         if begin % size == 0:
             self._tables.append(self._fit(begin, current[:, :size]))
@@ -97,6 +112,20 @@ class GGMLTracker:
         scales = torch.where(a != 0, a, torch.full_like(a, FLAT_SCALE)).to(block.dtype)
         return scales, torch.full_like(scales, float(lay.offset))
 
+    def _fit_all(self, perm: torch.Tensor) -> None:
+        """Fit every block to the unpermuted weights, shift each processing-order column by its grid's b
+        and keep one table of every sub-block grid, `sel` naming each column's."""
+        w = self._prepared.weight
+        original = torch.empty_like(w).index_copy_(1, perm, w)
+        fitted = kquant.fit(original.float(), self._type, self._importance, self._row_sigma2)
+        self._fitted.append(fitted)
+        a, b = kquant.grid(fitted, self._type)
+        sub_of = perm // self._layout.sub_block
+        w += b[:, sub_of].to(w.dtype)
+        scales = torch.where(a != 0, a, torch.full_like(a, FLAT_SCALE)).to(w.dtype)
+        self._tables.append((scales, torch.full_like(scales, float(self._layout.offset))))
+        self._static_sel = sub_of.to(torch.int32)
+
     def reference_row_errors(self, weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
         """The per-row errors (`row_errors`) of llama.cpp's rounding (`kquant.quantize`, same importance),
         the baseline `GPTQResult.rtn_error` reports."""
@@ -110,8 +139,11 @@ class GGMLTracker:
         hessian: torch.Tensor,
         scaled_squares: torch.Tensor | None = None,
     ) -> GPTQResult:
-        """The fitted grids holding GPTQ's codes [N, K] as ggml bytes, with errors as
+        """The fitted grids holding GPTQ's codes [N, K] (processing order) as ggml bytes, with errors as
         `GridTracker.finish` gives them."""
+        perm = self._prepared.perm
+        if perm is not None:
+            codes = torch.empty_like(codes).scatter_(1, perm.expand_as(codes), codes)
         fitted = kquant.cat_blocks(self._fitted, 1).with_codes(codes)
         quantized = GGMLWeight(data=kquant.pack(fitted, self._type), scheme=self._scheme, in_features=codes.shape[1])
         rtn_row_errors = self.reference_row_errors(weight, hessian)
