@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 from bitsmith.errors import ConfigError, ServiceUnavailableError
 from bitsmith.rpc.security import SecurityConfig
+from bitsmith.settings import positive_int
 from bitsmith_services.registry import Role, start_service
 
 log = logging.getLogger("bitsmith.coordinator")
@@ -186,13 +187,7 @@ def solver_replicas(spec: str, resources: ActorResources, free: Mapping[str, flo
     if spec.strip().lower() == "auto":
         asked = {name: amount for name, amount in resources.amounts.items() if amount > 0}
         return max(1, min(int(free.get(name, 0) // amount) for name, amount in asked.items())) if asked else 1
-    try:
-        count = int(spec)
-    except ValueError:
-        count = 0
-    if count < 1:
-        raise ConfigError(f"{SOLVER_REPLICAS_ENV} must be a count >= 1 or 'auto', got {spec!r}")
-    return count
+    return positive_int(spec, SOLVER_REPLICAS_ENV, "count (or 'auto')")
 
 
 def _node_labels(nodes: list[dict[str, Any]]) -> dict[str, frozenset[str]]:

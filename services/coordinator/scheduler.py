@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bitsmith.errors import ConfigError, ResourceExhaustedError, UnplaceableError
+from bitsmith.settings import positive_int
 from bitsmith.v1 import job_pb2
 from bitsmith_services.coordinator.placement import Worker
 
@@ -196,10 +197,4 @@ def host_memory_from_env() -> int:
     spec = os.environ.get(HOST_MEMORY_ENV, "").strip()
     if not spec:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 3 // 4
-    try:
-        value = int(spec)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise ConfigError(f"{HOST_MEMORY_ENV} must be a byte count >= 1, got {spec!r}")
-    return value
+    return positive_int(spec, HOST_MEMORY_ENV, "byte count")

@@ -188,3 +188,16 @@ def test_services_take_several_solver_replicas_and_nothing_else_twice() -> None:
     assert single.solvers == (Worker("solver:1"),)
     with pytest.raises(ConfigError, match="calibrator twice"):
         ServiceAddresses.parse("calibrator=a:1,calibrator=a:2,solver=b:1,packer=c:1,runtime_cpu=d:1,runtime_apple=e:1")
+
+
+def test_host_memory_comes_from_the_environment_or_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bitsmith_services.coordinator.scheduler import HOST_MEMORY_ENV, host_memory_from_env
+
+    monkeypatch.delenv(HOST_MEMORY_ENV, raising=False)
+    assert host_memory_from_env() > GIB // 4  # 3/4 of this machine's memory
+    monkeypatch.setenv(HOST_MEMORY_ENV, "123456789")
+    assert host_memory_from_env() == 123456789
+    for bad in ("lots", "0", "-5", "1.5e9"):
+        monkeypatch.setenv(HOST_MEMORY_ENV, bad)
+        with pytest.raises(ConfigError, match="BITSMITH_HOST_MEMORY must be a byte count >= 1"):
+            host_memory_from_env()
