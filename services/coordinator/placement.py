@@ -235,8 +235,6 @@ class RayPlacement:
     """Compute threads of each service (torch's intra-op pool); a role that asks for CPUs computes on those."""
     resources: Mapping[Role, ActorResources] = field(default_factory=role_resources_from_env)
     """What each role's actor asks Ray for (default: $BITSMITH_RAY_RESOURCES, else nothing)."""
-    nodes: dict[Role, str] = field(default_factory=dict)
-    """The Ray node id each role's (first) actor landed on, once started."""
     security: SecurityConfig | None = None
     """Secures every service it starts (its files must be readable where the actors run)."""
     solver_replicas: str = field(default_factory=lambda: os.environ.get(SOLVER_REPLICAS_ENV, "1"))
@@ -266,27 +264,29 @@ class RayPlacement:
         by_role: dict[Role, str] = {}
         solvers: list[Worker] = []
         labels = _node_labels(ray.nodes())
+        host: Any = ray.remote(ServiceHost)
         for role in Role:
             resources = self.resources.get(role, ActorResources())
             # The solver comes after the calibrator, so "auto" counts what is left beside it.
             count = (solver_replicas(self.solver_replicas, resources, ray.available_resources())
                      if role is Role.SOLVER else 1)
             for replica in range(count):
-                address, node = self._start_actor(ray, role, replica, resources)
+                address, node = self._start_actor(ray, host, role, replica, resources)
                 if role is Role.SOLVER:
                     solvers.append(Worker(address, node, labels.get(node, frozenset())))
                 by_role.setdefault(role, address)
-                self.nodes.setdefault(role, node)
         return ServiceAddresses(by_role, tuple(solvers))
 
-    def _start_actor(self, ray: Any, role: Role, replica: int, resources: ActorResources) -> tuple[str, str]:
-        """Start one actor of `role`; its address and the node it landed on."""
+    def _start_actor(self, ray: Any, host: Any, role: Role, replica: int, resources: ActorResources
+                     ) -> tuple[str, str]:
+        """Start one actor of `role` from `host` (`ServiceHost` as a Ray actor class); its address and the
+        node it landed on."""
         options = resources.ray_options()
         threads = int(options["num_cpus"]) or self.threads
         # Named for operators (`ray list actors`), unique per placement so stacks can share a cluster.
         suffix = f"-{replica}" if role is Role.SOLVER else ""
-        actor = ray.remote(ServiceHost).options(**options, max_restarts=-1, max_task_retries=-1,
-                                                name=f"bitsmith-{role.value}{suffix}-{self._id}").remote(
+        actor = host.options(**options, max_restarts=-1, max_task_retries=-1,
+                             name=f"bitsmith-{role.value}{suffix}-{self._id}").remote(
             role.value, str(self.store_root), threads, self.security
         )
         self._actors.setdefault(role, []).append(actor)
