@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
+import torch
 from bitsmith.demo import DEMO_MODEL
+
+
+@pytest.fixture(autouse=True)
+def _default_dtype_stays_float32() -> Iterator[None]:
+    """torch's default dtype is process-wide: a test (or a service thread it started) that leaves it
+    changed fails itself here, instead of failing dozens of unrelated tests later in the run."""
+    yield
+    leaked = torch.get_default_dtype()
+    if leaked != torch.float32:
+        torch.set_default_dtype(torch.float32)
+        pytest.fail(f"torch's default dtype was left at {leaked}")
 
 
 @pytest.fixture(scope="session")

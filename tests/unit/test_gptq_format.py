@@ -586,3 +586,23 @@ def test_byte_packing_writes_the_words_of_the_bit_stream(bits: int, layout: str)
     assert torch.equal(fast, _pack_stream(values, bits))
     assert torch.equal(pack_dim0(values, bits), fast)
     assert torch.equal(unpack_dim0(fast, bits), values.to(torch.int64))
+
+
+def test_listing_the_linears_never_switches_the_process_default_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo config says bfloat16; building its skeleton must not make that torch's default even for a
+    moment, because packers of concurrent jobs share the process (a leak turned later float32 tensors into
+    bfloat16)."""
+    from bitsmith.formats.gptq.writer import linear_names
+
+    seen: list[torch.dtype] = []
+    original = torch.set_default_dtype
+
+    def recording(dtype: torch.dtype) -> None:
+        seen.append(dtype)
+        original(dtype)
+
+    monkeypatch.setattr(torch, "set_default_dtype", recording)
+    names = linear_names(DEMO_MODEL)
+    assert "model.layers.0.self_attn.q_proj" in names and "lm_head" in names
+    assert torch.get_default_dtype() == torch.float32
+    assert set(seen) <= {torch.float32}

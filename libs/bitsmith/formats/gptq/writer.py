@@ -13,6 +13,7 @@ byte for byte; each quantized linear's `.weight` is replaced by qweight / qzeros
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -112,18 +113,27 @@ def packed_nbytes(qw: QuantizedWeight) -> int:
     return 4 * (k * bits // 32 * n) + 4 * (groups * n * bits // 32) + 2 * groups * n + 4 * k
 
 
+_MODEL_BUILD = threading.Lock()
+
+
 def linear_names(source_model_dir: Path) -> frozenset[str]:
     """Names of every `nn.Linear` of the source causal LM, from its config on the meta device.
 
     Why not trust the tensor list: a 2-D `.weight` may be an embedding, which GPTQ consumers never
     replace by a quantized linear. Building the model on `meta` allocates nothing.
+
+    Why the explicit dtype and the lock: `from_config` switches torch's process-wide default dtype
+    to the config's (bfloat16 for most checkpoints) while it builds, and back afterwards. Packers
+    of concurrent jobs run in threads of one process, so two overlapping builds could restore each
+    other's bfloat16 for good, and any tensor another thread made meanwhile would be bfloat16. The
+    dtype only decides meta tensors' dtype here, so building in the default leaves it untouched.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         config = AutoConfig.from_pretrained(source_model_dir, local_files_only=True)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+        with _MODEL_BUILD, torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.get_default_dtype())
     except (ValueError, KeyError, OSError) as e:
         raise UnsupportedError(
             f"cannot build the model of {source_model_dir} to list its linears: {e}"
