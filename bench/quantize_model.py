@@ -60,7 +60,7 @@ SHAPES = {
     "70b": Shape(hidden=8192, layers=80, heads=64, kv_heads=8, ffn=28672, vocab=128256),
     "tiny": Shape(hidden=256, layers=2, heads=4, kv_heads=2, ffn=512, vocab=1024),
 }
-WORKERS = ("calibrator", "solver", "packer", "runtime_cpu", "runtime_apple")
+WORKERS = ("calibrator", "solver", "packer", "runtime_cpu", "runtime_apple", "runtime_nvidia")
 BLOCK_PHASE = {"calibrate": "calibration", "advance": "calibration", "solve": "solve"}
 WEIGHT_STD = 0.02
 

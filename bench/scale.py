@@ -58,7 +58,7 @@ from machine import hardware
 from quantize_model import SHAPES, job_request, write_calibration_text, write_checkpoint, write_tokenizer
 
 TARGET = 1.8
-SHARED_ROLES = ("calibrator", "packer", "runtime_cpu", "runtime_apple")
+SHARED_ROLES = ("calibrator", "packer", "runtime_cpu", "runtime_apple", "runtime_nvidia")
 CALL_TIMEOUT_S = 3600.0
 MANIFEST = "manifest.json"
 

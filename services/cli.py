@@ -27,7 +27,7 @@ from bitsmith.devices import AUTO, MatmulPrecision
 from bitsmith.errors import BitsmithError, ConfigError
 from bitsmith.recipes import Recipe
 from bitsmith.rpc.request import Calibration, CheckpointFormat, Evaluation, OutputFormat, QuantizeRequest, Resources
-from bitsmith.schemes import PER_CHANNEL, Format, GPTQOptions, GridSearch, Method, QuantScheme
+from bitsmith.schemes import PER_CHANNEL, Format, FP8Scheme, GPTQOptions, GridSearch, Method, QuantScheme
 from bitsmith_services.registry import Activations, Role
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -42,7 +42,7 @@ err = Console(stderr=True)
 
 
 RECIPE_FLAGS = ("method", "bits", "group_size", "sym", "act_order", "static_groups", "mse", "damp_percent",
-                "no_true_sequential")
+                "no_true_sequential", "fp8_per_tensor", "fp8_static_activations")
 """Flags that build a recipe; a --recipe file is the whole recipe, so they are refused beside it."""
 
 
@@ -68,6 +68,7 @@ def _recipe(args: argparse.Namespace) -> Recipe:
                                         else args.static_groups),
                          true_sequential=not args.no_true_sequential,
                          grid_search=GridSearch() if args.mse else None),
+        fp8=FP8Scheme(per_channel=not args.fp8_per_tensor, static_activations=args.fp8_static_activations),
     )
 
 
@@ -356,6 +357,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="fit each group's grid to the clipped range with the least error (GPTQ and RTN)")
     q.add_argument("--damp-percent", type=float, help=f"GPTQ: default {GPTQOptions().damp_percent}")
     q.add_argument("--no-true-sequential", action="store_true", help="GPTQ: one capture per block")
+    q.add_argument("--fp8-per-tensor", action="store_true",
+                   help="fp8: one weight scale per tensor (default: one per output channel)")
+    q.add_argument("--fp8-static-activations", action="store_true",
+                   help="fp8: one calibrated activation scale per tensor (needs --calib; default: per token at "
+                        "run time)")
     q.add_argument("--calib", action="append", default=[], metavar="FILE", help="calibration text (repeatable)")
     q.add_argument("--samples", type=int, default=128)
     q.add_argument("--seq-len", type=int, default=512)
@@ -369,7 +375,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--format", action="append", type=_output_format, default=[], metavar="FORMAT[:VARIANT]",
                    help="output format, repeatable: gptq, awq, compressed-tensors (NVIDIA: vLLM/transformers), "
                         "onnx (ONNX Runtime on any CPU), mlx (Apple Silicon), gguf:MIX (llama.cpp; MIX is a "
-                        "llama-quantize type such as Q4_K_M, Q8_0 or F16); several formats share one calibration")
+                        "llama-quantize type such as Q4_K_M, Q8_0 or F16), modelopt and trtllm (TensorRT-LLM: "
+                        "fp8 or 4-bit); several formats share one calibration")
     q.add_argument("--checkpoint-format", choices=[c.value for c in CheckpointFormat], default="auto",
                    help="auto: v1 for --sym (loads everywhere), v2 (true zeros) for asymmetric grids")
     q.add_argument("--out", required=True, help="output directory (must not exist or be empty)")

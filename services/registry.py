@@ -13,6 +13,7 @@ import grpc
 from bitsmith.devices import AUTO, MatmulPrecision
 from bitsmith.errors import ConfigError
 from bitsmith.rpc.security import SecurityConfig, securing
+from bitsmith.runtimes import Target
 
 
 class Role(StrEnum):
@@ -23,7 +24,11 @@ class Role(StrEnum):
     PACKER = "packer"
     RUNTIME_CPU = "runtime_cpu"
     RUNTIME_APPLE = "runtime_apple"
+    RUNTIME_NVIDIA = "runtime_nvidia"
 
+
+RUNTIME_ROLES = {Target.CPU: Role.RUNTIME_CPU, Target.APPLE: Role.RUNTIME_APPLE, Target.NVIDIA: Role.RUNTIME_NVIDIA}
+"""The service that proves artifacts on each target."""
 
 COMPUTE_ROLES = frozenset({Role.CALIBRATOR, Role.SOLVER})
 """The roles that compute on a device of their choosing (the others read and write files)."""

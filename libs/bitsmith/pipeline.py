@@ -51,13 +51,14 @@ import torch
 from bitsmith.algos import GPTQResult, get_method, split_rows
 from bitsmith.calib.capture import capture_hessians, forward_block
 from bitsmith.calib.data import calibration_tokens
+from bitsmith.calib.stats import InputStats
 from bitsmith.errors import CancelledError, ConfigError
 from bitsmith.models.base import CheckpointModel, load_checkpoint
-from bitsmith.quantized import GGMLWeight, QuantizedWeight
+from bitsmith.quantized import Quantized
 from bitsmith.recipes import Assignment, Recipe
 from bitsmith.schemes import GPTQOptions, Method, QuantScheme, Scheme
 
-Solved = QuantizedWeight | GGMLWeight
+Solved = Quantized
 """A linear as any method returns it: on an integer grid or on ggml blocks."""
 
 A = TypeVar("A")
@@ -181,7 +182,7 @@ class Plan:
     @property
     def needs_calibration(self) -> bool:
         """Whether any linear's method needs calibration data."""
-        return any(unit.assignment.method.needs_calibration for recipe in self.recipes
+        return any(unit.assignment.needs_calibration for recipe in self.recipes
                    for bid in range(self.num_blocks) for group in self.units(bid, recipe) for unit in group)
 
     @property
@@ -225,7 +226,7 @@ def check_recipe(model: CheckpointModel, recipe: Recipe) -> None:
             continue
         if assignment.method.scales_activations and not isinstance(assignment.scheme, QuantScheme):
             raise ConfigError(f"{full}: {assignment.method.value} searches integer grids and cannot target "
-                              f"{assignment.scheme.type.value}; use rtn or gptq for GGUF")
+                              f"{assignment.scheme.label}; use rtn or gptq for GGUF")
         try:
             assignment.scheme.groups(model.linear_shape(*names[full])[1])
         except ConfigError as exc:
@@ -416,7 +417,7 @@ def _in_group_order(groups: Sequence[Sequence[str]], targets: Sequence[Sequence[
             for index, group in enumerate(groups)]
 
 
-Stats = dict[str, tuple[torch.Tensor, int]] | None
+Stats = dict[str, InputStats] | None
 
 
 def collect_stats(
@@ -425,8 +426,8 @@ def collect_stats(
     names: Sequence[str],
     inputs: torch.Tensor,
     overrides: Mapping[str, torch.Tensor],
-) -> dict[str, tuple[torch.Tensor, int]]:
-    """Hessians of the inputs of `names` in block `bid`; linears sharing an input share one tensor.
+) -> dict[str, InputStats]:
+    """Input statistics of `names` in block `bid`; linears sharing an input share one Hessian tensor.
 
     Each shared input is captured once (on its group's first member), so q/k/v cost one
     accumulation, and callers can recognise the shared Hessian by identity.
@@ -445,12 +446,16 @@ def solve_group(
     scheme: Scheme,
     options: GPTQOptions,
     label: str,
+    input_absmax: float | None = None,
 ) -> list[GPTQResult]:
     """Solve linears that share one input as one problem (one factorization, rows concatenated).
 
-    Rows are independent given H, so this is exactly the per-linear solve, done once.
+    Rows are independent given H, so this is exactly the per-linear solve, done once. (On the float8
+    grid with one scale per tensor, the linears of the group share that scale, which is what runtimes
+    that fuse q/k/v or gate/up into one GEMM need anyway.)
     """
-    result = get_method(method).solve(torch.cat(list(weights)), hessian, scheme, options, label)
+    result = get_method(method).solve(torch.cat(list(weights)), hessian, scheme, options, label,
+                                      input_absmax=input_absmax)
     return split_rows(result, [w.shape[0] for w in weights])
 
 
@@ -496,10 +501,11 @@ class LocalBackend:
               scaled: Mapping[str, torch.Tensor], *, target: str = "") -> dict[str, Solved]:
         weights = [scaled[f"{n}.weight"] if f"{n}.weight" in scaled else self.model.linear_weight(bid, n)
                    for n in names]
-        hessian = None if stats is None else stats[names[0]][0]
+        first = None if stats is None else stats[names[0]]
         label = ",".join(self.model.full_name(bid, name) for name in names)
-        parts = solve_group(weights, hessian, method=assignment.method, scheme=assignment.scheme,
-                            options=self.recipe.gptq, label=label)
+        parts = solve_group(weights, None if first is None else first.hessian, method=assignment.method,
+                            scheme=assignment.scheme, options=self.recipe.gptq, label=label,
+                            input_absmax=None if first is None else first.absmax)
         if not target:
             self.results.update({self.model.full_name(bid, n): part for n, part in zip(names, parts, strict=True)})
         return {name: part.weight for name, part in zip(names, parts, strict=True)}

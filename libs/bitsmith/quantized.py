@@ -2,7 +2,9 @@
 
 The layout is the neutral one (HF orientation, unpacked integers): formats pack it their own way,
 and `dequantize()` is the single definition of what the numbers mean:
-``W'[n, k] = scales[n, g_idx[k]] * (codes[n, k] - zeros[n, g_idx[k]])``.
+``W'[n, k] = scales[n, g_idx[k]] * (codes[n, k] - zeros[n, g_idx[k]])``. Weights on a ggml block grid
+(`GGMLWeight`) and on the float8 grid (`FP8Weight`) keep their own exact forms; `Quantized` is any of
+the three.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from bitsmith.errors import FormatError
-from bitsmith.schemes import GGMLScheme, QuantScheme
+from bitsmith.schemes import FP8Scheme, GGMLScheme, QuantScheme
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -48,6 +50,11 @@ class QuantizedWeight:
     def shape(self) -> tuple[int, int]:
         n, k = self.codes.shape
         return int(n), int(k)
+
+    def rows(self, rows: slice) -> QuantizedWeight:
+        """The weight of a range of output rows (rows share nothing but the column order)."""
+        return QuantizedWeight(codes=self.codes[rows], scales=self.scales[rows], zeros=self.zeros[rows],
+                               g_idx=self.g_idx, scheme=self.scheme)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight [N, K] these codes stand for."""
@@ -91,3 +98,55 @@ class GGMLWeight:
         from bitsmith.algos.kquant import dequantize
 
         return dequantize(self.data, self.scheme.type, self.in_features).to(dtype)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FP8Weight:
+    """One linear on the float8 e4m3 grid: ``W'[n, k] = data[n, k] * scale[n]`` (or ``scale[0]``).
+
+    data:        float8_e4m3fn [N, K] (HF orientation).
+    scale:       float32 [N] per channel, [1] per tensor.
+    input_scale: float32 [1], the calibrated activation scale of static activations; None when
+                 activations are scaled per token at run time.
+    """
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    scheme: FP8Scheme
+    input_scale: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.data.dtype != torch.float8_e4m3fn or self.data.dim() != 2:
+            raise FormatError(
+                f"FP8 data must be float8_e4m3fn [out, in], got {self.data.dtype} {tuple(self.data.shape)}"
+            )
+        scales = self.data.shape[0] if self.scheme.per_channel else 1
+        if self.scale.dtype != torch.float32 or tuple(self.scale.shape) != (scales,):
+            raise FormatError(f"FP8 scale must be float32 [{scales}] for {tuple(self.data.shape)} "
+                              f"({self.scheme.label}), got {self.scale.dtype} {tuple(self.scale.shape)}")
+        if self.scheme.static_activations != (self.input_scale is not None):
+            raise FormatError(f"{self.scheme.label} takes {'an' if self.scheme.static_activations else 'no'} "
+                              "input scale")
+        if self.input_scale is not None and (
+            self.input_scale.dtype != torch.float32 or tuple(self.input_scale.shape) != (1,)
+        ):
+            raise FormatError(f"FP8 input_scale must be float32 [1], got {self.input_scale.dtype} "
+                              f"{tuple(self.input_scale.shape)}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n, k = self.data.shape
+        return int(n), int(k)
+
+    def rows(self, rows: slice) -> FP8Weight:
+        """The weight of a range of output rows (a per-tensor scale is shared by all of them)."""
+        return FP8Weight(data=self.data[rows], scale=self.scale[rows] if self.scheme.per_channel else self.scale,
+                         scheme=self.scheme, input_scale=self.input_scale)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight [N, K] the FP8 values stand for."""
+        return (self.data.float() * self.scale.float()[:, None]).to(dtype)
+
+
+Quantized = QuantizedWeight | GGMLWeight | FP8Weight
+"""Any solved linear: what solvers return, the store keeps and formats consume."""

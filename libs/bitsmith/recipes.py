@@ -27,7 +27,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bitsmith.errors import ConfigError, NotFoundError
-from bitsmith.schemes import AWQOptions, GGMLScheme, GPTQOptions, GridSearch, Method, QuantScheme, Scheme
+from bitsmith.schemes import (
+    AWQOptions,
+    FP8Scheme,
+    GGMLScheme,
+    GPTQOptions,
+    GridSearch,
+    Method,
+    QuantScheme,
+    Scheme,
+)
 
 MAX_RECIPE_BYTES = 1 << 20
 """A recipe is a few hundred bytes; a larger file is a mistake (or hostile), refused before parsing."""
@@ -57,6 +66,11 @@ class Assignment:
 
     method: Method
     scheme: Scheme
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether solving it needs calibration data: the method's own need, or FP8's static scales."""
+        return self.method.needs_calibration or (isinstance(self.scheme, FP8Scheme) and self.scheme.static_activations)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -94,7 +108,11 @@ class ModuleOverride:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Recipe:
-    """The default method and scheme, the methods' options, and ordered per-module overrides."""
+    """The default method and scheme, the methods' options, and ordered per-module overrides.
+
+    `scheme` is the integer grid of the integer methods; linears the fp8 method quantizes take the
+    float8 grid `fp8` instead (an override naming integer-grid fields cannot apply to them).
+    """
 
     VERSION = 1
 
@@ -102,11 +120,16 @@ class Recipe:
     scheme: QuantScheme = field(default_factory=QuantScheme)
     gptq: GPTQOptions = field(default_factory=GPTQOptions)
     awq: AWQOptions = field(default_factory=AWQOptions)
+    fp8: FP8Scheme = field(default_factory=FP8Scheme)
     overrides: tuple[ModuleOverride, ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.overrides) > MAX_OVERRIDES:
             raise ConfigError(f"a recipe takes at most {MAX_OVERRIDES} overrides, got {len(self.overrides)}")
+        for override in self.overrides:
+            if (override.method or self.method) is Method.FP8 and isinstance(override.scheme, QuantScheme):
+                raise ConfigError(f"override {override.pattern!r} gives integer-grid fields to linears the fp8 "
+                                  "method quantizes; the float8 grid is set by the recipe's fp8 section")
         _check_work_bounds(self)
 
     def assign(self, module: str) -> Assignment | None:
@@ -115,8 +138,12 @@ class Recipe:
             if override.matches(module):
                 if override.skip:
                     return None
-                return Assignment(method=override.method or self.method, scheme=override.scheme or self.scheme)
-        return Assignment(method=self.method, scheme=self.scheme)
+                return self._assignment(override.method or self.method, override.scheme)
+        return self._assignment(self.method, None)
+
+    def _assignment(self, method: Method, scheme: Scheme | None) -> Assignment:
+        default = self.fp8 if method is Method.FP8 else self.scheme
+        return Assignment(method=method, scheme=scheme or default)
 
     def assignments(self, modules: Iterable[str]) -> dict[str, Assignment | None]:
         """`assign` for each module; `ConfigError` when nothing at all would be quantized."""
@@ -130,6 +157,15 @@ class Recipe:
         """Every method the recipe can assign."""
         return frozenset([self.method, *(o.method for o in self.overrides if o.method is not None)])
 
+    @property
+    def calibration_needs(self) -> tuple[str, ...]:
+        """What in the recipe needs calibration data, by name (``gptq``, ``fp8 static activations``);
+        empty when nothing does, so jobs can refuse a missing calibration set up front."""
+        needs = {m.value for m in self.methods if m.needs_calibration}
+        if Method.FP8 in self.methods and self.fp8.static_activations:
+            needs.add(f"{Method.FP8.value} static activations")
+        return tuple(sorted(needs))
+
     def to_dict(self) -> dict[str, Any]:
         """Plain data for manifests and YAML: schemes of overrides are written in full."""
         return {
@@ -138,6 +174,7 @@ class Recipe:
             "scheme": asdict(self.scheme),
             "gptq": asdict(self.gptq),
             "awq": asdict(self.awq),
+            "fp8": asdict(self.fp8),
             "overrides": [
                 {"pattern": o.pattern, "skip": o.skip, "method": o.method.value if o.method else None,
                  "scheme": _scheme_dict(o.scheme) if o.scheme else None}
@@ -162,7 +199,7 @@ class Recipe:
         Overrides give scheme fields flat (``bits: 8``) or nested (``scheme: {bits: 8}``); either way
         they are merged onto the default scheme, so the result holds full schemes.
         """
-        _check_keys(data, {"_version", "method", "scheme", "gptq", "awq", "overrides"}, where)
+        _check_keys(data, {"_version", "method", "scheme", "gptq", "awq", "fp8", "overrides"}, where)
         version = data.get("_version", cls.VERSION)
         if version != cls.VERSION:
             raise ConfigError(f"{where}: version {version!r} is not {cls.VERSION}")
@@ -175,6 +212,7 @@ class Recipe:
             scheme=scheme,
             gptq=_gptq(_mapping(data.get("gptq", {}), f"{where}.gptq"), f"{where}.gptq"),
             awq=_options(AWQOptions, _mapping(data.get("awq", {}), f"{where}.awq"), f"{where}.awq"),
+            fp8=_fp8(_mapping(data.get("fp8", {}), f"{where}.fp8"), f"{where}.fp8"),
             overrides=tuple(
                 _override(_mapping(item, f"{where}.overrides[{i}]"), scheme, f"{where}.overrides[{i}]")
                 for i, item in enumerate(overrides)
@@ -284,7 +322,18 @@ def _scheme_dict(scheme: Scheme) -> dict[str, Any]:
     """A scheme as plain data: integer grids field by field, ggml grids by their type."""
     if isinstance(scheme, GGMLScheme):
         return {"ggml": scheme.type.value, "importance": scheme.importance}
+    if isinstance(scheme, FP8Scheme):
+        return {"fp8": asdict(scheme)}
     return asdict(scheme)
+
+
+def _fp8(data: Mapping[str, Any], where: str) -> FP8Scheme:
+    """The fp8 section: booleans only (YAML's `yes`/`1` would otherwise slip through as truthy)."""
+    _check_keys(data, {f.name for f in fields(FP8Scheme)}, where)
+    for key, value in data.items():
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}.{key} must be true or false, got {value!r}")
+    return FP8Scheme(**data)
 
 
 def _scheme(base: QuantScheme, data: Mapping[str, Any], where: str) -> QuantScheme:
@@ -319,7 +368,7 @@ def _override(data: Mapping[str, Any], default: QuantScheme, where: str) -> Modu
     if not isinstance(skip, bool):
         raise ConfigError(f"{where}.skip must be true or false, got {skip!r}")
     flat = {k: v for k, v in data.items() if k in _SCHEME_KEYS}
-    nested = _mapping(data.get("scheme", {}), f"{where}.scheme")
+    nested = _mapping(data.get("scheme") or {}, f"{where}.scheme")  # to_dict writes null for "none"
     if flat and nested:
         raise ConfigError(f"{where}: give scheme fields either flat or under 'scheme', not both")
     fields_given = flat or nested

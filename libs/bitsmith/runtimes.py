@@ -2,9 +2,10 @@
 
 Artifacts are read back through their format's reader (never from in-memory tensors), so what is
 measured is what was written: GPTQ, AWQ and compressed-tensors as a torch model of their dequantized
-weights, ONNX through ONNX Runtime, MLX through mlx, GGUF through llama.cpp in a worker process
-(`_RUNTIMES`, the one dispatch). The format is recognised from the path itself (`artifact_format`);
-without a quantization block a directory is an unquantized checkpoint.
+weights, ONNX through ONNX Runtime, MLX through mlx, GGUF through llama.cpp in a worker process, and
+on NVIDIA through bitsmith's kernels (`ENGINES`, the one dispatch, by target and format). The format
+is recognised from the path itself (`artifact_format`); without a quantization block a directory is an
+unquantized checkpoint.
 
 Most engines are driven through the calling convention of a transformers causal LM and tokenized with
 the tokenizer stored beside the weights. An engine that brings its own tokenizer, decoding loop and clock
@@ -18,8 +19,9 @@ import functools
 import json
 import math
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, AnyStr, Protocol, runtime_checkable
@@ -173,27 +175,58 @@ def _gguf_runtime(path: Path) -> torch.nn.Module:
     return GgufCausalLM(path)
 
 
-_RUNTIMES: Mapping[Format, Callable[[Path], torch.nn.Module]] = MappingProxyType({
-    Format.GPTQ: load_reference,
-    Format.ONNX: _onnx_runtime,
-    Format.MLX: _mlx_runtime,
-    Format.AWQ: load_reference,
-    Format.COMPRESSED_TENSORS: load_reference,
-    Format.GGUF: _gguf_runtime,
+def _nvidia_runtime(path: Path) -> torch.nn.Module:
+    from bitsmith.nvidia import load_kernel_model
+
+    return load_kernel_model(path)
+
+
+class Target(StrEnum):
+    """A kind of machine artifacts are proven on; each runs some formats, each format on one engine."""
+
+    CPU = "cpu"
+    APPLE = "apple"
+    NVIDIA = "nvidia"
+
+
+Engine = Callable[[Path], "torch.nn.Module"]
+
+ENGINES: Mapping[Target, Mapping[Format | None, Engine]] = MappingProxyType({
+    Target.CPU: MappingProxyType({
+        None: load_reference, Format.GPTQ: load_reference, Format.ONNX: _onnx_runtime, Format.AWQ: load_reference,
+        Format.COMPRESSED_TENSORS: load_reference, Format.GGUF: _gguf_runtime,
+    }),
+    Target.APPLE: MappingProxyType({Format.MLX: _mlx_runtime}),
+    Target.NVIDIA: MappingProxyType(dict.fromkeys(
+        (None, Format.GPTQ, Format.AWQ, Format.COMPRESSED_TENSORS, Format.MODELOPT, Format.TRTLLM), _nvidia_runtime)),
 })
-"""The engine each format is executed by: GPTQ, AWQ and compressed-tensors by torch on their dequantized
-weights (the target's own kernels live in runtime_nvidia), ONNX by ONNX Runtime, MLX by mlx, GGUF by
-llama.cpp. Every engine answers the calling convention of a transformers causal LM
+"""The engine each target runs each format on (None: an unquantized checkpoint). CPU: GPTQ, AWQ and
+compressed-tensors by torch on their dequantized weights, ONNX by ONNX Runtime, GGUF by llama.cpp;
+Apple: MLX by mlx; NVIDIA: bitsmith's kernels (`bitsmith.nvidia`: Triton W4A16/W8A16, FP8 tensor cores,
+their torch twins without a GPU). Every engine answers the calling convention of a transformers causal LM
 (``model(ids, past_key_values=..., use_cache=...)``; llama.cpp's only without a cache, being a
 `NativeEngine` that decodes itself)."""
 
-def load_model(path: Path, *, formats: Collection[Format | None] | None = None) -> torch.nn.Module:
-    """The model at `path` on the engine of its format; `formats` limits what the caller's target runs."""
+HOME_TARGET: Mapping[Format | None, Target] = MappingProxyType({
+    None: Target.CPU, Format.GPTQ: Target.CPU, Format.ONNX: Target.CPU, Format.AWQ: Target.CPU,
+    Format.COMPRESSED_TENSORS: Target.CPU, Format.GGUF: Target.CPU, Format.MLX: Target.APPLE,
+    Format.MODELOPT: Target.NVIDIA, Format.TRTLLM: Target.NVIDIA,
+})
+"""Where an artifact runs when no target is named: the cheapest engine that runs its format faithfully.
+ModelOpt and TensorRT-LLM checkpoints exist only for NVIDIA and may carry FP8 activations, which only the
+NVIDIA engine applies (its twins do so on any machine)."""
+
+
+def load_model(path: Path, *, target: Target | None = None) -> torch.nn.Module:
+    """The model at `path` on `target`'s engine for its format (default: its `HOME_TARGET`)."""
     fmt = artifact_format(path)
-    if formats is not None and fmt not in formats:
-        allowed = sorted("checkpoint" if f is None else f.value for f in formats)
-        raise UnsupportedError(f"{path} is {'a checkpoint' if fmt is None else fmt.value}; this runtime runs {allowed}")
-    return load_reference(path) if fmt is None else _RUNTIMES[fmt](path)
+    target = HOME_TARGET[fmt] if target is None else Target(target)
+    engine = ENGINES[target].get(fmt)
+    if engine is None:
+        allowed = sorted("checkpoint" if f is None else f.value for f in ENGINES[target])
+        raise UnsupportedError(f"{path} is {'a checkpoint' if fmt is None else fmt.value}; the {target.value} "
+                               f"runtime runs {allowed}")
+    return engine(path)
 
 
 @functools.lru_cache(maxsize=4)
@@ -202,7 +235,7 @@ def _reference(path: str) -> torch.nn.Module:
 
 
 def evaluate_path(path: Path, files: Sequence[Path], *, seq_len: int = 512, reference: Path | None = None,
-                  formats: Collection[Format | None] | None = None) -> list[DatasetResult]:
+                  target: Target | None = None) -> list[DatasetResult]:
     """Perplexity of `path` on each file; with `reference`, also KL, top-1 and the reference's ppl.
 
     Text is tokenized with the tokenizer stored beside the weights (artifacts carry a copy), or by a
@@ -212,7 +245,7 @@ def evaluate_path(path: Path, files: Sequence[Path], *, seq_len: int = 512, refe
 
     if not files:
         raise ConfigError("evaluation needs at least one data file")
-    model = load_model(path, formats=formats)
+    model = load_model(path, target=target)
     native = model if isinstance(model, NativeEngine) else None
     ref_model = _reference(str(reference.resolve())) if reference is not None else None
     results = []
@@ -229,7 +262,7 @@ def evaluate_path(path: Path, files: Sequence[Path], *, seq_len: int = 512, refe
 
 def generate_greedy(path: Path, prompt: str, max_new_tokens: int, *,
                     should_stop: Callable[[], bool] = lambda: False,
-                    formats: Collection[Format | None] | None = None,
+                    target: Target | None = None,
                     chunk_interval_s: float = 0.0) -> Iterator[str | GenerationStats]:
     """Greedy decoding from the model at `path`, yielding new text as it comes, ending with the engine's
     `GenerationStats` where it keeps them.
@@ -241,7 +274,7 @@ def generate_greedy(path: Path, prompt: str, max_new_tokens: int, *,
         raise ConfigError("the prompt is empty")
     if not 0 <= chunk_interval_s < math.inf:
         raise ConfigError(f"the chunk interval must be a finite number of seconds >= 0, got {chunk_interval_s}")
-    model = load_model(path, formats=formats)
+    model = load_model(path, target=target)
     if isinstance(model, NativeEngine):
         yield from model.generate(prompt, max_new_tokens, should_stop, chunk_interval_s)
     else:

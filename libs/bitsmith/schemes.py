@@ -36,11 +36,15 @@ class Method(StrEnum):
     then round to nearest on the scaled weights."""
     AWQ_GPTQ = "awq+gptq"
     """AWQ's scaling and clipping, then GPTQ on the scaled weights."""
+    FP8 = "fp8"
+    """Weights rounded to nearest on the float8 e4m3 grid (`FP8Scheme`), activations cast to FP8 at run
+    time: Hopper's FP8 tensor cores, near-lossless without a solve."""
 
     @property
     def needs_calibration(self) -> bool:
-        """Whether the method needs activations from calibration data (all but RTN do)."""
-        return self is not Method.RTN
+        """Whether the method needs activations from calibration data (RTN and FP8 do not; FP8's
+        static activation scales come from calibration too: see `FP8Scheme.static_activations`)."""
+        return self not in (Method.RTN, Method.FP8)
 
     @property
     def scales_activations(self) -> bool:
@@ -63,6 +67,12 @@ class Format(StrEnum):
     """compressed-tensors "pack-quantized" safetensors, as llm-compressor writes and vLLM loads them."""
     GGUF = "gguf"
     """One GGUF file as llama.cpp loads it; the variant names the tensor types (``gguf:Q4_K_M``)."""
+    MODELOPT = "modelopt"
+    """NVIDIA ModelOpt's unified HF checkpoint (hf_quant_config.json): FP8 or W4A16 AWQ, as TensorRT-LLM's
+    PyTorch flow and vLLM's modelopt method load it."""
+    TRTLLM = "trtllm"
+    """TensorRT-LLM's checkpoint (config.json + rank0.safetensors, TensorRT-LLM tensor names), the input of
+    trtllm-build: FP8 or W4A16 GPTQ/AWQ."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -254,8 +264,59 @@ class GGMLScheme:
         return cls(type=ggml_type, importance=bool(data.get("importance", True)))
 
 
-Scheme = QuantScheme | GGMLScheme
-"""Any solve target: an integer grid (GPTQ, AWQ, compressed-tensors, ONNX, MLX) or a ggml block grid."""
+FP8_E4M3_MAX = 448.0
+"""The largest float8 e4m3 value (`torch.finfo(torch.float8_e4m3fn).max`): scales map absmax onto it."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FP8Scheme:
+    """The float8 e4m3 grid: one float32 scale per output row (`per_channel`) or per tensor.
+
+    Activations are cast to FP8 too when the model runs: with a scale per token computed on the fly
+    (dynamic, the default: nothing to calibrate, robust to outlier tokens), or with one calibrated
+    scale per tensor (`static_activations`: the input's absmax over the calibration set / 448), which
+    saves the per-token reduction and is what TensorRT-LLM's FP8 path and the "FP8" preset want.
+    """
+
+    VERSION = 1
+
+    per_channel: bool = True
+    static_activations: bool = False
+
+    def groups(self, in_features: int) -> int:
+        """One scale per row (or tensor), whatever the row length."""
+        return 1
+
+    def bits_per_weight(self, in_features: int) -> float:
+        """8 bits per weight plus the row's (or the tensor's, counted as nothing) float32 scale."""
+        return 8 + (32 / in_features if self.per_channel else 0.0)
+
+    @property
+    def label(self) -> str:
+        """``fp8 channel dynamic`` / ``fp8 tensor static``: how reports name the grid."""
+        return f"fp8 {'channel' if self.per_channel else 'tensor'} {'static' if self.static_activations else 'dynamic'}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"_version": self.VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FP8Scheme:
+        data = dict(data)
+        version = data.pop("_version", cls.VERSION)
+        if version != cls.VERSION:
+            raise ConfigError(f"FP8Scheme version {version} is not {cls.VERSION}")
+        unknown = set(data) - {"per_channel", "static_activations"}
+        if unknown:
+            raise ConfigError(f"unknown FP8Scheme keys: {sorted(unknown)}")
+        for key, value in data.items():
+            if not isinstance(value, bool):
+                raise ConfigError(f"FP8Scheme.{key} must be true or false, got {value!r}")
+        return cls(**data)
+
+
+Scheme = QuantScheme | GGMLScheme | FP8Scheme
+"""Any solve target: an integer grid (GPTQ, AWQ, compressed-tensors, ONNX, MLX), a ggml block grid, or
+the float8 grid."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -46,12 +46,12 @@ from typing import TYPE_CHECKING
 
 from bitsmith.errors import ConfigError, FormatError, NotFoundError
 from bitsmith.formats.base import atomic_file
-from bitsmith.schemes import GGMLScheme, QuantScheme
+from bitsmith.schemes import FP8Scheme, GGMLScheme, QuantScheme
 
 if TYPE_CHECKING:
     import torch
 
-    from bitsmith.quantized import GGMLWeight, QuantizedWeight
+    from bitsmith.quantized import Quantized
 
 QUANTIZED_PARTS = ("codes", "scales", "zeros", "g_idx")
 """The tensors of a `QuantizedWeight`, stored as `<name>.<part>`."""
@@ -139,7 +139,17 @@ class GGMLRef:
     in_features: int
 
 
-StoredWeight = QuantizedRef | GGMLRef
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FP8Ref:
+    """A stored `FP8Weight`: refs to its float8 data, its scale and (static activations) input scale."""
+
+    data: TensorRef
+    scale: TensorRef
+    input_scale: TensorRef | None
+    scheme: FP8Scheme
+
+
+StoredWeight = QuantizedRef | GGMLRef | FP8Ref
 """A solver's stored result, whatever grid it was solved on."""
 
 
@@ -256,15 +266,23 @@ class ArtifactStore:
         elif path.is_dir():
             shutil.rmtree(path)
 
-    def put_quantized(self, key: str, name: str, qw: QuantizedWeight | GGMLWeight, *, durable: bool = True
+    def put_quantized(self, key: str, name: str, qw: Quantized, *, durable: bool = True
                       ) -> StoredWeight:
         """Store a solver's result; its tensors are named `<name>.codes`, `<name>.scales`, ...
-        (`<name>.blocks` for a ggml-grid weight); `durable` as in `put_tensors`."""
-        from bitsmith.quantized import GGMLWeight
+        (`<name>.blocks` for a ggml-grid weight, `<name>.data` / `.scale` / `.input_scale` for a float8
+        one); `durable` as in `put_tensors`."""
+        from bitsmith.quantized import FP8Weight, GGMLWeight
 
         if isinstance(qw, GGMLWeight):
             blocks = self.put_tensors(key, {f"{name}.blocks": qw.data}, durable=durable)[f"{name}.blocks"]
             return GGMLRef(blocks=blocks, scheme=qw.scheme, in_features=qw.in_features)
+        if isinstance(qw, FP8Weight):
+            tensors = {f"{name}.data": qw.data, f"{name}.scale": qw.scale}
+            if qw.input_scale is not None:
+                tensors[f"{name}.input_scale"] = qw.input_scale
+            refs = self.put_tensors(key, tensors, durable=durable)
+            return FP8Ref(data=refs[f"{name}.data"], scale=refs[f"{name}.scale"],
+                          input_scale=refs.get(f"{name}.input_scale"), scheme=qw.scheme)
         refs = self.put_tensors(key, {f"{name}.{part}": getattr(qw, part) for part in QUANTIZED_PARTS},
                                 durable=durable)
         return QuantizedRef(
@@ -275,12 +293,16 @@ class ArtifactStore:
             scheme=qw.scheme,
         )
 
-    def get_quantized(self, qref: StoredWeight) -> QuantizedWeight | GGMLWeight:
+    def get_quantized(self, qref: StoredWeight) -> Quantized:
         """Load a stored solver result (verified against its refs)."""
-        from bitsmith.quantized import GGMLWeight, QuantizedWeight
+        from bitsmith.quantized import FP8Weight, GGMLWeight, QuantizedWeight
 
         if isinstance(qref, GGMLRef):
             return GGMLWeight(data=self.get_tensor(qref.blocks), scheme=qref.scheme, in_features=qref.in_features)
+        if isinstance(qref, FP8Ref):
+            stored = self.get_tensors([qref.data, qref.scale, *([qref.input_scale] if qref.input_scale else [])])
+            return FP8Weight(data=stored[qref.data.name], scale=stored[qref.scale.name], scheme=qref.scheme,
+                             input_scale=stored[qref.input_scale.name] if qref.input_scale else None)
         parts = [getattr(qref, part) for part in QUANTIZED_PARTS]
         tensors = self.get_tensors(parts)
         return QuantizedWeight(

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from bitsmith.errors import ConfigError
 from bitsmith.recipes import Recipe
-from bitsmith.schemes import Format, GGMLScheme
+from bitsmith.schemes import Format, GGMLScheme, Method
 
 INTEGER_KEY = ""
 """The key of the target every integer-grid format shares."""
@@ -75,8 +75,8 @@ def job_targets(recipe: Recipe, outputs: Sequence[tuple[Format, str | None]], mo
         types = linear_types(gguf_variant(variant), model_dir)
         if all(t is None for t in types.values()):
             continue
-        if recipe.method.scales_activations:
-            raise ConfigError(f"{recipe.method.value} searches integer grids and cannot target the GGUF mix "
+        if recipe.method.scales_activations or recipe.method is Method.FP8:
+            raise ConfigError(f"{recipe.method.value} quantizes onto its own grids and cannot target the GGUF mix "
                               f"{gguf_variant(variant)}; use rtn or gptq for GGUF")
         recipes[key] = recipe.with_schemes(
             {name: None if t is None else GGMLScheme(type=t) for name, t in types.items()}

@@ -65,7 +65,7 @@ from bitsmith_services.registry import Activations
 if TYPE_CHECKING:
     import torch
     from bitsmith.models import CheckpointModel
-    from bitsmith.quantized import GGMLWeight, QuantizedWeight
+    from bitsmith.quantized import Quantized
     from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 log = logging.getLogger("bitsmith.calibrator")
@@ -105,7 +105,7 @@ def _cached_model(path: str, device: str) -> CheckpointModel:
     return load_checkpoint(Path(path), device=device)
 
 
-def _on_device(weight: QuantizedWeight | GGMLWeight, device: torch.device) -> QuantizedWeight | GGMLWeight:
+def _on_device(weight: Quantized, device: torch.device) -> Quantized:
     """An integer-grid weight moved to `device`, so it dequantizes there (ggml blocks decode on the host)."""
     from bitsmith.quantized import QuantizedWeight
 
@@ -138,10 +138,10 @@ class SolvedWeights:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._jobs: dict[str, tuple[int, dict[StoredWeight, QuantizedWeight | GGMLWeight]]] = {}
+        self._jobs: dict[str, tuple[int, dict[StoredWeight, Quantized]]] = {}
 
     def get(self, job_id: str, block: int, ref: StoredWeight, store: ArtifactStore, device: torch.device
-            ) -> QuantizedWeight | GGMLWeight:
+            ) -> Quantized:
         with self._lock:
             held_block, held = self._jobs.get(job_id, (block, {}))
             if held_block != block:
@@ -313,11 +313,11 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
             hessians = collect_stats(model, request.block, names, inputs, overrides)
         # Linears of one group share their input: store each distinct Hessian once.
         stored: dict[int, str] = {}
-        for n, (h, _) in hessians.items():
-            stored.setdefault(id(h), f"{n}.hessian")
+        for n, captured in hessians.items():
+            stored.setdefault(id(captured.hessian), f"{n}.hessian")
         group = "+".join(n.rsplit(".", 1)[-1] for n in names)
         refs = self._store.put_tensors(_stats_key(request.job_id, request.block, f"{group}.safetensors"),
-                                       {stored[id(h)]: h for h, _ in hessians.values()}, durable=False
+                                       {stored[id(c.hessian)]: c.hessian for c in hessians.values()}, durable=False
                                        ) if hessians else {}
         stats = []
         for n in names:
@@ -325,9 +325,10 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
             if f"{n}.weight" in scaled:  # AWQ's rescaled weight; unset: the solver reads the checkpoint's
                 msg.weight.CopyFrom(scaled[f"{n}.weight"])
             if n in hessians:
-                h, tokens = hessians[n]
-                msg.hessian.CopyFrom(tensor_ref_to_proto(refs[stored[id(h)]]))
-                msg.tokens = tokens
+                captured = hessians[n]
+                msg.hessian.CopyFrom(tensor_ref_to_proto(refs[stored[id(captured.hessian)]]))
+                msg.tokens = captured.tokens
+                msg.input_absmax = captured.absmax
             stats.append(msg)
         self._report("Collect", started, request.block, names)
         return calibrator_pb2.CollectResponse(stats=stats, usage=usage_to_proto(self._device))

@@ -265,9 +265,9 @@ class RayPlacement:
         solvers: list[Worker] = []
         labels = _node_labels(ray.nodes())
         host: Any = ray.remote(ServiceHost)
-        for role in Role:
+        # The solvers come last, so "auto" counts what is left beside every other role.
+        for role in sorted(Role, key=lambda r: r is Role.SOLVER):
             resources = self.resources.get(role, ActorResources())
-            # The solver comes after the calibrator, so "auto" counts what is left beside it.
             count = (solver_replicas(self.solver_replicas, resources, ray.available_resources())
                      if role is Role.SOLVER else 1)
             for replica in range(count):

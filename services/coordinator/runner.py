@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from bitsmith.errors import BitsmithError, CancelledError, GateFailedError
 from bitsmith.rpc.convert import artifact_name, format_from_proto
+from bitsmith.runtimes import ENGINES, HOME_TARGET, Target
+from bitsmith.schemes import Method
 from bitsmith.telemetry import current_trace_id, setup_tracing
 from bitsmith.v1 import (
     calibrator_pb2,
@@ -36,7 +38,7 @@ from bitsmith_services.coordinator.diagnostics import JobRecorder
 from bitsmith_services.coordinator.jobstore import JobStore
 from bitsmith_services.coordinator.placement import ServiceAddresses, Worker
 from bitsmith_services.coordinator.retry import WorkerLink, retrying
-from bitsmith_services.registry import Role
+from bitsmith_services.registry import RUNTIME_ROLES, Role
 
 if TYPE_CHECKING:
     from bitsmith.pipeline import ProgressEvent
@@ -77,8 +79,7 @@ class Stubs:
 
         links = {Role.CALIBRATOR: link(Role.CALIBRATOR, calibrator_pb2_grpc.CalibratorServiceStub),
                  Role.PACKER: link(Role.PACKER, packer_pb2_grpc.PackerServiceStub),
-                 **{role: link(role, runtime_pb2_grpc.RuntimeServiceStub)
-                    for role in (Role.RUNTIME_CPU, Role.RUNTIME_APPLE)}}
+                 **{role: link(role, runtime_pb2_grpc.RuntimeServiceStub) for role in RUNTIME_ROLES.values()}}
         solvers = [link(Role.SOLVER, solver_pb2_grpc.SolverServiceStub, i, worker.address)
                    for i, worker in enumerate(addresses.solvers)]
         return cls(
@@ -87,14 +88,19 @@ class Stubs:
                      for worker, solver in zip(addresses.solvers, solvers, strict=True)],
             packer=retrying(links[Role.PACKER], packer_pb2_grpc.PackerServiceStub),
             runtimes={role: retrying(links[role], runtime_pb2_grpc.RuntimeServiceStub)
-                      for role in (Role.RUNTIME_CPU, Role.RUNTIME_APPLE)},
+                      for role in RUNTIME_ROLES.values()},
             links=[*links.values(), *solvers],
         )
 
     @staticmethod
-    def runtime_role(fmt: int) -> Role:
-        """The runtime that proves an artifact of proto format `fmt`: MLX on the Apple runtime, the rest on CPU."""
-        return Role.RUNTIME_APPLE if fmt == common_pb2.FORMAT_MLX else Role.RUNTIME_CPU
+    def runtime_role(fmt: int, *, fp8: bool) -> Role:
+        """The runtime that proves an artifact of proto format `fmt`: its format's home target, except that
+        an artifact holding FP8 linears (`fp8`) is proven on NVIDIA, whose engine alone applies FP8
+        activations (its torch twins do so on a machine without a GPU)."""
+        library_format = format_from_proto(fmt)
+        if fp8 and library_format in ENGINES[Target.NVIDIA]:
+            return RUNTIME_ROLES[Target.NVIDIA]
+        return RUNTIME_ROLES[HOME_TARGET[library_format]]
 
     def close(self) -> None:
         for link in self.links:
@@ -183,8 +189,7 @@ class RpcBackend:
     def solve(self, bid: int, names: Sequence[str], assignment: Assignment,
               stats: Sequence[common_pb2.LinearStats], scaled: Mapping[str, common_pb2.NamedTensor], *,
               target: str = "") -> dict[str, common_pb2.QuantizedRef]:
-        from bitsmith.rpc.convert import ggml_scheme_to_proto, method_to_proto, scheme_to_proto
-        from bitsmith.schemes import GGMLScheme
+        from bitsmith.rpc.convert import method_to_proto, set_solve_grid
 
         wanted = set(names)
         request = solver_pb2.SolveRequest(
@@ -196,10 +201,7 @@ class RpcBackend:
         for linear in request.stats:
             if linear.name in references:
                 linear.reference.CopyFrom(references[linear.name])
-        if isinstance(assignment.scheme, GGMLScheme):
-            request.ggml.CopyFrom(ggml_scheme_to_proto(assignment.scheme))
-        else:
-            request.scheme.CopyFrom(scheme_to_proto(assignment.scheme))
+        set_solve_grid(request, assignment.scheme)
         with self._solvers.take() as solver, self._recorder.call("solve", Role.SOLVER, "Solve", block=bid,
                                                                  worker=solver.worker.address):
             reply = solver.stub.Solve(request, timeout=STEP_TIMEOUT_S)
@@ -244,9 +246,12 @@ def _layer_diagnostics(solved: solver_pb2.SolvedLinear, block: int, target: str,
                        scheme: Scheme) -> common_pb2.LayerDiagnostics:
     """One solved linear as the report shows it (its grid's nominal bits, errors, size)."""
     quantized = solved.quantized
-    ggml = quantized.HasField("ggml")
-    in_features = quantized.in_features if ggml else quantized.g_idx.shape[0]
-    out_features = (quantized.blocks if ggml else quantized.codes).shape[0]
+    if quantized.HasField("ggml"):
+        out_features, in_features = quantized.blocks.shape[0], quantized.in_features
+    elif quantized.HasField("fp8"):
+        out_features, in_features = quantized.fp8_data.shape
+    else:
+        out_features, in_features = quantized.codes.shape
     return common_pb2.LayerDiagnostics(
         name=solved.quantized.name, block=block, target=target, method=method, grid=scheme.label,  # type: ignore[arg-type]
         bits_per_weight=scheme.bits_per_weight(in_features), parameters=in_features * out_features,
@@ -336,13 +341,14 @@ class JobRunner:
         from bitsmith.targets import JobTargets, job_targets
 
         outputs = [(format_from_proto(f.format), f.variant or None) for f in spec.output.formats]
-        targets = job_targets(recipe_from_proto(spec.recipe), outputs, Path(spec.model_path))
+        recipe = recipe_from_proto(spec.recipe)
+        targets = job_targets(recipe, outputs, Path(spec.model_path))
         with recorder.call("plan", Role.CALIBRATOR, "Plan"):
             model_plan = self._stubs.calibrator.Plan(calibrator_pb2.PlanRequest(model_path=spec.model_path),
                                                      timeout=600)
         plan = Plan(num_blocks=len(model_plan.blocks),
                     groups=[[list(g.names) for g in b.groups] for b in model_plan.blocks],
-                    recipe=targets.primary or recipe_from_proto(spec.recipe), extra=targets.extra,
+                    recipe=targets.primary or recipe, extra=targets.extra,
                     parallel=spec.calibration.mode == common_pb2.CALIBRATION_MODE_PARALLEL)
         prefixes = [b.prefix for b in model_plan.blocks]
         total = (plan.solve_steps if targets.recipes else 0) + len(spec.output.formats) * (
@@ -388,7 +394,7 @@ class JobRunner:
                 self._check_cancel()
                 name = artifact_name(artifact)
                 self._event("evaluate", f"evaluating the written {name} artifact", step=done, total=total)
-                role = Stubs.runtime_role(artifact.format)
+                role = Stubs.runtime_role(artifact.format, fp8=Method.FP8 in recipe.methods)
                 with recorder.call("evaluate", role, "Evaluate"):
                     evaluated = self._stubs.runtimes[role].Evaluate(
                         runtime_pb2.EvaluateRequest(artifact_path=staged, reference_model_path=spec.model_path,

@@ -73,7 +73,7 @@ def validate_spec(spec: job_pb2.QuantizeJob) -> None:
     out = Path(spec.output.path)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise AlreadyExistsError(f"output path {out} exists and is not an empty directory")
-    calibrated = sorted(m.value for m in recipe.methods if m.needs_calibration)
+    calibrated = recipe.calibration_needs
     needs_data = bool(calibrated)
     cal = spec.calibration
     if needs_data:
@@ -192,7 +192,7 @@ class Coordinator(job_pb2_grpc.JobServiceServicer):
 
     def _demand(self, spec: job_pb2.QuantizeJob) -> Demand:
         """What the job asks of the cluster, refused unless the cluster can ever give it."""
-        demand = demand_of(spec, calibrated=any(m.needs_calibration for m in recipe_from_proto(spec.recipe).methods))
+        demand = demand_of(spec, calibrated=bool(recipe_from_proto(spec.recipe).calibration_needs))
         limit = self._limits.max_gpus_per_job
         if limit is not None and demand.gpus > limit:
             raise ResourceExhaustedError(

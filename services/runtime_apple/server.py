@@ -10,12 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import grpc
-from bitsmith.schemes import Format
+from bitsmith.runtimes import Target
 from bitsmith_services.runtime_cpu.server import create_runtime_server
-
-APPLE_FORMATS: frozenset[Format | None] = frozenset({Format.MLX})
 
 
 def create_server(address: str, *, store_root: Path) -> tuple[grpc.Server, int]:
     """`store_root` is unused: the runtime reads artifacts, not the scratch store."""
-    return create_runtime_server(address, APPLE_FORMATS, component="runtime_apple")
+    return create_runtime_server(address, Target.APPLE, component="runtime_apple")

@@ -2,38 +2,40 @@
 
 runtime_cpu runs checkpoints and GPTQ / AWQ / compressed-tensors artifacts through torch, ONNX artifacts
 through ONNX Runtime and GGUF artifacts through llama.cpp (in a worker process per file, so a file that
-crashes llama.cpp fails its call, not the service). `Runtime` is the servicer of every runtime target; a
-target is the set of formats it runs (runtime_apple reuses it with MLX).
+crashes llama.cpp fails its call, not the service). `Runtime` is the servicer of every runtime target
+(`bitsmith.runtimes.Target`: the engines it has by format); runtime_apple and runtime_nvidia reuse it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from bitsmith.errors import ConfigError
 from bitsmith.rpc.convert import eval_result_to_proto, usage_to_proto
 from bitsmith.rpc.server import ServiceBinding
 from bitsmith.rpc.server import create_server as _create_server
-from bitsmith.schemes import Format
+from bitsmith.runtimes import Target
 from bitsmith.v1 import runtime_pb2, runtime_pb2_grpc
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_NEW_TOKENS = 4096
 DEFAULT_CHUNK_INTERVAL_MS = 10
 """A GenerateRequest without `chunk_interval_ms` gets this: below what a reader of the stream notices, above
 a small model's decode step (so the stream's cost stays a small share of its time)."""
-CPU_FORMATS: frozenset[Format | None] = frozenset(
-    {None, Format.GPTQ, Format.ONNX, Format.AWQ, Format.COMPRESSED_TENSORS, Format.GGUF}
-)
-"""What runtime_cpu runs: unquantized checkpoints (None) and these artifact formats."""
 
 
 class Runtime(runtime_pb2_grpc.RuntimeServiceServicer):
-    """Evaluate / Generate on the artifacts whose format is in `formats` (others: FAILED_PRECONDITION)."""
+    """Evaluate / Generate on `target`'s engines (an artifact of a format the target does not run:
+    FAILED_PRECONDITION); usage reports `device`'s peak memory where the target computes on one."""
 
-    def __init__(self, formats: Collection[Format | None]) -> None:
-        self.formats = frozenset(formats)
+    def __init__(self, target: Target, device: torch.device | None = None) -> None:
+        self.target = target
+        self.device = device
 
     def Evaluate(self, request: runtime_pb2.EvaluateRequest, context: grpc.ServicerContext
                  ) -> runtime_pb2.EvaluateResponse:
@@ -42,10 +44,10 @@ class Runtime(runtime_pb2_grpc.RuntimeServiceServicer):
         results = evaluate_path(
             Path(request.artifact_path), [Path(f) for f in request.data_files], seq_len=request.seq_len or 512,
             reference=Path(request.reference_model_path) if request.reference_model_path else None,
-            formats=self.formats,
+            target=self.target,
         )
         return runtime_pb2.EvaluateResponse(results=[eval_result_to_proto(r) for r in results],
-                                            usage=usage_to_proto())
+                                            usage=usage_to_proto(self.device))
 
     def Generate(self, request: runtime_pb2.GenerateRequest, context: grpc.ServicerContext
                  ) -> Iterator[runtime_pb2.GenerateChunk]:
@@ -56,7 +58,7 @@ class Runtime(runtime_pb2_grpc.RuntimeServiceServicer):
         interval_ms = (request.chunk_interval_ms if request.HasField("chunk_interval_ms")
                        else DEFAULT_CHUNK_INTERVAL_MS)
         for piece in generate_greedy(Path(request.artifact_path), request.prompt, request.max_new_tokens,
-                                     should_stop=lambda: not context.is_active(), formats=self.formats,
+                                     should_stop=lambda: not context.is_active(), target=self.target,
                                      chunk_interval_s=interval_ms / 1e3):
             if isinstance(piece, GenerationStats):
                 yield runtime_pb2.GenerateChunk(stats=runtime_pb2.GenerateStats(
@@ -67,13 +69,13 @@ class Runtime(runtime_pb2_grpc.RuntimeServiceServicer):
                 yield runtime_pb2.GenerateChunk(text=piece)
 
 
-def create_runtime_server(address: str, formats: Collection[Format | None], component: str
+def create_runtime_server(address: str, target: Target, component: str, device: torch.device | None = None
                           ) -> tuple[grpc.Server, int]:
-    """A RuntimeService for the target that runs `formats`."""
-    binding = ServiceBinding.of(Runtime(formats), runtime_pb2, runtime_pb2_grpc, "RuntimeService")
+    """A RuntimeService for `target` (computing on `device`, where it reports that device's memory)."""
+    binding = ServiceBinding.of(Runtime(target, device), runtime_pb2, runtime_pb2_grpc, "RuntimeService")
     return _create_server(address, [binding], component=component)
 
 
 def create_server(address: str, *, store_root: Path) -> tuple[grpc.Server, int]:
     """`store_root` is unused: the runtime reads artifacts, not the scratch store."""
-    return create_runtime_server(address, CPU_FORMATS, component="runtime_cpu")
+    return create_runtime_server(address, Target.CPU, component="runtime_cpu")

@@ -25,11 +25,10 @@ import grpc
 from bitsmith.devices import AUTO, peak_memory_bytes, release_cached_memory, resolve_device
 from bitsmith.errors import ConfigError
 from bitsmith.rpc.convert import (
-    ggml_scheme_from_proto,
     gptq_from_proto,
     method_from_proto,
     quantized_ref_to_proto,
-    scheme_from_proto,
+    solve_grid,
     tensor_ref_from_proto,
     usage_to_proto,
 )
@@ -110,10 +109,11 @@ class Solver(solver_pb2_grpc.SolverServiceServicer):
         hessian = (self._store.get_tensor(tensor_ref_from_proto(first.hessian)).to(self._device)
                    if hessian_keys else None)
         label = ",".join(_full_name(request, n) for n in names)
-        scheme = ggml_scheme_from_proto(request.ggml) if request.HasField("ggml") else scheme_from_proto(request.scheme)
+        scheme = solve_grid(request)
         options = gptq_from_proto(request.gptq)
         outcomes = solve_group(weights, hessian, method=method_from_proto(request.method), scheme=scheme,
-                               options=options, label=label)
+                               options=options, label=label,
+                               input_absmax=first.input_absmax if first.HasField("hessian") else None)
         solved = []
         for stats, weight, outcome in zip(request.stats, weights, outcomes, strict=True):
             name = stats.name

@@ -39,11 +39,11 @@ from bitsmith_services.registry import Role
 NODE_RESOURCES = {
     "head": {"bitsmith_head": 1},
     "gpu": {"bitsmith_gpu_node": 2},
-    "cpu": {"bitsmith_cpu_node": 3},
+    "cpu": {"bitsmith_cpu_node": 4},
 }
 """Each node's custom resource; the head hosts no service."""
 ROLE_NODES = {Role.CALIBRATOR: "gpu", Role.SOLVER: "gpu", Role.PACKER: "cpu", Role.RUNTIME_CPU: "cpu",
-              Role.RUNTIME_APPLE: "cpu"}
+              Role.RUNTIME_APPLE: "cpu", Role.RUNTIME_NVIDIA: "cpu"}
 """Where each role must land: it asks for one unit of that node's resource."""
 NODE_START_TIMEOUT_S = 90.0
 CLUSTER_STATE = """

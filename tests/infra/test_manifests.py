@@ -225,7 +225,8 @@ def test_ray_cluster_config_places_every_role_on_a_node_type_that_offers_its_res
     name, _, value = env.partition("=")
     assert name == RAY_RESOURCES_ENV
     roles = check_role_resources(shlex.split(value)[0], [t["resources"] for t in types.values()])
-    assert all(roles[r].amounts.get("GPU") for r in (Role.CALIBRATOR, Role.SOLVER)), "compute roles get a GPU"
+    assert all(roles[r].amounts.get("GPU") for r in (Role.CALIBRATOR, Role.SOLVER, Role.RUNTIME_NVIDIA)), (
+        "the compute roles and the NVIDIA runtime get a GPU")
     args = parse_cli(shlex.split(cli.partition(" > ")[0]))
     assert args.service == "coordinator" and args.ray_address == "auto"
     assert Path(args.home).is_relative_to(STORE_MOUNT)

@@ -202,7 +202,7 @@ def test_every_service_serves_health_and_reflection(stack: Stack) -> None:
     names = {
         Role.CALIBRATOR: "bitsmith.v1.CalibratorService", Role.SOLVER: "bitsmith.v1.SolverService",
         Role.PACKER: "bitsmith.v1.PackerService", Role.RUNTIME_CPU: "bitsmith.v1.RuntimeService",
-        Role.RUNTIME_APPLE: "bitsmith.v1.RuntimeService",
+        Role.RUNTIME_APPLE: "bitsmith.v1.RuntimeService", Role.RUNTIME_NVIDIA: "bitsmith.v1.RuntimeService",
     }
     targets = [(addr, names[role]) for role, addr in stack.addresses.by_role.items()]
     targets.append((stack.address, "bitsmith.v1.JobService"))

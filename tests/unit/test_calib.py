@@ -117,12 +117,13 @@ def test_capture_matches_manual_activations(demo_checkpoint) -> None:  # type: i
     hidden = demo_checkpoint.embed(ids)
     captured = capture_hessians(demo_checkpoint, 0, hidden, ["self_attn.q_proj", "mlp.down_proj"], chunk=2)
     assert set(captured) == {"self_attn.q_proj", "mlp.down_proj"}
-    h_q, count = captured["self_attn.q_proj"]
+    h_q, count, absmax = captured["self_attn.q_proj"]
     assert count == 60 and captured["mlp.down_proj"][0].shape == (768, 768)
     layer = demo_checkpoint.block_module(0)
     with torch.no_grad():
         x = layer.input_layernorm(hidden).reshape(60, 256).double()
     torch.testing.assert_close(h_q, (2 / 60 * x.T @ x).float(), rtol=1e-4, atol=1e-5)
+    assert absmax == pytest.approx(float(x.abs().max()), rel=1e-6)
     single = capture_hessians(demo_checkpoint, 0, hidden, ["mlp.down_proj"], chunk=3)
     torch.testing.assert_close(single["mlp.down_proj"][0], captured["mlp.down_proj"][0], rtol=1e-4, atol=1e-6)
     assert not layer.self_attn.q_proj._forward_pre_hooks

@@ -182,12 +182,13 @@ def test_solver_replicas_count_or_as_many_as_fit() -> None:
 
 def test_services_take_several_solver_replicas_and_nothing_else_twice() -> None:
     addresses = ServiceAddresses.parse("calibrator=a:1,solver=b:1,solver=b:2,packer=c:1,runtime_cpu=d:1,"
-                                       "runtime_apple=e:1")
+                                       "runtime_apple=e:1,runtime_nvidia=f:1")
     assert [w.address for w in addresses.solvers] == ["b:1", "b:2"] and addresses[Role.SOLVER] == "b:1"
     single = ServiceAddresses({role: f"{role.value}:1" for role in Role})
     assert single.solvers == (Worker("solver:1"),)
     with pytest.raises(ConfigError, match="calibrator twice"):
-        ServiceAddresses.parse("calibrator=a:1,calibrator=a:2,solver=b:1,packer=c:1,runtime_cpu=d:1,runtime_apple=e:1")
+        ServiceAddresses.parse("calibrator=a:1,calibrator=a:2,solver=b:1,packer=c:1,runtime_cpu=d:1,"
+                               "runtime_apple=e:1,runtime_nvidia=f:1")
 
 
 def test_host_memory_comes_from_the_environment_or_the_host(monkeypatch: pytest.MonkeyPatch) -> None:

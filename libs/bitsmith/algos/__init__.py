@@ -25,12 +25,13 @@ from typing import Protocol
 import torch
 
 from bitsmith.algos import kquant
+from bitsmith.algos.fp8 import quantize_fp8
 from bitsmith.algos.gptq import GPTQResult, hessian_row_errors, solve_gptq, split_rows
 from bitsmith.algos.gptq_reference import solve_gptq_reference
 from bitsmith.algos.rtn import quantize_rtn
 from bitsmith.errors import CalibrationError, UnsupportedError
-from bitsmith.quantized import GGMLWeight, QuantizedWeight
-from bitsmith.schemes import GGMLScheme, GPTQOptions, Method, Scheme
+from bitsmith.quantized import Quantized
+from bitsmith.schemes import FP8Scheme, GGMLScheme, GPTQOptions, Method, Scheme
 
 
 class Solver(Protocol):
@@ -43,6 +44,8 @@ class Solver(Protocol):
         scheme: Scheme,
         options: GPTQOptions,
         name: str,
+        *,
+        input_absmax: float | None = None,
     ) -> GPTQResult: ...
 
 
@@ -59,12 +62,17 @@ def _solve_rtn(
     scheme: Scheme,
     options: GPTQOptions,
     name: str,
+    *,
+    input_absmax: float | None = None,
 ) -> GPTQResult:
-    """RTN under the common convention; errors are measured when a Hessian is given, NaN otherwise."""
-    quantized: QuantizedWeight | GGMLWeight
+    """RTN under the common convention; errors are measured when a Hessian is given, NaN otherwise.
+    `input_absmax` (calibration's largest |input|) makes the float8 grid's static activation scale."""
+    quantized: Quantized
     if isinstance(scheme, GGMLScheme):
         importance = torch.diagonal(hessian) if hessian is not None and scheme.importance else None
         quantized = kquant.quantize(weight, scheme.type, importance, name=name)
+    elif isinstance(scheme, FP8Scheme):
+        quantized = quantize_fp8(weight, scheme, name=name, input_absmax=input_absmax)
     else:
         quantized = quantize_rtn(weight, scheme, name=name, search=options.grid_search)
     if hessian is None:
@@ -88,6 +96,8 @@ def _solve_gptq(
     scheme: Scheme,
     options: GPTQOptions,
     name: str,
+    *,
+    input_absmax: float | None = None,
 ) -> GPTQResult:
     if hessian is None:
         raise CalibrationError(f"{name}: GPTQ needs a Hessian from calibration data")
@@ -99,6 +109,7 @@ METHODS: Mapping[Method, MethodSpec] = {
     Method.GPTQ: MethodSpec(solve=_solve_gptq),
     Method.AWQ: MethodSpec(solve=_solve_rtn),
     Method.AWQ_GPTQ: MethodSpec(solve=_solve_gptq),
+    Method.FP8: MethodSpec(solve=_solve_rtn),
 }
 
 

@@ -26,10 +26,13 @@ import torch
 
 from bitsmith.algos.grid import fit_grid, group_size_for
 from bitsmith.algos.rtn import quantize_rtn
-from bitsmith.errors import ConfigError, SolverError
+from bitsmith.errors import ConfigError, SolverError, UnsupportedError
 from bitsmith.kernels import KernelPreference
-from bitsmith.quantized import GGMLWeight, QuantizedWeight
-from bitsmith.schemes import GGMLScheme, GPTQOptions, GridSearch, QuantScheme, Scheme
+from bitsmith.quantized import FP8Weight, GGMLWeight, Quantized, QuantizedWeight
+from bitsmith.schemes import FP8Scheme, GGMLScheme, GPTQOptions, GridSearch, QuantScheme, Scheme
+
+SolvedGrid = QuantScheme | GGMLScheme
+"""The grids GPTQ solves on (the float8 grid is rounded to nearest: `bitsmith.algos.fp8`)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -41,7 +44,7 @@ class GPTQResult:
     The per-row terms (float64 [N]) let a result of concatenated linears be split exactly.
     """
 
-    weight: QuantizedWeight | GGMLWeight
+    weight: Quantized
     damp_percent: float
     error: float
     rtn_error: float
@@ -232,7 +235,7 @@ def hessian_factor(hessian: torch.Tensor, options: GPTQOptions, name: str = "") 
 def prepare(
     weight: torch.Tensor,
     hessian: torch.Tensor,
-    scheme: Scheme,
+    scheme: SolvedGrid,
     options: GPTQOptions,
     name: str = "",
     search: GridSearch | None = None,
@@ -387,7 +390,7 @@ class GridTracker:
 
 
 def solved_result(
-    quantized: QuantizedWeight | GGMLWeight,
+    quantized: Quantized,
     weight: torch.Tensor,
     hessian: torch.Tensor,
     prepared: Prepared,
@@ -505,6 +508,9 @@ def solve_gptq(
     >>> result.weight.codes.shape, result.error < result.rtn_error
     (torch.Size([8, 64]), True)
     """
+    if isinstance(scheme, FP8Scheme):
+        raise UnsupportedError(f"{name}: GPTQ solves integer and ggml grids; the float8 grid is rounded to "
+                               "nearest (method fp8)")
     prepared = prepare(weight, hessian, scheme, options, name, search)
     if not devices:
         return _solve_prepared(prepared, weight, hessian, scheme, options.block_size, kernels, ROW_TILE)
@@ -541,7 +547,7 @@ def _solve_prepared(
     prepared: Prepared,
     weight: torch.Tensor,
     hessian: torch.Tensor,
-    scheme: Scheme,
+    scheme: SolvedGrid,
     block_size: int,
     kernels: KernelPreference,
     row_tile: int,
@@ -616,10 +622,12 @@ def cat_rows(parts: Sequence[GPTQResult], device: torch.device) -> GPTQResult:
     inverse of `split_rows`."""
     weights = [part.weight for part in parts]
     first = weights[0]
-    weight: QuantizedWeight | GGMLWeight
+    weight: Quantized
     if isinstance(first, GGMLWeight):
         data = torch.cat([w.data.to(device) for w in weights if isinstance(w, GGMLWeight)])
         weight = GGMLWeight(data=data, scheme=first.scheme, in_features=first.in_features)
+    elif isinstance(first, FP8Weight):
+        raise ConfigError("GPTQ results are never on the float8 grid")
     else:
         quantized = [w for w in weights if isinstance(w, QuantizedWeight)]
         weight = QuantizedWeight(
@@ -649,16 +657,9 @@ def split_rows(result: GPTQResult, sizes: Sequence[int]) -> list[GPTQResult]:
     start = 0
     for size in sizes:
         rows = slice(start, start + size)
-        qw = result.weight
         parts.append(
             GPTQResult(
-                weight=qw.rows(rows) if isinstance(qw, GGMLWeight) else QuantizedWeight(
-                    codes=qw.codes[rows],
-                    scales=qw.scales[rows],
-                    zeros=qw.zeros[rows],
-                    g_idx=qw.g_idx,
-                    scheme=qw.scheme,
-                ),
+                weight=result.weight.rows(rows),
                 damp_percent=result.damp_percent,
                 error=float(result.row_errors[rows].sum()),
                 rtn_error=float(result.rtn_row_errors[rows].sum()),

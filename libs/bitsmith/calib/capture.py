@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from bitsmith.calib.stats import HessianAccumulator
+from bitsmith.calib.stats import HessianAccumulator, InputStats
 from bitsmith.errors import CalibrationError, ConfigError
 from bitsmith.models.base import CheckpointModel
 
@@ -130,8 +130,8 @@ def capture_hessians(
     overrides: Mapping[str, torch.Tensor] | None = None,
     *,
     chunk: int | None = None,
-) -> dict[str, tuple[torch.Tensor, int]]:
-    """Hessian and token count of the input of each linear in `names` while block `bid` runs `inputs`.
+) -> dict[str, InputStats]:
+    """Hessian, token count and absmax of the input of each linear in `names` while block `bid` runs `inputs`.
 
     `overrides` (block-local parameter name -> value) lets earlier groups' quantized weights shape the
     activations that later groups see (true-sequential quantization).
@@ -150,4 +150,4 @@ def capture_hessians(
     run_with_input_hooks(
         model, bid, inputs, {name: sink_for(acc) for name, acc in accumulators.items()}, overrides, chunk=chunk
     )
-    return {name: (acc.hessian(), acc.count) for name, acc in accumulators.items()}
+    return {name: acc.stats() for name, acc in accumulators.items()}

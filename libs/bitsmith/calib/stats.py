@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from bitsmith.errors import CalibrationError
+
+
+class InputStats(NamedTuple):
+    """What calibration learns about one linear's input: GPTQ's Hessian, the rows it was made of, and
+    the largest |activation| (FP8's static activation scale is that over 448)."""
+
+    hessian: torch.Tensor
+    tokens: int
+    absmax: float
 
 
 class HessianAccumulator:
@@ -25,6 +36,7 @@ class HessianAccumulator:
         self.name = name
         self.count = 0
         self._sum = torch.zeros(columns, columns, dtype=torch.float64, device=device)
+        self._absmax = torch.zeros((), dtype=torch.float32, device=device)
 
     def add(self, x: torch.Tensor) -> None:
         """Accumulate activations [..., K]; every leading dimension counts as rows."""
@@ -34,6 +46,7 @@ class HessianAccumulator:
         if not torch.isfinite(rows).all():
             raise CalibrationError(f"{self.name}: activations contain NaN or Inf")
         self._sum.add_(rows.T @ rows)  # widened element by element: no float64 copy of the product
+        torch.maximum(self._absmax, rows.abs().amax(), out=self._absmax)  # stays on the device: no sync
         self.count += rows.shape[0]
 
     def hessian(self) -> torch.Tensor:
@@ -41,6 +54,10 @@ class HessianAccumulator:
         if self.count == 0:
             raise CalibrationError(f"{self.name}: no activations were captured")
         return (self._sum * (2.0 / self.count)).float()
+
+    def stats(self) -> InputStats:
+        """The Hessian, the number of rows and the absmax seen; raises if nothing was accumulated."""
+        return InputStats(hessian=self.hessian(), tokens=self.count, absmax=float(self._absmax))
 
 
 def relative_output_error(inputs: torch.Tensor, quantized: torch.Tensor, reference: torch.Tensor) -> float:

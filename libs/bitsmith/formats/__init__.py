@@ -25,6 +25,8 @@ _MEMBERS = MappingProxyType({
     Format.AWQ: "bitsmith.formats.awq",
     Format.COMPRESSED_TENSORS: "bitsmith.formats.compressed_tensors",
     Format.GGUF: "bitsmith.formats.gguf",
+    Format.MODELOPT: "bitsmith.formats.modelopt",
+    Format.TRTLLM: "bitsmith.formats.trtllm",
 })
 """Format → module exposing `write` and `read` (checked by a test to cover every `Format`)."""
 

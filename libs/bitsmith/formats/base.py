@@ -32,7 +32,7 @@ from bitsmith.errors import AlreadyExistsError, ConfigError, FormatError
 if TYPE_CHECKING:
     import torch
 
-    from bitsmith.quantized import GGMLWeight, QuantizedWeight
+    from bitsmith.quantized import Quantized, QuantizedWeight
     from bitsmith.schemes import GPTQOptions
 
 PARTIAL_MARKER = ".partial-"
@@ -245,23 +245,23 @@ class Writer(Protocol):
         out_dir: Path,
         *,
         source_model_dir: Path,
-        quantized: Mapping[str, QuantizedWeight | GGMLWeight],
+        quantized: Mapping[str, Quantized],
         options: GPTQOptions,
         variant: str | None = None,
         dense: Mapping[str, torch.Tensor] | None = None,
     ) -> Path: ...
 
 
-def integer_weights(quantized: Mapping[str, QuantizedWeight | GGMLWeight], fmt: str) -> dict[str, QuantizedWeight]:
-    """The solved linears of an integer-grid format; `FormatError` naming any linear solved onto ggml
-    blocks instead, which only GGUF stores (their scales are not an integer grid's)."""
-    from bitsmith.quantized import GGMLWeight
+def integer_weights(quantized: Mapping[str, Quantized], fmt: str) -> dict[str, QuantizedWeight]:
+    """The solved linears of an integer-grid format; `FormatError` naming any linear solved onto another
+    grid (ggml blocks, which only GGUF stores; float8, which FP8 formats store)."""
+    from bitsmith.quantized import QuantizedWeight
 
     out = {}
     for name, weight in quantized.items():
-        if isinstance(weight, GGMLWeight):
-            raise FormatError(f"{name} was solved onto ggml {weight.scheme.type.value} blocks, which only GGUF "
-                              f"stores; {fmt} needs an integer-grid solve")
+        if not isinstance(weight, QuantizedWeight):
+            raise FormatError(f"{name} was solved onto the {weight.scheme.label} grid, which {fmt} cannot "
+                              f"store; {fmt} needs an integer-grid solve")
         out[name] = weight
     return out
 

@@ -13,6 +13,7 @@ from bitsmith.models.base import (
     get_adapter,
     load_causal_lm,
     load_checkpoint,
+    meta_causal_lm,
     read_config,
     supported_architectures,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "llama",
     "load_causal_lm",
     "load_checkpoint",
+    "meta_causal_lm",
     "qwen2",
     "read_config",
     "supported_architectures",

@@ -592,6 +592,14 @@ def build_causal_lm(model_dir: str | Path, state_dict: Mapping[str, torch.Tensor
     return model.eval()
 
 
+def meta_causal_lm(model_dir: str | Path) -> tuple[torch.nn.Module, Any, ArchAdapter]:
+    """The transformers model of `model_dir`'s config on the meta device (nothing allocated), with the
+    config and adapter: a skeleton for a loader that fills each tensor itself, on the device and in the
+    layout it wants, rather than building the float model first."""
+    config, adapter = read_config(model_dir)
+    return _build_model(config, adapter, Path(model_dir) / "config.json", device="meta"), config, adapter
+
+
 def load_causal_lm(model_dir: str | Path) -> torch.nn.Module:
     """The checkpoint as a float32 transformers causal LM in eval mode (validated like `load_checkpoint`)."""
     model_dir = Path(model_dir)

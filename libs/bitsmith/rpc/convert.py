@@ -11,18 +11,32 @@ from typing import TYPE_CHECKING
 from bitsmith.errors import ConfigError
 from bitsmith.recipes import ModuleOverride, Recipe
 from bitsmith.runtimes import DatasetResult
-from bitsmith.schemes import AWQOptions, Format, GGMLScheme, GGMLType, GPTQOptions, GridSearch, Method, QuantScheme
-from bitsmith.store import GGMLRef, QuantizedRef, StoredWeight, TensorRef
+from bitsmith.schemes import (
+    AWQOptions,
+    Format,
+    FP8Scheme,
+    GGMLScheme,
+    GGMLType,
+    GPTQOptions,
+    GridSearch,
+    Method,
+    QuantScheme,
+    Scheme,
+)
+from bitsmith.store import FP8Ref, GGMLRef, QuantizedRef, StoredWeight, TensorRef
 from bitsmith.v1 import common_pb2
 
 if TYPE_CHECKING:
     import torch
+
+    from bitsmith.v1 import solver_pb2
 
 _METHODS = {
     Method.RTN: common_pb2.METHOD_RTN,
     Method.GPTQ: common_pb2.METHOD_GPTQ,
     Method.AWQ: common_pb2.METHOD_AWQ,
     Method.AWQ_GPTQ: common_pb2.METHOD_AWQ_GPTQ,
+    Method.FP8: common_pb2.METHOD_FP8,
 }
 
 
@@ -59,6 +73,33 @@ def ggml_scheme_from_proto(msg: common_pb2.GGMLScheme) -> GGMLScheme:
     except ValueError:
         raise ConfigError(f"unknown ggml type {msg.type!r}; known: {[t.value for t in GGMLType]}") from None
     return GGMLScheme(type=ggml_type, importance=msg.importance)
+
+
+def fp8_scheme_to_proto(scheme: FP8Scheme) -> common_pb2.FP8Scheme:
+    return common_pb2.FP8Scheme(per_channel=scheme.per_channel, static_activations=scheme.static_activations)
+
+
+def fp8_scheme_from_proto(msg: common_pb2.FP8Scheme) -> FP8Scheme:
+    return FP8Scheme(per_channel=msg.per_channel, static_activations=msg.static_activations)
+
+
+def set_solve_grid(request: solver_pb2.SolveRequest, scheme: Scheme) -> None:
+    """Put `scheme` into the one field of a solve request that holds its kind of grid."""
+    if isinstance(scheme, GGMLScheme):
+        request.ggml.CopyFrom(ggml_scheme_to_proto(scheme))
+    elif isinstance(scheme, FP8Scheme):
+        request.fp8.CopyFrom(fp8_scheme_to_proto(scheme))
+    else:
+        request.scheme.CopyFrom(scheme_to_proto(scheme))
+
+
+def solve_grid(request: solver_pb2.SolveRequest) -> Scheme:
+    """The grid a solve request asks for (the inverse of `set_solve_grid`)."""
+    if request.HasField("ggml"):
+        return ggml_scheme_from_proto(request.ggml)
+    if request.HasField("fp8"):
+        return fp8_scheme_from_proto(request.fp8)
+    return scheme_from_proto(request.scheme)
 
 
 def gptq_to_proto(options: GPTQOptions) -> common_pb2.GPTQOptions:
@@ -115,12 +156,15 @@ def awq_from_proto(msg: common_pb2.AWQOptions) -> AWQOptions:
 def recipe_to_proto(recipe: Recipe) -> common_pb2.Recipe:
     msg = common_pb2.Recipe(
         method=method_to_proto(recipe.method), scheme=scheme_to_proto(recipe.scheme),
-        gptq=gptq_to_proto(recipe.gptq), awq=awq_to_proto(recipe.awq),
+        gptq=gptq_to_proto(recipe.gptq), awq=awq_to_proto(recipe.awq), fp8=fp8_scheme_to_proto(recipe.fp8),
     )
     for override in recipe.overrides:
         item = msg.overrides.add(pattern=override.pattern, skip=override.skip)
         if isinstance(override.scheme, GGMLScheme):
             item.ggml.CopyFrom(ggml_scheme_to_proto(override.scheme))
+        elif isinstance(override.scheme, FP8Scheme):
+            raise ConfigError(f"override {override.pattern!r}: the float8 grid is the recipe's fp8 section; an "
+                              "override selects it with method fp8")
         elif override.scheme is not None:
             item.scheme.CopyFrom(scheme_to_proto(override.scheme))
         if override.method is not None:
@@ -129,12 +173,14 @@ def recipe_to_proto(recipe: Recipe) -> common_pb2.Recipe:
 
 
 def recipe_from_proto(msg: common_pb2.Recipe) -> Recipe:
-    """Validates as it converts: a bad regex, scheme or method is a `ConfigError` naming it."""
+    """Validates as it converts: a bad regex, scheme or method is a `ConfigError` naming it. An unset
+    fp8 section is the default grid (per channel, dynamic activations), not all-false fields."""
     return Recipe(
         method=method_from_proto(msg.method),
         scheme=scheme_from_proto(msg.scheme),
         gptq=gptq_from_proto(msg.gptq),
         awq=awq_from_proto(msg.awq),
+        fp8=fp8_scheme_from_proto(msg.fp8) if msg.HasField("fp8") else FP8Scheme(),
         overrides=tuple(
             ModuleOverride(
                 pattern=o.pattern,
@@ -165,6 +211,12 @@ def quantized_ref_to_proto(name: str, ref: StoredWeight) -> common_pb2.Quantized
     if isinstance(ref, GGMLRef):
         return common_pb2.QuantizedRef(name=name, blocks=tensor_ref_to_proto(ref.blocks),
                                        ggml=ggml_scheme_to_proto(ref.scheme), in_features=ref.in_features)
+    if isinstance(ref, FP8Ref):
+        msg = common_pb2.QuantizedRef(name=name, fp8_data=tensor_ref_to_proto(ref.data),
+                                      fp8_scale=tensor_ref_to_proto(ref.scale), fp8=fp8_scheme_to_proto(ref.scheme))
+        if ref.input_scale is not None:
+            msg.fp8_input_scale.CopyFrom(tensor_ref_to_proto(ref.input_scale))
+        return msg
     return common_pb2.QuantizedRef(
         name=name,
         codes=tensor_ref_to_proto(ref.codes),
@@ -179,6 +231,10 @@ def quantized_ref_from_proto(msg: common_pb2.QuantizedRef) -> StoredWeight:
     if msg.HasField("ggml"):
         return GGMLRef(blocks=tensor_ref_from_proto(msg.blocks), scheme=ggml_scheme_from_proto(msg.ggml),
                        in_features=msg.in_features)
+    if msg.HasField("fp8"):
+        return FP8Ref(data=tensor_ref_from_proto(msg.fp8_data), scale=tensor_ref_from_proto(msg.fp8_scale),
+                      input_scale=tensor_ref_from_proto(msg.fp8_input_scale) if msg.HasField("fp8_input_scale")
+                      else None, scheme=fp8_scheme_from_proto(msg.fp8))
     return QuantizedRef(
         codes=tensor_ref_from_proto(msg.codes),
         scales=tensor_ref_from_proto(msg.scales),
@@ -195,6 +251,8 @@ _FORMATS = {
     Format.AWQ: common_pb2.FORMAT_AWQ,
     Format.COMPRESSED_TENSORS: common_pb2.FORMAT_COMPRESSED_TENSORS,
     Format.GGUF: common_pb2.FORMAT_GGUF,
+    Format.MODELOPT: common_pb2.FORMAT_MODELOPT,
+    Format.TRTLLM: common_pb2.FORMAT_TRTLLM,
 }
 
 

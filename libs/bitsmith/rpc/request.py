@@ -266,7 +266,7 @@ class QuantizeRequest:
             raise ConfigError(f"output formats repeat: {[str(f) for f in self.formats]}")
         if self.request_id == "":
             raise ConfigError("request_id must be None or non-empty")
-        calibrated = sorted(m.value for m in self.recipe.methods if m.needs_calibration)
+        calibrated = self.recipe.calibration_needs
         if calibrated and (self.calibration is None or not self.calibration.files):
             raise ConfigError(f"the recipe's {' and '.join(calibrated)} needs calibration text files; none were given")
 

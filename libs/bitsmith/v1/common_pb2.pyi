@@ -17,6 +17,7 @@ class Method(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     METHOD_GPTQ: _ClassVar[Method]
     METHOD_AWQ: _ClassVar[Method]
     METHOD_AWQ_GPTQ: _ClassVar[Method]
+    METHOD_FP8: _ClassVar[Method]
 
 class Format(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -27,6 +28,8 @@ class Format(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FORMAT_AWQ: _ClassVar[Format]
     FORMAT_COMPRESSED_TENSORS: _ClassVar[Format]
     FORMAT_GGUF: _ClassVar[Format]
+    FORMAT_MODELOPT: _ClassVar[Format]
+    FORMAT_TRTLLM: _ClassVar[Format]
 
 class CalibrationMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -47,6 +50,7 @@ METHOD_RTN: Method
 METHOD_GPTQ: Method
 METHOD_AWQ: Method
 METHOD_AWQ_GPTQ: Method
+METHOD_FP8: Method
 FORMAT_UNSPECIFIED: Format
 FORMAT_GPTQ: Format
 FORMAT_ONNX: Format
@@ -54,6 +58,8 @@ FORMAT_MLX: Format
 FORMAT_AWQ: Format
 FORMAT_COMPRESSED_TENSORS: Format
 FORMAT_GGUF: Format
+FORMAT_MODELOPT: Format
+FORMAT_TRTLLM: Format
 CALIBRATION_MODE_UNSPECIFIED: CalibrationMode
 CALIBRATION_MODE_SEQUENTIAL: CalibrationMode
 CALIBRATION_MODE_PARALLEL: CalibrationMode
@@ -140,6 +146,14 @@ class AWQOptions(_message.Message):
     clip_tokens: int
     def __init__(self, grid: _Optional[int] = ..., duo_scaling: _Optional[bool] = ..., clip: _Optional[bool] = ..., clip_grid: _Optional[int] = ..., max_shrink: _Optional[float] = ..., clip_tokens: _Optional[int] = ...) -> None: ...
 
+class FP8Scheme(_message.Message):
+    __slots__ = ("per_channel", "static_activations")
+    PER_CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    STATIC_ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
+    per_channel: bool
+    static_activations: bool
+    def __init__(self, per_channel: _Optional[bool] = ..., static_activations: _Optional[bool] = ...) -> None: ...
+
 class ModuleOverride(_message.Message):
     __slots__ = ("pattern", "scheme", "method", "skip", "ggml")
     PATTERN_FIELD_NUMBER: _ClassVar[int]
@@ -155,18 +169,20 @@ class ModuleOverride(_message.Message):
     def __init__(self, pattern: _Optional[str] = ..., scheme: _Optional[_Union[QuantScheme, _Mapping]] = ..., method: _Optional[_Union[Method, str]] = ..., skip: _Optional[bool] = ..., ggml: _Optional[_Union[GGMLScheme, _Mapping]] = ...) -> None: ...
 
 class Recipe(_message.Message):
-    __slots__ = ("method", "scheme", "gptq", "overrides", "awq")
+    __slots__ = ("method", "scheme", "gptq", "overrides", "awq", "fp8")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     SCHEME_FIELD_NUMBER: _ClassVar[int]
     GPTQ_FIELD_NUMBER: _ClassVar[int]
     OVERRIDES_FIELD_NUMBER: _ClassVar[int]
     AWQ_FIELD_NUMBER: _ClassVar[int]
+    FP8_FIELD_NUMBER: _ClassVar[int]
     method: Method
     scheme: QuantScheme
     gptq: GPTQOptions
     overrides: _containers.RepeatedCompositeFieldContainer[ModuleOverride]
     awq: AWQOptions
-    def __init__(self, method: _Optional[_Union[Method, str]] = ..., scheme: _Optional[_Union[QuantScheme, _Mapping]] = ..., gptq: _Optional[_Union[GPTQOptions, _Mapping]] = ..., overrides: _Optional[_Iterable[_Union[ModuleOverride, _Mapping]]] = ..., awq: _Optional[_Union[AWQOptions, _Mapping]] = ...) -> None: ...
+    fp8: FP8Scheme
+    def __init__(self, method: _Optional[_Union[Method, str]] = ..., scheme: _Optional[_Union[QuantScheme, _Mapping]] = ..., gptq: _Optional[_Union[GPTQOptions, _Mapping]] = ..., overrides: _Optional[_Iterable[_Union[ModuleOverride, _Mapping]]] = ..., awq: _Optional[_Union[AWQOptions, _Mapping]] = ..., fp8: _Optional[_Union[FP8Scheme, _Mapping]] = ...) -> None: ...
 
 class CalibrationSpec(_message.Message):
     __slots__ = ("files", "samples", "seq_len", "seed", "mode", "holdout_samples")
@@ -289,21 +305,23 @@ class NamedTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[TensorRef, _Mapping]] = ...) -> None: ...
 
 class LinearStats(_message.Message):
-    __slots__ = ("name", "weight", "hessian", "tokens", "reference")
+    __slots__ = ("name", "weight", "hessian", "tokens", "reference", "input_absmax")
     NAME_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     HESSIAN_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    INPUT_ABSMAX_FIELD_NUMBER: _ClassVar[int]
     name: str
     weight: TensorRef
     hessian: TensorRef
     tokens: int
     reference: TensorRef
-    def __init__(self, name: _Optional[str] = ..., weight: _Optional[_Union[TensorRef, _Mapping]] = ..., hessian: _Optional[_Union[TensorRef, _Mapping]] = ..., tokens: _Optional[int] = ..., reference: _Optional[_Union[TensorRef, _Mapping]] = ...) -> None: ...
+    input_absmax: float
+    def __init__(self, name: _Optional[str] = ..., weight: _Optional[_Union[TensorRef, _Mapping]] = ..., hessian: _Optional[_Union[TensorRef, _Mapping]] = ..., tokens: _Optional[int] = ..., reference: _Optional[_Union[TensorRef, _Mapping]] = ..., input_absmax: _Optional[float] = ...) -> None: ...
 
 class QuantizedRef(_message.Message):
-    __slots__ = ("name", "codes", "scales", "zeros", "g_idx", "scheme", "blocks", "ggml", "in_features")
+    __slots__ = ("name", "codes", "scales", "zeros", "g_idx", "scheme", "blocks", "ggml", "in_features", "fp8_data", "fp8_scale", "fp8_input_scale", "fp8")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CODES_FIELD_NUMBER: _ClassVar[int]
     SCALES_FIELD_NUMBER: _ClassVar[int]
@@ -313,6 +331,10 @@ class QuantizedRef(_message.Message):
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     GGML_FIELD_NUMBER: _ClassVar[int]
     IN_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    FP8_DATA_FIELD_NUMBER: _ClassVar[int]
+    FP8_SCALE_FIELD_NUMBER: _ClassVar[int]
+    FP8_INPUT_SCALE_FIELD_NUMBER: _ClassVar[int]
+    FP8_FIELD_NUMBER: _ClassVar[int]
     name: str
     codes: TensorRef
     scales: TensorRef
@@ -322,7 +344,11 @@ class QuantizedRef(_message.Message):
     blocks: TensorRef
     ggml: GGMLScheme
     in_features: int
-    def __init__(self, name: _Optional[str] = ..., codes: _Optional[_Union[TensorRef, _Mapping]] = ..., scales: _Optional[_Union[TensorRef, _Mapping]] = ..., zeros: _Optional[_Union[TensorRef, _Mapping]] = ..., g_idx: _Optional[_Union[TensorRef, _Mapping]] = ..., scheme: _Optional[_Union[QuantScheme, _Mapping]] = ..., blocks: _Optional[_Union[TensorRef, _Mapping]] = ..., ggml: _Optional[_Union[GGMLScheme, _Mapping]] = ..., in_features: _Optional[int] = ...) -> None: ...
+    fp8_data: TensorRef
+    fp8_scale: TensorRef
+    fp8_input_scale: TensorRef
+    fp8: FP8Scheme
+    def __init__(self, name: _Optional[str] = ..., codes: _Optional[_Union[TensorRef, _Mapping]] = ..., scales: _Optional[_Union[TensorRef, _Mapping]] = ..., zeros: _Optional[_Union[TensorRef, _Mapping]] = ..., g_idx: _Optional[_Union[TensorRef, _Mapping]] = ..., scheme: _Optional[_Union[QuantScheme, _Mapping]] = ..., blocks: _Optional[_Union[TensorRef, _Mapping]] = ..., ggml: _Optional[_Union[GGMLScheme, _Mapping]] = ..., in_features: _Optional[int] = ..., fp8_data: _Optional[_Union[TensorRef, _Mapping]] = ..., fp8_scale: _Optional[_Union[TensorRef, _Mapping]] = ..., fp8_input_scale: _Optional[_Union[TensorRef, _Mapping]] = ..., fp8: _Optional[_Union[FP8Scheme, _Mapping]] = ...) -> None: ...
 
 class ResourceUsage(_message.Message):
     __slots__ = ("device", "peak_host_bytes", "peak_device_bytes")

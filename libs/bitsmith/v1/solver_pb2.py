@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from bitsmith.v1 import common_pb2 as bitsmith_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x62itsmith/v1/solver.proto\x12\x0b\x62itsmith.v1\x1a\x18\x62itsmith/v1/common.proto\"\x98\x02\n\x0cSolveRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x62lock\x18\x02 \x01(\x05\x12\x0e\n\x06prefix\x18\x03 \x01(\t\x12\'\n\x05stats\x18\x04 \x03(\x0b\x32\x18.bitsmith.v1.LinearStats\x12#\n\x06method\x18\x05 \x01(\x0e\x32\x13.bitsmith.v1.Method\x12(\n\x06scheme\x18\x06 \x01(\x0b\x32\x18.bitsmith.v1.QuantScheme\x12&\n\x04gptq\x18\x07 \x01(\x0b\x32\x18.bitsmith.v1.GPTQOptions\x12%\n\x04ggml\x18\x08 \x01(\x0b\x32\x17.bitsmith.v1.GGMLScheme\x12\x12\n\nmodel_path\x18\t \x01(\t\"\x8b\x01\n\x0cSolvedLinear\x12,\n\tquantized\x18\x01 \x01(\x0b\x32\x19.bitsmith.v1.QuantizedRef\x12\r\n\x05\x65rror\x18\x02 \x01(\x01\x12\x11\n\trtn_error\x18\x03 \x01(\x01\x12\x14\n\x0c\x64\x61mp_percent\x18\x04 \x01(\x01\x12\x15\n\rweight_energy\x18\x05 \x01(\x01\"e\n\rSolveResponse\x12)\n\x06solved\x18\x01 \x03(\x0b\x32\x19.bitsmith.v1.SolvedLinear\x12)\n\x05usage\x18\x02 \x01(\x0b\x32\x1a.bitsmith.v1.ResourceUsage2O\n\rSolverService\x12>\n\x05Solve\x12\x19.bitsmith.v1.SolveRequest\x1a\x1a.bitsmith.v1.SolveResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x62itsmith/v1/solver.proto\x12\x0b\x62itsmith.v1\x1a\x18\x62itsmith/v1/common.proto\"\xbd\x02\n\x0cSolveRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x62lock\x18\x02 \x01(\x05\x12\x0e\n\x06prefix\x18\x03 \x01(\t\x12\'\n\x05stats\x18\x04 \x03(\x0b\x32\x18.bitsmith.v1.LinearStats\x12#\n\x06method\x18\x05 \x01(\x0e\x32\x13.bitsmith.v1.Method\x12(\n\x06scheme\x18\x06 \x01(\x0b\x32\x18.bitsmith.v1.QuantScheme\x12&\n\x04gptq\x18\x07 \x01(\x0b\x32\x18.bitsmith.v1.GPTQOptions\x12%\n\x04ggml\x18\x08 \x01(\x0b\x32\x17.bitsmith.v1.GGMLScheme\x12\x12\n\nmodel_path\x18\t \x01(\t\x12#\n\x03\x66p8\x18\n \x01(\x0b\x32\x16.bitsmith.v1.FP8Scheme\"\x8b\x01\n\x0cSolvedLinear\x12,\n\tquantized\x18\x01 \x01(\x0b\x32\x19.bitsmith.v1.QuantizedRef\x12\r\n\x05\x65rror\x18\x02 \x01(\x01\x12\x11\n\trtn_error\x18\x03 \x01(\x01\x12\x14\n\x0c\x64\x61mp_percent\x18\x04 \x01(\x01\x12\x15\n\rweight_energy\x18\x05 \x01(\x01\"e\n\rSolveResponse\x12)\n\x06solved\x18\x01 \x03(\x0b\x32\x19.bitsmith.v1.SolvedLinear\x12)\n\x05usage\x18\x02 \x01(\x0b\x32\x1a.bitsmith.v1.ResourceUsage2O\n\rSolverService\x12>\n\x05Solve\x12\x19.bitsmith.v1.SolveRequest\x1a\x1a.bitsmith.v1.SolveResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,11 +33,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'bitsmith.v1.solver_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SOLVEREQUEST']._serialized_start=68
-  _globals['_SOLVEREQUEST']._serialized_end=348
-  _globals['_SOLVEDLINEAR']._serialized_start=351
-  _globals['_SOLVEDLINEAR']._serialized_end=490
-  _globals['_SOLVERESPONSE']._serialized_start=492
-  _globals['_SOLVERESPONSE']._serialized_end=593
-  _globals['_SOLVERSERVICE']._serialized_start=595
-  _globals['_SOLVERSERVICE']._serialized_end=674
+  _globals['_SOLVEREQUEST']._serialized_end=385
+  _globals['_SOLVEDLINEAR']._serialized_start=388
+  _globals['_SOLVEDLINEAR']._serialized_end=527
+  _globals['_SOLVERESPONSE']._serialized_start=529
+  _globals['_SOLVERESPONSE']._serialized_end=630
+  _globals['_SOLVERSERVICE']._serialized_start=632
+  _globals['_SOLVERSERVICE']._serialized_end=711
 # @@protoc_insertion_point(module_scope)

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SolveRequest(_message.Message):
-    __slots__ = ("job_id", "block", "prefix", "stats", "method", "scheme", "gptq", "ggml", "model_path")
+    __slots__ = ("job_id", "block", "prefix", "stats", "method", "scheme", "gptq", "ggml", "model_path", "fp8")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_FIELD_NUMBER: _ClassVar[int]
     PREFIX_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,7 @@ class SolveRequest(_message.Message):
     GPTQ_FIELD_NUMBER: _ClassVar[int]
     GGML_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
+    FP8_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     block: int
     prefix: str
@@ -27,7 +28,8 @@ class SolveRequest(_message.Message):
     gptq: _common_pb2.GPTQOptions
     ggml: _common_pb2.GGMLScheme
     model_path: str
-    def __init__(self, job_id: _Optional[str] = ..., block: _Optional[int] = ..., prefix: _Optional[str] = ..., stats: _Optional[_Iterable[_Union[_common_pb2.LinearStats, _Mapping]]] = ..., method: _Optional[_Union[_common_pb2.Method, str]] = ..., scheme: _Optional[_Union[_common_pb2.QuantScheme, _Mapping]] = ..., gptq: _Optional[_Union[_common_pb2.GPTQOptions, _Mapping]] = ..., ggml: _Optional[_Union[_common_pb2.GGMLScheme, _Mapping]] = ..., model_path: _Optional[str] = ...) -> None: ...
+    fp8: _common_pb2.FP8Scheme
+    def __init__(self, job_id: _Optional[str] = ..., block: _Optional[int] = ..., prefix: _Optional[str] = ..., stats: _Optional[_Iterable[_Union[_common_pb2.LinearStats, _Mapping]]] = ..., method: _Optional[_Union[_common_pb2.Method, str]] = ..., scheme: _Optional[_Union[_common_pb2.QuantScheme, _Mapping]] = ..., gptq: _Optional[_Union[_common_pb2.GPTQOptions, _Mapping]] = ..., ggml: _Optional[_Union[_common_pb2.GGMLScheme, _Mapping]] = ..., model_path: _Optional[str] = ..., fp8: _Optional[_Union[_common_pb2.FP8Scheme, _Mapping]] = ...) -> None: ...
 
 class SolvedLinear(_message.Message):
     __slots__ = ("quantized", "error", "rtn_error", "damp_percent", "weight_energy")

@@ -54,7 +54,7 @@ from bitsmith.formats.packed_checkpoint import write_json, write_packed_weights
 from bitsmith.formats.safetensors_io import TensorInfo, check_dense, load_tensors, scan_checkpoint
 from bitsmith.models import read_config
 from bitsmith.models.base import ArchAdapter
-from bitsmith.quantized import GGMLWeight, QuantizedWeight
+from bitsmith.quantized import Quantized, QuantizedWeight
 from bitsmith.schemes import PER_CHANNEL, GPTQOptions, QuantScheme
 
 FORMAT_NAME = "AWQ"
@@ -180,7 +180,7 @@ def write_awq(
     out_dir: Path,
     *,
     source_model_dir: Path,
-    quantized: Mapping[str, QuantizedWeight | GGMLWeight],
+    quantized: Mapping[str, Quantized],
     options: GPTQOptions,
     variant: str | None = None,
     dense: Mapping[str, torch.Tensor] | None = None,

@@ -45,7 +45,7 @@ from bitsmith.formats.gptq.packing import pack_dim0, packed_rows
 from bitsmith.formats.grid_checks import check_source_weight, unquantized_config
 from bitsmith.formats.packed_checkpoint import write_json, write_packed_weights
 from bitsmith.formats.safetensors_io import TensorInfo, check_dense, scan_checkpoint
-from bitsmith.quantized import GGMLWeight, QuantizedWeight
+from bitsmith.quantized import Quantized, QuantizedWeight
 from bitsmith.schemes import PER_CHANNEL, GPTQOptions, QuantScheme
 
 DEFAULT_QUANTIZER = f"bitsmith:{bitsmith.__version__}"
@@ -203,7 +203,7 @@ def write_gptq(
     out_dir: Path,
     *,
     source_model_dir: Path,
-    quantized: Mapping[str, QuantizedWeight | GGMLWeight],
+    quantized: Mapping[str, Quantized],
     options: GPTQOptions,
     variant: str | None = None,
     dense: Mapping[str, torch.Tensor] | None = None,

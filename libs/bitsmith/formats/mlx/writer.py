@@ -50,7 +50,7 @@ from bitsmith.formats.mlx.constants import (
 )
 from bitsmith.formats.safetensors_io import check_dense, load_tensors, scan_checkpoint
 from bitsmith.models import read_config
-from bitsmith.quantized import GGMLWeight, QuantizedWeight
+from bitsmith.quantized import Quantized, QuantizedWeight
 from bitsmith.schemes import GPTQOptions, QuantScheme
 
 FORMAT_NAME = "MLX"
@@ -86,7 +86,7 @@ def write_mlx(
     out_dir: Path,
     *,
     source_model_dir: Path,
-    quantized: Mapping[str, QuantizedWeight | GGMLWeight],
+    quantized: Mapping[str, Quantized],
     options: GPTQOptions,
     variant: str | None = None,
     dense: Mapping[str, torch.Tensor] | None = None,

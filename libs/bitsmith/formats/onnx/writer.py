@@ -52,7 +52,7 @@ from bitsmith.formats.onnx.constants import (
 from bitsmith.formats.onnx.graph import LlamaGraph
 from bitsmith.formats.safetensors_io import check_dense, load_tensors, scan_checkpoint
 from bitsmith.models import read_config
-from bitsmith.quantized import GGMLWeight, QuantizedWeight
+from bitsmith.quantized import Quantized
 from bitsmith.schemes import GPTQOptions, QuantScheme
 
 if TYPE_CHECKING:
@@ -83,7 +83,7 @@ def write_onnx(
     out_dir: Path,
     *,
     source_model_dir: Path,
-    quantized: Mapping[str, QuantizedWeight | GGMLWeight],
+    quantized: Mapping[str, Quantized],
     options: GPTQOptions,
     variant: str | None = None,
     dense: Mapping[str, torch.Tensor] | None = None,
