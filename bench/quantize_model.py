@@ -29,7 +29,6 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
+from machine import hardware
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,15 +221,6 @@ def phase_seconds(events: list[Any]) -> tuple[dict[str, float], dict[str, list[f
     total["start"] = at(first_block) - at(next(e for e in events if e.phase == "start"))
     total["pack"] = at([e for e in events if e.phase == "publish"][-1]) - at(last_done)
     return dict(total), {phase: list(blocks.values()) for phase, blocks in per_block.items()}
-
-
-def hardware() -> str:
-    gpu = "no GPU"
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        gpu = f"{props.name}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB"
-    return (f"{gpu}; {os.cpu_count()} logical CPUs; {platform.system()} {platform.machine()}; "
-            f"torch {torch.__version__}; Python {platform.python_version()}")
 
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:

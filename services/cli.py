@@ -27,6 +27,7 @@ from bitsmith.devices import AUTO, MatmulPrecision
 from bitsmith.errors import BitsmithError, ConfigError
 from bitsmith.recipes import Recipe
 from bitsmith.rpc.request import Calibration, CheckpointFormat, Evaluation, OutputFormat, QuantizeRequest, Resources
+from bitsmith.runtimes import Target
 from bitsmith.schemes import PER_CHANNEL, Format, FP8Scheme, GPTQOptions, GridSearch, Method, QuantScheme
 from bitsmith_services.registry import Activations, Role
 from rich.console import Console
@@ -181,7 +182,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from bitsmith.runtimes import evaluate_path
 
     results = evaluate_path(Path(args.path), [Path(f) for f in args.data], seq_len=args.seq_len,
-                            reference=Path(args.reference) if args.reference else None)
+                            reference=Path(args.reference) if args.reference else None,
+                            target=Target(args.target) if args.target else None)
     for r in results:
         line = f"{r.dataset}: ppl {r.ppl:.4f} over {r.tokens} predictions"
         if r.kl is not None:
@@ -400,6 +402,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--data", action="append", required=True, metavar="FILE")
     e.add_argument("--reference", help="unquantized checkpoint for KL and top-1 agreement")
     e.add_argument("--seq-len", type=int, default=512)
+    e.add_argument("--target", choices=[t.value for t in Target],
+                   help="the engine to run it on: cpu (torch on dequantized weights, ONNX Runtime, llama.cpp), apple "
+                        "(mlx), nvidia (bitsmith's kernels, FP8 activations; their torch twins without a GPU); "
+                        "default: the format's own")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_eval)
 

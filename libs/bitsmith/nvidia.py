@@ -25,7 +25,7 @@ import torch
 from bitsmith.errors import FormatError, UnsupportedError
 from bitsmith.kernels import KernelPreference
 from bitsmith.quantized import FP8Weight, QuantizedWeight
-from bitsmith.runtimes import GenerationStats, Throughput, artifact_format, coalesce
+from bitsmith.runtimes import GenerationStats, Throughput, artifact_format, coalesce, greedy_pieces
 
 GPU_DTYPE = torch.bfloat16
 """Activation dtype on a GPU: what the kernels and cuBLAS are tuned for, and what the checkpoints are."""
@@ -94,41 +94,27 @@ class KernelEngine(torch.nn.Module):
 
     def _pieces(self, prompt: str, max_new_tokens: int, should_stop: Callable[[], bool]
                 ) -> Iterator[str | GenerationStats]:
-        from transformers import AutoTokenizer
+        steps: list[Throughput] = []
 
-        tokenizer = AutoTokenizer.from_pretrained(str(self.path))
-        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(self.device)
-        prompt_time = decode = Throughput(0, 0.0)
-        generated: list[int] = []
-        emitted = ""
-        past = None
-        step = ids
-        with torch.no_grad():
-            for index in range(max_new_tokens):
-                if should_stop():
-                    break
-                out, seconds = self._timed(partial(self.model, step, past_key_values=past, use_cache=True),
-                                           int(step.numel()))
-                if index == 0:
-                    prompt_time = Throughput(int(step.numel()), seconds)
-                else:
-                    decode += Throughput(1, seconds)
-                past = out.past_key_values
-                token = int(out.logits[0, -1].argmax())
-                if token == tokenizer.eos_token_id:
-                    break
-                generated.append(token)
-                text = str(tokenizer.decode(generated))
-                yield text[len(emitted):]
-                emitted = text
-                step = torch.tensor([[token]], device=self.device)
-        yield GenerationStats(prompt=prompt_time, decode=decode, generated_tokens=len(generated))
+        def step(ids: torch.Tensor, past: Any) -> Any:
+            out, seconds = self._timed(partial(self.model, ids, past_key_values=past, use_cache=True), int(ids.numel()))
+            steps.append(Throughput(int(ids.numel()), seconds))
+            return out
+
+        generated = 0
+        for piece in greedy_pieces(step, self.path, prompt, max_new_tokens, should_stop, self.device):
+            generated += 1
+            yield piece
+        decode = sum((Throughput(1, s.seconds) for s in steps[1:]), Throughput(0, 0.0))
+        yield GenerationStats(prompt=steps[0] if steps else Throughput(0, 0.0), decode=decode,
+                              generated_tokens=generated)
 
 
 def load_kernel_model(path: Path, *, device: torch.device | str | None = None,
                       preference: KernelPreference = KernelPreference.AUTO) -> KernelEngine:
     """The artifact (or unquantized checkpoint) at `path` on `device` (default: the GPU if there is one)."""
     from bitsmith.formats import get_format
+    from bitsmith.formats.base import ForeignConfig
     from bitsmith.kernels.linear import kernel_linear
     from bitsmith.models import meta_causal_lm
     from bitsmith.models.base import TensorIndex
@@ -139,6 +125,7 @@ def load_kernel_model(path: Path, *, device: torch.device | str | None = None,
     fmt = artifact_format(path)
     quantized: Mapping[str, object]
     tensors: Mapping[str, torch.Tensor]
+    hf_config = None
     if fmt is None:
         quantized, tensors = {}, dict(TensorIndex(path).iter_tensors())
     else:
@@ -147,7 +134,8 @@ def load_kernel_model(path: Path, *, device: torch.device | str | None = None,
             raise UnsupportedError(f"{path}: a {fmt.value} artifact does not keep its quantized linears apart "
                                    "from its other tensors, which the NVIDIA engine loads separately")
         quantized, tensors = checkpoint.quantized, checkpoint.tensors
-    model, config, adapter = meta_causal_lm(path)
+        hf_config = checkpoint.hf_config() if isinstance(checkpoint, ForeignConfig) else None
+    model, config, adapter = meta_causal_lm(path, config=hf_config)
     biases = set()
     for name, weight in quantized.items():
         if not isinstance(weight, QuantizedWeight | FP8Weight):

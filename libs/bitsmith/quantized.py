@@ -139,9 +139,11 @@ class FP8Weight:
         return int(n), int(k)
 
     def rows(self, rows: slice) -> FP8Weight:
-        """The weight of a range of output rows (a per-tensor scale is shared by all of them)."""
-        return FP8Weight(data=self.data[rows], scale=self.scale[rows] if self.scheme.per_channel else self.scale,
-                         scheme=self.scheme, input_scale=self.input_scale)
+        """The weight of a range of output rows; a per-tensor scale (and an input scale) is the same number
+        for all of them, copied, so no two weights share a tensor (writers refuse aliased tensors)."""
+        scale = self.scale[rows] if self.scheme.per_channel else self.scale.clone()
+        input_scale = None if self.input_scale is None else self.input_scale.clone()
+        return FP8Weight(data=self.data[rows], scale=scale, scheme=self.scheme, input_scale=input_scale)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight [N, K] the FP8 values stand for."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
     import torch
 
 MLX_MARKER = "quantization"
+TRTLLM_MARKERS = frozenset({"architecture", "mapping"})
+"""Keys of a TensorRT-LLM checkpoint's config.json that no HF config has (HF's is "architectures")."""
 GGUF_SUFFIX = ".gguf"
 
 
@@ -108,8 +111,9 @@ def _is_gguf(path: Path) -> bool:
 def artifact_format(path: Path) -> Format | None:
     """The format of the artifact at `path`, or None for an unquantized checkpoint.
 
-    A GGUF artifact is a ``.gguf`` file or a directory holding one. GPTQ and ONNX artifacts name
-    themselves in ``quantization_config.quant_method``; an MLX artifact carries mlx-lm's own marker,
+    A GGUF artifact is a ``.gguf`` file or a directory holding one. A TensorRT-LLM checkpoint's config is
+    TensorRT-LLM's own (`TRTLLM_MARKERS`, no HF fields). GPTQ, ONNX and the others name themselves in
+    ``quantization_config.quant_method``; an MLX artifact carries mlx-lm's own marker,
     the top-level ``quantization`` block (its ``quantization_config`` is mlx-lm's copy of that block,
     without a method).
     """
@@ -126,6 +130,8 @@ def artifact_format(path: Path) -> Format | None:
         raise FormatError(f"{config_path} is not valid JSON: {exc}") from exc
     if not isinstance(config, dict):
         raise FormatError(f"{config_path} must hold a JSON object")
+    if config.keys() >= TRTLLM_MARKERS:
+        return Format.TRTLLM
     qcfg = config.get("quantization_config")
     if isinstance(qcfg, dict) and "quant_method" in qcfg:
         method = str(qcfg["quant_method"])
@@ -149,12 +155,15 @@ def load_reference(path: Path) -> torch.nn.Module:
     This is bitsmith's own view of what an artifact means, the reference a runtime's logits are held to.
     """
     from bitsmith.formats import get_format
+    from bitsmith.formats.base import ForeignConfig
     from bitsmith.models import build_causal_lm, load_causal_lm
 
     fmt = artifact_format(path)
     if fmt is None:
         return load_causal_lm(path)
-    return build_causal_lm(path, get_format(fmt).read(path).dense_state_dict())
+    checkpoint = get_format(fmt).read(path)
+    config = checkpoint.hf_config() if isinstance(checkpoint, ForeignConfig) else None
+    return build_causal_lm(path, checkpoint.dense_state_dict(), config=config)
 
 
 def _onnx_runtime(path: Path) -> torch.nn.Module:
@@ -175,10 +184,35 @@ def _gguf_runtime(path: Path) -> torch.nn.Module:
     return GgufCausalLM(path)
 
 
+class _LoadedModel:
+    """One loaded model, reused while the key stays the same; the old one is dropped before a new one loads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._key: object = None
+        self._model: torch.nn.Module | None = None
+
+    def get(self, key: object, load: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+        with self._lock:
+            if self._model is None or key != self._key:
+                self._key, self._model = None, None
+                self._model, self._key = load(), key
+            return self._model
+
+
+_KERNEL_MODEL = _LoadedModel()
+
+
 def _nvidia_runtime(path: Path) -> torch.nn.Module:
+    """The NVIDIA engine of `path`, kept loaded for the next call on the same files (their names, times
+    and sizes: a rewritten artifact reloads). Loading puts the whole model on the GPU, tens of seconds for
+    8B, and Evaluate and Generate come in series per artifact; one model at a time, so the GPU never
+    holds two."""
     from bitsmith.nvidia import load_kernel_model
 
-    return load_kernel_model(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    key = (str(path.resolve()), tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files))
+    return _KERNEL_MODEL.get(key, lambda: load_kernel_model(path))
 
 
 class Target(StrEnum):
@@ -311,20 +345,28 @@ def coalesce(pieces: Iterator[AnyStr | GenerationStats], interval_s: float) -> I
 def _greedy_pieces(model: torch.nn.Module, path: Path, prompt: str, max_new_tokens: int,
                    should_stop: Callable[[], bool]) -> Iterator[str]:
     """Each greedy token's text from a model driven through the transformers calling convention."""
+    return greedy_pieces(lambda ids, past: model(ids, past_key_values=past, use_cache=True), path, prompt,
+                         max_new_tokens, should_stop)
+
+
+def greedy_pieces(step: Callable[[torch.Tensor, Any], Any], path: Path, prompt: str, max_new_tokens: int,
+                  should_stop: Callable[[], bool], device: torch.device | str = "cpu") -> Iterator[str]:
+    """Each greedy token's text, tokenized by the tokenizer stored at `path`; `step(ids, past)` runs the model
+    on `ids` (on `device`) with the KV cache `past` and returns its transformers output (an engine that
+    times its steps wraps them here)."""
     import torch  # here, not at the top: llama.cpp needs neither transformers nor its import time
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    step_input = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
     past = None
-    step_input = ids
     emitted = ""
     generated: list[int] = []
     with torch.no_grad():
         for _ in range(max_new_tokens):
             if should_stop():
                 return
-            out = model(step_input, past_key_values=past, use_cache=True)
+            out = step(step_input, past)
             past = out.past_key_values
             token = int(out.logits[0, -1].argmax())
             if token == tokenizer.eos_token_id:
@@ -333,4 +375,4 @@ def _greedy_pieces(model: torch.nn.Module, path: Path, prompt: str, max_new_toke
             text = str(tokenizer.decode(generated))
             yield text[len(emitted):]
             emitted = text
-            step_input = torch.tensor([[token]])
+            step_input = torch.tensor([[token]], device=device)

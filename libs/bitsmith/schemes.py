@@ -14,9 +14,8 @@ bitsmith.errors.ConfigError: bits must be one of (2, 3, 4, 8), got 5
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
 
 from bitsmith.errors import ConfigError
 
@@ -25,7 +24,7 @@ PER_CHANNEL = -1
 
 
 class Method(StrEnum):
-    """How the integer codes are chosen."""
+    """How a linear's quantized values are chosen."""
 
     RTN = "rtn"
     """Round to nearest on the grid: no calibration data needed."""
@@ -83,8 +82,6 @@ class QuantScheme:
     the grid (2^(bits-1)), which is what Marlin-style kernels want; asymmetric grids fit min..max.
     """
 
-    VERSION = 1
-
     bits: int = 4
     group_size: int = 128
     sym: bool = False
@@ -131,20 +128,6 @@ class QuantScheme:
         """``w4 g128 asym`` (``w8 channel sym`` per channel): how reports name the grid."""
         group = "channel" if self.group_size == PER_CHANNEL else f"g{self.group_size}"
         return f"w{self.bits} {group} {'sym' if self.sym else 'asym'}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"_version": self.VERSION, **asdict(self)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> QuantScheme:
-        data = dict(data)
-        version = data.pop("_version", cls.VERSION)
-        if version != cls.VERSION:
-            raise ConfigError(f"QuantScheme version {version} is not {cls.VERSION}")
-        unknown = set(data) - {"bits", "group_size", "sym", "min_zero"}
-        if unknown:
-            raise ConfigError(f"unknown QuantScheme keys: {sorted(unknown)}")
-        return cls(**data)
 
 
 class GGMLType(StrEnum):
@@ -222,8 +205,6 @@ class GGMLScheme:
     llama-quantize does without an imatrix.
     """
 
-    VERSION = 1
-
     type: GGMLType
     importance: bool = True
 
@@ -244,25 +225,6 @@ class GGMLScheme:
     def label(self) -> str:
         return self.type.value
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"_version": self.VERSION, "type": self.type.value, "importance": self.importance}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GGMLScheme:
-        data = dict(data)
-        version = data.pop("_version", cls.VERSION)
-        if version != cls.VERSION:
-            raise ConfigError(f"GGMLScheme version {version} is not {cls.VERSION}")
-        unknown = set(data) - {"type", "importance"}
-        if unknown:
-            raise ConfigError(f"unknown GGMLScheme keys: {sorted(unknown)}")
-        try:
-            ggml_type = GGMLType(data["type"])
-        except (KeyError, ValueError):
-            raise ConfigError(f"GGMLScheme.type must be one of {[t.value for t in GGMLType]}, "
-                              f"got {data.get('type')!r}") from None
-        return cls(type=ggml_type, importance=bool(data.get("importance", True)))
-
 
 FP8_E4M3_MAX = 448.0
 """The largest float8 e4m3 value (`torch.finfo(torch.float8_e4m3fn).max`): scales map absmax onto it."""
@@ -277,8 +239,6 @@ class FP8Scheme:
     scale per tensor (`static_activations`: the input's absmax over the calibration set / 448), which
     saves the per-token reduction and is what TensorRT-LLM's FP8 path and the "FP8" preset want.
     """
-
-    VERSION = 1
 
     per_channel: bool = True
     static_activations: bool = False
@@ -296,23 +256,6 @@ class FP8Scheme:
         """``fp8 channel dynamic`` / ``fp8 tensor static``: how reports name the grid."""
         return f"fp8 {'channel' if self.per_channel else 'tensor'} {'static' if self.static_activations else 'dynamic'}"
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"_version": self.VERSION, **asdict(self)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> FP8Scheme:
-        data = dict(data)
-        version = data.pop("_version", cls.VERSION)
-        if version != cls.VERSION:
-            raise ConfigError(f"FP8Scheme version {version} is not {cls.VERSION}")
-        unknown = set(data) - {"per_channel", "static_activations"}
-        if unknown:
-            raise ConfigError(f"unknown FP8Scheme keys: {sorted(unknown)}")
-        for key, value in data.items():
-            if not isinstance(value, bool):
-                raise ConfigError(f"FP8Scheme.{key} must be true or false, got {value!r}")
-        return cls(**data)
-
 
 Scheme = QuantScheme | GGMLScheme | FP8Scheme
 """Any solve target: an integer grid (GPTQ, AWQ, compressed-tensors, ONNX, MLX), a ggml block grid, or
@@ -326,8 +269,6 @@ class GridSearch:
     `steps` sets the shrink step (1/steps), `max_shrink` how far the search goes (0.8: down to 20%
     of the range) and `norm` the exponent of the error (2.4 as in GPTQ's reference code).
     """
-
-    VERSION = 1
 
     steps: int = 100
     max_shrink: float = 0.8
@@ -345,9 +286,6 @@ class GridSearch:
     def factors(self) -> list[float]:
         """Range multipliers tried, largest first (1.0 is always among them)."""
         return [1 - i / self.steps for i in range(max(1, int(self.max_shrink * self.steps)))]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"_version": self.VERSION, **asdict(self)}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -370,8 +308,6 @@ class GPTQOptions:
     whatever these say: a ggml row records no column order.
     """
 
-    VERSION = 1
-
     damp_percent: float = 0.01
     max_damp_percent: float = 1.0
     act_order: bool = True
@@ -391,9 +327,6 @@ class GPTQOptions:
         if self.block_size <= 0:
             raise ConfigError(f"block_size must be positive, got {self.block_size}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"_version": self.VERSION, **asdict(self)}
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AWQOptions:
@@ -405,8 +338,6 @@ class AWQOptions:
     `clip` then searches each group's clipping range down to (1 - `max_shrink`) of its absmax in
     `clip_grid` steps, on `clip_tokens` sampled tokens.
     """
-
-    VERSION = 1
 
     grid: int = 20
     duo_scaling: bool = True
@@ -422,5 +353,3 @@ class AWQOptions:
         if not 0.0 <= self.max_shrink < 1.0:
             raise ConfigError(f"AWQOptions.max_shrink must be in [0, 1), got {self.max_shrink}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"_version": self.VERSION, **asdict(self)}

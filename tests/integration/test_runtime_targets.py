@@ -77,9 +77,9 @@ def test_evaluate_and_generate_over_grpc(stubs: dict[Role, runtime_pb2_grpc.Runt
 
 def test_each_target_refuses_the_other_format(stubs: dict[Role, runtime_pb2_grpc.RuntimeServiceStub],
                                               artifacts: dict[Format, Path], sample: Path) -> None:
-    for role, fmt in ((Role.RUNTIME_CPU, Format.MLX), (Role.RUNTIME_APPLE, Format.ONNX)):
+    for role, fmt, target in ((Role.RUNTIME_CPU, Format.MLX, "cpu"), (Role.RUNTIME_APPLE, Format.ONNX, "apple")):
         with pytest.raises(grpc.RpcError) as info:
             stubs[role].Evaluate(runtime_pb2.EvaluateRequest(artifact_path=str(artifacts[fmt]),
                                                              data_files=[str(sample)]), timeout=60)
         assert info.value.code() is grpc.StatusCode.FAILED_PRECONDITION
-        assert "this runtime runs" in (info.value.details() or "")
+        assert f"is {fmt.value}; the {target} runtime runs" in (info.value.details() or "")

@@ -29,6 +29,8 @@ from bitsmith.schemes import Format, GPTQOptions, QuantScheme
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from tests.unit.format_cases import assert_writer_refuses
+
 SOURCE = load_file(DEMO_MODEL / "model.safetensors")
 LINEARS = sorted(name.removesuffix(".weight") for name in SOURCE if ".layers." in name and name.endswith("proj.weight"))
 Q = "model.layers.0.self_attn.q_proj"
@@ -304,9 +306,7 @@ REFUSALS: dict[str, tuple[Callable[[], dict[str, QuantizedWeight]], type[Excepti
 @pytest.mark.parametrize("case", sorted(REFUSALS))
 def test_writer_refuses_before_writing(tmp_path: Path, case: str) -> None:
     make, error, match = REFUSALS[case]
-    with pytest.raises(error, match=match):
-        write(tmp_path / "art", make())
-    assert not any((tmp_path / "art").iterdir())
+    assert_writer_refuses(tmp_path / "art", lambda out: write(out, make()), error, match)
 
 
 def test_writer_refuses_bad_directories_variants_and_quantized_sources(tmp_path: Path, artifact: Path) -> None:

@@ -6,8 +6,7 @@ writing what we read."""
 from __future__ import annotations
 
 import json
-import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,8 @@ from bitsmith.schemes import Format, GPTQOptions, QuantScheme
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from tests.unit.format_cases import Tensors, all_tensors, assert_reader_refuses, damage_tensors, qconfig
+
 LOCAL_SHAPES = {  # block-local linear -> (out N, in K) of the demo model
     "self_attn.q_proj": (256, 256),
     "self_attn.k_proj": (128, 256),
@@ -45,21 +46,7 @@ W4_ASYM = QuantScheme(bits=4, group_size=128, sym=False)
 W8_SYM = QuantScheme(bits=8, group_size=128, sym=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """These tensors are small: one intra-op thread is as fast alone and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def source() -> Tensors:
-    return load_file(DEMO_MODEL / "model.safetensors")
-
-
-Tensors = dict[str, torch.Tensor]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rtn_layers(source: Tensors, scheme_of: Callable[[str], QuantScheme | None]) -> dict[str, QuantizedWeight]:
@@ -118,17 +105,6 @@ def expected_dense(qw: QuantizedWeight, scale_dtype: torch.dtype = torch.bfloat1
     idx = qw.g_idx.long()
     scales = qw.scales.to(scale_dtype).float()[:, idx]
     return (qw.codes.float() - qw.zeros.float()[:, idx]) * scales
-
-
-def qconfig(path: Path) -> dict[str, Any]:
-    return json.loads((path / "config.json").read_text())["quantization_config"]
-
-
-def all_tensors(path: Path) -> Tensors:
-    out: Tensors = {}
-    for file in sorted(path.glob("*.safetensors")):
-        out.update(load_file(file))
-    return out
 
 
 # --- the real consumer ------------------------------------------------------------------------------
@@ -626,9 +602,7 @@ def test_sharded_output(tmp_path: Path, source: Tensors) -> None:
 
 
 def _rewrite_tensors(path: Path, change: Callable[[Tensors], object]) -> None:
-    tensors = load_file(path / "model.safetensors")
-    change(tensors)
-    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    damage_tensors(change)(path)
 
 
 def _swap(name: str, make: Callable[[Tensors], torch.Tensor]) -> Callable[[Path], None]:
@@ -762,11 +736,7 @@ HOSTILE: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_hostile_or_inconsistent_files_are_refused(mixed_artifact: Path, tmp_path: Path, case: str) -> None:
     damage, error, match = HOSTILE[case]
-    path = tmp_path / "copy"
-    shutil.copytree(mixed_artifact, path)
-    damage(path)
-    with pytest.raises(error, match=match):
-        read_compressed_tensors(path)
+    assert_reader_refuses(mixed_artifact, tmp_path, damage, read_compressed_tensors, error, match)
 
 
 def test_version_is_only_needed_for_widths_that_straddle_words(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from bitsmith.nvidia import load_kernel_model
 from bitsmith.pipeline import quantize_in_process
 from bitsmith.recipes import ModuleOverride, Recipe
 from bitsmith.runtimes import GenerationStats, Target, load_model, load_reference
-from bitsmith.schemes import FP8Scheme, Format, GPTQOptions, Method, QuantScheme
+from bitsmith.schemes import Format, FP8Scheme, GPTQOptions, Method, QuantScheme
 
 IDS = torch.randint(0, 4096, (2, 48), generator=torch.Generator().manual_seed(3))
 
@@ -84,15 +84,44 @@ def test_a_format_no_nvidia_engine_runs_is_refused_by_name(tmp_path: Path) -> No
         load_model(onnx, target=Target.NVIDIA)
 
 
-def test_fp8_linears_quantize_their_activations(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("fmt", "scheme"), [
+    (Format.COMPRESSED_TENSORS, FP8Scheme(per_channel=True, static_activations=False)),
+    (Format.COMPRESSED_TENSORS, FP8Scheme(per_channel=False, static_activations=True)),
+    (Format.MODELOPT, FP8Scheme(per_channel=False, static_activations=True)),
+    (Format.TRTLLM, FP8Scheme(per_channel=False, static_activations=True)),
+])
+def test_fp8_linears_quantize_their_activations(tmp_path: Path, fmt: Format, scheme: FP8Scheme) -> None:
     """An FP8 artifact's linears cast activations to FP8: close to, but not equal to, the FP8 weights
-    run in float."""
-    recipe = Recipe(method=Method.FP8, fp8=FP8Scheme(per_channel=True, static_activations=False))
-    path = _write(tmp_path, "fp8", Format.COMPRESSED_TENSORS, recipe)
-    engine = load_kernel_model(path, device="cpu")
+    run in float (each format is recognised by its files alone, TensorRT-LLM's by its own config)."""
+    path = _write(tmp_path, "fp8", fmt, Recipe(method=Method.FP8, fp8=scheme))
+    engine = load_model(path, target=Target.NVIDIA)
     assert set(_linears(engine).values()) == {FP8Linear}
+    static = [m.input_scale is not None for m in engine.modules() if isinstance(m, FP8Linear)]
+    assert all(static) if scheme.static_activations else not any(static)
     reference = load_reference(path)
     with torch.no_grad():
         got, want = engine(IDS).logits, reference(IDS).logits
     assert not torch.equal(got, want)
     assert float((got - want).norm() / want.norm()) < 0.05
+
+
+@pytest.mark.parametrize("fmt", [Format.MODELOPT, Format.TRTLLM])
+def test_int4_nvidia_checkpoints_run_on_the_w4a16_kernel(tmp_path: Path, fmt: Format) -> None:
+    recipe = Recipe(method=Method.RTN, scheme=QuantScheme(bits=4, group_size=128, sym=True))
+    path = _write(tmp_path, "w4", fmt, recipe)
+    engine = load_model(path, target=Target.NVIDIA)
+    assert set(_linears(engine).values()) == {WNA16Linear}
+    with torch.no_grad():
+        torch.testing.assert_close(engine(IDS).logits, load_reference(path)(IDS).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_the_engine_keeps_one_model_loaded_until_its_files_change(artifacts: dict[str, Path]) -> None:
+    path = artifacts["gptq-mixed"]
+    first = load_model(path, target=Target.NVIDIA)
+    assert load_model(path, target=Target.NVIDIA) is first
+    other = load_model(artifacts["gptq-act-order"], target=Target.NVIDIA)
+    assert other is not first and load_model(path, target=Target.NVIDIA) is not first  # one at a time
+    config = path / "config.json"
+    again = load_model(path, target=Target.NVIDIA)
+    config.write_text(config.read_text())  # same bytes, new time: read again
+    assert load_model(path, target=Target.NVIDIA) is not again

@@ -22,10 +22,10 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, runtime_checkable
 
 from bitsmith.errors import AlreadyExistsError, ConfigError, FormatError
 
@@ -227,6 +227,39 @@ def staged(out_dir: Path) -> Iterator[Path]:
     publish(staging, out_dir)
 
 
+def check_writer_inputs(
+    out_dir: Path, quantized: Collection[str] | None = None, fmt: str = "", *, max_shard_bytes: int | None = None
+) -> None:
+    """What every writer checks first, before it reads the source: `out_dir` is an existing, empty (staging)
+    directory (see `Writer`), and, where given, `max_shard_bytes` is positive and `quantized` names a layer.
+
+    Why shared: a writer never creates or clears its output (`build_artifact` stages it), so an absent or
+    occupied directory is the caller's bug and must read the same way for every format.
+    """
+    if not out_dir.is_dir():
+        raise ConfigError(f"output directory {out_dir} does not exist (stage it first)")
+    if any(out_dir.iterdir()):
+        raise AlreadyExistsError(f"output directory {out_dir} is not empty")
+    if max_shard_bytes is not None and max_shard_bytes <= 0:
+        raise ConfigError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    if quantized is not None:
+        require_layers(quantized, fmt)
+
+
+def require_layers(quantized: Collection[str], fmt: str) -> None:
+    """`ConfigError` if a `fmt` writer got no quantized layers (a checkpoint of float linears is no artifact)."""
+    if not quantized:
+        raise ConfigError(f"the {fmt} writer got no quantized layers")
+
+
+def copy_present_files(source_dir: Path, out_dir: Path, names: Iterable[str]) -> None:
+    """Copy each of `names` that `source_dir` has (tokenizer, generation config: what a consumer loads
+    beside the weights) into `out_dir`, synced; a source without one simply has none to copy."""
+    for name in names:
+        if (source_dir / name).is_file():
+            copy_file_synced(source_dir / name, out_dir / name)
+
+
 class Writer(Protocol):
     """Writes one format INTO an existing, empty (staging) directory and returns it.
 
@@ -264,6 +297,49 @@ def integer_weights(quantized: Mapping[str, Quantized], fmt: str) -> dict[str, Q
                               f"store; {fmt} needs an integer-grid solve")
         out[name] = weight
     return out
+
+
+@runtime_checkable
+class ForeignConfig(Protocol):
+    """A checkpoint whose config.json is not an HF config (TensorRT-LLM's): it gives the HF one, which
+    the dense model is built from."""
+
+    def hf_config(self) -> dict[str, Any]: ...
+
+
+def known_block_linears(config: Mapping[str, Any]) -> list[str] | None:
+    """The decoder-block linears a checkpoint's config.json implies, when bitsmith knows its architecture
+    (None otherwise); `FormatError` for a num_hidden_layers that is not a positive integer.
+
+    Why readers want them: a float block linear the quantization config does not name as float is one
+    that consumers would load expecting quantized tensors, and only a known architecture lists them all.
+    """
+    from bitsmith.models import get_adapter, supported_architectures
+
+    model_type = config.get("model_type")
+    if model_type not in supported_architectures():
+        return None
+    adapter = get_adapter(str(model_type))
+    layers = config.get("num_hidden_layers")
+    if type(layers) is not int or layers <= 0:
+        raise FormatError(f"config.json: num_hidden_layers must be a positive integer, got {layers!r}")
+    return [adapter.block_name(bid, local) for bid in range(layers) for local in adapter.linears]
+
+
+class Dequantizes(Protocol):
+    """A quantized linear as a reader returns it: it knows its float weight."""
+
+    def dequantize(self, dtype: torch.dtype = ...) -> torch.Tensor: ...
+
+
+def dense_state(
+    tensors: Mapping[str, torch.Tensor], quantized: Mapping[str, Dequantizes], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """HF-named float state dict: the stored float tensors in `dtype`, and each quantized linear's `.weight`
+    its dequantized weight (what every reader's `Checkpoint.dense_state_dict` gives)."""
+    state = {name: t.to(dtype) for name, t in tensors.items()}
+    state.update({f"{name}.weight": weight.dequantize(dtype) for name, weight in quantized.items()})
+    return state
 
 
 class Checkpoint(Protocol):

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from bitsmith.errors import ConfigError, FormatError, NotFoundError, UnsupportedError
-from bitsmith.formats.base import read_json_object
+from bitsmith.formats.base import read_json_object, require_layers
 from bitsmith.quantized import QuantizedWeight
 from bitsmith.schemes import PER_CHANNEL, QuantScheme
 
@@ -58,8 +58,7 @@ def check_schemes(
 
     The caller picks the global scheme (`bitsmith.formats.gptq.dynamic.default_scheme`) and records the others.
     """
-    if not quantized:
-        raise ConfigError(f"the {fmt} writer got no quantized layers")
+    require_layers(quantized, fmt)
     for name, qw in sorted(quantized.items()):
         check_scheme(qw.scheme, fmt=fmt, bits=bits, group_sizes=group_sizes, layer=name)
 
@@ -68,8 +67,7 @@ def single_scheme(
     quantized: Mapping[str, QuantizedWeight], *, fmt: str, bits: Collection[int], group_sizes: Collection[int]
 ) -> QuantScheme:
     """The one scheme all layers share, if `fmt` can carry it; `UnsupportedError` saying why not."""
-    if not quantized:
-        raise ConfigError(f"the {fmt} writer got no quantized layers")
+    require_layers(quantized, fmt)
     by_scheme: dict[QuantScheme, list[str]] = {}
     for name, qw in sorted(quantized.items()):
         by_scheme.setdefault(qw.scheme, []).append(name)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -58,6 +58,28 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         return self.end - self.begin
+
+
+def expect_tensor(
+    info: TensorInfo | None,
+    where: str,
+    dtypes: Sequence[str],
+    shapes: Sequence[tuple[int, ...]],
+    *,
+    name_file: bool = True,
+) -> TensorInfo:
+    """`info`, checked from its header alone: `FormatError` if `where` (the tensor, as messages name it) is
+    missing, or is not one of `dtypes` in one of `shapes`; the message names the file holding it unless
+    `name_file` is false (a format of one weights file)."""
+    if info is None:
+        raise FormatError(f"{where} is missing")
+    if info.dtype not in dtypes or info.shape not in shapes:
+        expected = " or ".join(str(list(s)) for s in shapes)
+        in_file = f" ({info.file.name})" if name_file else ""
+        raise FormatError(
+            f"{where}{in_file} is {info.dtype} {list(info.shape)}, expected {'|'.join(dtypes)} {expected}"
+        )
+    return info
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -26,8 +26,8 @@ from functools import cache
 
 import torch
 
-from bitsmith.errors import ConfigError, SolverError, UnsupportedError
-from bitsmith.kernels import KernelPreference
+from bitsmith.errors import ConfigError, SolverError
+from bitsmith.kernels import Candidate, Choice, KernelPreference, choose
 from bitsmith.schemes import FP8_E4M3_MAX
 
 log = logging.getLogger(__name__)
@@ -208,34 +208,14 @@ def can_implement_scaled_mm(spec: FP8Spec) -> tuple[bool, str]:
 FP8Linear = Callable[..., torch.Tensor]
 
 
-@dataclass(frozen=True, slots=True)
-class FP8Choice:
-    """The chosen implementation, its name, and why it (and not a faster one) was chosen."""
-
-    run: FP8Linear
-    name: str
-    reason: str
+FP8Choice = Choice[FP8Linear]
 
 
 def choose_fp8(spec: FP8Spec, preference: KernelPreference = KernelPreference.AUTO) -> FP8Choice:
     """The FP8 GEMM for `spec`; `KernelPreference.TRITON` here means "the fast path or an error"
     (cuBLAS's FP8 GEMM already runs near peak, so there is no Triton kernel to prefer)."""
-    if preference == KernelPreference.REFERENCE:
-        return FP8Choice(fp8_linear_reference, "reference", "reference forced by preference")
-    ok, reason = can_implement_scaled_mm(spec)
-    if ok:
-        return FP8Choice(fp8_linear_scaled_mm, "scaled_mm", reason)
-    if preference == KernelPreference.TRITON:
-        raise UnsupportedError(f"no FP8 GEMM for {spec}: {reason}")
-    if spec.device_type == "cuda":
-        _log_fallback_once(reason)
-    return FP8Choice(fp8_linear_reference, "reference", reason)
-
-
-@cache
-def _log_fallback_once(reason: str) -> None:
-    """A CUDA FP8 layer on the twin is worth one warning per cause, not one per call."""
-    log.warning("FP8 linear on CUDA uses the torch twin: %s", reason)
+    return choose(spec, preference, [Candidate("scaled_mm", fp8_linear_scaled_mm, can_implement_scaled_mm)],
+                  fp8_linear_reference, problem="FP8 GEMM", log=log, slow_path="FP8 linear")
 
 
 def fp8_linear(

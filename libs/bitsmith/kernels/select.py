@@ -14,11 +14,8 @@ over. `KernelPreference.REFERENCE` forces the twin (CPU CI, debugging, A/B on a 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from functools import cache
 
-from bitsmith.errors import UnsupportedError
-from bitsmith.kernels import KernelPreference
+from bitsmith.kernels import Candidate, Choice, KernelPreference, choose
 from bitsmith.kernels.gptq_block import (
     BlockSolver,
     BlockSpec,
@@ -30,33 +27,21 @@ from bitsmith.kernels.gptq_block import (
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class BlockSolverChoice:
-    """The chosen implementation, its name, and why it (and not a faster one) was chosen."""
+class BlockSolverChoice(Choice[BlockSolver]):
+    """The chosen in-block solver (`solve`, the name the GPTQ loop calls it by), its name, and why."""
 
-    solve: BlockSolver
-    name: str
-    reason: str
+    __slots__ = ()
+
+    @property
+    def solve(self) -> BlockSolver:
+        return self.run
 
 
 def choose_block_solver(spec: BlockSpec, preference: KernelPreference = KernelPreference.AUTO) -> BlockSolverChoice:
     """The GPTQ in-block solver for `spec` under `preference`; `UnsupportedError` if TRITON cannot run."""
-    if preference == KernelPreference.REFERENCE:
-        return BlockSolverChoice(solve_block_reference, "reference", "reference forced by preference")
-    ok, reason = can_implement_triton(spec)
-    if ok:
-        return BlockSolverChoice(solve_block_triton, "triton", reason)
-    if preference == KernelPreference.TRITON:
-        raise UnsupportedError(f"no GPTQ block kernel for {spec}: {reason}")
-    if spec.device_type == "cuda":
-        _log_fallback_once(reason)
-    return BlockSolverChoice(solve_block_reference, "reference", reason)
-
-
-@cache
-def _log_fallback_once(reason: str) -> None:
-    """A GPU solve on the slow path is worth one warning per cause, not one per layer."""
-    log.warning("GPTQ block solve on CUDA uses the torch twin: %s", reason)
+    choice = choose(spec, preference, [Candidate("triton", solve_block_triton, can_implement_triton)],
+                    solve_block_reference, problem="GPTQ block kernel", log=log, slow_path="GPTQ block solve")
+    return BlockSolverChoice(choice.run, choice.name, choice.reason)
 
 
 __all__ = ["BlockSolverChoice", "KernelPreference", "choose_block_solver"]

@@ -36,7 +36,7 @@ from functools import cache
 import torch
 
 from bitsmith.errors import ConfigError, FormatError, UnsupportedError
-from bitsmith.kernels import KernelPreference
+from bitsmith.kernels import Candidate, Choice, KernelPreference, choose
 from bitsmith.quantized import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -303,33 +303,13 @@ def wna16_linear_triton(x: torch.Tensor, packed: PackedLinear) -> torch.Tensor:
 Linear = Callable[[torch.Tensor, PackedLinear], torch.Tensor]
 
 
-@dataclass(frozen=True, slots=True)
-class WNA16Choice:
-    """The chosen implementation, its name, and why it (and not a faster one) was chosen."""
-
-    run: Linear
-    name: str
-    reason: str
+WNA16Choice = Choice[Linear]
 
 
 def choose_wna16(spec: WNA16Spec, preference: KernelPreference = KernelPreference.AUTO) -> WNA16Choice:
     """The implementation for `spec` under `preference`; `UnsupportedError` if TRITON cannot run."""
-    if preference == KernelPreference.REFERENCE:
-        return WNA16Choice(wna16_linear_reference, "reference", "reference forced by preference")
-    ok, reason = can_implement_triton(spec)
-    if ok:
-        return WNA16Choice(wna16_linear_triton, "triton", reason)
-    if preference == KernelPreference.TRITON:
-        raise UnsupportedError(f"no W{spec.bits}A16 kernel for {spec}: {reason}")
-    if spec.device_type == "cuda":
-        _log_fallback_once(reason)
-    return WNA16Choice(wna16_linear_reference, "reference", reason)
-
-
-@cache
-def _log_fallback_once(reason: str) -> None:
-    """A CUDA layer on the twin is slow enough to mention, once per cause rather than once per token."""
-    log.warning("W·A16 linear on CUDA uses the torch twin: %s", reason)
+    return choose(spec, preference, [Candidate("triton", wna16_linear_triton, can_implement_triton)],
+                  wna16_linear_reference, problem=f"W{spec.bits}A16 kernel", log=log, slow_path="W·A16 linear")
 
 
 def wna16_linear(

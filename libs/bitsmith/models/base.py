@@ -567,14 +567,16 @@ def load_checkpoint(
     return CheckpointModel(model_dir, config, adapter, index, device)
 
 
-def build_causal_lm(model_dir: str | Path, state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+def build_causal_lm(model_dir: str | Path, state_dict: Mapping[str, torch.Tensor], *,
+                    config: Mapping[str, Any] | None = None) -> torch.nn.Module:
     """The transformers model of `model_dir`'s config, float32, eval mode, with the given dense weights.
 
-    Used to evaluate an artifact whose quantized linears a format reader has dequantized. With tied
+    Used to evaluate an artifact whose quantized linears a format reader has dequantized. `config` is the
+    HF config where the artifact's own config.json is not one (a TensorRT-LLM checkpoint). With tied
     embeddings the state dict may omit the LM head. Loading is strict: a missing or unexpected tensor
     is a `FormatError` naming it.
     """
-    config, adapter = read_config(model_dir)
+    config, adapter = _config(model_dir, config)
     weights = {name: tensor.float() for name, tensor in state_dict.items()}
     if getattr(config, "tie_word_embeddings", False) and adapter.lm_head not in weights and adapter.embed in weights:
         weights[adapter.lm_head] = weights[adapter.embed]
@@ -592,12 +594,17 @@ def build_causal_lm(model_dir: str | Path, state_dict: Mapping[str, torch.Tensor
     return model.eval()
 
 
-def meta_causal_lm(model_dir: str | Path) -> tuple[torch.nn.Module, Any, ArchAdapter]:
-    """The transformers model of `model_dir`'s config on the meta device (nothing allocated), with the
-    config and adapter: a skeleton for a loader that fills each tensor itself, on the device and in the
-    layout it wants, rather than building the float model first."""
-    config, adapter = read_config(model_dir)
+def meta_causal_lm(model_dir: str | Path, *, config: Mapping[str, Any] | None = None
+                   ) -> tuple[torch.nn.Module, Any, ArchAdapter]:
+    """The transformers model of `model_dir`'s config (or of `config`, as `build_causal_lm`) on the meta
+    device (nothing allocated), with the config and adapter: a skeleton for a loader that fills each
+    tensor itself, on the device and in the layout it wants, rather than building the float model first."""
+    config, adapter = _config(model_dir, config)
     return _build_model(config, adapter, Path(model_dir) / "config.json", device="meta"), config, adapter
+
+
+def _config(model_dir: str | Path, raw: Mapping[str, Any] | None) -> tuple[Any, ArchAdapter]:
+    return read_config(model_dir) if raw is None else parse_config(raw, Path(model_dir) / "config.json")
 
 
 def load_causal_lm(model_dir: str | Path) -> torch.nn.Module:

@@ -49,9 +49,8 @@ from bitsmith.formats.awq.constants import (
     ZERO_POINT_KEY,
 )
 from bitsmith.formats.awq.packing import unpack_output_dim
-from bitsmith.formats.base import read_json_object
-from bitsmith.formats.safetensors_io import TensorInfo, load_tensors, scan_checkpoint
-from bitsmith.models import get_adapter, supported_architectures
+from bitsmith.formats.base import dense_state, known_block_linears, read_json_object
+from bitsmith.formats.safetensors_io import TensorInfo, expect_tensor, load_tensors, scan_checkpoint
 from bitsmith.quantized import QuantizedWeight
 from bitsmith.schemes import PER_CHANNEL, QuantScheme
 
@@ -82,9 +81,7 @@ class AWQCheckpoint:
 
     def dense_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """HF-named float state dict: each quantized linear's `.weight` is its dequantized weight."""
-        state = {name: t.to(dtype) for name, t in self.tensors.items()}
-        state.update({f"{name}.{WEIGHT}": qw.dequantize(dtype) for name, qw in self.quantized.items()})
-        return state
+        return dense_state(self.tensors, self.quantized, dtype)
 
 
 def _one_of(qcfg: Mapping[str, Any], keys: Sequence[str], where: str) -> Any:
@@ -158,16 +155,6 @@ def read_configs(path: Path) -> tuple[dict[str, Any], dict[str, Any], AWQParams]
     return config, qcfg, params
 
 
-def _expect(info: TensorInfo | None, where: str, dtypes: Sequence[str], shape: tuple[int, ...]) -> TensorInfo:
-    if info is None:
-        raise FormatError(f"{where} is missing")
-    if info.dtype not in dtypes or info.shape != shape:
-        raise FormatError(
-            f"{where} ({info.file.name}) is {info.dtype} {list(info.shape)}, expected {'|'.join(dtypes)} {list(shape)}"
-        )
-    return info
-
-
 def _layer_infos(prefix: str, infos: Mapping[str, TensorInfo], group_size: int) -> dict[str, TensorInfo]:
     """Shape/dtype checks of one layer's tensors from the headers alone (nothing loaded yet)."""
     where = f"layer {prefix!r}"
@@ -184,11 +171,11 @@ def _layer_infos(prefix: str, infos: Mapping[str, TensorInfo], group_size: int) 
     groups = 1 if group_size == PER_CHANNEL else k // group_size
     checked = {
         QWEIGHT: qweight,
-        QZEROS: _expect(infos.get(f"{prefix}.{QZEROS}"), f"{where}.{QZEROS}", (ST_INT32,), (groups, words)),
-        SCALES: _expect(infos.get(f"{prefix}.{SCALES}"), f"{where}.{SCALES}", READ_SCALE_DTYPES, (groups, n)),
+        QZEROS: expect_tensor(infos.get(f"{prefix}.{QZEROS}"), f"{where}.{QZEROS}", (ST_INT32,), [(groups, words)]),
+        SCALES: expect_tensor(infos.get(f"{prefix}.{SCALES}"), f"{where}.{SCALES}", READ_SCALE_DTYPES, [(groups, n)]),
     }
     if f"{prefix}.{BIAS}" in infos:
-        _expect(infos[f"{prefix}.{BIAS}"], f"{where}.{BIAS}", READ_BIAS_DTYPES, (n,))
+        expect_tensor(infos[f"{prefix}.{BIAS}"], f"{where}.{BIAS}", READ_BIAS_DTYPES, [(n,)])
     for suffix, what in ((WEIGHT, f"a float {WEIGHT} remains beside {QWEIGHT}"), (G_IDX, "AWQ has no g_idx")):
         if f"{prefix}.{suffix}" in infos:
             raise FormatError(f"{where}: {what}")
@@ -211,14 +198,7 @@ def _check_block_linears(
     config: Mapping[str, Any], infos: Mapping[str, TensorInfo], quantized: Sequence[str], skipped: Sequence[str]
 ) -> None:
     """For a known architecture: every decoder-block linear is quantized, or float and named as skipped."""
-    model_type = config.get("model_type")
-    if model_type not in supported_architectures():
-        return
-    adapter = get_adapter(str(model_type))
-    layers = config.get("num_hidden_layers")
-    if type(layers) is not int or layers <= 0:
-        raise FormatError(f"{CONFIG_FILE}: num_hidden_layers must be a positive integer, got {layers!r}")
-    for name in (adapter.block_name(bid, local) for bid in range(layers) for local in adapter.linears):
+    for name in known_block_linears(config) or ():
         if name in quantized:
             continue
         if f"{name}.{WEIGHT}" not in infos:

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from bitsmith.errors import AlreadyExistsError, ConfigError, FormatError, UnsupportedError
+from bitsmith.errors import ConfigError, FormatError, UnsupportedError
 from bitsmith.formats.awq.constants import (
     BIAS,
     BITS,
@@ -47,7 +47,7 @@ from bitsmith.formats.awq.constants import (
     ZERO_POINT_KEY,
 )
 from bitsmith.formats.awq.packing import pack_layer, packed_nbytes
-from bitsmith.formats.base import copy_file_synced, integer_weights
+from bitsmith.formats.base import check_writer_inputs, copy_present_files, integer_weights, require_layers
 from bitsmith.formats.gptq.writer import linear_names
 from bitsmith.formats.grid_checks import check_layer, single_scheme, unquantized_config
 from bitsmith.formats.packed_checkpoint import write_json, write_packed_weights
@@ -198,17 +198,11 @@ def write_awq(
     out_dir, source_model_dir = Path(out_dir), Path(source_model_dir)
     if variant not in (None, "", VERSION):
         raise ConfigError(f"{FORMAT_NAME} variant must be {VERSION!r} (the only layout), got {variant!r}")
-    if not out_dir.is_dir():
-        raise ConfigError(f"output directory {out_dir} does not exist (stage it first)")
-    if any(out_dir.iterdir()):
-        raise AlreadyExistsError(f"output directory {out_dir} is not empty")
-    if max_shard_bytes <= 0:
-        raise ConfigError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    check_writer_inputs(out_dir, max_shard_bytes=max_shard_bytes)
     raw_config = unquantized_config(source_model_dir, markers=MARKERS)
     config, adapter = read_config(source_model_dir)
     source = scan_checkpoint(source_model_dir)
-    if not quantized:
-        raise ConfigError(f"the {FORMAT_NAME} writer got no quantized layers")
+    require_layers(quantized, FORMAT_NAME)
     blocks = block_linears(config, adapter)
     linears = linear_names(source_model_dir)
     _check_names(quantized, blocks, linears)
@@ -232,7 +226,5 @@ def write_awq(
         max_shard_bytes=max_shard_bytes,
     )
     write_json(out_dir / CONFIG_FILE, {**raw_config, QUANTIZATION_CONFIG_KEY: quantization_config(scheme, skipped)})
-    for file in COPIED_FILES:
-        if (source_model_dir / file).is_file():
-            copy_file_synced(source_model_dir / file, out_dir / file)
+    copy_present_files(source_model_dir, out_dir, COPIED_FILES)
     return out_dir

@@ -1,4 +1,5 @@
-"""compressed-tensors "pack-quantized" safetensors, as llm-compressor writes and vLLM / transformers load them."""
+"""compressed-tensors "pack-quantized" (int) and "float-quantized" (FP8 W8A8) safetensors, as llm-compressor writes
+and vLLM / transformers load them."""
 
 from bitsmith.formats.compressed_tensors.reader import CompressedTensorsCheckpoint, read_compressed_tensors
 from bitsmith.formats.compressed_tensors.writer import write_compressed_tensors

@@ -1,4 +1,4 @@
-"""Every name and number of compressed-tensors' "pack-quantized" layout (FORMATS.md §3), in one place.
+"""Every name and number of compressed-tensors' "pack-quantized" and "float-quantized" layouts (FORMATS.md §3).
 
 The writer, the reader, the packing and the target matching import these; none restates a number.
 Version facts were read from the compressed-tensors releases themselves (0.17.1, 0.18.0, 0.19.0,
@@ -38,12 +38,24 @@ WORD_BITS = 32
 
 # Config values.
 PACK_QUANTIZED = "pack-quantized"
+FLOAT_QUANTIZED = "float-quantized"
+"""FP8 W8A8 (llm-compressor's FP8 / FP8_DYNAMIC presets): unpacked float8_e4m3fn weights, activations
+cast to FP8 by the runtime (vLLM's CompressedTensorsW8A8Fp8)."""
 MIXED_PRECISION = "mixed-precision"
+"""Top-level `format` when the groups use more than one format (each group then names its own)."""
 DENSE = "dense"
 COMPRESSED = "compressed"
 INT = "int"
+FLOAT = "float"
+FP8_BITS = 8
+"""`num_bits` of FP8 weights and activations; "float" with 8 bits means e4m3 (compressed-tensors has
+no e5m2 weights)."""
 STRATEGY_GROUP = "group"
 STRATEGY_CHANNEL = "channel"
+STRATEGY_TENSOR = "tensor"
+STRATEGY_TOKEN = "token"
+OBSERVER_MINMAX = "minmax"
+"""The observer a static activation scale was calibrated with, as llm-compressor's FP8 preset names it."""
 ACTORDER_GROUP = "group"
 ACTORDER_GROUP_ALIASES = frozenset({"group", "dynamic"})
 """Values of `actorder` that mean columns are grouped by `weight_g_idx` (old files also wrote `true`)."""
@@ -62,7 +74,7 @@ COMPRESSION_FORMATS = frozenset({
     "naive-quantized", "pack-quantized", "marlin-24", "mixed-precision", "nvfp4-pack-quantized",
     "mxfp4-pack-quantized", "mxfp6-pack-quantized", "mxfp8-quantized", "fakequant",
 })  # fmt: skip
-"""Every `format` compressed-tensors knows; any but pack-quantized is refused as unsupported."""
+"""Every `format` compressed-tensors knows; any but pack-quantized and float-quantized is refused as unsupported."""
 
 # Keys of the config objects. QuantizationScheme and QuantizationArgs forbid extra keys; we do the same
 # at every level, since a key we do not know may change what the tensors mean.
@@ -83,11 +95,20 @@ WEIGHT_SCALE = "weight_scale"
 WEIGHT_ZERO_POINT = "weight_zero_point"
 WEIGHT_SHAPE = "weight_shape"
 WEIGHT_G_IDX = "weight_g_idx"
-QUANTIZED_SUFFIXES = (WEIGHT_PACKED, WEIGHT_SCALE, WEIGHT_ZERO_POINT, WEIGHT_SHAPE, WEIGHT_G_IDX)
+INPUT_SCALE = "input_scale"
+"""Static FP8 activations: the calibrated per-tensor scale the runtime divides inputs by."""
+INPUT_ZERO_POINT = "input_zero_point"
+INT_ONLY_SUFFIXES = (WEIGHT_PACKED, WEIGHT_ZERO_POINT, WEIGHT_SHAPE, WEIGHT_G_IDX)
+"""Tensors only a pack-quantized module has; an FP8 module carrying one is malformed."""
+QUANTIZED_SUFFIXES = (*INT_ONLY_SUFFIXES, WEIGHT_SCALE, INPUT_SCALE, INPUT_ZERO_POINT)
+"""Suffixes that only a quantized module may carry: one left over elsewhere means a mismatched config."""
 
 # safetensors dtype strings.
 ST_INT32 = "I32"
 ST_INT64 = "I64"
+ST_FP8_E4M3 = "F8_E4M3"
+"""float8_e4m3fn as safetensors names it: the dtype of an FP8 module's `weight`."""
+ST_FLOAT32 = "F32"
 SHAPE_DTYPES = frozenset({ST_INT32, ST_INT64})
 """`weight_shape` is `torch.tensor(weight.shape)`, i.e. int64; the docs' table says int32; read both."""
 G_IDX_DTYPES = frozenset({ST_INT32, ST_INT64})

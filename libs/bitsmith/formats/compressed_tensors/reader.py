@@ -1,21 +1,31 @@
-"""Read and validate a compressed-tensors "pack-quantized" checkpoint (FORMATS.md §3, checklist §8).
+"""Read and validate a compressed-tensors "pack-quantized" / "float-quantized" checkpoint (FORMATS.md §3, §8).
 
 Why our own parser: the evaluator rebuilds the float model from an artifact's bytes, and artifacts
 from the store or the wire are untrusted; the compressed_tensors package is a dev-only consumer, and
 it asserts rather than explains. This reads what bitsmith writes and what llm-compressor writes for
 weight-only int quantization (W4A16 sym/asym, group or channel, with or without an act-order
-`weight_g_idx`, one or several config groups), and refuses everything else by name:
+`weight_g_idx`) and for FP8 W8A8 (the FP8 and FP8_DYNAMIC presets), one or several config groups,
+mixed formats included, and refuses everything else by name:
 
 * config: every key known (QuantizationScheme / QuantizationArgs forbid extras, so do we, at every
-  level); `quantization_status` "compressed"; int weights of 2/3/4/8 bits, group or channel strategy,
-  static; no activation, KV-cache, sparsity or transform quantization (`UnsupportedError`: the float
-  model could not reproduce them); every group "pack-quantized" (its own format, else the top-level one);
+  level); `quantization_status` "compressed"; each group "pack-quantized" or "float-quantized" (its own
+  format, else the top-level one). pack-quantized groups: int weights of 2/3/4/8 bits, group or channel
+  strategy, static, and no activation quantization. float-quantized groups: 8-bit float (e4m3) weights,
+  symmetric, per tensor or per channel, with 8-bit float input activations, symmetric, either dynamic per
+  token or static per tensor (`input_scale`). Activation quantization is allowed there, unlike for ints,
+  because the dense model still reproduces the weights exactly (data·scale) and the activations are the
+  runtime's to quantize: the checkpoint only tells it how (and, static, with which `input_scale`, which
+  `FP8Weight` carries). Anything a float model could not stand in for is `UnsupportedError`: block or
+  group FP8 weights, int8 or asymmetric or other-strategy activations, output activations, KV-cache,
+  sparsity or transform quantization;
 * which modules are quantized: compressed-tensors' target / ignore rules (`matching`) over the modules
   of the model that config.json describes (built on the meta device); exactly those Linear/Embedding
-  modules must carry `weight_packed` & co., and no other tensor may;
+  modules must carry `weight_packed` & co. (or an FP8 `weight`, `weight_scale`, `input_scale`), and no
+  other tensor may;
 * tensors, from the headers before anything is loaded: dtypes and shapes against the module's weight
   shape and its group's grid (packing by the writer's version: 3-bit changed layout in 0.18.0); then
-  `weight_shape` values, finite scales, g_idx ranges and group sizes.
+  `weight_shape` values, finite scales, g_idx ranges and group sizes; FP8 scales finite and > 0, no NaN
+  in FP8 data.
 
 Anything malformed is a `FormatError` naming the file, group or tensor.
 """
@@ -31,7 +41,7 @@ from typing import Any
 import torch
 
 from bitsmith.errors import FormatError, UnsupportedError
-from bitsmith.formats.base import read_json_object
+from bitsmith.formats.base import dense_state, read_json_object
 from bitsmith.formats.compressed_tensors.constants import (
     ACTORDER_GROUP_ALIASES,
     ACTORDER_NO_G_IDX,
@@ -42,8 +52,14 @@ from bitsmith.formats.compressed_tensors.constants import (
     CONFIG_FILE,
     DENSE,
     DENSE_PACKING_SINCE,
+    FLOAT,
+    FLOAT_QUANTIZED,
+    FP8_BITS,
     G_IDX_DTYPES,
+    INPUT_SCALE,
+    INPUT_ZERO_POINT,
     INT,
+    INT_ONLY_SUFFIXES,
     MIXED_PRECISION,
     PACK_QUANTIZED,
     QUANT_METHOD,
@@ -54,9 +70,12 @@ from bitsmith.formats.compressed_tensors.constants import (
     SCALE_DTYPES,
     SCHEME_KEYS,
     SHAPE_DTYPES,
+    ST_FP8_E4M3,
     ST_INT32,
     STRATEGY_CHANNEL,
     STRATEGY_GROUP,
+    STRATEGY_TENSOR,
+    STRATEGY_TOKEN,
     TOP_LEVEL_KEYS,
     TORCH_DTYPE_NAMES,
     WEIGHT,
@@ -70,8 +89,8 @@ from bitsmith.formats.compressed_tensors.constants import (
 from bitsmith.formats.compressed_tensors.matching import ModuleInfo, model_modules, resolve_group
 from bitsmith.formats.compressed_tensors.packing import packed_width, unpack_rows
 from bitsmith.formats.safetensors_io import TensorInfo, load_tensors, scan_checkpoint
-from bitsmith.quantized import QuantizedWeight
-from bitsmith.schemes import PER_CHANNEL, QuantScheme
+from bitsmith.quantized import FP8Weight, QuantizedWeight
+from bitsmith.schemes import PER_CHANNEL, FP8Scheme, QuantScheme
 
 _VERSION = re.compile(r"^(\d+)\.(\d+)(?:\.(\d+))?")
 _UNSUPPORTED_STRATEGIES = frozenset({"tensor", "block", "token", "tensor_group", "attn_head"})
@@ -96,10 +115,29 @@ class WeightArgs:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class FP8Args:
+    """The FP8 grid of one "float-quantized" config group: weight scale layout and activation scaling."""
+
+    per_channel: bool
+    """Weight strategy "channel" (one scale per output row), else "tensor"."""
+    static_activations: bool
+    """Input activations static per tensor (modules carry `input_scale`), else dynamic per token."""
+    scale_dtype: str | None = None
+    """safetensors dtype the config declares for scales (`scale_dtype`), if it does."""
+
+    @property
+    def scheme(self) -> FP8Scheme:
+        return FP8Scheme(per_channel=self.per_channel, static_activations=self.static_activations)
+
+
+GroupArgs = WeightArgs | FP8Args
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ParsedConfig:
     """A validated `quantization_config`: group grids, their targets, the ignore list, the writer version."""
 
-    groups: Mapping[str, WeightArgs]
+    groups: Mapping[str, GroupArgs]
     targets: Mapping[str, tuple[str, ...]]
     ignore: tuple[str, ...]
     version: tuple[int, int, int] | None
@@ -109,8 +147,10 @@ class ParsedConfig:
 class CompressedTensorsCheckpoint:
     """A validated compressed-tensors checkpoint.
 
-    `quantized` holds bitsmith's unsigned codes and zeros (stored value = signed value + 2^(b-1)) with
-    float32 scales equal to the stored ones; `layer_groups` names each module's config group.
+    `quantized` holds, for pack-quantized modules, bitsmith's unsigned codes and zeros (stored value =
+    signed value + 2^(b-1)) with float32 scales equal to the stored ones, and for float-quantized modules
+    an `FP8Weight` with the stored e4m3 data and float32 copies of the stored scales (`input_scale` too);
+    `layer_groups` names each module's config group.
     """
 
     path: Path
@@ -118,19 +158,21 @@ class CompressedTensorsCheckpoint:
     quantization_config: Mapping[str, Any]
     parsed: ParsedConfig
     layer_groups: Mapping[str, str]
-    quantized: Mapping[str, QuantizedWeight]
+    quantized: Mapping[str, QuantizedWeight | FP8Weight]
     scale_dtypes: Mapping[str, torch.dtype]
     tensors: Mapping[str, torch.Tensor]
 
     def dense_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """HF-named float state dict: each quantized module's `.weight` is (code - zero)·scale.
+        """HF-named float state dict: each quantized module's `.weight` is (code - zero)·scale, or data·scale
+        for FP8 modules (activation scales play no part: the runtime applies them).
 
-        The product is exact in float32 (a ≤ 9-bit integer times a ≤ 24-bit scale), then rounded once
-        to `dtype` — what compressed-tensors computes when `dtype` is the scale dtype.
+        The integer product is exact in float32 (a ≤ 9-bit integer times a ≤ 24-bit scale), then rounded
+        once to `dtype` — what compressed-tensors computes when `dtype` is the scale dtype. The FP8 product
+        is the float32 one compressed-tensors computes for float32 scales (what bitsmith writes), and for
+        bf16/fp16 scales (llm-compressor's) it is exact (4 + 11 significant bits), so rounding it to the
+        scale dtype again gives compressed-tensors' result.
         """
-        state = {name: t.to(dtype) for name, t in self.tensors.items()}
-        state.update({f"{name}.{WEIGHT}": qw.dequantize(dtype) for name, qw in self.quantized.items()})
-        return state
+        return dense_state(self.tensors, self.quantized, dtype)
 
 
 # --- config -----------------------------------------------------------------------------------------
@@ -220,7 +262,81 @@ def parse_weight_args(raw: Any, where: str) -> WeightArgs:
     )
 
 
-def _parse_group(name: str, raw: Any, default_format: Any, where: str) -> tuple[WeightArgs, tuple[str, ...]]:
+def _fp8_common(raw: Any, where: str, what: str) -> tuple[str, Any]:
+    """Checks shared by FP8 weights and activations: e4m3, symmetric; returns (strategy, dynamic).
+
+    The strategy is compressed-tensors' own inference when absent (group_size null → tensor, -1 →
+    channel, > 0 → group)."""
+    if not isinstance(raw, dict):
+        raise FormatError(f"{where}: {what} must be an object, got {raw!r}")
+    _unknown(where, raw, ARGS_KEYS)
+    qtype = raw.get("type", INT)
+    if not isinstance(qtype, str) or qtype.lower() not in (INT, FLOAT):
+        raise FormatError(f"{where}: type must be 'int' or 'float', got {qtype!r}")
+    bits = raw.get("num_bits", 8)
+    if type(bits) is not int or not 1 <= bits <= WORD_BITS:
+        raise FormatError(f"{where}: num_bits must be an integer in [1, 32], got {bits!r}")
+    if qtype.lower() != FLOAT or bits != FP8_BITS:
+        raise UnsupportedError(f"{where}: {bits}-bit {qtype} {what}; float-quantized reading takes 8-bit float (FP8)")
+    if raw.get("symmetric", True) is not True:
+        raise UnsupportedError(f"{where}: asymmetric FP8 {what} (symmetric={raw.get('symmetric')!r})")
+    group_size, strategy = raw.get("group_size"), raw.get("strategy")
+    if group_size is not None and (type(group_size) is not int or group_size < PER_CHANNEL or group_size == 0):
+        raise FormatError(f"{where}: group_size must be null, -1 or positive, got {group_size!r}")
+    if strategy is None:
+        strategy = STRATEGY_TENSOR if group_size is None else STRATEGY_GROUP if group_size > 0 else STRATEGY_CHANNEL
+    if not isinstance(strategy, str):
+        raise FormatError(f"{where}: strategy must be a string, got {strategy!r}")
+    strategy = strategy.lower()
+    if strategy not in _UNSUPPORTED_STRATEGIES | {STRATEGY_GROUP, STRATEGY_CHANNEL}:
+        raise FormatError(f"{where}: unknown strategy {strategy!r}")
+    if group_size is not None and group_size > 0:
+        raise UnsupportedError(f"{where}: FP8 {what} in groups of {group_size}; read: per tensor, channel or token")
+    if raw.get("block_structure") is not None:
+        raise UnsupportedError(f"{where}: block-quantized FP8 {what} (block_structure {raw['block_structure']!r})")
+    if raw.get("actorder") not in (None, False):
+        raise FormatError(f"{where}: actorder {raw['actorder']!r} applies only to group-quantized weights")
+    for key, kind in (("observer", str), ("zp_dtype", str), ("observer_kwargs", dict)):
+        if raw.get(key) is not None and not isinstance(raw[key], kind):
+            raise FormatError(f"{where}: {key} must be a {kind.__name__} or null, got {raw[key]!r}")
+    return strategy, raw.get("dynamic", False)
+
+
+def parse_fp8_args(weights: Any, inputs: Any, where: str) -> FP8Args:
+    """Validate a float-quantized group's `weights` and `input_activations` (FP8 W8A8: module docstring)."""
+    strategy, dynamic = _fp8_common(weights, f"{where}.weights", "weights")
+    if strategy not in (STRATEGY_TENSOR, STRATEGY_CHANNEL):
+        raise UnsupportedError(
+            f"{where}.weights: strategy {strategy!r}; float-quantized reading supports tensor and channel"
+        )
+    if dynamic is not False:
+        raise UnsupportedError(f"{where}.weights: dynamic weight quantization ({dynamic!r})")
+    scale_dtype = weights.get("scale_dtype")
+    if scale_dtype is not None and (not isinstance(scale_dtype, str) or scale_dtype not in TORCH_DTYPE_NAMES):
+        raise UnsupportedError(f"{where}.weights: scale_dtype {scale_dtype!r}; readable: {sorted(TORCH_DTYPE_NAMES)}")
+    if inputs is None:
+        raise UnsupportedError(
+            f"{where}: float-quantized weights without input_activations (weight-only FP8); read: FP8 W8A8"
+        )
+    in_where = f"{where}.input_activations"
+    in_strategy, in_dynamic = _fp8_common(inputs, in_where, "input_activations")
+    if (in_strategy, in_dynamic) == (STRATEGY_TOKEN, True):
+        static = False
+    elif (in_strategy, in_dynamic) == (STRATEGY_TENSOR, False):
+        static = True
+    else:
+        raise UnsupportedError(
+            f"{in_where}: strategy {in_strategy!r} with dynamic={in_dynamic!r}; read: dynamic per 'token' "
+            "or static per 'tensor'"
+        )
+    return FP8Args(
+        per_channel=strategy == STRATEGY_CHANNEL,
+        static_activations=static,
+        scale_dtype=TORCH_DTYPE_NAMES[scale_dtype] if scale_dtype is not None else None,
+    )
+
+
+def _parse_group(name: str, raw: Any, default_format: Any, where: str) -> tuple[GroupArgs, tuple[str, ...]]:
     where = f"{where}: config group {name!r}"
     if isinstance(raw, list):
         raise UnsupportedError(f"{where}: preset scheme references are not supported; write the scheme out")
@@ -230,6 +346,12 @@ def _parse_group(name: str, raw: Any, default_format: Any, where: str) -> tuple[
     targets = raw.get("targets")
     if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
         raise FormatError(f"{where}: targets must be a non-empty list of strings, got {targets!r}")
+    if (raw.get("format") or default_format) == FLOAT_QUANTIZED:
+        if raw.get("output_activations") is not None:
+            raise UnsupportedError(f"{where}: output_activations are quantized; bitsmith reads FP8 W8A8 only")
+        if raw.get("weights") is None:
+            raise UnsupportedError(f"{where}: no weight quantization")
+        return parse_fp8_args(raw["weights"], raw.get("input_activations"), where), tuple(targets)
     for key in ("input_activations", "output_activations"):
         if raw.get(key) is not None:
             raise UnsupportedError(f"{where}: {key} are quantized; a float model cannot reproduce that")
@@ -241,7 +363,7 @@ def _parse_group(name: str, raw: Any, default_format: Any, where: str) -> tuple[
     if not isinstance(fmt, str) or fmt not in COMPRESSION_FORMATS:
         raise FormatError(f"{where}: unknown format {fmt!r}")
     if fmt != PACK_QUANTIZED:
-        raise UnsupportedError(f"{where}: format {fmt!r}; bitsmith reads {PACK_QUANTIZED!r}")
+        raise UnsupportedError(f"{where}: format {fmt!r}; bitsmith reads {PACK_QUANTIZED!r} and {FLOAT_QUANTIZED!r}")
     return parse_weight_args(raw["weights"], f"{where}.weights"), tuple(targets)
 
 
@@ -276,13 +398,14 @@ def parse_quantization_config(qcfg: Mapping[str, Any], where: str) -> ParsedConf
     raw_groups = qcfg.get("config_groups")
     if not isinstance(raw_groups, dict) or not raw_groups:
         raise FormatError(f"{where}: config_groups must be a non-empty object")
-    groups: dict[str, WeightArgs] = {}
+    groups: dict[str, GroupArgs] = {}
     targets: dict[str, tuple[str, ...]] = {}
     for name, raw in raw_groups.items():
         groups[name], targets[name] = _parse_group(name, raw, fmt, where)
     version = parse_version(qcfg.get("version"), where)
-    if version is None and any(WORD_BITS % args.bits for args in groups.values()):
-        widths = sorted({args.bits for args in groups.values()})
+    int_groups = [args for args in groups.values() if isinstance(args, WeightArgs)]
+    if version is None and any(WORD_BITS % args.bits for args in int_groups):
+        widths = sorted({args.bits for args in int_groups})
         raise FormatError(f"{where}: no version, so the packing of {widths}-bit codes is unknown")
     return ParsedConfig(groups=groups, targets=targets, ignore=tuple(ignore), version=version)
 
@@ -336,6 +459,61 @@ def _layer_infos(
     if f"{prefix}.{WEIGHT}" in infos:
         raise FormatError(f"{where}: a float {WEIGHT} remains beside {WEIGHT_PACKED}")
     return checked, (n, k)
+
+
+def _fp8_layer_infos(
+    prefix: str, infos: Mapping[str, TensorInfo], args: FP8Args, module: ModuleInfo
+) -> tuple[dict[str, TensorInfo], tuple[int, int]]:
+    """Header checks of one FP8 module: `weight` F8_E4M3 [N, K]; `weight_scale` [N, 1] or [N] (channel),
+    [1] or 0-dim (tensor); `input_scale` [1] or 0-dim iff static. Scales may be F32 (bitsmith) or the
+    weight dtype (llm-compressor); both shapes of each appear in files llm-compressor has written."""
+    where = f"module {prefix!r}"
+    if module.weight_shape is None or len(module.weight_shape) != 2:
+        raise FormatError(f"{where}: the model has no 2-D weight there to quantize")
+    n, k = module.weight_shape
+    checked = {WEIGHT: _expect(infos.get(f"{prefix}.{WEIGHT}"), f"{where}.{WEIGHT}", {ST_FP8_E4M3}, (n, k))}
+    scale_dtypes = {args.scale_dtype} if args.scale_dtype else set(SCALE_DTYPES)
+    scale_shapes: tuple[tuple[int, ...], ...] = ((n, 1), (n,)) if args.per_channel else ((1,), ())
+    scale = _expect_one_of(infos.get(f"{prefix}.{WEIGHT_SCALE}"), f"{where}.{WEIGHT_SCALE}", scale_dtypes, scale_shapes)
+    checked[WEIGHT_SCALE] = scale
+    input_scale = infos.get(f"{prefix}.{INPUT_SCALE}")
+    if args.static_activations:
+        checked[INPUT_SCALE] = _expect_one_of(input_scale, f"{where}.{INPUT_SCALE}", set(SCALE_DTYPES), ((1,), ()))
+    elif input_scale is not None:
+        raise FormatError(f"{where}: {INPUT_SCALE} present but the group's activations are dynamic")
+    for suffix in (*INT_ONLY_SUFFIXES, INPUT_ZERO_POINT):
+        if f"{prefix}.{suffix}" in infos:
+            raise FormatError(f"{where}: {suffix} present in a float-quantized (FP8) module")
+    return checked, (n, k)
+
+
+def _expect_one_of(
+    info: TensorInfo | None, where: str, dtypes: frozenset[str] | set[str], shapes: tuple[tuple[int, ...], ...]
+) -> TensorInfo:
+    if info is None:
+        raise FormatError(f"{where} is missing")
+    if info.dtype not in dtypes or info.shape not in shapes:
+        expected = f"{'/'.join(sorted(dtypes))} {' or '.join(str(list(s)) for s in shapes)}"
+        raise FormatError(f"{where} ({info.file.name}) is {info.dtype} {list(info.shape)}, expected {expected}")
+    return info
+
+
+def unpack_fp8_layer(prefix: str, tensors: Mapping[str, torch.Tensor], args: FP8Args) -> FP8Weight:
+    """bitsmith's FP8Weight from one module's tensors: the e4m3 data as stored, float32 copies of the scales."""
+    where = f"module {prefix!r}"
+    data = tensors[WEIGHT]
+    # e4m3fn has no infinities; its NaNs are the bit patterns s.1111.111.
+    if bool(((data.view(torch.uint8) & 0x7F) == 0x7F).any()):
+        raise FormatError(f"{where}.{WEIGHT} contains NaN")
+    scale = tensors[WEIGHT_SCALE].float().reshape(-1).contiguous()
+    if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
+        raise FormatError(f"{where}.{WEIGHT_SCALE} must be finite and > 0")
+    input_scale = None
+    if args.static_activations:
+        input_scale = tensors[INPUT_SCALE].float().reshape(1).contiguous()
+        if not bool(torch.isfinite(input_scale).all()) or bool((input_scale <= 0).any()):
+            raise FormatError(f"{where}.{INPUT_SCALE} must be finite and > 0")
+    return FP8Weight(data=data.contiguous(), scale=scale, scheme=args.scheme, input_scale=input_scale)
 
 
 def unpack_layer(
@@ -398,9 +576,11 @@ def read_compressed_tensors(path: Path) -> CompressedTensorsCheckpoint:
     layer_infos: dict[str, dict[str, TensorInfo]] = {}
     shapes: dict[str, tuple[int, int]] = {}
     for prefix, group in sorted(layer_groups.items()):
-        layer_infos[prefix], shapes[prefix] = _layer_infos(
-            prefix, infos, parsed.groups[group], modules[prefix], legacy=legacy
-        )
+        args = parsed.groups[group]
+        if isinstance(args, FP8Args):
+            layer_infos[prefix], shapes[prefix] = _fp8_layer_infos(prefix, infos, args, modules[prefix])
+        else:
+            layer_infos[prefix], shapes[prefix] = _layer_infos(prefix, infos, args, modules[prefix], legacy=legacy)
     owned = {info.name for parts in layer_infos.values() for info in parts.values()}
     stray = sorted(n for n in set(infos) - owned if n.rpartition(".")[2] in QUANTIZED_SUFFIXES)
     if stray:
@@ -408,12 +588,15 @@ def read_compressed_tensors(path: Path) -> CompressedTensorsCheckpoint:
             f"compressed-tensors checkpoint {path}: {stray[0]} belongs to no module that a config group quantizes"
         )
     loaded = load_tensors(info for parts in layer_infos.values() for info in parts.values())
-    quantized: dict[str, QuantizedWeight] = {}
+    quantized: dict[str, QuantizedWeight | FP8Weight] = {}
     scale_dtypes: dict[str, torch.dtype] = {}
     for prefix, parts in layer_infos.items():
         layer = {suffix: loaded[info.name] for suffix, info in parts.items()}
         args = parsed.groups[layer_groups[prefix]]
-        quantized[prefix] = unpack_layer(prefix, layer, args, shapes[prefix], legacy=legacy)
+        if isinstance(args, FP8Args):
+            quantized[prefix] = unpack_fp8_layer(prefix, layer, args)
+        else:
+            quantized[prefix] = unpack_layer(prefix, layer, args, shapes[prefix], legacy=legacy)
         scale_dtypes[prefix] = layer[WEIGHT_SCALE].dtype
     tensors = load_tensors(infos[name] for name in sorted(set(infos) - owned))
     return CompressedTensorsCheckpoint(

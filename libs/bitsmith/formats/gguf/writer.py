@@ -25,8 +25,8 @@ import gguf
 import numpy as np
 import torch
 
-from bitsmith.errors import AlreadyExistsError, ConfigError, FormatError
-from bitsmith.formats.base import fsync_path, temp_sibling
+from bitsmith.errors import ConfigError, FormatError
+from bitsmith.formats.base import check_writer_inputs, fsync_path, temp_sibling
 from bitsmith.formats.gguf.constants import FILE_TEMPLATE
 from bitsmith.formats.gguf.metadata import add_hparams
 from bitsmith.formats.gguf.mixes import Mix, get_mix, tensor_types, visit_order
@@ -184,10 +184,7 @@ def write_gguf(
     """
     out_dir, source_model_dir = Path(out_dir), Path(source_model_dir)
     mix = get_mix(variant)
-    if not out_dir.is_dir():
-        raise ConfigError(f"output directory {out_dir} does not exist (stage it first)")
-    if any(out_dir.iterdir()):
-        raise AlreadyExistsError(f"output directory {out_dir} is not empty")
+    check_writer_inputs(out_dir)
     unquantized_config(source_model_dir, markers=MARKERS)
     plan, sources = TensorPlan.with_sources(source_model_dir)
     types = _mix_types(mix, plan, quantized)

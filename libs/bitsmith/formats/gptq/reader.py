@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from bitsmith.errors import FormatError
-from bitsmith.formats.base import read_json_object
+from bitsmith.formats.base import dense_state, read_json_object
 from bitsmith.formats.gptq.constants import (
     BIAS,
     BITS,
@@ -41,7 +41,7 @@ from bitsmith.formats.gptq.constants import (
 )
 from bitsmith.formats.gptq.dynamic import resolve
 from bitsmith.formats.gptq.packing import packed_rows, unpack_dim0
-from bitsmith.formats.safetensors_io import TensorInfo, load_tensors, scan_checkpoint
+from bitsmith.formats.safetensors_io import TensorInfo, expect_tensor, load_tensors, scan_checkpoint
 from bitsmith.quantized import QuantizedWeight
 from bitsmith.schemes import PER_CHANNEL, QuantScheme
 
@@ -67,9 +67,7 @@ class GPTQCheckpoint:
 
     def dense_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """HF-named float state dict: each quantized linear's `.weight` is its dequantized weight."""
-        state = {name: t.to(dtype) for name, t in self.tensors.items()}
-        state.update({f"{name}.{WEIGHT}": qw.dequantize(dtype) for name, qw in self.quantized.items()})
-        return state
+        return dense_state(self.tensors, self.quantized, dtype)
 
 
 def read_configs(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -126,16 +124,6 @@ def parse_quantization_config(
     return scheme, fmt, qcfg["desc_act"]
 
 
-def _expect(info: TensorInfo | None, where: str, dtype: str, shape: tuple[int, ...]) -> TensorInfo:
-    if info is None:
-        raise FormatError(f"{where} is missing")
-    if info.dtype != dtype or info.shape != shape:
-        raise FormatError(
-            f"{where} ({info.file.name}) is {info.dtype} {list(info.shape)}, expected {dtype} {list(shape)}"
-        )
-    return info
-
-
 def _layer_infos(prefix: str, infos: Mapping[str, TensorInfo], scheme: QuantScheme) -> dict[str, TensorInfo]:
     """Shape/dtype checks of one layer's tensors from the headers alone (nothing loaded yet)."""
     where = f"layer {prefix!r}"
@@ -152,13 +140,13 @@ def _layer_infos(prefix: str, infos: Mapping[str, TensorInfo], scheme: QuantSche
     rows_k = packed_rows(k, bits, what=f"{where} in_features")
     words_n = packed_rows(n, bits, what=f"{where} out_features")
     checked = {
-        QWEIGHT: _expect(infos.get(f"{prefix}.{QWEIGHT}"), f"{where}.{QWEIGHT}", ST_INT32, (rows_k, n)),
-        QZEROS: _expect(infos.get(f"{prefix}.{QZEROS}"), f"{where}.{QZEROS}", ST_INT32, (groups, words_n)),
-        SCALES: _expect(scales, f"{where}.{SCALES}", ST_FLOAT16, (groups, n)),
-        G_IDX: _expect(g_idx, f"{where}.{G_IDX}", ST_INT32, (k,)),
+        QWEIGHT: expect_tensor(infos.get(f"{prefix}.{QWEIGHT}"), f"{where}.{QWEIGHT}", (ST_INT32,), [(rows_k, n)]),
+        QZEROS: expect_tensor(infos.get(f"{prefix}.{QZEROS}"), f"{where}.{QZEROS}", (ST_INT32,), [(groups, words_n)]),
+        SCALES: expect_tensor(scales, f"{where}.{SCALES}", (ST_FLOAT16,), [(groups, n)]),
+        G_IDX: expect_tensor(g_idx, f"{where}.{G_IDX}", (ST_INT32,), [(k,)]),
     }
     if f"{prefix}.{BIAS}" in infos:
-        _expect(infos[f"{prefix}.{BIAS}"], f"{where}.{BIAS}", ST_FLOAT16, (n,))
+        expect_tensor(infos[f"{prefix}.{BIAS}"], f"{where}.{BIAS}", (ST_FLOAT16,), [(n,)])
     if f"{prefix}.{WEIGHT}" in infos:
         raise FormatError(f"{where}: a float {WEIGHT} remains beside {QWEIGHT}")
     return checked

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 import bitsmith
-from bitsmith.errors import AlreadyExistsError, ConfigError, FormatError, UnsupportedError
-from bitsmith.formats.base import copy_file_synced, integer_weights
+from bitsmith.errors import ConfigError, FormatError, UnsupportedError
+from bitsmith.formats.base import check_writer_inputs, copy_present_files, integer_weights
 from bitsmith.formats.gptq.constants import (
     CONFIG_FILE,
     COPIED_FILES,
@@ -222,12 +222,7 @@ def write_gptq(
     quantized = integer_weights(quantized, "GPTQ")
     out_dir, source_model_dir = Path(out_dir), Path(source_model_dir)
     fmt = parse_checkpoint_format(variant or CheckpointFormat.V1)
-    if not out_dir.is_dir():
-        raise ConfigError(f"output directory {out_dir} does not exist (stage it first)")
-    if any(out_dir.iterdir()):
-        raise AlreadyExistsError(f"output directory {out_dir} is not empty")
-    if max_shard_bytes <= 0:
-        raise ConfigError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    check_writer_inputs(out_dir, max_shard_bytes=max_shard_bytes)
     config = unquantized_config(source_model_dir, markers=(QUANTIZATION_CONFIG_KEY,))
     source = scan_checkpoint(source_model_dir)
     if not quantized:
@@ -253,7 +248,5 @@ def write_gptq(
                                dynamic=dynamic_config(quantized, skipped, scheme))
     write_json(out_dir / CONFIG_FILE, {**config, QUANTIZATION_CONFIG_KEY: qcfg})
     write_json(out_dir / QUANTIZE_CONFIG_FILE, qcfg)
-    for name in COPIED_FILES:
-        if (source_model_dir / name).is_file():
-            copy_file_synced(source_model_dir / name, out_dir / name)
+    copy_present_files(source_model_dir, out_dir, COPIED_FILES)
     return out_dir

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from bitsmith.errors import FormatError, UnsupportedError
-from bitsmith.formats.base import read_json_object
+from bitsmith.formats.base import dense_state, read_json_object
 from bitsmith.formats.gptq.packing import unpack_dim0
 from bitsmith.formats.mlx.constants import (
     BIASES,
@@ -40,7 +40,7 @@ from bitsmith.formats.mlx.constants import (
     WORD_BITS,
     ZERO_TOLERANCE,
 )
-from bitsmith.formats.safetensors_io import TensorInfo, load_tensors, read_header
+from bitsmith.formats.safetensors_io import TensorInfo, expect_tensor, load_tensors, read_header
 from bitsmith.quantized import QuantizedWeight
 from bitsmith.schemes import QuantScheme
 
@@ -77,9 +77,7 @@ class MlxCheckpoint:
 
     def dense_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """HF-named float state dict with every quantized module dequantized by MLX's formula."""
-        state = {name: t.to(dtype) for name, t in self.tensors.items()}
-        state.update({f"{name}.{WEIGHT}": layer.dequantize(dtype) for name, layer in self.layers.items()})
-        return state
+        return dense_state(self.tensors, self.layers, dtype)
 
     def quantized_weights(self) -> dict[str, QuantizedWeight]:
         """bitsmith's zero-point form of every module; `FormatError` if a bias is not -scale·zero."""
@@ -142,13 +140,6 @@ def _config(path: Path) -> tuple[dict[str, Any], QuantScheme, dict[str, QuantSch
     return config, scheme, overrides
 
 
-def _expect(info: TensorInfo | None, where: str, dtype: str, shape: tuple[int, ...]) -> None:
-    if info is None:
-        raise FormatError(f"{where} is missing")
-    if info.dtype != dtype or info.shape != shape:
-        raise FormatError(f"{where} is {info.dtype} {list(info.shape)}, expected {dtype} {list(shape)}")
-
-
 def _check_module(prefix: str, infos: Mapping[str, TensorInfo], scheme: QuantScheme) -> str:
     """Shapes and dtypes of one quantized module from the header; returns its float dtype string."""
     where = f"MLX module {prefix!r}"
@@ -157,8 +148,10 @@ def _check_module(prefix: str, infos: Mapping[str, TensorInfo], scheme: QuantSch
         raise FormatError(f"{where}.{SCALES} is {scales.dtype} {list(scales.shape)}, expected 2-D float")
     n, groups = scales.shape
     k = groups * scheme.group_size
-    _expect(infos.get(f"{prefix}.{BIASES}"), f"{where}.{BIASES}", scales.dtype, (n, groups))
-    _expect(infos.get(f"{prefix}.{WEIGHT}"), f"{where}.{WEIGHT}", ST_UINT32, (n, k * scheme.bits // WORD_BITS))
+    expect_tensor(infos.get(f"{prefix}.{BIASES}"), f"{where}.{BIASES}", (scales.dtype,), [(n, groups)],
+                  name_file=False)
+    expect_tensor(infos.get(f"{prefix}.{WEIGHT}"), f"{where}.{WEIGHT}", (ST_UINT32,),
+                  [(n, k * scheme.bits // WORD_BITS)], name_file=False)
     return scales.dtype
 
 

@@ -27,8 +27,14 @@ from typing import Any
 
 import torch
 
-from bitsmith.errors import AlreadyExistsError, ConfigError, FormatError
-from bitsmith.formats.base import copy_file_synced, integer_weights, save_safetensors_atomic, write_file_atomic
+from bitsmith.errors import ConfigError, FormatError
+from bitsmith.formats.base import (
+    check_writer_inputs,
+    copy_present_files,
+    integer_weights,
+    save_safetensors_atomic,
+    write_file_atomic,
+)
 from bitsmith.formats.gptq.dynamic import default_scheme
 from bitsmith.formats.gptq.packing import pack_dim0
 from bitsmith.formats.grid_checks import check_layer, check_schemes, unquantized_config
@@ -105,10 +111,7 @@ def write_mlx(
     if dtype_name not in DTYPES:
         raise ConfigError(f"MLX variant (model dtype) must be one of {sorted(DTYPES)}, got {variant!r}")
     dtype: torch.dtype = getattr(torch, dtype_name)
-    if not out_dir.is_dir():
-        raise ConfigError(f"output directory {out_dir} does not exist (stage it first)")
-    if any(out_dir.iterdir()):
-        raise AlreadyExistsError(f"output directory {out_dir} is not empty")
+    check_writer_inputs(out_dir)
     raw_config = unquantized_config(source_model_dir, markers=(QUANTIZATION_KEY, QUANTIZATION_CONFIG_KEY))
     read_config(source_model_dir)  # an architecture bitsmith (and so mlx-lm's llama family) knows
     check_schemes(quantized, fmt=FORMAT_NAME, bits=BITS, group_sizes=GROUP_SIZES)
@@ -131,7 +134,5 @@ def write_mlx(
     block = quantization_block(scheme, {name: qw.scheme for name, qw in quantized.items()})
     config = {**raw_config, QUANTIZATION_KEY: block, QUANTIZATION_CONFIG_KEY: block}
     write_file_atomic(out_dir / CONFIG_FILE, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
-    for name in COPIED_FILES:
-        if (source_model_dir / name).is_file():
-            copy_file_synced(source_model_dir / name, out_dir / name)
+    copy_present_files(source_model_dir, out_dir, COPIED_FILES)
     return out_dir

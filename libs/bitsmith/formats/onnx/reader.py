@@ -25,7 +25,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper, helper, numpy_helper
 
 from bitsmith.errors import FormatError, NotFoundError
-from bitsmith.formats.base import read_json_object
+from bitsmith.formats.base import dense_state, read_json_object
 from bitsmith.formats.onnx.constants import (
     BIAS,
     BITS,
@@ -73,9 +73,7 @@ class OnnxCheckpoint:
 
     def dense_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """HF-named float state dict: each MatMulNBits node's weight dequantized."""
-        state = {name: t.to(dtype) for name, t in self.tensors.items()}
-        state.update({f"{name}.{WEIGHT}": qw.dequantize(dtype) for name, qw in self.quantized.items()})
-        return state
+        return dense_state(self.tensors, self.quantized, dtype)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import onnx
 
-from bitsmith.errors import AlreadyExistsError, ConfigError, FormatError
-from bitsmith.formats.base import copy_file_synced, integer_weights, write_file_atomic
+from bitsmith.errors import ConfigError, FormatError
+from bitsmith.formats.base import check_writer_inputs, copy_present_files, integer_weights, write_file_atomic
 from bitsmith.formats.gptq.dynamic import default_scheme
 from bitsmith.formats.grid_checks import check_layer, check_schemes, unquantized_config
 from bitsmith.formats.onnx.constants import (
@@ -99,10 +99,7 @@ def write_onnx(
     out_dir, source_model_dir = Path(out_dir), Path(source_model_dir)
     if variant is not None:
         raise ConfigError(f"the {FORMAT_NAME} format has no variants, got {variant!r}")
-    if not out_dir.is_dir():
-        raise ConfigError(f"output directory {out_dir} does not exist (stage it first)")
-    if any(out_dir.iterdir()):
-        raise AlreadyExistsError(f"output directory {out_dir} is not empty")
+    check_writer_inputs(out_dir)
     raw_config = unquantized_config(source_model_dir, markers=(QUANTIZATION_CONFIG_KEY,))
     config, adapter = read_config(source_model_dir)
     check_schemes(quantized, fmt=FORMAT_NAME, bits=BITS, group_sizes=BLOCK_SIZES)
@@ -128,9 +125,7 @@ def write_onnx(
                                block_linears - set(quantized))
     config_text = json.dumps({**raw_config, QUANTIZATION_CONFIG_KEY: qcfg}, indent=2, sort_keys=True)
     write_file_atomic(out_dir / CONFIG_FILE, (config_text + "\n").encode())
-    for name in COPIED_FILES:
-        if (source_model_dir / name).is_file():
-            copy_file_synced(source_model_dir / name, out_dir / name)
+    copy_present_files(source_model_dir, out_dir, COPIED_FILES)
     return out_dir
 
 
