@@ -10,13 +10,12 @@ increase over the unquantized model on the same engine, KL and top-1 agreement, 
 
 Target (issue): FP8 artifact perplexity within 1% of bf16 on the shared eval sets.
 
-    python bench/fp8_quality.py [--samples 128] [--seq-len 512] [--json PATH]
+    python bench/fp8_quality.py [--samples 128] [--seq-len 512] [--json PATH] [--work DIR]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from bitsmith.pipeline import quantize_in_process
 from bitsmith.recipes import Recipe
 from bitsmith.runtimes import Target, evaluate_path
 from bitsmith.schemes import Format, FP8Scheme, GPTQOptions, Method
-from machine import hardware, work_dir
+from machine import hardware, run_bench
 
 VARIANTS = {
     "channel, dynamic": FP8Scheme(per_channel=True, static_activations=False),
@@ -75,13 +74,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
-    with work_dir(None) as work:
-        results = run(args, work)
-    report(results)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    run_bench(parser, run, report)
 
 
 if __name__ == "__main__":

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 def gpu() -> str | None:
@@ -47,3 +50,17 @@ def hardware() -> str:
     cpu = f"{model}; {os.cpu_count()} logical CPUs; {system}; Python {platform.python_version()}"
     device = gpu()
     return cpu if device is None else f"{device}; {cpu}"
+
+
+def run_bench(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace, Path], dict[str, Any]],
+              report: Callable[[dict[str, Any]], None]) -> None:
+    """A benchmark's main: parse `parser`'s arguments plus `--work` (keep the files there) and `--json`
+    (write the results there), run in the work directory, print the report."""
+    parser.add_argument("--work", type=Path, help="keep the checkpoints and artifacts here (default: a temp dir)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    with work_dir(args.work) as work:
+        results = run(args, work)
+    report(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
