@@ -74,3 +74,29 @@ def test_runtime_nvidia_serves_evaluate_and_generate(stack: Stack, tmp_path: Pat
             stub.Evaluate(runtime_pb2.EvaluateRequest(artifact_path=str(tmp_path / "missing"),
                                                       data_files=[str(sample)]), timeout=60)
         assert refused.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
+
+
+def test_the_cli_quantizes_to_fp8_and_scores_on_the_nvidia_target(stack: Stack, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from bitsmith_services.cli import main
+
+    def run(*argv: str) -> int:
+        capsys.readouterr()
+        return main(list(argv))
+
+    out = tmp_path / "modelopt"
+    calib = [a for f in CALIB_FILES for a in ("--calib", str(f))]
+    assert run("quantize", str(DEMO_MODEL), "--method", "fp8", "--fp8-static-activations", "--out", str(out),
+               "--format", "modelopt", "--server", stack.address) != 0  # static scales need calibration text
+    assert "fp8 static activations needs calibration" in capsys.readouterr().err.replace("\n", " ")
+    assert run("quantize", str(DEMO_MODEL), "--method", "fp8", "--fp8-per-tensor", "--fp8-static-activations",
+               *calib, "--samples", "8", "--seq-len", "64", "--format", "modelopt", "--out", str(out),
+               "--server", stack.address, "--json") == 0
+    hf_quant = json.loads((out / "hf_quant_config.json").read_text())
+    assert hf_quant["quantization"]["quant_algo"] == "FP8"
+    assert run("eval", str(out), "--data", str(EVAL_FILES[1]), "--reference", str(DEMO_MODEL), "--seq-len", "256",
+               "--target", "nvidia", "--json") == 0
+    scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scores["kl"] < 0.01 and scores["top1"] > 0.9
