@@ -44,6 +44,9 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             method=Method.RTN, scheme=QuantScheme(bits=4, group_size=128, sym=True),
             overrides=(ModuleOverride(pattern=r"self_attn\.", scheme=QuantScheme(bits=8, group_size=-1, sym=True)),)),
                              variant="gptq_v2"),
+        "awq": _write(root, "awq", Format.AWQ, Recipe(method=Method.RTN, scheme=QuantScheme(bits=4, group_size=64))),
+        "compressed-tensors": _write(root, "ct", Format.COMPRESSED_TENSORS,
+                                     Recipe(method=Method.RTN, scheme=QuantScheme(bits=4, group_size=32))),
     }
 
 
@@ -51,7 +54,7 @@ def _linears(engine: torch.nn.Module) -> dict[str, type]:
     return {name: type(m) for name, m in engine.named_modules() if isinstance(m, WNA16Linear | FP8Linear)}
 
 
-@pytest.mark.parametrize("name", ["gptq-act-order", "gptq-mixed"])
+@pytest.mark.parametrize("name", ["gptq-act-order", "gptq-mixed", "awq", "compressed-tensors"])
 def test_integer_artifacts_run_on_kernel_modules_and_match_their_dequantized_weights(
         artifacts: dict[str, Path], name: str) -> None:
     engine = load_kernel_model(artifacts[name], device="cpu")
