@@ -34,7 +34,8 @@ class Method(StrEnum):
     """Activation-aware scaling folded into the preceding op and a clipping search (Lin et al.),
     then round to nearest on the scaled weights."""
     AWQ_GPTQ = "awq+gptq"
-    """AWQ's scaling and clipping, then GPTQ on the scaled weights."""
+    """AWQ's scaling, then GPTQ on the scaled weights (no clipping search: GPTQ's error feedback moves the
+    weights a clip would be chosen for, and its grid fits each group's range itself)."""
     FP8 = "fp8"
     """Weights rounded to nearest on the float8 e4m3 grid (`FP8Scheme`), activations cast to FP8 at run
     time: Hopper's FP8 tensor cores, near-lossless without a solve."""
@@ -336,7 +337,8 @@ class AWQOptions:
     ``s = x_mean^r / w_mean^(1-r)`` (``x_mean^r`` without `duo_scaling`) are tried for r = i/`grid`
     and the one with the least block-output error after quantization is folded into the preceding op.
     `clip` then searches each group's clipping range down to (1 - `max_shrink`) of its absmax in
-    `clip_grid` steps, on `clip_tokens` sampled tokens.
+    `clip_grid` steps, on `clip_tokens` sampled tokens, for the linears rounded to nearest afterwards
+    (`awq`; `awq+gptq` leaves the range to GPTQ's grid).
     """
 
     grid: int = 20

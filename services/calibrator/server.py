@@ -411,6 +411,7 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
             model, request.block, inputs, {t.name: scheme_from_proto(t.scheme) for t in request.targets},
             awq_from_proto(request.awq),
             grid_search=grid_search_from_proto(request.grid_search) if request.HasField("grid_search") else None,
+            clip={t.name for t in request.targets if t.clip},
         )
         block = f"block-{request.block}"
         refs = self._store.put_tensors(job_key(request.job_id, block, "scaled.safetensors"), transform.tensors)

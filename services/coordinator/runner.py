@@ -154,14 +154,15 @@ class RpcBackend:
         self._holdout = reply.holdout
         return reply.inputs
 
-    def scale(self, bid: int, inputs: common_pb2.TensorRef, targets: Mapping[str, QuantScheme]
-              ) -> dict[str, common_pb2.NamedTensor]:
+    def scale(self, bid: int, inputs: common_pb2.TensorRef, targets: Mapping[str, QuantScheme],
+              clip: frozenset[str]) -> dict[str, common_pb2.NamedTensor]:
         from bitsmith.rpc.convert import scheme_to_proto
 
         recipe = self._spec.recipe
         request = calibrator_pb2.ScaleRequest(
             job_id=self._job_id, model_path=self._spec.model_path, block=bid, inputs=inputs,
-            targets=[calibrator_pb2.ScaleTarget(name=n, scheme=scheme_to_proto(s)) for n, s in targets.items()],
+            targets=[calibrator_pb2.ScaleTarget(name=n, scheme=scheme_to_proto(s), clip=n in clip)
+                     for n, s in targets.items()],
             awq=recipe.awq, holdout=self._holdout,
         )
         if recipe.gptq.HasField("grid_search"):

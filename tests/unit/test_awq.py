@@ -147,6 +147,11 @@ def test_transform_without_quantization_is_the_same_block(arch: str, request: py
     for name, value in transform.tensors.items():
         if not name.endswith("proj.weight"):
             torch.testing.assert_close(clipped.tensors[name], value)
+    # Only the linears named in `clip` are clipped (a pipeline names those rounded to nearest afterwards).
+    some = awq_block(model, 0, hidden, _all(model, scheme), AWQOptions(grid=5, clip_grid=4), clip={"mlp.up_proj"})
+    assert {c.linear for c in some.report.clips} == {"mlp.up_proj"}
+    changed = {n for n, v in some.tensors.items() if not torch.equal(v, transform.tensors[n])}
+    assert changed <= {"mlp.up_proj.weight"}
 
 
 def test_search_is_never_worse_than_no_scaling_and_its_losses_are_real(

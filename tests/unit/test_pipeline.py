@@ -13,7 +13,7 @@ from bitsmith.demo import CALIB_FILES, DEMO_MODEL
 from bitsmith.errors import CancelledError
 from bitsmith.pipeline import LocalBackend, Plan, ProgressEvent, quantize_in_process, run_sequential
 from bitsmith.recipes import Assignment, ModuleOverride, Recipe
-from bitsmith.schemes import GPTQOptions, GridSearch, Method, QuantScheme
+from bitsmith.schemes import AWQOptions, GPTQOptions, GridSearch, Method, QuantScheme
 
 GROUPS = [["a", "b"], ["c"], ["d"]]
 GPTQ = Recipe(method=Method.GPTQ)
@@ -26,13 +26,16 @@ class Recorder:
     def __init__(self) -> None:
         self.calls: list[tuple[object, ...]] = []
         self.finished: list[tuple[int, tuple[str, ...], bool]] = []
+        self.clipped: dict[int, frozenset[str]] = {}
 
     def start(self) -> str:
         self.calls.append(("start",))
         return "x0"
 
-    def scale(self, bid: int, inputs: str, targets: Mapping[str, QuantScheme]) -> dict[str, str]:
+    def scale(self, bid: int, inputs: str, targets: Mapping[str, QuantScheme], clip: frozenset[str]
+              ) -> dict[str, str]:
         self.calls.append(("scale", bid, inputs, tuple(sorted(targets))))
+        self.clipped[bid] = clip
         return {"norm.weight": f"n{bid}", "a.weight": f"s{bid}a", "c.weight": f"s{bid}c"}
 
     def collect(self, bid: int, names: Sequence[str], inputs: str | None, applied: Mapping[str, str],
@@ -165,6 +168,18 @@ def test_awq_scales_each_block_first_and_returns_what_codes_do_not_replace() -> 
     assert backend.calls[-1] == ("advance", 1, "x1", ("a", "b", "d"), ("a.weight", "c.weight", "norm.weight"))
     assert out.dense == {"model.layers.0.norm.weight": "n0", "model.layers.1.norm.weight": "n1",
                          "model.layers.1.c.weight": "s1c"}
+    assert backend.clipped == {0: {"a", "c"}, 1: {"a"}}
+
+
+def test_awq_clips_only_the_linears_it_rounds_to_nearest() -> None:
+    """awq+gptq linears are scaled but never clipped (GPTQ fits their ranges); options without clipping
+    clip nothing."""
+    mixed = Recipe(method=Method.AWQ_GPTQ, overrides=(ModuleOverride(pattern=r"\.c$", method=Method.AWQ),))
+    backend = Recorder()
+    run_sequential(plan(mixed), backend)
+    assert [c[3] for c in backend.calls if c[0] == "scale"] == [("a", "b", "c", "d")] * 2
+    assert backend.clipped == {0: {"c"}, 1: {"c"}}
+    assert plan(replace(mixed, awq=AWQOptions(clip=False))).clip_targets(0) == frozenset()
 
 
 def test_parallel_mode_advances_the_float_block() -> None:

@@ -41,7 +41,7 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -348,6 +348,7 @@ def awq_block(
     grid_search: GridSearch | None = None,
     chunk: int = DEFAULT_CHUNK,
     store: torch.device | str | None = None,
+    clip: Collection[str] | None = None,
 ) -> BlockTransform:
     """Search AWQ's scales (and clipping) for block `bid` on its inputs [S, L, H].
 
@@ -355,8 +356,11 @@ def awq_block(
     linears is among them, and the others are scaled but enter the loss unquantized. `grid_search` is the
     grid fit the final solve uses. Samples run `chunk` at a time; the activations a search keeps (the
     inspected attention's or MLP's input and float output) live on `store` (default: the model's device).
+    With `options.clip`, the clipping range is searched for the `clip` linears (default: every one in
+    `schemes`); a pipeline names those rounded to nearest afterwards (`Plan.clip_targets`).
     """
     _check_inputs(model, bid, inputs, schemes)
+    clipped = frozenset(schemes if clip is None else clip) & schemes.keys()
     device = model.device
     keep = torch.device(store) if store is not None else device
     adapter = model.adapter
@@ -397,7 +401,7 @@ def awq_block(
             column_scales = scales[_channel_map(model, bid, pair, scales.numel())]
             clip_hessian = clip_hessian / torch.outer(column_scales, column_scales)
         for name in pair.balance:
-            if name not in schemes or not options.clip or name in adapter.score_linears:
+            if name not in clipped or not options.clip or name in adapter.score_linears:
                 continue
             weight, clip = search_clip(
                 current(final, f"{name}.weight"), clip_hessian, schemes[name], options, grid_search, name=name

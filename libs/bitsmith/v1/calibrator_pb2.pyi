@@ -144,12 +144,14 @@ class FinishResponse(_message.Message):
     def __init__(self, output_error: _Optional[float] = ..., usage: _Optional[_Union[_common_pb2.ResourceUsage, _Mapping]] = ...) -> None: ...
 
 class ScaleTarget(_message.Message):
-    __slots__ = ("name", "scheme")
+    __slots__ = ("name", "scheme", "clip")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SCHEME_FIELD_NUMBER: _ClassVar[int]
+    CLIP_FIELD_NUMBER: _ClassVar[int]
     name: str
     scheme: _common_pb2.QuantScheme
-    def __init__(self, name: _Optional[str] = ..., scheme: _Optional[_Union[_common_pb2.QuantScheme, _Mapping]] = ...) -> None: ...
+    clip: bool
+    def __init__(self, name: _Optional[str] = ..., scheme: _Optional[_Union[_common_pb2.QuantScheme, _Mapping]] = ..., clip: _Optional[bool] = ...) -> None: ...
 
 class ScaleRequest(_message.Message):
     __slots__ = ("job_id", "model_path", "block", "inputs", "targets", "awq", "grid_search", "holdout")
