@@ -403,10 +403,10 @@ def awq_block(
         for name in pair.balance:
             if name not in clipped or not options.clip or name in adapter.score_linears:
                 continue
-            weight, clip = search_clip(
+            weight, search_report = search_clip(
                 current(final, f"{name}.weight"), clip_hessian, schemes[name], options, grid_search, name=name
             )
-            clips.append(clip)
+            clips.append(search_report)
             final[f"{name}.weight"] = weight
     return BlockTransform(
         tensors={name: t.float().contiguous() for name, t in final.items()},
