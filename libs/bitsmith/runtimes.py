@@ -251,10 +251,26 @@ ModelOpt and TensorRT-LLM checkpoints exist only for NVIDIA and may carry FP8 ac
 NVIDIA engine applies (its twins do so on any machine)."""
 
 
+def home_target(path: Path, fmt: Format | None) -> Target:
+    """Where the artifact at `path` (of format `fmt`) runs when no target is named: its format's
+    `HOME_TARGET`, except that a compressed-tensors file with FP8 linears (a float-quantized group) runs
+    on NVIDIA, whose engine alone casts their activations to FP8 (torch on the dequantized weights would
+    score the weights alone)."""
+    if fmt is Format.COMPRESSED_TENSORS:
+        from bitsmith.formats.compressed_tensors.constants import FLOAT_QUANTIZED
+
+        qcfg = json.loads((path / "config.json").read_text(encoding="utf-8")).get("quantization_config", {})
+        groups = qcfg.get("config_groups") if isinstance(qcfg, dict) else None
+        formats = {qcfg.get("format")} | {g.get("format") for g in (groups or {}).values() if isinstance(g, dict)}
+        if FLOAT_QUANTIZED in formats:
+            return Target.NVIDIA
+    return HOME_TARGET[fmt]
+
+
 def load_model(path: Path, *, target: Target | None = None) -> torch.nn.Module:
-    """The model at `path` on `target`'s engine for its format (default: its `HOME_TARGET`)."""
+    """The model at `path` on `target`'s engine for its format (default: `home_target`)."""
     fmt = artifact_format(path)
-    target = HOME_TARGET[fmt] if target is None else Target(target)
+    target = home_target(path, fmt) if target is None else Target(target)
     engine = ENGINES[target].get(fmt)
     if engine is None:
         allowed = sorted("checkpoint" if f is None else f.value for f in ENGINES[target])

@@ -128,3 +128,17 @@ def test_the_engine_keeps_one_model_loaded_until_its_files_change(artifacts: dic
     again = load_model(path, target=Target.NVIDIA)
     config.write_text(config.read_text())  # same bytes, new time: read again
     assert load_model(path, target=Target.NVIDIA) is not again
+
+
+def test_an_fp8_compressed_tensors_file_runs_on_nvidia_unless_told_otherwise(tmp_path: Path) -> None:
+    """Its home target would be the CPU's torch engine, which would score the FP8 weights alone; with FP8
+    linears it goes where activations are cast too. Integer files stay on the CPU."""
+    from bitsmith.nvidia import KernelEngine
+    from bitsmith.runtimes import home_target
+
+    fp8 = _write(tmp_path, "fp8", Format.COMPRESSED_TENSORS, Recipe(method=Method.FP8))
+    int4 = _write(tmp_path, "int4", Format.COMPRESSED_TENSORS, Recipe(method=Method.RTN, scheme=QuantScheme(bits=4)))
+    assert home_target(fp8, Format.COMPRESSED_TENSORS) is Target.NVIDIA
+    assert home_target(int4, Format.COMPRESSED_TENSORS) is Target.CPU
+    assert isinstance(load_model(fp8), KernelEngine)
+    assert not isinstance(load_model(fp8, target=Target.CPU), KernelEngine)
