@@ -284,6 +284,15 @@ def _reference(path: str) -> torch.nn.Module:
     return load_reference(Path(path))
 
 
+@functools.lru_cache(maxsize=1)
+def _device_reference(path: str) -> torch.nn.Module:
+    """The unquantized model the NVIDIA target compares against, on the engine's own device and dtype: a
+    float32 copy on the host would hold 4 bytes per weight (32 GB for 8B) and run at the host's speed."""
+    from bitsmith.nvidia import load_kernel_model
+
+    return load_kernel_model(Path(path))
+
+
 def evaluate_path(path: Path, files: Sequence[Path], *, seq_len: int = 512, reference: Path | None = None,
                   target: Target | None = None) -> list[DatasetResult]:
     """Perplexity of `path` on each file; with `reference`, also KL, top-1 and the reference's ppl.
@@ -295,9 +304,12 @@ def evaluate_path(path: Path, files: Sequence[Path], *, seq_len: int = 512, refe
 
     if not files:
         raise ConfigError("evaluation needs at least one data file")
+    target = home_target(path, artifact_format(path)) if target is None else Target(target)
     model = load_model(path, target=target)
     native = model if isinstance(model, NativeEngine) else None
-    ref_model = _reference(str(reference.resolve())) if reference is not None else None
+    ref_model = None
+    if reference is not None:
+        ref_model = (_device_reference if target is Target.NVIDIA else _reference)(str(reference.resolve()))
     results = []
     for file in files:
         tokens = native.tokenize_file(file) if native is not None else tokenize_file(path, file)

@@ -142,3 +142,20 @@ def test_an_fp8_compressed_tensors_file_runs_on_nvidia_unless_told_otherwise(tmp
     assert home_target(int4, Format.COMPRESSED_TENSORS) is Target.CPU
     assert isinstance(load_model(fp8), KernelEngine)
     assert not isinstance(load_model(fp8, target=Target.CPU), KernelEngine)
+
+
+def test_the_nvidia_target_compares_against_the_reference_on_its_own_engine(tmp_path: Path) -> None:
+    """KL and the reference perplexity come from the unquantized model loaded by the NVIDIA engine (on a GPU:
+    bf16 beside the artifact, not a float32 copy on the host); on a CPU its numbers are the float32 model's."""
+    from bitsmith.demo import EVAL_FILES
+    from bitsmith.runtimes import _device_reference, evaluate_path
+
+    sample = tmp_path / "sample.txt"
+    sample.write_text(EVAL_FILES[0].read_text(encoding="utf-8")[:2000], encoding="utf-8")
+    path = _write(tmp_path, "fp8", Format.COMPRESSED_TENSORS, Recipe(method=Method.FP8))
+    _device_reference.cache_clear()
+    (result,) = evaluate_path(path, [sample], seq_len=128, reference=DEMO_MODEL, target=Target.NVIDIA)
+    assert _device_reference.cache_info().currsize == 1
+    (plain,) = evaluate_path(DEMO_MODEL, [sample], seq_len=128, target=Target.CPU)
+    assert result.reference_ppl == pytest.approx(plain.ppl, rel=1e-5)
+    assert result.kl is not None and 0 < result.kl < 0.01
