@@ -24,6 +24,8 @@ import platform
 import statistics
 import sys
 from collections.abc import Callable
+from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -41,6 +43,10 @@ W8 = QuantScheme(bits=8, group_size=-1, sym=True)
 KERNELS = ("w4a16", "w8a16", "fp8")
 
 
+ROTATION_BYTES = 256 * 2**20
+"""Bytes a kernel reads between two uses of one weight copy: several times any Hopper L2 (50-60 MB)."""
+
+
 def cuda_us(fn: Callable[[], Any], iters: int, warmup: int = 10) -> float:
     """Median microseconds of `iters` calls, each between its own pair of CUDA events."""
     for _ in range(warmup):
@@ -53,6 +59,23 @@ def cuda_us(fn: Callable[[], Any], iters: int, warmup: int = 10) -> float:
         end.record()
     torch.cuda.synchronize()
     return statistics.median(start.elapsed_time(end) for start, end in pairs) * 1e3
+
+
+def graph_us(fns: list[Callable[[], Any]], iters: int) -> float:
+    """Median microseconds per call of `fns` (cycled), captured as one CUDA graph of a whole number of cycles
+    and timed over replays: the GPU's time for the calls without Python's launch gaps."""
+    calls = len(fns) * max(1, 64 // len(fns))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in fns:
+            fn()  # warm-up off the default stream, as capture requires
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    return cuda_us(graph.replay, max(5, iters // 10), warmup=2) / calls
 
 
 def copy_bandwidth(iters: int) -> float:
@@ -88,13 +111,29 @@ class Layer:
             "w8a16": self.w8.weight_bytes(),
             "fp8": self.fp8.numel() + self.fp8_scale.numel() * 4,
         }
+        self.copies = {name: -(-ROTATION_BYTES // size) for name, size in self.bytes.items()}
+        self.bf16_copies = [self.bf16.clone() for _ in range(self.copies["bf16"])]
+        self.w4_copies = [_clone(self.w4) for _ in range(self.copies["w4a16"])]
+        self.w8_copies = [_clone(self.w8) for _ in range(self.copies["w8a16"])]
+        self.fp8_copies = [(self.fp8.clone(), self.fp8_scale.clone()) for _ in range(self.copies["fp8"])]
 
     def runners(self, x: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
+        """One call of each kernel on the original weight (what `verify` checks)."""
+        return {name: fns[0] for name, fns in self.rotations(x, [self.bf16], [self.w4], [self.w8],
+                                                             [(self.fp8, self.fp8_scale)]).items()}
+
+    def rotating_runners(self, x: torch.Tensor) -> dict[str, list[Callable[[], torch.Tensor]]]:
+        """Each kernel's calls over its weight copies, to be cycled so the weight comes from memory."""
+        return self.rotations(x, self.bf16_copies, self.w4_copies, self.w8_copies, self.fp8_copies)
+
+    @staticmethod
+    def rotations(x: torch.Tensor, bf16: list[torch.Tensor], w4: list[PackedLinear], w8: list[PackedLinear],
+                  fp8: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, list[Callable[[], torch.Tensor]]]:
         return {
-            "bf16": lambda: F.linear(x, self.bf16),
-            "w4a16": lambda: wna16_linear(x, self.w4, KernelPreference.TRITON),
-            "w8a16": lambda: wna16_linear(x, self.w8, KernelPreference.TRITON),
-            "fp8": lambda: fp8_linear(x, self.fp8, self.fp8_scale, preference=KernelPreference.TRITON),
+            "bf16": [partial(F.linear, x, w) for w in bf16],
+            "w4a16": [partial(wna16_linear, x, w, KernelPreference.TRITON) for w in w4],
+            "w8a16": [partial(wna16_linear, x, w, KernelPreference.TRITON) for w in w8],
+            "fp8": [partial(fp8_linear, x, q, scale, preference=KernelPreference.TRITON) for q, scale in fp8],
         }
 
     def verify(self, x: torch.Tensor) -> None:
@@ -104,13 +143,24 @@ class Layer:
         check("fp8", runs["fp8"](), fp8_linear_reference(x, self.fp8, self.fp8_scale), steps=4)
 
 
-def bench_shape(k: int, n: int, ms: list[int], iters: int, copy_bps: float) -> list[dict[str, Any]]:
+def _clone(packed: PackedLinear) -> PackedLinear:
+    return replace(packed, qweight=packed.qweight.clone(), scales=packed.scales.clone(), zeros=packed.zeros.clone())
+
+
+def time_calls(fns: list[Callable[[], Any]], iters: int, eager: bool) -> float:
+    if eager:
+        calls = iter(fns * (iters // len(fns) + 12))
+        return cuda_us(lambda: next(calls)(), iters)
+    return graph_us(fns, iters)
+
+
+def bench_shape(k: int, n: int, ms: list[int], iters: int, copy_bps: float, eager: bool) -> list[dict[str, Any]]:
     layer = Layer(k, n, seed=k + n)
     rows = []
     for m in ms:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         layer.verify(x)  # also the autotuning call of this shape class, kept out of the timings
-        us = {name: cuda_us(run, iters) for name, run in layer.runners(x).items()}
+        us = {name: time_calls(fns, iters, eager) for name, fns in layer.rotating_runners(x).items()}
         row: dict[str, Any] = {"k": k, "n": n, "m": m, "us": us}
         row["speedup"] = {name: us["bf16"] / us[name] for name in KERNELS}
         row["weight_bw_pct"] = {name: 100 * layer.bytes[name] / (us[name] * 1e-6) / copy_bps for name in us}
@@ -142,6 +192,7 @@ def main() -> None:
     parser.add_argument("--shapes", default=None, help="comma-separated KxN, default the five Llama shapes")
     parser.add_argument("--ms", default=None, help="comma-separated token counts, default 1,4,16,64,256,1024,4096")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--eager", action="store_true", help="time each call from Python, not graph replays")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         cpu_pass()
@@ -153,11 +204,12 @@ def main() -> None:
     hardware = f"{props.name}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB"
     print(f"{hardware}; copy bandwidth {copy_bps / 1e12:.2f} TB/s; torch {torch.__version__}; "
           f"python {platform.python_version()}; W4A16 {W4.label}, W8A16 {W8.label}, FP8 channel dynamic; "
-          f"activations bf16; median of {args.iters}")
+          f"activations bf16; weights rotated over {ROTATION_BYTES >> 20} MiB; "
+          f"{'eager calls' if args.eager else 'CUDA graph replays'}")
     results: dict[str, Any] = {"hardware": hardware, "torch": torch.__version__, "copy_bytes_per_s": copy_bps,
-                               "rows": []}
+                               "timing": "eager" if args.eager else "graph", "rows": []}
     for k, n in shapes:
-        results["rows"].extend(bench_shape(k, n, ms, args.iters, copy_bps))
+        results["rows"].extend(bench_shape(k, n, ms, args.iters, copy_bps, args.eager))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
