@@ -22,6 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from bitsmith.decoding import Decoder, StaticDecoder
 from bitsmith.errors import FormatError, UnsupportedError
 from bitsmith.kernels import KernelPreference
 from bitsmith.quantized import FP8Weight, QuantizedWeight
@@ -59,6 +60,7 @@ class KernelEngine(torch.nn.Module):
         self.path = path
         self.device = device
         self._scored = Throughput(0, 0.0)
+        self._decoder = StaticDecoder(model, device)
 
     def _timed(self, call: Callable[[], Any], tokens: int) -> tuple[Any, float]:
         self._sync()
@@ -79,6 +81,11 @@ class KernelEngine(torch.nn.Module):
                              int(ids.numel()))
         return out
 
+    @property
+    def decoder(self) -> StaticDecoder:
+        """The decoding state `generate` uses (its static cache and, on a GPU, its CUDA graph)."""
+        return self._decoder
+
     def scored(self) -> Throughput:
         return self._scored
 
@@ -89,25 +96,38 @@ class KernelEngine(torch.nn.Module):
 
     def generate(self, prompt: str, max_new_tokens: int, should_stop: Callable[[], bool],
                  interval_s: float = 0.0) -> Iterator[str | GenerationStats]:
-        """Greedy decoding with the KV cache on the device; the prompt pass and each decode step timed."""
+        """Greedy decoding on a static KV cache on the device (decode steps replayed from a CUDA graph on a
+        GPU: `bitsmith.decoding`); the prompt pass and each decode step timed."""
         yield from coalesce(self._pieces(prompt, max_new_tokens, should_stop), interval_s)
 
     def _pieces(self, prompt: str, max_new_tokens: int, should_stop: Callable[[], bool]
                 ) -> Iterator[str | GenerationStats]:
-        steps: list[Throughput] = []
-
-        def step(ids: torch.Tensor, past: Any) -> Any:
-            out, seconds = self._timed(partial(self.model, ids, past_key_values=past, use_cache=True), int(ids.numel()))
-            steps.append(Throughput(int(ids.numel()), seconds))
-            return out
-
+        timed = _TimedDecoder(self._decoder, self._timed)
         generated = 0
-        for piece in greedy_pieces(step, self.path, prompt, max_new_tokens, should_stop, self.device):
+        for piece in greedy_pieces(timed, self.path, prompt, max_new_tokens, should_stop, self.device):
             generated += 1
             yield piece
-        decode = sum((Throughput(1, s.seconds) for s in steps[1:]), Throughput(0, 0.0))
-        yield GenerationStats(prompt=steps[0] if steps else Throughput(0, 0.0), decode=decode,
-                              generated_tokens=generated)
+        yield GenerationStats(prompt=timed.prompt, decode=timed.decode, generated_tokens=generated)
+
+
+class _TimedDecoder:
+    """A decoder whose prompt pass and decode steps go through the engine's clock, kept apart."""
+
+    def __init__(self, decoder: Decoder, timed: Callable[[Callable[[], Any], int], tuple[Any, float]]) -> None:
+        self.decoder = decoder
+        self.timed = timed
+        self.prompt = Throughput(0, 0.0)
+        self.decode = Throughput(0, 0.0)
+
+    def begin(self, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        logits, seconds = self.timed(partial(self.decoder.begin, prompt, max_new_tokens), int(prompt.numel()))
+        self.prompt = Throughput(int(prompt.numel()), seconds)
+        return logits
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        logits, seconds = self.timed(partial(self.decoder.step, token), 1)
+        self.decode += Throughput(1, seconds)
+        return logits
 
 
 def load_kernel_model(path: Path, *, device: torch.device | str | None = None,

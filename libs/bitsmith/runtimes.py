@@ -33,6 +33,8 @@ from bitsmith.schemes import Format
 if TYPE_CHECKING:
     import torch
 
+    from bitsmith.decoding import Decoder
+
 MLX_MARKER = "quantization"
 TRTLLM_MARKERS = frozenset({"architecture", "mapping"})
 """Keys of a TensorRT-LLM checkpoint's config.json that no HF config has (HF's is "architectures")."""
@@ -373,34 +375,34 @@ def coalesce(pieces: Iterator[AnyStr | GenerationStats], interval_s: float) -> I
 def _greedy_pieces(model: torch.nn.Module, path: Path, prompt: str, max_new_tokens: int,
                    should_stop: Callable[[], bool]) -> Iterator[str]:
     """Each greedy token's text from a model driven through the transformers calling convention."""
-    return greedy_pieces(lambda ids, past: model(ids, past_key_values=past, use_cache=True), path, prompt,
-                         max_new_tokens, should_stop)
+    from bitsmith.decoding import DynamicDecoder
+
+    return greedy_pieces(DynamicDecoder(model), path, prompt, max_new_tokens, should_stop)
 
 
-def greedy_pieces(step: Callable[[torch.Tensor, Any], Any], path: Path, prompt: str, max_new_tokens: int,
+def greedy_pieces(decoder: Decoder, path: Path, prompt: str, max_new_tokens: int,
                   should_stop: Callable[[], bool], device: torch.device | str = "cpu") -> Iterator[str]:
-    """Each greedy token's text, tokenized by the tokenizer stored at `path`; `step(ids, past)` runs the model
-    on `ids` (on `device`) with the KV cache `past` and returns its transformers output (an engine that
-    times its steps wraps them here)."""
+    """Each greedy token's text, tokenized by the tokenizer stored at `path`; `decoder` runs the model on
+    token ids placed on `device` and keeps the KV cache (an engine that times its steps wraps it)."""
     import torch  # here, not at the top: llama.cpp needs neither transformers nor its import time
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    step_input = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
-    past = None
+    prompt_ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
     emitted = ""
     generated: list[int] = []
     with torch.no_grad():
-        for _ in range(max_new_tokens):
+        for index in range(max_new_tokens):
             if should_stop():
                 return
-            out = step(step_input, past)
-            past = out.past_key_values
-            token = int(out.logits[0, -1].argmax())
+            if index == 0:
+                logits = decoder.begin(prompt_ids, max_new_tokens)
+            else:
+                logits = decoder.step(torch.tensor([[generated[-1]]], device=device))
+            token = int(logits.argmax())
             if token == tokenizer.eos_token_id:
                 return
             generated.append(token)
             text = str(tokenizer.decode(generated))
             yield text[len(emitted):]
             emitted = text
-            step_input = torch.tensor([[token]], device=device)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from bitsmith.decoding import DynamicDecoder, StaticDecoder
 from bitsmith.demo import CALIB_FILES, DEMO_MODEL
 from bitsmith.formats import get_format
 from bitsmith.kernels.linear import FP8Linear, WNA16Linear
@@ -79,3 +80,24 @@ def test_generation_on_the_gpu_times_prompt_and_decode(tmp_path: Path) -> None:
     *text, stats = list(engine.generate("Once upon a time", 16, lambda: False))
     assert isinstance(stats, GenerationStats) and "".join(str(t) for t in text)
     assert stats.decode.tokens > 0 and stats.decode.per_second is not None and stats.prompt.tokens > 0
+
+
+def test_decode_steps_replay_a_cuda_graph_that_computes_the_eager_steps(tmp_path: Path) -> None:
+    path = _artifact(tmp_path / "w4", Format.GPTQ, Recipe(method=Method.RTN, scheme=QuantScheme(bits=4)), "gptq_v2")
+    engine = load_kernel_model(path)
+    prompt = IDS[:1, :20].cuda()
+    forced = IDS[1, :24].tolist()  # teacher-forced tokens: a near-tie cannot make the two runs diverge
+
+    def logits(decoder: DynamicDecoder | StaticDecoder) -> torch.Tensor:
+        with torch.no_grad():
+            rows = [decoder.begin(prompt, len(forced) + 1)]
+            rows += [decoder.step(torch.tensor([[token]], device="cuda")) for token in forced]
+        return torch.stack(rows).float()
+
+    want = logits(DynamicDecoder(engine.model))
+    got = logits(engine.decoder)
+    assert engine.decoder.graph is not None and not engine.decoder.capture_failed
+    assert _relative(got, want.cpu()) < 1e-2
+    assert float((got.argmax(-1) == want.argmax(-1)).float().mean()) > 0.9
+    again = logits(engine.decoder)  # a second sequence replays the same graph on the reset cache
+    torch.testing.assert_close(again, got)
