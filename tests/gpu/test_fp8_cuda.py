@@ -1,4 +1,4 @@
-"""FP8 W8A8 on CUDA: cuBLAS's FP8 GEMM (`torch._scaled_mm`) against the torch twin.
+"""FP8 W8A8 on CUDA: cuBLAS's FP8 GEMM (`torch._scaled_mm`) and the fused activation cast against the torch twin.
 
 Skipped without CUDA or FP8 tensor cores (compute capability < 8.9); run on a GPU machine with
 `python -m pytest tests/gpu -q`.
@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 from bitsmith.kernels import KernelPreference
-from bitsmith.kernels.fp8 import fp8_linear, fp8_linear_reference, quantize_fp8_weight
+from bitsmith.kernels.fp8 import fp8_linear, fp8_linear_reference, quantize_fp8_activation, quantize_fp8_weight
+from bitsmith.kernels.fp8_triton import quantize_fp8_activation_padded
 
 pytestmark = [
     pytest.mark.gpu,
@@ -46,3 +47,20 @@ def test_batched_input() -> None:
     x = torch.randn(2, 3, 4096, device="cuda", dtype=torch.bfloat16)
     y = fp8_linear(x, q, scale, preference=KernelPreference.TRITON)
     torch.testing.assert_close(y.float(), fp8_linear_reference(x, q, scale).float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+@pytest.mark.parametrize(("m", "k", "rows"), [(1, 4096, 16), (5, 1000, 16), (300, 14336, 304), (4096, 8192, 4096)])
+def test_fused_activation_cast_is_the_torch_cast_bit_for_bit(static: bool, m: int, k: int, rows: int) -> None:
+    gen = torch.Generator(device="cuda").manual_seed(m + k)
+    x = (torch.randn(m, k, generator=gen, device="cuda") * torch.rand(m, 1, generator=gen, device="cuda") * 8)
+    x[0] = 0  # an all-zero token takes the floor scale
+    x = x.to(torch.bfloat16)
+    # A static scale below the absmax, so the largest values saturate at ±448.
+    input_scale = (x.float().abs().amax() / 448 / 2).reshape(1) if static else None
+    q, scale = quantize_fp8_activation_padded(x, input_scale, rows)
+    want_q, want_scale = quantize_fp8_activation(x, input_scale)
+    assert q.shape == (rows, k) and q.dtype == torch.float8_e4m3fn
+    assert torch.equal(q[:m].view(torch.uint8), want_q.view(torch.uint8))
+    assert not q[m:].float().any()
+    assert torch.equal(scale[:m] if not static else scale, want_scale)

@@ -147,18 +147,13 @@ def fp8_linear_scaled_mm(
     n, k = weight.shape
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    xq, sx = quantize_fp8_activation(x2, input_scale)
     sw = _weight_scale(weight, weight_scale)
+    # cuBLASLt wants M a multiple of 16 in some torch builds: the cast writes the padding rows as zeros.
     padded = -(-m // GEMM_ALIGNMENT) * GEMM_ALIGNMENT
-    if padded != m:
-        # Some torch builds refuse an M that is not a multiple of 16; zero rows cost one small copy.
-        xq = torch.cat([xq, torch.zeros((padded - m, k), device=xq.device, dtype=FP8_DTYPE)])
+    xq, sx = _quantize_activation_cuda(x2, input_scale, padded)
     rowwise = sx.numel() > 1 or sw.numel() > 1
     if rowwise:
-        scale_a = sx.expand(m, 1)
-        if padded != m:
-            scale_a = torch.cat([scale_a, scale_a.new_ones((padded - m, 1))])
-        scale_a = scale_a.contiguous()
+        scale_a = sx.expand(padded, 1).contiguous()
         scale_b = sw.expand(n).reshape(1, n).contiguous()
         out_dtype = torch.bfloat16
     else:
@@ -168,6 +163,16 @@ def fp8_linear_scaled_mm(
     if bias is not None:
         y = y.float() + bias.float()
     return y.to(x.dtype).reshape(*lead, n)
+
+
+def _quantize_activation_cuda(x: torch.Tensor, input_scale: torch.Tensor | None, rows: int
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_fp8_activation` in one fused Triton pass (`fp8_triton`), with zero rows up to `rows`."""
+    from bitsmith.kernels.fp8_triton import quantize_fp8_activation_padded
+
+    if input_scale is not None and input_scale.numel() != 1:
+        raise ConfigError(f"static input_scale must hold one value, got shape {tuple(input_scale.shape)}")
+    return quantize_fp8_activation_padded(x, input_scale, rows)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
