@@ -41,10 +41,10 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 
@@ -558,7 +558,8 @@ def quantize_in_process(
 ) -> QuantizedModel[Solved, torch.Tensor]:
     """Quantize a checkpoint in this process; linears and replaced float tensors by full name
     (`extra` targets are solved on the same statistics, see `Plan.extra`; `concurrency` solves may
-    run at once, see `run_sequential`).
+    run at once, see `run_sequential`). Whatever `device` solved it, the result is in host memory, as
+    the services hand it to the packer: the writers read host tensors.
 
     >>> from bitsmith.demo import CALIB_FILES, DEMO_MODEL
     >>> out = quantize_in_process(DEMO_MODEL, calib_files=CALIB_FILES, samples=2, seq_len=32,
@@ -573,5 +574,16 @@ def quantize_in_process(
         if plan.needs_calibration
         else None
     )
-    return run_sequential(plan, LocalBackend(model, recipe=recipe, tokens=tokens), on_event=on_event,
-                          concurrency=concurrency)
+    result = run_sequential(plan, LocalBackend(model, recipe=recipe, tokens=tokens), on_event=on_event,
+                            concurrency=concurrency)
+    return QuantizedModel(quantized={name: _on_host(q) for name, q in result.quantized.items()},
+                          dense={name: t.cpu() for name, t in result.dense.items()},
+                          extra={key: {name: _on_host(q) for name, q in table.items()}
+                                 for key, table in result.extra.items()})
+
+
+def _on_host(weight: Solved) -> Solved:
+    """A solved linear with every tensor field moved to host memory (a no-op for host tensors)."""
+    moved: dict[str, Any] = {f.name: value.cpu() for f in fields(weight)
+                             if isinstance(value := getattr(weight, f.name), torch.Tensor)}
+    return replace(weight, **moved)
