@@ -99,7 +99,10 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     try:
         for name, path in models.items():
             # Peaks are the process's so far (one model loaded at a time), so the unquantized one goes first.
-            results["models"][name] = _generate(address, path, prompt, args.new_tokens, sample)
+            results["models"][name] = entry = _generate(address, path, prompt, args.new_tokens, sample)
+            # Each model's line as soon as it is measured: a run stopped later keeps what it measured.
+            print(f"{name}: decode {entry['decode_tokens_per_s']:.2f} tok/s, prompt "
+                  f"{entry['prompt_tokens_per_s']:.1f} tok/s", file=sys.stderr, flush=True)
     finally:
         process.terminate()
         process.wait(timeout=60)

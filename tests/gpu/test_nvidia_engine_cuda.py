@@ -34,7 +34,7 @@ def _artifact(root: Path, fmt: Format, recipe: Recipe, variant: str | None = Non
                                     device="cuda").quantized
     writer = get_format(fmt).write
     build_artifact(root, lambda d: writer(d, source_model_dir=DEMO_MODEL, quantized=quantized,
-                                          options=GPTQOptions(), variant=variant), format=fmt, recipe={})
+                                          options=recipe.gptq, variant=variant), format=fmt, recipe={})
     return root
 
 
