@@ -22,6 +22,13 @@ In both, one K-tile never spans two groups (BLOCK_K divides group_size), so a ti
 scales and zeros per column instead of one per element; and the int32 words are loaded once and
 split into their `32 // bits` fields in registers (shift-and-mask, then a reshape that interleaves
 fields back into input order), never re-loaded per field.
+
+Two ways to apply a tile's scale and zero point, both in the autotuner's space (it keeps the faster per
+shape class): dequantize each weight, ``(c - z) · s``, and multiply; or, FACTORED, multiply x by the raw
+codes (exact in fp16/bf16) and correct once per output, ``s · (Σ x·c - z · Σ x)``. On an H100 the
+dequantizing kernel reached only half the copy bandwidth at M = 1 with 4-bit codes while 8-bit ones
+reached 88%: with twice as many values to unpack per byte, that points at the ALU rather than memory,
+and the factored form drops a subtract, a multiply and a cast per weight (not yet measured on a GPU).
 """
 
 from __future__ import annotations
@@ -59,12 +66,14 @@ def wna16_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     WAVES: tl.constexpr,
+    FACTORED: tl.constexpr,
 ):
     """Program (tile, chunk): output tile [BLOCK_M, BLOCK_N] summed over its share of K.
 
     Grid: (tiles of M x tiles of N, K chunks). With ATOMIC the float32 partial sums are added into a
     zeroed float32 `out`; without, there is one chunk and the tile is stored in out's dtype. `m_bucket`
-    (autotune key) and WAVES (split-K depth, read by the grid function) are not used here.
+    (autotune key) and WAVES (split-K depth, read by the grid function) are not used here. FACTORED:
+    scale and zero point applied to the tile's sums, not to each weight (see the module docstring).
     """
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
@@ -105,11 +114,19 @@ def wna16_kernel(
         group = (kt * BLOCK_K) // GROUP_SIZE
         scale = tl.load(scales_ptr + group * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         zero = tl.load(zeros_ptr + group * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        w = (codes.to(tl.float32) - zero[None, :]) * scale[None, :]
-        if BLOCK_M >= 16:
-            acc += tl.dot(x, w.to(x_ptr.dtype.element_ty))
+        if FACTORED:
+            if BLOCK_M >= 16:
+                part = tl.dot(x, codes.to(x_ptr.dtype.element_ty))
+            else:
+                part = tl.sum(x.to(tl.float32)[:, :, None] * codes.to(tl.float32)[None, :, :], axis=1)
+            x_sum = tl.sum(x.to(tl.float32), axis=1)
+            acc += (part - x_sum[:, None] * zero[None, :]) * scale[None, :]
         else:
-            acc += tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
+            w = (codes.to(tl.float32) - zero[None, :]) * scale[None, :]
+            if BLOCK_M >= 16:
+                acc += tl.dot(x, w.to(x_ptr.dtype.element_ty))
+            else:
+                acc += tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
 
     if HAS_BIAS:
         # Only the first chunk adds the bias, so split-K sums it once.
@@ -139,9 +156,10 @@ def m_bucket(m: int) -> int:
     return 1 if m <= 1 else min(triton.next_power_of_2(m), 4096)
 
 
-def _config(bm: int, bn: int, bk: int, warps: int, stages: int, waves: int = 1, group_m: int = 8) -> triton.Config:
+def _config(bm: int, bn: int, bk: int, warps: int, stages: int, waves: int = 1, group_m: int = 8,
+            factored: bool = False) -> triton.Config:
     return triton.Config(
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "WAVES": waves},
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "WAVES": waves, "FACTORED": factored},
         num_warps=warps,
         num_stages=stages,
     )
@@ -149,24 +167,27 @@ def _config(bm: int, bn: int, bk: int, warps: int, stages: int, waves: int = 1, 
 
 SPLIT_CONFIGS = [
     # M = 1: multiply-and-sum; wide column tiles, deep pipelines; WAVES = programs per SM to aim for.
-    *(_config(1, bn, bk, w, s, waves) for bn, bk, w, s in [(128, 128, 4, 3), (256, 64, 4, 4), (128, 64, 4, 4),
-                                                           (256, 128, 8, 3), (64, 128, 4, 4), (128, 32, 4, 5)]
-      for waves in (2, 4, 8)),
+    *(_config(1, bn, bk, w, s, waves, factored=f) for bn, bk, w, s in [(128, 128, 4, 3), (256, 64, 4, 4),
+                                                                       (128, 64, 4, 4), (256, 128, 8, 3),
+                                                                       (64, 128, 4, 4), (128, 32, 4, 5)]
+      for waves in (4, 8) for f in (False, True)),
     # 2 ≤ M ≤ 64 (and small-N larger M): tensor cores on 16..128-row tiles.
-    *(_config(bm, bn, bk, w, s, waves) for bm in (16, 32, 64) for bn, bk, w, s in [(128, 128, 4, 3), (64, 128, 4, 4),
-                                                                                 (128, 64, 4, 4), (256, 64, 8, 3),
-                                                                                 (128, 32, 4, 5)]
-      for waves in (2, 4)),
+    *(_config(bm, bn, bk, w, s, waves, factored=f) for bm in (16, 32, 64)
+      for bn, bk, w, s in [(128, 128, 4, 3), (64, 128, 4, 4), (128, 64, 4, 4), (256, 64, 8, 3), (128, 32, 4, 5)]
+      for waves in (2, 4) for f in (False, True)),
     *(_config(128, bn, bk, 8, 3, waves) for bn, bk in [(128, 64), (64, 64), (128, 32)] for waves in (1, 2)),
 ]
 
 TILED_CONFIGS = [
-    _config(bm, bn, bk, w, s)
-    for bm, bn, bk, w, s in [
-        (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
-        (128, 128, 32, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 256, 32, 4, 4),
-        (128, 256, 32, 8, 3), (64, 64, 32, 4, 4),
-    ]
+    *(_config(bm, bn, bk, w, s)
+      for bm, bn, bk, w, s in [
+          (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+          (128, 128, 32, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 256, 32, 4, 4),
+          (128, 256, 32, 8, 3), (64, 64, 32, 4, 4),
+      ]),
+    # The tiles that won on an H100 (2026-12-07), factored.
+    *(_config(bm, bn, bk, w, s, factored=True)
+      for bm, bn, bk, w, s in [(256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4)]),
 ]
 
 
@@ -225,8 +246,9 @@ def _processors(device: torch.device) -> int:
 def matmul(x: torch.Tensor, packed: PackedLinear, *, config: dict[str, int] | None = None) -> torch.Tensor:
     """``x @ dequant(W) + bias`` for x [M, K] contiguous, already gathered by `packed.perm`.
 
-    `config` (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT: K chunks, 0 = the tiled path; optional num_warps,
-    num_stages) bypasses the autotuner: tests and the CPU interpreter use it to run a chosen variant.
+    `config` (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT: K chunks, 0 = the tiled path; optional FACTORED,
+    num_warps, num_stages) bypasses the autotuner: tests and the CPU interpreter use it to run a chosen
+    variant.
     """
     m, k = x.shape
     n = packed.out_features
@@ -249,7 +271,7 @@ def matmul(x: torch.Tensor, packed: PackedLinear, *, config: dict[str, int] | No
         meta = {"BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"], "BLOCK_K": config["BLOCK_K"]}
         tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
         grid = (tiles, max(1, config["SPLIT"]))
-        wna16_kernel[grid](*args, **flags, **meta, GROUP_M=8, WAVES=1,
+        wna16_kernel[grid](*args, **flags, **meta, GROUP_M=8, WAVES=1, FACTORED=config.get("FACTORED", False),
                            num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2))
     elif split:
 
