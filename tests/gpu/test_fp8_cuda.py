@@ -58,7 +58,7 @@ def test_fused_activation_cast_is_the_torch_cast_bit_for_bit(static: bool, m: in
     x[0] = 0  # an all-zero token takes the floor scale
     x = x.to(torch.bfloat16)
     # A static scale below the absmax, so the largest values saturate at ±448.
-    input_scale = (x.float().abs().amax() / 448 / 2).reshape(1) if static else None
+    input_scale = (x.float().abs().amax() / 448 / 2).reshape(1, 1) if static else None
     q, scale = quantize_fp8_activation_padded(x, input_scale, rows)
     want_q, want_scale = quantize_fp8_activation(x, input_scale)
     assert q.shape == (rows, k) and q.dtype == torch.float8_e4m3fn

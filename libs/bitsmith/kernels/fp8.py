@@ -82,10 +82,15 @@ def quantize_fp8_activation(
     if input_scale is None:
         scale = (xf.abs().amax(dim=1, keepdim=True) / FP8_E4M3_MAX).clamp(min=MIN_ACTIVATION_SCALE)
     else:
-        if input_scale.numel() != 1:
-            raise ConfigError(f"static input_scale must hold one value, got shape {tuple(input_scale.shape)}")
-        scale = input_scale.to(device=x.device, dtype=torch.float32).reshape(1, 1)
+        scale = static_scale(input_scale, x.device)
     return _cast(xf, scale), scale
+
+
+def static_scale(input_scale: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A calibrated activation scale as float32 [1, 1] on `device`; anything but one value is refused."""
+    if input_scale.numel() != 1:
+        raise ConfigError(f"static input_scale must hold one value, got shape {tuple(input_scale.shape)}")
+    return input_scale.to(device=device, dtype=torch.float32).reshape(1, 1)
 
 
 def _weight_scale(weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
@@ -170,9 +175,8 @@ def _quantize_activation_cuda(x: torch.Tensor, input_scale: torch.Tensor | None,
     """`quantize_fp8_activation` in one fused Triton pass (`fp8_triton`), with zero rows up to `rows`."""
     from bitsmith.kernels.fp8_triton import quantize_fp8_activation_padded
 
-    if input_scale is not None and input_scale.numel() != 1:
-        raise ConfigError(f"static input_scale must hold one value, got shape {tuple(input_scale.shape)}")
-    return quantize_fp8_activation_padded(x, input_scale, rows)
+    return quantize_fp8_activation_padded(x, None if input_scale is None else static_scale(input_scale, x.device),
+                                          rows)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -49,16 +49,15 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, static_scale_ptr, M, K, strid
 
 def quantize_fp8_activation_padded(x: torch.Tensor, input_scale: torch.Tensor | None, rows: int
                                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] on CUDA to (float8 [rows, K], float32 scale [rows, 1] dynamic or [1, 1] static), rows ≥ M;
-    rows past M are zeros (their dynamic scale is the floor, which multiplies only zeros)."""
+    """x [M, K] on CUDA to (float8 [rows, K], float32 scale [rows, 1] dynamic, or `input_scale`, a float32
+    [1, 1] on x's device, static), rows ≥ M; rows past M are zeros (their dynamic scale is the floor, which
+    multiplies only zeros)."""
     m, k = x.shape
     x = x if x.stride(1) == 1 else x.contiguous()
     q = torch.empty((rows, k), device=x.device, dtype=FP8_DTYPE)
     static = input_scale is not None
-    if input_scale is not None:
-        scale = input_scale.to(device=x.device, dtype=torch.float32).reshape(1, 1)
-    else:
-        scale = torch.empty((rows, 1), device=x.device, dtype=torch.float32)
+    # Static: the float32 [1, 1] scale on x's device (`fp8.static_scale`); dynamic: one per row, written here.
+    scale = input_scale if input_scale is not None else torch.empty((rows, 1), device=x.device, dtype=torch.float32)
     block = min(triton.next_power_of_2(k), 2048)
     _quantize_rows_kernel[(rows,)](x, q, scale, scale, m, k, x.stride(0), FP8_MAX=FP8_E4M3_MAX,
                                    MIN_SCALE=MIN_ACTIVATION_SCALE, STATIC=static, BLOCK_K=block,
