@@ -42,6 +42,22 @@ import triton.language as tl
 
 from bitsmith.kernels.wna16 import PackedLinear
 
+MAGIC = tl.constexpr(0x4B000000)
+"""The bits of the float32 2**23: OR-ing an unsigned code below 2**23 into them gives the float 2**23 + code."""
+
+
+@triton.jit
+def minus_zero(codes, zero, MAGIC_CAST: tl.constexpr):
+    """``codes - zero`` in float32, exactly (both are small integers).
+
+    MAGIC_CAST replaces the int-to-float conversion, which issues at a fraction of the FMA rate on
+    NVIDIA GPUs, by a logic op and a subtraction: the code lands in the mantissa of 2**23.
+    """
+    if MAGIC_CAST:
+        return (codes | MAGIC).to(tl.float32, bitcast=True) - (zero + 8388608.0)
+    else:
+        return codes.to(tl.float32) - zero
+
 
 @triton.jit
 def wna16_kernel(
@@ -67,17 +83,22 @@ def wna16_kernel(
     GROUP_M: tl.constexpr,
     WAVES: tl.constexpr,
     FACTORED: tl.constexpr,
+    FIELDS: tl.constexpr,
+    MAGIC_CAST: tl.constexpr,
 ):
     """Program (tile, chunk): output tile [BLOCK_M, BLOCK_N] summed over its share of K.
 
     Grid: (tiles of M x tiles of N, K chunks). With ATOMIC the float32 partial sums are added into a
     zeroed float32 `out`; without, there is one chunk and the tile is stored in out's dtype. `m_bucket`
     (autotune key) and WAVES (split-K depth, read by the grid function) are not used here. FACTORED:
-    scale and zero point applied to the tile's sums, not to each weight (see the module docstring).
+    scale applied to the tile's sums, not to each weight; FIELDS: one product per bit field of the
+    words instead of one over the re-interleaved tile (see the module docstring). BLOCK_M = 1 (the
+    multiply-and-sum path) always works field by field.
     """
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     ROWS: tl.constexpr = BLOCK_K // PACK
+    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
 
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -96,49 +117,67 @@ def wna16_kernel(
     offs_n = tl.max_contiguous(tl.multiple_of(offs_n, BLOCK_N), BLOCK_N)
     m_ok = offs_m < M
     n_ok = offs_n < N
+    row = tl.arange(0, ROWS)
 
     k_tiles = K // BLOCK_K
     chunk = tl.cdiv(k_tiles, tl.num_programs(1))
     first = pid_k * chunk
     last = tl.minimum(first + chunk, k_tiles)
 
-    shifts = tl.arange(0, PACK) * BITS
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if BLOCK_M == 1:
+        # Products summed over K only once, after the loop: a per-tile reduction across threads would
+        # cost more than the multiply-adds it serves.
+        acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kt in range(first, last):
-        offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None], other=0.0)
-        rows = kt * ROWS + tl.arange(0, ROWS)
-        words = tl.load(qweight_ptr + rows[:, None] * N + offs_n[None, :], mask=n_ok[None, :], other=0)
-        fields = (words[:, None, :] >> shifts[None, :, None]) & MASK
-        codes = tl.reshape(fields, (BLOCK_K, BLOCK_N))
-        group = (kt * BLOCK_K) // GROUP_SIZE
+        k0 = kt * BLOCK_K
+        words = tl.load(qweight_ptr + (kt * ROWS + row)[:, None] * N + offs_n[None, :], mask=n_ok[None, :], other=0)
+        group = k0 // GROUP_SIZE
         scale = tl.load(scales_ptr + group * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         zero = tl.load(zeros_ptr + group * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        if FACTORED:
-            if BLOCK_M >= 16:
-                part = tl.dot(x, codes.to(x_ptr.dtype.element_ty))
-            else:
-                part = tl.sum(x.to(tl.float32)[:, :, None] * codes.to(tl.float32)[None, :, :], axis=1)
-            x_sum = tl.sum(x.to(tl.float32), axis=1)
-            acc += (part - x_sum[:, None] * zero[None, :]) * scale[None, :]
+        if BLOCK_M == 1:
+            # Field j of word r is input k0 + r·PACK + j: multiply it by those inputs of x.
+            part = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32) if FACTORED else acc
+            for j in tl.static_range(PACK):
+                w = minus_zero((words >> (j * BITS)) & MASK, zero[None, :], MAGIC_CAST)
+                if not FACTORED:
+                    w = w * scale[None, :]
+                x = tl.load(x_ptr + pid_m * stride_xm + k0 + row * PACK + j).to(tl.float32)
+                part += x[:, None] * w
         else:
-            w = (codes.to(tl.float32) - zero[None, :]) * scale[None, :]
-            if BLOCK_M >= 16:
-                acc += tl.dot(x, w.to(x_ptr.dtype.element_ty))
+            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) if FACTORED else acc
+            if FIELDS:
+                for j in tl.static_range(PACK):
+                    w = minus_zero((words >> (j * BITS)) & MASK, zero[None, :], MAGIC_CAST)
+                    if not FACTORED:
+                        w = w * scale[None, :]
+                    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + row * PACK + j)[None, :],
+                                mask=m_ok[:, None], other=0.0)
+                    part = tl.dot(x, w.to(DTYPE), part)
             else:
-                acc += tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
+                shifts = tl.arange(0, PACK) * BITS
+                codes = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & MASK, (BLOCK_K, BLOCK_N))
+                w = minus_zero(codes, zero[None, :], MAGIC_CAST)
+                if not FACTORED:
+                    w = w * scale[None, :]
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None], other=0.0)
+                part = tl.dot(x, w.to(DTYPE), part)
+        acc = acc + part * scale[None, :] if FACTORED else part
 
+    result = tl.sum(acc, axis=0)[None, :] if BLOCK_M == 1 else acc
     if HAS_BIAS:
         # Only the first chunk adds the bias, so split-K sums it once.
         first_chunk = (offs_n * 0 + pid_k) == 0  # a vector: scalar masks do not broadcast everywhere
         bias = tl.load(bias_ptr + offs_n, mask=n_ok & first_chunk, other=0.0).to(tl.float32)
-        acc += bias[None, :]
+        result += bias[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     mask = m_ok[:, None] & n_ok[None, :]
     if ATOMIC:
-        tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
+        tl.atomic_add(out_ptrs, result, mask=mask, sem="relaxed")
     else:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 SPLIT_MAX_M = 64
@@ -156,10 +195,11 @@ def m_bucket(m: int) -> int:
     return 1 if m <= 1 else min(triton.next_power_of_2(m), 4096)
 
 
-def _config(bm: int, bn: int, bk: int, warps: int, stages: int, waves: int = 1, group_m: int = 8,
-            factored: bool = False) -> triton.Config:
+def _config(bm: int, bn: int, bk: int, warps: int, stages: int, waves: int = 1, group_m: int = 8, *,
+            factored: bool = False, fields: bool = False, magic: bool = True) -> triton.Config:
     return triton.Config(
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "WAVES": waves, "FACTORED": factored},
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "WAVES": waves, "FACTORED": factored,
+         "FIELDS": fields, "MAGIC_CAST": magic},
         num_warps=warps,
         num_stages=stages,
     )
@@ -167,12 +207,13 @@ def _config(bm: int, bn: int, bk: int, warps: int, stages: int, waves: int = 1, 
 
 SPLIT_CONFIGS = [
     # M = 1: multiply-and-sum; wide column tiles, deep pipelines; WAVES = programs per SM to aim for.
-    *(_config(1, bn, bk, w, s, waves, factored=f) for bn, bk, w, s in [(128, 128, 4, 3), (256, 64, 4, 4),
-                                                                       (128, 64, 4, 4), (256, 128, 8, 3),
-                                                                       (64, 128, 4, 4), (128, 32, 4, 5)]
-      for waves in (4, 8) for f in (False, True)),
+    *(_config(1, bn, bk, w, s, waves, factored=True, fields=True)
+      for bn, bk, w, s in [(128, 128, 4, 3), (256, 64, 4, 4), (128, 64, 4, 4), (256, 128, 8, 3),
+                           (64, 128, 4, 4), (128, 32, 4, 5)]
+      for waves in (4, 8)),
     # 2 ≤ M ≤ 64 (and small-N larger M): tensor cores on 16..128-row tiles.
-    *(_config(bm, bn, bk, w, s, waves, factored=f) for bm in (16, 32, 64)
+    *(_config(bm, bn, bk, w, s, waves, factored=f, fields=bk == 128)
+      for bm in (16, 32, 64)
       for bn, bk, w, s in [(128, 128, 4, 3), (64, 128, 4, 4), (128, 64, 4, 4), (256, 64, 8, 3), (128, 32, 4, 5)]
       for waves in (2, 4) for f in (False, True)),
     *(_config(128, bn, bk, 8, 3, waves) for bn, bk in [(128, 64), (64, 64), (128, 32)] for waves in (1, 2)),
@@ -185,9 +226,8 @@ TILED_CONFIGS = [
           (128, 128, 32, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 256, 32, 4, 4),
           (128, 256, 32, 8, 3), (64, 64, 32, 4, 4),
       ]),
-    # The tiles that won on an H100 (2026-12-07), factored.
-    *(_config(bm, bn, bk, w, s, factored=True)
-      for bm, bn, bk, w, s in [(256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4)]),
+    *(_config(bm, bn, 128, w, s, fields=True)
+      for bm, bn, w, s in [(128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 4, 3)]),
 ]
 
 
@@ -198,6 +238,8 @@ def _fits(config: triton.Config, args: dict[str, Any], split: bool) -> bool:
     bucket, group = args["m_bucket"], args["GROUP_SIZE"]
     if group % meta["BLOCK_K"] or args["K"] % meta["BLOCK_K"]:
         return False
+    if meta["FIELDS"] and meta["BLOCK_M"] > 1 and meta["BLOCK_K"] * args["BITS"] < 16 * 32:
+        return False  # a field-by-field tl.dot needs 16 words (its K) per K-tile
     if not split:
         return meta["BLOCK_M"] <= max(64, bucket)
     if bucket == 1:
@@ -246,8 +288,8 @@ def _processors(device: torch.device) -> int:
 def matmul(x: torch.Tensor, packed: PackedLinear, *, config: dict[str, int] | None = None) -> torch.Tensor:
     """``x @ dequant(W) + bias`` for x [M, K] contiguous, already gathered by `packed.perm`.
 
-    `config` (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT: K chunks, 0 = the tiled path; optional FACTORED,
-    num_warps, num_stages) bypasses the autotuner: tests and the CPU interpreter use it to run a chosen
+    `config` (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT: K chunks, 0 = the tiled path; optional FACTORED, FIELDS,
+    MAGIC_CAST, num_warps, num_stages) bypasses the autotuner: tests and the CPU interpreter use it to run a chosen
     variant.
     """
     m, k = x.shape
@@ -272,6 +314,7 @@ def matmul(x: torch.Tensor, packed: PackedLinear, *, config: dict[str, int] | No
         tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
         grid = (tiles, max(1, config["SPLIT"]))
         wna16_kernel[grid](*args, **flags, **meta, GROUP_M=8, WAVES=1, FACTORED=config.get("FACTORED", False),
+                           FIELDS=config.get("FIELDS", False), MAGIC_CAST=config.get("MAGIC_CAST", True),
                            num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2))
     elif split:
 
