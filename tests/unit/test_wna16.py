@@ -171,13 +171,11 @@ INTERPRETER_CHECK = textwrap.dedent(
         (4, 64, False, True, torch.float16, 5, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT=3, FACTORED=True)),
         (8, 128, False, False, torch.float16, 20, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT=0, FACTORED=True)),
         (8, -1, True, True, torch.float16, 33, dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, SPLIT=1, FACTORED=True)),
-        # FIELDS: one tl.dot per bit field (16 words a K-tile); and the plain int-to-float conversion.
-        (4, 128, False, True, torch.float16, 5, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT=2, FIELDS=True)),
-        (4, -1, True, False, torch.float16, 40, dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, SPLIT=0, FIELDS=True,
-                                                      FACTORED=True)),
-        (8, 64, False, False, torch.float16, 17, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT=1, FIELDS=True)),
-        (4, 64, False, True, torch.float16, 5, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT=3, MAGIC_CAST=False)),
-        (4, 128, False, False, torch.bfloat16, 1, dict(BLOCK_M=1, BLOCK_N=64, BLOCK_K=64, SPLIT=3, MAGIC_CAST=False)),
+        # SWAP: the weight tile as tl.dot's left operand.
+        (4, 128, False, True, torch.float16, 5, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT=2, SWAP=True)),
+        (4, 32, True, False, torch.float16, 40, dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, SPLIT=0, SWAP=True,
+                                                     FACTORED=True)),
+        (8, 64, False, False, torch.float16, 17, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT=1, SWAP=True)),
     ]
     torch.manual_seed(0)
     for bits, group, sym, act, dtype, m, config in cases:

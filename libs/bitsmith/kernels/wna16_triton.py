@@ -47,16 +47,10 @@ MAGIC = tl.constexpr(0x4B000000)
 
 
 @triton.jit
-def minus_zero(codes, zero, MAGIC_CAST: tl.constexpr):
-    """``codes - zero`` in float32, exactly (both are small integers).
-
-    MAGIC_CAST replaces the int-to-float conversion, which issues at a fraction of the FMA rate on
-    NVIDIA GPUs, by a logic op and a subtraction: the code lands in the mantissa of 2**23.
-    """
-    if MAGIC_CAST:
-        return (codes | MAGIC).to(tl.float32, bitcast=True) - (zero + 8388608.0)
-    else:
-        return codes.to(tl.float32) - zero
+def minus_zero(codes, zero):
+    """``codes - zero`` in float32, exactly (both are small integers), without an int-to-float conversion:
+    a logic op puts the code in the mantissa of 2**23 and one subtraction takes 2**23 + zero away."""
+    return (codes | MAGIC).to(tl.float32, bitcast=True) - (zero + 8388608.0)
 
 
 @triton.jit
@@ -83,8 +77,7 @@ def wna16_kernel(
     GROUP_M: tl.constexpr,
     WAVES: tl.constexpr,
     FACTORED: tl.constexpr,
-    FIELDS: tl.constexpr,
-    MAGIC_CAST: tl.constexpr,
+    SWAP: tl.constexpr,
 ):
     """Program (tile, chunk): output tile [BLOCK_M, BLOCK_N] summed over its share of K.
 
@@ -128,10 +121,14 @@ def wna16_kernel(
         # Products summed over K only once, after the loop: a per-tile reduction across threads would
         # cost more than the multiply-adds it serves.
         acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    elif SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    shifts = tl.arange(0, PACK) * BITS
     for kt in range(first, last):
         k0 = kt * BLOCK_K
+        offs_k = k0 + tl.arange(0, BLOCK_K)
         words = tl.load(qweight_ptr + (kt * ROWS + row)[:, None] * N + offs_n[None, :], mask=n_ok[None, :], other=0)
         group = k0 // GROUP_SIZE
         scale = tl.load(scales_ptr + group * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
@@ -140,33 +137,37 @@ def wna16_kernel(
             # Field j of word r is input k0 + r·PACK + j: multiply it by those inputs of x.
             part = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32) if FACTORED else acc
             for j in tl.static_range(PACK):
-                w = minus_zero((words >> (j * BITS)) & MASK, zero[None, :], MAGIC_CAST)
+                w = minus_zero((words >> (j * BITS)) & MASK, zero[None, :])
                 if not FACTORED:
                     w = w * scale[None, :]
                 x = tl.load(x_ptr + pid_m * stride_xm + k0 + row * PACK + j).to(tl.float32)
                 part += x[:, None] * w
+            acc = acc + part * scale[None, :] if FACTORED else part
+        elif SWAP:
+            # The weight tile as the left operand, [BLOCK_N, BLOCK_K], with x transposed on the right.
+            words_t = tl.trans(words)
+            codes = tl.reshape((words_t[:, :, None] >> shifts[None, None, :]) & MASK, (BLOCK_N, BLOCK_K))
+            w = minus_zero(codes, zero[:, None])
+            if not FACTORED:
+                w = w * scale[:, None]
+            x_t = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None], mask=m_ok[None, :], other=0.0)
+            part = tl.dot(w.to(DTYPE), x_t, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32) if FACTORED else acc)
+            acc = acc + part * scale[:, None] if FACTORED else part
         else:
-            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) if FACTORED else acc
-            if FIELDS:
-                for j in tl.static_range(PACK):
-                    w = minus_zero((words >> (j * BITS)) & MASK, zero[None, :], MAGIC_CAST)
-                    if not FACTORED:
-                        w = w * scale[None, :]
-                    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + row * PACK + j)[None, :],
-                                mask=m_ok[:, None], other=0.0)
-                    part = tl.dot(x, w.to(DTYPE), part)
-            else:
-                shifts = tl.arange(0, PACK) * BITS
-                codes = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & MASK, (BLOCK_K, BLOCK_N))
-                w = minus_zero(codes, zero[None, :], MAGIC_CAST)
-                if not FACTORED:
-                    w = w * scale[None, :]
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None], other=0.0)
-                part = tl.dot(x, w.to(DTYPE), part)
-        acc = acc + part * scale[None, :] if FACTORED else part
+            codes = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & MASK, (BLOCK_K, BLOCK_N))
+            w = minus_zero(codes, zero[None, :])
+            if not FACTORED:
+                w = w * scale[None, :]
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None], other=0.0)
+            part = tl.dot(x, w.to(DTYPE), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) if FACTORED else acc)
+            acc = acc + part * scale[None, :] if FACTORED else part
 
-    result = tl.sum(acc, axis=0)[None, :] if BLOCK_M == 1 else acc
+    if BLOCK_M == 1:
+        result = tl.sum(acc, axis=0)[None, :]
+    elif SWAP:
+        result = tl.trans(acc)
+    else:
+        result = acc
     if HAS_BIAS:
         # Only the first chunk adds the bias, so split-K sums it once.
         first_chunk = (offs_n * 0 + pid_k) == 0  # a vector: scalar masks do not broadcast everywhere
@@ -196,10 +197,10 @@ def m_bucket(m: int) -> int:
 
 
 def _config(bm: int, bn: int, bk: int, warps: int, stages: int, waves: int = 1, group_m: int = 8, *,
-            factored: bool = False, fields: bool = False, magic: bool = True) -> triton.Config:
+            factored: bool = False, swap: bool = False) -> triton.Config:
     return triton.Config(
         {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "WAVES": waves, "FACTORED": factored,
-         "FIELDS": fields, "MAGIC_CAST": magic},
+         "SWAP": swap},
         num_warps=warps,
         num_stages=stages,
     )
@@ -207,27 +208,24 @@ def _config(bm: int, bn: int, bk: int, warps: int, stages: int, waves: int = 1, 
 
 SPLIT_CONFIGS = [
     # M = 1: multiply-and-sum; wide column tiles, deep pipelines; WAVES = programs per SM to aim for.
-    *(_config(1, bn, bk, w, s, waves, factored=True, fields=True)
+    *(_config(1, bn, bk, w, s, waves, factored=True)
       for bn, bk, w, s in [(128, 128, 4, 3), (256, 64, 4, 4), (128, 64, 4, 4), (256, 128, 8, 3),
                            (64, 128, 4, 4), (128, 32, 4, 5)]
       for waves in (4, 8)),
     # 2 ≤ M ≤ 64 (and small-N larger M): tensor cores on 16..128-row tiles.
-    *(_config(bm, bn, bk, w, s, waves, factored=f, fields=bk == 128)
+    *(_config(bm, bn, bk, w, s, waves, factored=f, swap=swap)
       for bm in (16, 32, 64)
-      for bn, bk, w, s in [(128, 128, 4, 3), (64, 128, 4, 4), (128, 64, 4, 4), (256, 64, 8, 3), (128, 32, 4, 5)]
-      for waves in (2, 4) for f in (False, True)),
+      for bn, bk, w, s in [(128, 128, 4, 3), (64, 128, 4, 4), (128, 64, 4, 4), (256, 64, 8, 3)]
+      for waves in (2, 4) for f in (False, True) for swap in (False, True)),
     *(_config(128, bn, bk, 8, 3, waves) for bn, bk in [(128, 64), (64, 64), (128, 32)] for waves in (1, 2)),
 ]
 
 TILED_CONFIGS = [
-    *(_config(bm, bn, bk, w, s)
+    *(_config(bm, bn, bk, w, s, swap=swap)
       for bm, bn, bk, w, s in [
           (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
           (128, 128, 32, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 256, 32, 4, 4),
-          (128, 256, 32, 8, 3), (64, 64, 32, 4, 4),
-      ]),
-    *(_config(bm, bn, 128, w, s, fields=True)
-      for bm, bn, w, s in [(128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 4, 3)]),
+      ] for swap in (False, True)),
 ]
 
 
@@ -238,8 +236,6 @@ def _fits(config: triton.Config, args: dict[str, Any], split: bool) -> bool:
     bucket, group = args["m_bucket"], args["GROUP_SIZE"]
     if group % meta["BLOCK_K"] or args["K"] % meta["BLOCK_K"]:
         return False
-    if meta["FIELDS"] and meta["BLOCK_M"] > 1 and meta["BLOCK_K"] * args["BITS"] < 16 * 32:
-        return False  # a field-by-field tl.dot needs 16 words (its K) per K-tile
     if not split:
         return meta["BLOCK_M"] <= max(64, bucket)
     if bucket == 1:
@@ -288,8 +284,8 @@ def _processors(device: torch.device) -> int:
 def matmul(x: torch.Tensor, packed: PackedLinear, *, config: dict[str, int] | None = None) -> torch.Tensor:
     """``x @ dequant(W) + bias`` for x [M, K] contiguous, already gathered by `packed.perm`.
 
-    `config` (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT: K chunks, 0 = the tiled path; optional FACTORED, FIELDS,
-    MAGIC_CAST, num_warps, num_stages) bypasses the autotuner: tests and the CPU interpreter use it to run a chosen
+    `config` (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT: K chunks, 0 = the tiled path; optional FACTORED, SWAP,
+    num_warps, num_stages) bypasses the autotuner: tests and the CPU interpreter use it to run a chosen
     variant.
     """
     m, k = x.shape
@@ -314,7 +310,7 @@ def matmul(x: torch.Tensor, packed: PackedLinear, *, config: dict[str, int] | No
         tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
         grid = (tiles, max(1, config["SPLIT"]))
         wna16_kernel[grid](*args, **flags, **meta, GROUP_M=8, WAVES=1, FACTORED=config.get("FACTORED", False),
-                           FIELDS=config.get("FIELDS", False), MAGIC_CAST=config.get("MAGIC_CAST", True),
+                           SWAP=config.get("SWAP", False),
                            num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2))
     elif split:
 
