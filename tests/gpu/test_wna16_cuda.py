@@ -77,13 +77,13 @@ def test_batched_input_and_odd_m() -> None:
     _check(torch.randn(1000, 4096, device="cuda", dtype=torch.bfloat16), packed)
 
 
-@pytest.mark.parametrize("swap", [False, True], ids=["x-left", "weight-left"])
+@pytest.mark.parametrize("prefetch", [False, True], ids=["loads-in-place", "prefetch"])
 @pytest.mark.parametrize("factored", [False, True], ids=["dequantize", "factored"])
 @pytest.mark.parametrize("grid", ["w4-g128-actorder", "w4-g128-sym", "w8-channel-sym"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_every_variant_in_every_launch_shape(swap: bool, factored: bool, grid: str, dtype: torch.dtype) -> None:
+def test_every_variant_in_every_launch_shape(prefetch: bool, factored: bool, grid: str, dtype: torch.dtype) -> None:
     """The autotuner keeps whichever variant is fastest, so each must be right on its own, on every launch
-    shape (SWAP does not apply at M = 1)."""
+    shape (PREFETCH applies at M = 1 only)."""
     from bitsmith.kernels import wna16_triton
 
     k, n = 4096, 1024
@@ -93,7 +93,8 @@ def test_every_variant_in_every_launch_shape(swap: bool, factored: bool, grid: s
                       (300, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT=0, num_warps=8, num_stages=3))]:
         x = torch.randn(m, k, device="cuda", dtype=dtype)
         gathered = x if packed.perm is None else x[:, packed.perm]
-        y = wna16_triton.matmul(gathered.contiguous(), packed, config={**config, "FACTORED": factored, "SWAP": swap})
+        y = wna16_triton.matmul(gathered.contiguous(), packed, config={**config, "FACTORED": factored,
+                                                                                "PREFETCH": prefetch})
         ref = wna16_linear_reference(x, packed).float()
         step = torch.finfo(dtype).eps * ref.abs().max()
         assert (y.float() - ref).abs().max() <= 8 * step, (m, config)

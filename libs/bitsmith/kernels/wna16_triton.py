@@ -54,6 +54,19 @@ def minus_zero(codes, zero):
 
 
 @triton.jit
+def load_k_tile(qweight_ptr, scales_ptr, zeros_ptr, kt, last, N, offs_n, n_ok, row, ROWS: tl.constexpr,
+                BLOCK_K: tl.constexpr, GROUP_SIZE: tl.constexpr):
+    """K-tile `kt`'s words [ROWS, BLOCK_N] and its group's scales and zero points (float32 [BLOCK_N]);
+    nothing is read (zeros come back) when kt is past the chunk's `last` tile."""
+    ok = n_ok & ((offs_n * 0 + kt) < last)  # a vector: scalar masks do not broadcast everywhere
+    words = tl.load(qweight_ptr + (kt * ROWS + row)[:, None] * N + offs_n[None, :], mask=ok[None, :], other=0)
+    group = (kt * BLOCK_K) // GROUP_SIZE
+    scale = tl.load(scales_ptr + group * N + offs_n, mask=ok, other=0.0).to(tl.float32)
+    zero = tl.load(zeros_ptr + group * N + offs_n, mask=ok, other=0.0).to(tl.float32)
+    return words, scale, zero
+
+
+@triton.jit
 def wna16_kernel(
     x_ptr,
     qweight_ptr,
@@ -77,7 +90,7 @@ def wna16_kernel(
     GROUP_M: tl.constexpr,
     WAVES: tl.constexpr,
     FACTORED: tl.constexpr,
-    SWAP: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """Program (tile, chunk): output tile [BLOCK_M, BLOCK_N] summed over its share of K.
 
@@ -121,52 +134,44 @@ def wna16_kernel(
         # Products summed over K only once, after the loop: a per-tile reduction across threads would
         # cost more than the multiply-adds it serves.
         acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-    elif SWAP:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    shifts = tl.arange(0, PACK) * BITS
-    for kt in range(first, last):
-        k0 = kt * BLOCK_K
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        words = tl.load(qweight_ptr + (kt * ROWS + row)[:, None] * N + offs_n[None, :], mask=n_ok[None, :], other=0)
-        group = k0 // GROUP_SIZE
-        scale = tl.load(scales_ptr + group * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        zero = tl.load(zeros_ptr + group * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        if BLOCK_M == 1:
-            # Field j of word r is input k0 + r·PACK + j: multiply it by those inputs of x.
+        # Triton pipelines only loads that feed tl.dot, so this loop prefetches by hand: the next K-tile's
+        # words are in flight while this one is multiplied.
+        if PREFETCH:
+            words, scale, zero = load_k_tile(qweight_ptr, scales_ptr, zeros_ptr, first, last, N, offs_n, n_ok, row,
+                                             ROWS, BLOCK_K, GROUP_SIZE)
+        for kt in range(first, last):
+            if PREFETCH:
+                next_words, next_scale, next_zero = load_k_tile(qweight_ptr, scales_ptr, zeros_ptr, kt + 1, last, N,
+                                                                offs_n, n_ok, row, ROWS, BLOCK_K, GROUP_SIZE)
+            else:
+                words, scale, zero = load_k_tile(qweight_ptr, scales_ptr, zeros_ptr, kt, last, N, offs_n, n_ok, row,
+                                                 ROWS, BLOCK_K, GROUP_SIZE)
+            # Field j of word r is input kt·BLOCK_K + r·PACK + j: multiply it by those inputs of x.
             part = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32) if FACTORED else acc
             for j in tl.static_range(PACK):
                 w = minus_zero((words >> (j * BITS)) & MASK, zero[None, :])
                 if not FACTORED:
                     w = w * scale[None, :]
-                x = tl.load(x_ptr + pid_m * stride_xm + k0 + row * PACK + j).to(tl.float32)
+                x = tl.load(x_ptr + pid_m * stride_xm + kt * BLOCK_K + row * PACK + j).to(tl.float32)
                 part += x[:, None] * w
             acc = acc + part * scale[None, :] if FACTORED else part
-        elif SWAP:
-            # The weight tile as the left operand, [BLOCK_N, BLOCK_K], with x transposed on the right.
-            words_t = tl.trans(words)
-            codes = tl.reshape((words_t[:, :, None] >> shifts[None, None, :]) & MASK, (BLOCK_N, BLOCK_K))
-            w = minus_zero(codes, zero[:, None])
-            if not FACTORED:
-                w = w * scale[:, None]
-            x_t = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None], mask=m_ok[None, :], other=0.0)
-            part = tl.dot(w.to(DTYPE), x_t, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32) if FACTORED else acc)
-            acc = acc + part * scale[:, None] if FACTORED else part
-        else:
+            if PREFETCH:
+                words, scale, zero = next_words, next_scale, next_zero
+        result = tl.sum(acc, axis=0)[None, :]
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        shifts = tl.arange(0, PACK) * BITS
+        for kt in range(first, last):
+            words, scale, zero = load_k_tile(qweight_ptr, scales_ptr, zeros_ptr, kt, last, N, offs_n, n_ok, row,
+                                             ROWS, BLOCK_K, GROUP_SIZE)
             codes = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & MASK, (BLOCK_K, BLOCK_N))
             w = minus_zero(codes, zero[None, :])
             if not FACTORED:
                 w = w * scale[None, :]
+            offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None], other=0.0)
             part = tl.dot(x, w.to(DTYPE), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) if FACTORED else acc)
             acc = acc + part * scale[None, :] if FACTORED else part
-
-    if BLOCK_M == 1:
-        result = tl.sum(acc, axis=0)[None, :]
-    elif SWAP:
-        result = tl.trans(acc)
-    else:
         result = acc
     if HAS_BIAS:
         # Only the first chunk adds the bias, so split-K sums it once.
@@ -197,10 +202,10 @@ def m_bucket(m: int) -> int:
 
 
 def _config(bm: int, bn: int, bk: int, warps: int, stages: int, waves: int = 1, group_m: int = 8, *,
-            factored: bool = False, swap: bool = False) -> triton.Config:
+            factored: bool = False) -> triton.Config:
     return triton.Config(
         {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "WAVES": waves, "FACTORED": factored,
-         "SWAP": swap},
+         "PREFETCH": True},
         num_warps=warps,
         num_stages=stages,
     )
@@ -213,19 +218,20 @@ SPLIT_CONFIGS = [
                            (64, 128, 4, 4), (128, 32, 4, 5)]
       for waves in (4, 8)),
     # 2 ≤ M ≤ 64 (and small-N larger M): tensor cores on 16..128-row tiles.
-    *(_config(bm, bn, bk, w, s, waves, factored=f, swap=swap)
+    *(_config(bm, bn, bk, w, s, waves, factored=f)
       for bm in (16, 32, 64)
-      for bn, bk, w, s in [(128, 128, 4, 3), (64, 128, 4, 4), (128, 64, 4, 4), (256, 64, 8, 3)]
-      for waves in (2, 4) for f in (False, True) for swap in (False, True)),
+      for bn, bk, w, s in [(128, 128, 4, 3), (64, 128, 4, 4), (128, 64, 4, 4), (256, 64, 8, 3), (128, 32, 4, 5)]
+      for waves in (2, 4) for f in (False, True)),
     *(_config(128, bn, bk, 8, 3, waves) for bn, bk in [(128, 64), (64, 64), (128, 32)] for waves in (1, 2)),
 ]
 
 TILED_CONFIGS = [
-    *(_config(bm, bn, bk, w, s, swap=swap)
+    *(_config(bm, bn, bk, w, s)
       for bm, bn, bk, w, s in [
           (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
           (128, 128, 32, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 256, 32, 4, 4),
-      ] for swap in (False, True)),
+          (128, 256, 32, 8, 3), (64, 64, 32, 4, 4),
+      ]),
 ]
 
 
@@ -284,7 +290,7 @@ def _processors(device: torch.device) -> int:
 def matmul(x: torch.Tensor, packed: PackedLinear, *, config: dict[str, int] | None = None) -> torch.Tensor:
     """``x @ dequant(W) + bias`` for x [M, K] contiguous, already gathered by `packed.perm`.
 
-    `config` (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT: K chunks, 0 = the tiled path; optional FACTORED, SWAP,
+    `config` (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT: K chunks, 0 = the tiled path; optional FACTORED, PREFETCH,
     num_warps, num_stages) bypasses the autotuner: tests and the CPU interpreter use it to run a chosen
     variant.
     """
@@ -310,7 +316,7 @@ def matmul(x: torch.Tensor, packed: PackedLinear, *, config: dict[str, int] | No
         tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
         grid = (tiles, max(1, config["SPLIT"]))
         wna16_kernel[grid](*args, **flags, **meta, GROUP_M=8, WAVES=1, FACTORED=config.get("FACTORED", False),
-                           SWAP=config.get("SWAP", False),
+                           PREFETCH=config.get("PREFETCH", True),
                            num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2))
     elif split:
 
