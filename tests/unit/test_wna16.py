@@ -171,10 +171,6 @@ INTERPRETER_CHECK = textwrap.dedent(
         (4, 64, False, True, torch.float16, 5, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT=3, FACTORED=True)),
         (8, 128, False, False, torch.float16, 20, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT=0, FACTORED=True)),
         (8, -1, True, True, torch.float16, 33, dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, SPLIT=1, FACTORED=True)),
-        # Without the hand prefetch of the M = 1 path.
-        (4, 128, False, True, torch.bfloat16, 1, dict(BLOCK_M=1, BLOCK_N=64, BLOCK_K=64, SPLIT=3, PREFETCH=False)),
-        (8, 64, True, False, torch.float16, 2, dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=32, SPLIT=5, PREFETCH=False,
-                                                    FACTORED=True)),
     ]
     torch.manual_seed(0)
     for bits, group, sym, act, dtype, m, config in cases:

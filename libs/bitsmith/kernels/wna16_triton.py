@@ -19,16 +19,27 @@ Why two launch shapes of one kernel:
   of bf16's bytes.
 
 In both, one K-tile never spans two groups (BLOCK_K divides group_size), so a tile reads one row of
-scales and zeros per column instead of one per element; and the int32 words are loaded once and
-split into their `32 // bits` fields in registers (shift-and-mask, then a reshape that interleaves
-fields back into input order), never re-loaded per field.
+scales and zeros per column instead of one per element, and the int32 words are loaded once and split
+into their `32 // bits` fields in registers, never re-loaded per field. The M = 1 path multiplies field
+by field (field j of every word in the tile against the inputs j, j + PACK, ...) and sums over K once,
+after the loop; the tl.dot paths shift-and-mask into a [ROWS, PACK, BLOCK_N] tensor and reshape it to
+[BLOCK_K, BLOCK_N], input order.
 
-Two ways to apply a tile's scale and zero point, both in the autotuner's space (it keeps the faster per
-shape class): dequantize each weight, ``(c - z) · s``, and multiply; or, FACTORED, multiply x by the raw
-codes (exact in fp16/bf16) and correct once per output, ``s · (Σ x·c - z · Σ x)``. On an H100 the
-dequantizing kernel reached only half the copy bandwidth at M = 1 with 4-bit codes while 8-bit ones
-reached 88%: with twice as many values to unpack per byte, that points at the ALU rather than memory,
-and the factored form drops a subtract, a multiply and a cast per weight (not yet measured on a GPU).
+Codes become floats by the mantissa trick (`minus_zero`), and FACTORED (in the autotuner's space)
+multiplies x by ``c - z`` (exact in fp16/bf16) and applies the scale to the tile's sums rather than to
+every weight.
+
+What limits it, measured on an H100 (docs/benchmarks.md, SASS counted per K-tile): at M = 1 the loop
+issues about 3.9 integer-pipe instructions per 4-bit weight (shift, mask-and-or, sign extension, and
+the address and bf16-to-float arithmetic of x's loads) besides 2.3 float ones. 70% of the copy
+bandwidth asks about 16 weights per SM clock, so 62 integer instructions against Hopper's 64 integer
+lanes per SM: the kernel tops out near 60%, while 8-bit codes, half as many per byte, reach 74-88%.
+From M = 2 up, the dequantized tile reaches tl.dot through shared memory one 16-bit store per weight,
+because the reshape interleaves fields across registers. Neither the int-to-float conversion (the
+mantissa trick gained about 2%), hand prefetching (nothing) nor swapping tl.dot's operands (slower)
+moved those limits; the next steps are fewer integer instructions per weight (packed fp16x2 work on
+two codes at once, x converted once per tile) and a packing order the dot's operand layout can store
+in vectors.
 """
 
 from __future__ import annotations
@@ -54,15 +65,13 @@ def minus_zero(codes, zero):
 
 
 @triton.jit
-def load_k_tile(qweight_ptr, scales_ptr, zeros_ptr, kt, last, N, offs_n, n_ok, row, ROWS: tl.constexpr,
+def load_k_tile(qweight_ptr, scales_ptr, zeros_ptr, kt, N, offs_n, n_ok, row, ROWS: tl.constexpr,
                 BLOCK_K: tl.constexpr, GROUP_SIZE: tl.constexpr):
-    """K-tile `kt`'s words [ROWS, BLOCK_N] and its group's scales and zero points (float32 [BLOCK_N]);
-    nothing is read (zeros come back) when kt is past the chunk's `last` tile."""
-    ok = n_ok & ((offs_n * 0 + kt) < last)  # a vector: scalar masks do not broadcast everywhere
-    words = tl.load(qweight_ptr + (kt * ROWS + row)[:, None] * N + offs_n[None, :], mask=ok[None, :], other=0)
+    """K-tile `kt`'s words [ROWS, BLOCK_N] and its group's scales and zero points (float32 [BLOCK_N])."""
+    words = tl.load(qweight_ptr + (kt * ROWS + row)[:, None] * N + offs_n[None, :], mask=n_ok[None, :], other=0)
     group = (kt * BLOCK_K) // GROUP_SIZE
-    scale = tl.load(scales_ptr + group * N + offs_n, mask=ok, other=0.0).to(tl.float32)
-    zero = tl.load(zeros_ptr + group * N + offs_n, mask=ok, other=0.0).to(tl.float32)
+    scale = tl.load(scales_ptr + group * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    zero = tl.load(zeros_ptr + group * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     return words, scale, zero
 
 
@@ -90,16 +99,14 @@ def wna16_kernel(
     GROUP_M: tl.constexpr,
     WAVES: tl.constexpr,
     FACTORED: tl.constexpr,
-    PREFETCH: tl.constexpr,
 ):
     """Program (tile, chunk): output tile [BLOCK_M, BLOCK_N] summed over its share of K.
 
     Grid: (tiles of M x tiles of N, K chunks). With ATOMIC the float32 partial sums are added into a
     zeroed float32 `out`; without, there is one chunk and the tile is stored in out's dtype. `m_bucket`
     (autotune key) and WAVES (split-K depth, read by the grid function) are not used here. FACTORED:
-    scale applied to the tile's sums, not to each weight; FIELDS: one product per bit field of the
-    words instead of one over the re-interleaved tile (see the module docstring). BLOCK_M = 1 (the
-    multiply-and-sum path) always works field by field.
+    scale applied to the tile's sums, not to each weight. BLOCK_M = 1 is the multiply-and-sum path,
+    one row of x per program.
     """
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
@@ -134,18 +141,9 @@ def wna16_kernel(
         # Products summed over K only once, after the loop: a per-tile reduction across threads would
         # cost more than the multiply-adds it serves.
         acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-        # Triton pipelines only loads that feed tl.dot, so this loop prefetches by hand: the next K-tile's
-        # words are in flight while this one is multiplied.
-        if PREFETCH:
-            words, scale, zero = load_k_tile(qweight_ptr, scales_ptr, zeros_ptr, first, last, N, offs_n, n_ok, row,
-                                             ROWS, BLOCK_K, GROUP_SIZE)
         for kt in range(first, last):
-            if PREFETCH:
-                next_words, next_scale, next_zero = load_k_tile(qweight_ptr, scales_ptr, zeros_ptr, kt + 1, last, N,
-                                                                offs_n, n_ok, row, ROWS, BLOCK_K, GROUP_SIZE)
-            else:
-                words, scale, zero = load_k_tile(qweight_ptr, scales_ptr, zeros_ptr, kt, last, N, offs_n, n_ok, row,
-                                                 ROWS, BLOCK_K, GROUP_SIZE)
+            words, scale, zero = load_k_tile(qweight_ptr, scales_ptr, zeros_ptr, kt, N, offs_n, n_ok, row, ROWS,
+                                             BLOCK_K, GROUP_SIZE)
             # Field j of word r is input kt·BLOCK_K + r·PACK + j: multiply it by those inputs of x.
             part = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32) if FACTORED else acc
             for j in tl.static_range(PACK):
@@ -155,15 +153,13 @@ def wna16_kernel(
                 x = tl.load(x_ptr + pid_m * stride_xm + kt * BLOCK_K + row * PACK + j).to(tl.float32)
                 part += x[:, None] * w
             acc = acc + part * scale[None, :] if FACTORED else part
-            if PREFETCH:
-                words, scale, zero = next_words, next_scale, next_zero
         result = tl.sum(acc, axis=0)[None, :]
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         shifts = tl.arange(0, PACK) * BITS
         for kt in range(first, last):
-            words, scale, zero = load_k_tile(qweight_ptr, scales_ptr, zeros_ptr, kt, last, N, offs_n, n_ok, row,
-                                             ROWS, BLOCK_K, GROUP_SIZE)
+            words, scale, zero = load_k_tile(qweight_ptr, scales_ptr, zeros_ptr, kt, N, offs_n, n_ok, row, ROWS,
+                                             BLOCK_K, GROUP_SIZE)
             codes = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & MASK, (BLOCK_K, BLOCK_N))
             w = minus_zero(codes, zero[None, :])
             if not FACTORED:
@@ -204,19 +200,18 @@ def m_bucket(m: int) -> int:
 def _config(bm: int, bn: int, bk: int, warps: int, stages: int, waves: int = 1, group_m: int = 8, *,
             factored: bool = False) -> triton.Config:
     return triton.Config(
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "WAVES": waves, "FACTORED": factored,
-         "PREFETCH": True},
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "WAVES": waves, "FACTORED": factored},
         num_warps=warps,
         num_stages=stages,
     )
 
 
 SPLIT_CONFIGS = [
-    # M = 1: multiply-and-sum; wide column tiles, deep pipelines; WAVES = programs per SM to aim for.
-    *(_config(1, bn, bk, w, s, waves, factored=True)
-      for bn, bk, w, s in [(128, 128, 4, 3), (256, 64, 4, 4), (128, 64, 4, 4), (256, 128, 8, 3),
-                           (64, 128, 4, 4), (128, 32, 4, 5)]
-      for waves in (4, 8)),
+    # M = 1: multiply-and-sum (no tl.dot, so nothing for Triton to pipeline: one stage); many programs per
+    # SM keep loads in flight instead. WAVES = programs per SM to aim for.
+    *(_config(1, bn, bk, w, 1, waves, factored=True)
+      for bn, bk, w in [(64, 128, 4), (128, 128, 4), (256, 64, 4), (128, 64, 4), (128, 32, 4)]
+      for waves in (8, 16)),
     # 2 ≤ M ≤ 64 (and small-N larger M): tensor cores on 16..128-row tiles.
     *(_config(bm, bn, bk, w, s, waves, factored=f)
       for bm in (16, 32, 64)
@@ -290,7 +285,7 @@ def _processors(device: torch.device) -> int:
 def matmul(x: torch.Tensor, packed: PackedLinear, *, config: dict[str, int] | None = None) -> torch.Tensor:
     """``x @ dequant(W) + bias`` for x [M, K] contiguous, already gathered by `packed.perm`.
 
-    `config` (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT: K chunks, 0 = the tiled path; optional FACTORED, PREFETCH,
+    `config` (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT: K chunks, 0 = the tiled path; optional FACTORED,
     num_warps, num_stages) bypasses the autotuner: tests and the CPU interpreter use it to run a chosen
     variant.
     """
@@ -316,7 +311,6 @@ def matmul(x: torch.Tensor, packed: PackedLinear, *, config: dict[str, int] | No
         tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
         grid = (tiles, max(1, config["SPLIT"]))
         wna16_kernel[grid](*args, **flags, **meta, GROUP_M=8, WAVES=1, FACTORED=config.get("FACTORED", False),
-                           PREFETCH=config.get("PREFETCH", True),
                            num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2))
     elif split:
 
