@@ -20,7 +20,7 @@ asym, GPTQ v2 checkpoint), then prints:
 
     python bench/quantize_model.py [--shape 8b|70b|tiny] [--layers N] [--samples 128] [--seq-len 2048]
                                    [--activations host|store] [--matmul-precision high|highest]
-                                   [--json PATH] [--work DIR]
+                                   [--no-true-sequential] [--json PATH] [--work DIR]
 """
 
 from __future__ import annotations
@@ -187,14 +187,17 @@ def call_medians(calls: list[dict[str, Any]]) -> dict[str, float]:
     return {kind: statistics.median(v) for kind, v in by_kind.items()}
 
 
-def job_request(model_dir: Path, calib: Path, out: Path, samples: int, seq_len: int) -> Any:
-    """GPTQ w4 g128 asym in column order (the options the recorded numbers used), a GPTQ v2 checkpoint."""
+def job_request(model_dir: Path, calib: Path, out: Path, samples: int, seq_len: int, *,
+                true_sequential: bool = True) -> Any:
+    """GPTQ w4 g128 asym in column order (the options the recorded numbers used), a GPTQ v2 checkpoint;
+    without `true_sequential`, one Collect per block captures every group's Hessian from one forward."""
     from bitsmith.recipes import Recipe
     from bitsmith.rpc import Calibration, QuantizeRequest
     from bitsmith.schemes import GPTQOptions, Method, QuantScheme
 
     recipe = Recipe(method=Method.GPTQ, scheme=QuantScheme(bits=4, group_size=128),
-                    gptq=GPTQOptions(damp_percent=0.01, act_order=False, static_groups=False, true_sequential=True))
+                    gptq=GPTQOptions(damp_percent=0.01, act_order=False, static_groups=False,
+                                      true_sequential=true_sequential))
     return QuantizeRequest(model=model_dir, out=out, recipe=recipe, checkpoint_format="gptq_v2",
                            calibration=Calibration(files=[calib], samples=samples, seq_len=seq_len, seed=0))
 
@@ -246,7 +249,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         local = stack.enter_context(LocalStack(home=work / "home", services=services))
         client = stack.enter_context(Client(local.address))
         t0 = time.perf_counter()
-        job = client.submit(job_request(model_dir, calib, work / "out", args.samples, args.seq_len))
+        job = client.submit(job_request(model_dir, calib, work / "out", args.samples, args.seq_len,
+                                       true_sequential=not args.no_true_sequential))
         events = []
         for event in job.watch():
             events.append(event)
@@ -258,6 +262,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     result: dict[str, Any] = {
         "shape": args.shape, "layers": layers, "samples": args.samples, "seq_len": args.seq_len,
         "activations": args.activations, "matmul_precision": args.matmul_precision,
+        "true_sequential": not args.no_true_sequential,
         "checkpoint_gib": checkpoint_bytes / 2**30, "build_s": build_s,
         "job_wall_s": wall_s, "seconds": seconds,
         "per_block_median_s": {phase: statistics.median(v) for phase, v in per_block.items() if v},
@@ -287,7 +292,8 @@ def report(result: Mapping[str, Any]) -> None:
     print(f"# {result['hardware']}")
     print(f"# {result['shape']}-shaped, {result['layers']} layers ({result['checkpoint_gib']:.1f} GiB bf16), "
           f"GPTQ w4 g128 asym, {result['samples']} x {result['seq_len']} calibration tokens, "
-          f"activations in {result['activations']}, calibrator matmuls {result['matmul_precision']}")
+          f"activations in {result['activations']}, calibrator matmuls {result['matmul_precision']}, "
+          f"{'true-sequential' if result.get('true_sequential', True) else 'one Collect per block'}")
     print(f"{'job wall s':>11} {'start s':>8} {'calib s':>8} {'solve s':>8} {'pack s':>7} "
           f"{'calib/blk':>10} {'solve/blk':>10} {'calibrator GiB':>15} {'solver GiB':>11}")
     med = result["per_block_median_s"]
@@ -318,6 +324,9 @@ def main() -> None:
     parser.add_argument("--activations", choices=["host", "store"], default="host")
     parser.add_argument("--matmul-precision", choices=["high", "highest"], default="high",
                         help="the calibrator's float32 products: TensorFloat-32 (high) or exact (highest)")
+    parser.add_argument("--no-true-sequential", action="store_true",
+                        help="one Collect per block (every group's statistics from the float block) instead of one "
+                             "per group with the block's earlier groups quantized")
     parser.add_argument("--json", help="also write the result here")
     parser.add_argument("--work", help="work directory (default: a temporary one, removed afterwards)")
     args = parser.parse_args()
