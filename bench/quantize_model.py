@@ -176,14 +176,20 @@ def peaks(calls: list[dict[str, Any]]) -> list[tuple[int, int]]:
     return [(int(c.get("block", -1)), int(c["peak_gpu_bytes"])) for c in calls if "peak_gpu_bytes" in c]
 
 
-def call_medians(calls: list[dict[str, Any]]) -> dict[str, float]:
+def call_medians(calls: list[dict[str, Any]], field: str | None = None) -> dict[str, float]:
     """Median seconds inside the service per call kind (``Collect q_proj+k_proj+v_proj``, ``Advance``,
-    ``Solve down_proj``) over blocks after the first, which pays one-time costs (allocations, warm-up)."""
+    ``Solve down_proj``) over blocks after the first, which pays one-time costs (allocations, warm-up);
+    with `field`, of that phase of the calls that logged it (``Collect down_proj forward``)."""
     by_kind: dict[str, list[float]] = defaultdict(list)
     later = [c for c in calls if int(c.get("block", -1)) > 0] or calls
     for c in later:
         names = "+".join(n.rsplit(".", 1)[-1] for n in c.get("linears", []))
-        by_kind[f"{c['rpc']} {names}".strip()].append(float(c["seconds"]))
+        kind = f"{c['rpc']} {names}".strip()
+        if field is None:
+            by_kind[kind].append(float(c["seconds"]))
+        else:
+            for phase, seconds in c.get(field, {}).items():
+                by_kind[f"{kind} {phase}"].append(float(seconds))
     return {kind: statistics.median(v) for kind, v in by_kind.items()}
 
 
@@ -280,6 +286,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     for role in ("calibrator", "solver"):
         calls = call_lines(work / f"{role}.log")
         result[f"{role}_call_median_s"] = call_medians(calls)
+        result[f"{role}_phase_median_s"] = call_medians(calls, "phases")
         lines = peaks(calls)
         first = [p for block, p in lines if block == 0]
         result[f"{role}_peak_gib"] = max((p for _, p in lines), default=0) / 2**30
@@ -305,6 +312,9 @@ def report(result: Mapping[str, Any]) -> None:
     for role in ("calibrator", "solver"):
         print(f"{role} s per call (median): " + ", ".join(
             f"{kind} {s:.2f}" for kind, s in result[f"{role}_call_median_s"].items()))
+        if result[f"{role}_phase_median_s"]:
+            print(f"{role} s per call phase (median): " + ", ".join(
+                f"{kind} {s:.2f}" for kind, s in result[f"{role}_phase_median_s"].items()))
     for call in result["pack_calls"]:
         print(f"pack {call['format']}: read {call['read_seconds']:.1f} s, write {call['write_seconds']:.1f} s, "
               f"manifest {call['manifest_seconds']:.1f} s", flush=True)

@@ -98,3 +98,30 @@ def release_cached_memory(device: torch.device) -> None:
 
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+class PhaseTimes:
+    """Seconds per named phase of one piece of work on `device`, for its end-of-call log line.
+
+    A GPU runs work asynchronously, so a phase ends with a synchronize: its seconds are the device's work
+    issued inside it, not just the launches. One synchronize per phase costs nothing next to a block's
+    forward, and it is what tells a slow call's transfers from its compute.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self._device = device
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        import time
+
+        import torch
+
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self._device.type == "cuda":
+                torch.cuda.synchronize(self._device)
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - started, 4)

@@ -39,6 +39,7 @@ import grpc
 from bitsmith.devices import (
     AUTO,
     MatmulPrecision,
+    PhaseTimes,
     matmul_precision,
     peak_memory_bytes,
     release_cached_memory,
@@ -184,12 +185,16 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
     def _model(self, path: str) -> CheckpointModel:
         return _model(path, str(self._device))
 
-    def _report(self, rpc: str, started: float, request_block: int = -1, names: list[str] | None = None) -> None:
-        """Log the call's seconds and the device's peak memory so far (what a GPU host must have for this
-        model), and give the cached memory back for the solver that may share the device."""
+    def _report(self, rpc: str, started: float, request_block: int = -1, names: list[str] | None = None,
+                times: PhaseTimes | None = None) -> None:
+        """Log the call's seconds (and its phases': fetching inputs, forward, storing results) and the
+        device's peak memory so far (what a GPU host must have for this model), and give the cached memory
+        back for the solver that may share the device."""
         release_cached_memory(self._device)
         extra: dict[str, object] = {"rpc": rpc, "block": request_block, "device": str(self._device),
                                     "linears": names or [], "seconds": round(time.perf_counter() - started, 4)}
+        if times is not None:
+            extra["phases"] = times.seconds
         if self._device.type == "cuda":
             extra["peak_gpu_bytes"] = peak_memory_bytes(self._device)
         log.info("calibrator call done", extra=extra)
@@ -303,22 +308,26 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
         from bitsmith.pipeline import collect_stats
 
         started = time.perf_counter()
+        times = PhaseTimes(self._device)
         model = self._model(request.model_path)
         names = list(request.names)
         scaled = {t.name: t.tensor for t in request.scaled}
         hessians = {}
         if request.HasField("inputs"):
-            inputs = _calibration_rows(self._inputs(request.job_id, request.inputs), request.holdout)
-            overrides = self._overrides(request.job_id, request.applied, request.block, model, request.scaled)
-            hessians = collect_stats(model, request.block, names, inputs, overrides)
+            with times.phase("inputs"):
+                inputs = _calibration_rows(self._inputs(request.job_id, request.inputs), request.holdout)
+                overrides = self._overrides(request.job_id, request.applied, request.block, model, request.scaled)
+            with times.phase("forward"):
+                hessians = collect_stats(model, request.block, names, inputs, overrides)
         # Linears of one group share their input: store each distinct Hessian once.
         stored: dict[int, str] = {}
         for n, captured in hessians.items():
             stored.setdefault(id(captured.hessian), f"{n}.hessian")
         group = "+".join(n.rsplit(".", 1)[-1] for n in names)
-        refs = self._store.put_tensors(_stats_key(request.job_id, request.block, f"{group}.safetensors"),
-                                       {stored[id(c.hessian)]: c.hessian for c in hessians.values()}, durable=False
-                                       ) if hessians else {}
+        with times.phase("store"):
+            refs = self._store.put_tensors(_stats_key(request.job_id, request.block, f"{group}.safetensors"),
+                                           {stored[id(c.hessian)]: c.hessian for c in hessians.values()},
+                                           durable=False) if hessians else {}
         stats = []
         for n in names:
             msg = common_pb2.LinearStats(name=n)
@@ -330,7 +339,7 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
                 msg.tokens = captured.tokens
                 msg.input_absmax = captured.absmax
             stats.append(msg)
-        self._report("Collect", started, request.block, names)
+        self._report("Collect", started, request.block, names, times)
         return calibrator_pb2.CollectResponse(stats=stats, usage=usage_to_proto(self._device))
 
     @_computes
@@ -340,8 +349,10 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
         from bitsmith.calib.stats import relative_output_error
 
         started = time.perf_counter()
+        times = PhaseTimes(self._device)
         model = self._model(request.model_path)
-        inputs = self._inputs(request.job_id, request.inputs)
+        with times.phase("inputs"):
+            inputs = self._inputs(request.job_id, request.inputs)
         if not 0 <= request.holdout < len(inputs):
             raise ConfigError(f"block {request.block}: holdout {request.holdout} of {len(inputs)} samples")
         reply = calibrator_pb2.AdvanceResponse()
@@ -349,19 +360,25 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
         if request.float_outputs:
             # Parallel mode: the next block calibrates on the float block's outputs, which need no solve
             # of this block; the output error waits for Finish, on the held-out rows kept here.
-            hidden = forward_block(model, request.block, inputs, {})
+            with times.phase("forward"):
+                hidden = forward_block(model, request.block, inputs, {})
             if request.holdout:
                 self._keep_held_out(request.job_id, request.block, held)
         else:
             # The quantized block's outputs; the held-out rows run through the float block too, for the
             # block's output error.
-            overrides = self._overrides(request.job_id, request.applied, request.block, model, request.scaled)
-            hidden = forward_block(model, request.block, inputs, overrides)
-            if request.holdout:
-                reference = forward_block(model, request.block, held, {})
-                reply.output_error = relative_output_error(held, hidden[len(inputs) - request.holdout:], reference)
-        reply.outputs.CopyFrom(self._put_activations(request.job_id, f"inputs-{request.block + 1}.safetensors", hidden))
-        self._report("Advance", started, request.block)
+            with times.phase("inputs"):
+                overrides = self._overrides(request.job_id, request.applied, request.block, model, request.scaled)
+            with times.phase("forward"):
+                hidden = forward_block(model, request.block, inputs, overrides)
+                if request.holdout:
+                    reference = forward_block(model, request.block, held, {})
+                    reply.output_error = relative_output_error(held, hidden[len(inputs) - request.holdout:],
+                                                               reference)
+        with times.phase("store"):
+            outputs = self._put_activations(request.job_id, f"inputs-{request.block + 1}.safetensors", hidden)
+        reply.outputs.CopyFrom(outputs)
+        self._report("Advance", started, request.block, times=times)
         reply.usage.CopyFrom(usage_to_proto(self._device))
         return reply
 

@@ -197,3 +197,19 @@ def test_release_drops_the_kept_rows(services: Services) -> None:
     with pytest.raises(grpc.RpcError) as failed:
         _finish(services, block, measure=True)
     assert failed.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_collect_and_advance_log_where_their_seconds_went(services: Services, caplog: pytest.LogCaptureFixture
+                                                           ) -> None:
+    """Each Collect and Advance logs its phases (fetching inputs, forward, storing what it made): what tells
+    a slow block's transfers from its compute on a GPU."""
+    with caplog.at_level("INFO", logger="bitsmith.calibrator"):
+        block = _solve_block0(services)
+        _advance(services, block, float_outputs=False)
+    calls = [r for r in caplog.records if r.getMessage() == "calibrator call done" and r.rpc in ("Collect", "Advance")]
+    assert [r.rpc for r in calls] == ["Collect"] * 4 + ["Advance"]
+    for record in calls:
+        phases = record.phases
+        assert set(phases) == {"inputs", "forward", "store"}, record.rpc
+        assert all(s >= 0 for s in phases.values())
+        assert sum(phases.values()) <= record.seconds + 1e-3, (record.rpc, phases, record.seconds)
