@@ -10,7 +10,8 @@ asym, GPTQ v2 checkpoint), then prints:
 - wall seconds split into calibration forward (the calibrator's Start, Collect and Advance steps:
   embedding, block forwards, Hessian capture), solve and pack (pack and publish), read off the job's
   progress events (each event starts a step, the next one ends it), with per-block medians;
-- each service's seconds per call kind (median over blocks after the first) and the packer's split
+- each service's seconds per call kind (median over blocks after the first), the calibrator's split of
+  each Collect and Advance (fetching inputs, forward, storing what it made) and the packer's split
   of its Pack call (reading the solved weights, writing the format, writing the manifest), from the
   end-of-call lines the services log;
 - each compute service's peak GPU memory (`torch.cuda.max_memory_allocated`, which the services log
