@@ -165,12 +165,9 @@ INTERPRETER_CHECK = textwrap.dedent(
         (8, -1, True, True, torch.float16, 33, dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, SPLIT=1)),
         (8, 64, False, False, torch.bfloat16, 1, dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=32, SPLIT=0)),
         (4, 64, False, False, torch.float16, 3, dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=64, SPLIT=2)),
-        # FACTORED: scale applied to the tile's sums.
-        (4, 128, False, True, torch.bfloat16, 1, dict(BLOCK_M=1, BLOCK_N=64, BLOCK_K=64, SPLIT=3, FACTORED=True)),
-        (4, 32, True, False, torch.float16, 1, dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=32, SPLIT=1, FACTORED=True)),
-        (4, 64, False, True, torch.float16, 5, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT=3, FACTORED=True)),
-        (8, 128, False, False, torch.float16, 20, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT=0, FACTORED=True)),
-        (8, -1, True, True, torch.float16, 33, dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, SPLIT=1, FACTORED=True)),
+        # Both code widths on every launch shape, bfloat16 at M = 1 (see above), odd M through BLOCK_M = 1.
+        (8, 32, True, True, torch.bfloat16, 1, dict(BLOCK_M=1, BLOCK_N=64, BLOCK_K=32, SPLIT=4)),
+        (4, -1, False, False, torch.float16, 40, dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, SPLIT=0)),
     ]
     torch.manual_seed(0)
     for bits, group, sym, act, dtype, m, config in cases:

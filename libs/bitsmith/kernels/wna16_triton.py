@@ -25,9 +25,11 @@ by field (field j of every word in the tile against the inputs j, j + PACK, ...)
 after the loop; the tl.dot paths shift-and-mask into a [ROWS, PACK, BLOCK_N] tensor and reshape it to
 [BLOCK_K, BLOCK_N], input order.
 
-Codes become floats by the mantissa trick (`minus_zero`), and FACTORED (in the autotuner's space)
-multiplies x by ``c - z`` (exact in fp16/bf16) and applies the scale to the tile's sums rather than to
-every weight.
+Codes become floats by the mantissa trick (`minus_zero`). At M = 1 x multiplies ``c - z`` and the scale
+is applied to each K-tile's sums, once per column rather than per weight (on an H100 70 against 78 µs
+for 8192x28672); the tl.dot paths scale each weight, which measured the same at M = 16 and faster on the
+tiled path (392 against 514 µs at M = 256), where a per-tile multiply of the whole output tile costs more
+than it saves.
 
 What limits it, measured on an H100 (docs/benchmarks.md, SASS counted per K-tile): at M = 1 the loop
 issues about 3.9 integer-pipe instructions per 4-bit weight (shift, mask-and-or, sign extension, and
@@ -98,15 +100,13 @@ def wna16_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     WAVES: tl.constexpr,
-    FACTORED: tl.constexpr,
 ):
     """Program (tile, chunk): output tile [BLOCK_M, BLOCK_N] summed over its share of K.
 
     Grid: (tiles of M x tiles of N, K chunks). With ATOMIC the float32 partial sums are added into a
     zeroed float32 `out`; without, there is one chunk and the tile is stored in out's dtype. `m_bucket`
-    (autotune key) and WAVES (split-K depth, read by the grid function) are not used here. FACTORED:
-    scale applied to the tile's sums, not to each weight. BLOCK_M = 1 is the multiply-and-sum path,
-    one row of x per program.
+    (autotune key) and WAVES (split-K depth, read by the grid function) are not used here. BLOCK_M = 1
+    is the multiply-and-sum path, one row of x per program, scale applied to each K-tile's sums.
     """
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
@@ -145,14 +145,12 @@ def wna16_kernel(
             words, scale, zero = load_k_tile(qweight_ptr, scales_ptr, zeros_ptr, kt, N, offs_n, n_ok, row, ROWS,
                                              BLOCK_K, GROUP_SIZE)
             # Field j of word r is input kt·BLOCK_K + r·PACK + j: multiply it by those inputs of x.
-            part = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32) if FACTORED else acc
+            part = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
             for j in tl.static_range(PACK):
                 w = minus_zero((words >> (j * BITS)) & MASK, zero[None, :])
-                if not FACTORED:
-                    w = w * scale[None, :]
                 x = tl.load(x_ptr + pid_m * stride_xm + kt * BLOCK_K + row * PACK + j).to(tl.float32)
                 part += x[:, None] * w
-            acc = acc + part * scale[None, :] if FACTORED else part
+            acc += part * scale[None, :]
         result = tl.sum(acc, axis=0)[None, :]
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -161,13 +159,10 @@ def wna16_kernel(
             words, scale, zero = load_k_tile(qweight_ptr, scales_ptr, zeros_ptr, kt, N, offs_n, n_ok, row, ROWS,
                                              BLOCK_K, GROUP_SIZE)
             codes = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & MASK, (BLOCK_K, BLOCK_N))
-            w = minus_zero(codes, zero[None, :])
-            if not FACTORED:
-                w = w * scale[None, :]
+            w = minus_zero(codes, zero[None, :]) * scale[None, :]
             offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None], other=0.0)
-            part = tl.dot(x, w.to(DTYPE), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) if FACTORED else acc)
-            acc = acc + part * scale[None, :] if FACTORED else part
+            acc = tl.dot(x, w.to(DTYPE), acc)
         result = acc
     if HAS_BIAS:
         # Only the first chunk adds the bias, so split-K sums it once.
@@ -197,10 +192,9 @@ def m_bucket(m: int) -> int:
     return 1 if m <= 1 else min(triton.next_power_of_2(m), 4096)
 
 
-def _config(bm: int, bn: int, bk: int, warps: int, stages: int, waves: int = 1, group_m: int = 8, *,
-            factored: bool = False) -> triton.Config:
+def _config(bm: int, bn: int, bk: int, warps: int, stages: int, waves: int = 1, group_m: int = 8) -> triton.Config:
     return triton.Config(
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "WAVES": waves, "FACTORED": factored},
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "WAVES": waves},
         num_warps=warps,
         num_stages=stages,
     )
@@ -209,14 +203,14 @@ def _config(bm: int, bn: int, bk: int, warps: int, stages: int, waves: int = 1, 
 SPLIT_CONFIGS = [
     # M = 1: multiply-and-sum (no tl.dot, so nothing for Triton to pipeline: one stage); many programs per
     # SM keep loads in flight instead. WAVES = programs per SM to aim for.
-    *(_config(1, bn, bk, w, 1, waves, factored=True)
+    *(_config(1, bn, bk, w, 1, waves)
       for bn, bk, w in [(64, 128, 4), (128, 128, 4), (256, 64, 4), (128, 64, 4), (128, 32, 4)]
       for waves in (8, 16)),
     # 2 ≤ M ≤ 64 (and small-N larger M): tensor cores on 16..128-row tiles.
-    *(_config(bm, bn, bk, w, s, waves, factored=f)
+    *(_config(bm, bn, bk, w, s, waves)
       for bm in (16, 32, 64)
       for bn, bk, w, s in [(128, 128, 4, 3), (64, 128, 4, 4), (128, 64, 4, 4), (256, 64, 8, 3), (128, 32, 4, 5)]
-      for waves in (2, 4) for f in (False, True)),
+      for waves in (2, 4)),
     *(_config(128, bn, bk, 8, 3, waves) for bn, bk in [(128, 64), (64, 64), (128, 32)] for waves in (1, 2)),
 ]
 
@@ -285,7 +279,7 @@ def _processors(device: torch.device) -> int:
 def matmul(x: torch.Tensor, packed: PackedLinear, *, config: dict[str, int] | None = None) -> torch.Tensor:
     """``x @ dequant(W) + bias`` for x [M, K] contiguous, already gathered by `packed.perm`.
 
-    `config` (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT: K chunks, 0 = the tiled path; optional FACTORED,
+    `config` (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT: K chunks, 0 = the tiled path; optional
     num_warps, num_stages) bypasses the autotuner: tests and the CPU interpreter use it to run a chosen
     variant.
     """
@@ -310,7 +304,7 @@ def matmul(x: torch.Tensor, packed: PackedLinear, *, config: dict[str, int] | No
         meta = {"BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"], "BLOCK_K": config["BLOCK_K"]}
         tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
         grid = (tiles, max(1, config["SPLIT"]))
-        wna16_kernel[grid](*args, **flags, **meta, GROUP_M=8, WAVES=1, FACTORED=config.get("FACTORED", False),
+        wna16_kernel[grid](*args, **flags, **meta, GROUP_M=8, WAVES=1,
                            num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2))
     elif split:
 
