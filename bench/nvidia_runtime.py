@@ -56,7 +56,8 @@ def _serve(work: Path) -> tuple[subprocess.Popen[str], str]:
     return process, process.stdout.readline().strip()
 
 
-def _generate(address: str, path: Path, prompt: str, new_tokens: int, sample: Path) -> dict[str, Any]:
+def _generate(address: str, path: Path, prompt: str, new_tokens: int) -> dict[str, Any]:
+    """Prompt and decode tokens/s of the second of two Generate calls on `path`."""
     import grpc
     from bitsmith.v1 import runtime_pb2, runtime_pb2_grpc
 
@@ -70,12 +71,21 @@ def _generate(address: str, path: Path, prompt: str, new_tokens: int, sample: Pa
                                                                    max_new_tokens=tokens), timeout=3600):
                 if chunk.HasField("stats"):
                     stats = chunk.stats
-        assert stats is not None, "the runtime sent no stats"
-        usage = stub.Evaluate(runtime_pb2.EvaluateRequest(artifact_path=str(path), data_files=[str(sample)],
-                                                          seq_len=128), timeout=3600).usage
+    assert stats is not None, "the runtime sent no stats"
     return {"prompt_tokens_per_s": stats.prompt_tokens / stats.prompt_seconds,
-            "decode_tokens_per_s": stats.decode_tokens / stats.decode_seconds,
-            "decode_tokens": stats.decode_tokens, "peak_gpu_bytes": usage.peak_device_bytes, "device": usage.device}
+            "decode_tokens_per_s": stats.decode_tokens / stats.decode_seconds, "decode_tokens": stats.decode_tokens}
+
+
+def _usage(address: str, path: Path, sample: Path) -> dict[str, Any]:
+    """The service's peak GPU memory so far and its device, from an Evaluate of `path` on a short file (which
+    autotunes the kernels for its prompt-sized shapes: minutes on a GPU for a quantized 8B model)."""
+    import grpc
+    from bitsmith.v1 import runtime_pb2, runtime_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        usage = runtime_pb2_grpc.RuntimeServiceStub(channel).Evaluate(runtime_pb2.EvaluateRequest(
+            artifact_path=str(path), data_files=[str(sample)], seq_len=128), timeout=3600).usage
+    return {"peak_gpu_bytes": usage.peak_device_bytes, "device": usage.device}
 
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -99,10 +109,12 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     try:
         for name, path in models.items():
             # Peaks are the process's so far (one model loaded at a time), so the unquantized one goes first.
-            results["models"][name] = entry = _generate(address, path, prompt, args.new_tokens, sample)
-            # Each model's line as soon as it is measured: a run stopped later keeps what it measured.
+            results["models"][name] = entry = _generate(address, path, prompt, args.new_tokens)
+            # Each model's speed as soon as it is measured, before the memory report's Evaluate: a run
+            # stopped later keeps what it measured.
             print(f"{name}: decode {entry['decode_tokens_per_s']:.2f} tok/s, prompt "
                   f"{entry['prompt_tokens_per_s']:.1f} tok/s", file=sys.stderr, flush=True)
+            entry.update(_usage(address, path, sample))
     finally:
         process.terminate()
         process.wait(timeout=60)
