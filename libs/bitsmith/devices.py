@@ -8,6 +8,7 @@ first request.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
@@ -114,8 +115,6 @@ class PhaseTimes:
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        import time
-
         import torch
 
         started = time.perf_counter()

@@ -203,8 +203,8 @@ def _config(bm: int, bn: int, bk: int, warps: int, stages: int, waves: int = 1, 
 SPLIT_CONFIGS = [
     # M = 1: multiply-and-sum (no tl.dot, so nothing for Triton to pipeline: one stage); many programs per
     # SM keep loads in flight instead. WAVES = programs per SM to aim for.
-    *(_config(1, bn, bk, w, 1, waves)
-      for bn, bk, w in [(64, 128, 4), (128, 128, 4), (256, 64, 4), (128, 64, 4), (128, 32, 4)]
+    *(_config(1, bn, bk, 4, 1, waves)
+      for bn, bk in [(64, 128), (128, 128), (256, 64), (128, 64), (128, 32)]
       for waves in (8, 16)),
     # 2 ≤ M ≤ 64 (and small-N larger M): tensor cores on 16..128-row tiles.
     *(_config(bm, bn, bk, w, s, waves)
