@@ -74,13 +74,13 @@ def quantize_fp8_activation(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Activations [M, K] to (float8_e4m3fn [M, K], float32 scale [M, 1] per token or [1, 1] static).
 
-    Dynamic (no `input_scale`): each row's absmax / 448, at least `MIN_ACTIVATION_SCALE`. Static: the
+    Dynamic (no `input_scale`): each row's absmax · (1/448), at least `MIN_ACTIVATION_SCALE`. Static: the
     calibrated per-tensor scale as given (values beyond 448 · scale saturate, as they do in every FP8
     runtime). Both the twin and the cuBLAS path call this, so they multiply the same FP8 numbers.
     """
     xf = x.float()
     if input_scale is None:
-        scale = (xf.abs().amax(dim=1, keepdim=True) / FP8_E4M3_MAX).clamp(min=MIN_ACTIVATION_SCALE)
+        scale = (xf.abs().amax(dim=1, keepdim=True) * (1 / FP8_E4M3_MAX)).clamp(min=MIN_ACTIVATION_SCALE)
     else:
         scale = static_scale(input_scale, x.device)
     return _cast(xf, scale), scale

@@ -5,8 +5,9 @@ over float32 copies of x. At M = 4096, K = 8192 that is about 1.2 GB of traffic,
 H100 — a quarter of the FP8 GEMM it feeds, which would eat most of FP8's gain over bf16. This kernel
 reads x once for the row maxima and once more (from cache) for the cast, and writes one byte a value.
 
-It computes the same numbers as the torch definition: the scale is max(row absmax / 448,
-`MIN_ACTIVATION_SCALE`) with an IEEE division, the quotient is an IEEE division too, clamped to ±448
+It computes the same numbers as the torch definition: the scale is max(row absmax · float32(1/448),
+`MIN_ACTIVATION_SCALE`) (a product, because torch on CUDA divides by a Python number as a product with its
+reciprocal, and a division here differed from it in the last bit), the quotient is an IEEE division, clamped to ±448
 and rounded to nearest-even (tests/gpu checks bit equality). It also writes the rows cuBLAS wants as
 padding (M up to a multiple of 16) as zeros, so the GEMM's input needs no second copy.
 """
@@ -37,7 +38,7 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, static_scale_ptr, M, K, strid
             offs = start + tl.arange(0, BLOCK_K)
             x = tl.load(x_row + offs, mask=(offs < K) & live, other=0.0).to(tl.float32)
             absmax = tl.maximum(absmax, tl.abs(x))
-        scale = tl.maximum(tl.math.div_rn(tl.max(absmax, axis=0), FP8_MAX), MIN_SCALE)
+        scale = tl.maximum(tl.max(absmax, axis=0) * (1 / FP8_MAX), MIN_SCALE)
         tl.store(scale_ptr + row, scale)
     q_row = q_ptr + row.to(tl.int64) * K
     for start in range(0, K, BLOCK_K):
