@@ -336,9 +336,11 @@ class AWQOptions:
     Per scaling group (a norm or linear and the linears reading its output), scales
     ``s = x_mean^r / w_mean^(1-r)`` (``x_mean^r`` without `duo_scaling`) are tried for r = i/`grid`
     and the one with the least block-output error after quantization is folded into the preceding op.
-    `clip` then searches each group's clipping range down to (1 - `max_shrink`) of its absmax in
-    `clip_grid` steps, on `clip_tokens` sampled tokens, for the linears rounded to nearest afterwards
-    (`awq`; `awq+gptq` leaves the range to GPTQ's grid).
+    `clip` then searches each group's clipping range, each end down to (1 - `max_shrink`) of its extreme in
+    `clip_grid` steps, on `clip_tokens` evenly sampled tokens, for the linears rounded to nearest
+    afterwards (`awq`; `awq+gptq` leaves the range to GPTQ's grid). The search sees the tokens through
+    their Hessian, so their number costs no memory: the default takes every token of a 128 x 512
+    calibration (AutoAWQ's 512 were a memory limit of keeping the tokens themselves).
     """
 
     grid: int = 20
@@ -346,7 +348,7 @@ class AWQOptions:
     clip: bool = True
     clip_grid: int = 20
     max_shrink: float = 0.5
-    clip_tokens: int = 512
+    clip_tokens: int = 1 << 16
 
     def __post_init__(self) -> None:
         for name in ("grid", "clip_grid", "clip_tokens"):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from bitsmith.algos import awq
 from bitsmith.algos.awq import awq_block, fake_quantize, scale_factors, scaled_errors, search_clip
 from bitsmith.algos.gptq import hessian_row_errors, weight_energy
 from bitsmith.algos.rtn import quantize_rtn
@@ -259,6 +260,35 @@ def test_search_clip_on_a_hessian_is_the_search_on_its_tokens() -> None:
     # Each (row, group) range never shrinks past max_shrink.
     groups, original = clipped.reshape(8, 2, 32), weight.reshape(8, 2, 32)
     assert (groups.abs().amax(dim=2) >= 0.5 * original.abs().amax(dim=2) - 1e-6).all()
+
+
+def test_search_clip_moves_each_end_of_an_asymmetric_range_on_its_own() -> None:
+    gen = torch.Generator().manual_seed(1)
+    weight = (torch.rand(16, 64, generator=gen) - 0.5) * 0.1
+    weight[:, 5], weight[:, 40] = 1.0, -0.3  # outliers of unequal size at the two ends of every row's groups
+    weight[:, 37], weight[:, 9] = 0.3, -1.0
+    x = torch.randn(400, 64, generator=gen)
+    scheme = QuantScheme(bits=3, group_size=32, sym=False)
+    clipped, _ = search_clip(weight, 2 * x.T @ x / 400, scheme, AWQOptions(clip_grid=20, max_shrink=0.5))
+    top = clipped.reshape(16, 2, 32).amax(dim=2) / weight.reshape(16, 2, 32).amax(dim=2)
+    bottom = clipped.reshape(16, 2, 32).amin(dim=2) / weight.reshape(16, 2, 32).amin(dim=2)
+    grid = torch.tensor([1 - i / 20 for i in range(10)])
+    for ratio in (top, bottom):  # every end lands on the clipping grid
+        assert ((ratio.reshape(-1, 1) - grid).abs().min(dim=1).values < 1e-5).all()
+    assert (top != bottom).float().mean() >= 0.5  # one factor for both ends would tie them
+
+
+def test_search_clip_walks_with_the_cross_terms_lower_the_whole_output_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 256, generator=gen) * 0.02
+    # Correlated inputs (a shared component): the groups' clipping errors add up in the output.
+    x = torch.randn(2048, 256, generator=gen) * torch.rand(256, generator=gen) * 2 + torch.randn(2048, 1, generator=gen)
+    hessian = 2 * x.T @ x / x.shape[0]
+    scheme = QuantScheme(bits=3, group_size=64, sym=False)
+    _, walked = search_clip(weight, hessian, scheme, AWQOptions())
+    monkeypatch.setattr(awq, "_CLIP_PASSES", 0)  # the diagonal blocks alone (AutoAWQ's search)
+    _, diagonal = search_clip(weight, hessian, scheme, AWQOptions())
+    assert walked.error_clipped < 0.98 * diagonal.error_clipped < diagonal.error_plain
 
 
 @pytest.mark.parametrize(

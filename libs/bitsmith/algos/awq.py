@@ -12,12 +12,13 @@ nothing but rounding), one group at a time so that one inspected module's activa
 and up_proj take both their input scale and their output scale. The loss of a group whose inspect module is a
 single linear is computed from its input Hessian (``tr(ΔW·H·ΔWᵀ)/2N``): the same number, no activation stored.
 
-Clipping then shrinks each group of input columns' range to the absmax fraction (1, 1 - 1/clip_grid, ...,
-down to 1 - max_shrink) whose quantized partial output on about `clip_tokens` evenly sampled (scaled) inputs is
-closest to the float one, per output row, as AutoAWQ does (through the sampled inputs' Hessian, so the number of
-tokens costs no memory). q and k (the adapter's `score_linears`) are not clipped, as in AutoAWQ: their outputs
-matter only through the attention scores (their product, then a softmax), which their own output error does not
-measure, so a clip chosen on it can hurt.
+Clipping then shrinks each group of input columns' range, each end to a fraction (1, 1 - 1/clip_grid, ..., down
+to 1 - max_shrink) of the group's max and min, so that the quantized output on about `clip_tokens` evenly sampled
+(scaled) inputs is closest to the float one, per output row (through the sampled inputs' Hessian, so the number of
+tokens costs no memory). Unlike AutoAWQ's search (one ±absmax limit per group, each group on its own) it moves
+the two ends apart and weighs each group's error against the other groups' (`_clip`). q and k (the adapter's
+`score_linears`) are not clipped, as in AutoAWQ: their outputs matter only through the attention scores (their
+product, then a softmax), which their own output error does not measure, so a clip chosen on it can hurt.
 
 Under grouped-query attention, v_proj's output channel (g, d) feeds o_proj's column d of every query head of
 KV group g; one scale per v channel then multiplies all of those columns (`SmoothPair.repeat_kv`), the search
@@ -57,8 +58,11 @@ from bitsmith.schemes import AWQOptions, GridSearch, QuantScheme
 _EPS = 1e-4
 """Floor of the scales and offset of w_mean's power, as in the reference implementations."""
 
+_CLIP_PASSES = 2
+"""Walks of the clipping search over a linear's groups with the cross terms, after the diagonal one."""
+
 _CLIP_BATCH_ELEMENTS = 1 << 24
-"""The clipping search tries every shrink step of a batch of output rows at once: about this many weights."""
+"""The clipping search tries every range of a batch of output rows at once: about this many weights."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -186,28 +190,58 @@ def _clip(
     search: GridSearch | None,
     name: str = "",
 ) -> tuple[torch.Tensor, float]:
-    """`search_clip`'s weight, and the fraction of (row, group) ranges it shrank; all shrink steps of a batch
-    of rows are tried at once."""
+    """`search_clip`'s weight, and the fraction of (row, group) ranges it shrank.
+
+    Each (row, group) range is ``[lo · min(w, 0), hi · max(w, 0)]`` with both factors on the clipping grid
+    (one factor for both ends on a symmetric grid). The search walks the groups `_CLIP_PASSES` times; at each
+    group it tries every pair of factors and keeps, per row, the one with the least error of the row's whole
+    output: the group's own ``δ·H_gg·δᵀ`` plus twice its cross term with the other groups' current rounding
+    errors, ``2·δ·Σ_h H_gh·δ_hᵀ`` (after a first walk on the diagonal blocks alone, AutoAWQ's search, which
+    gives every group its own best start). Clipping errors are not noise: every clipped weight moves towards
+    zero, so the groups' errors add up along the weights' direction, which the diagonal blocks do not see.
+    Letting each end move on its own fits the asymmetric grid's zero as well.
+    """
     n, k = weight.shape
     size = group_size_for(k, scheme, name)
     groups = k // size
-    blocks = torch.stack([hessian[g * size : (g + 1) * size, g * size : (g + 1) * size] for g in range(groups)])
     steps = max(1, int(options.max_shrink * options.clip_grid))
     factors = torch.tensor([1 - step / options.clip_grid for step in range(steps)], device=weight.device)
-    batch = max(1, _CLIP_BATCH_ELEMENTS // (k * steps))
-    clipped = torch.empty_like(weight)
-    shrunk = 0
-    for start in range(0, n, batch):
-        w = weight[start : start + batch].reshape(-1, groups, size)
-        limits = w.abs().amax(dim=2, keepdim=True).unsqueeze(0) * factors.view(-1, 1, 1, 1)  # [P, r, G, 1]
-        trials = torch.maximum(torch.minimum(w.unsqueeze(0), limits), -limits)
-        delta = _fake_quantize_rows(trials.reshape(-1, size), scheme, search).reshape(trials.shape) - w
-        error = (torch.einsum("prgc,gcd->prgd", delta, blocks) * delta).sum(dim=3)  # [P, r, G]
-        best = error.argmin(dim=0, keepdim=True)  # the first minimum: the widest range among equals
-        limit = limits.squeeze(3).gather(0, best).squeeze(0).unsqueeze(2)  # [r, G, 1]
-        shrunk += int((best > 0).sum())
-        clipped[start : start + batch] = torch.maximum(torch.minimum(w, limit), -limit).reshape(-1, k)
-    return clipped, shrunk / (n * groups)
+    if scheme.sym:
+        hi_factors = lo_factors = factors
+    else:  # every pair, the widest ranges first so that ties keep the wider one
+        pairs = torch.cartesian_prod(factors, factors)
+        pairs = pairs[torch.argsort(-pairs.sum(dim=1), stable=True)]
+        hi_factors, lo_factors = pairs[:, 0], pairs[:, 1]
+    w = weight.reshape(n, groups, size)
+    top = w.amax(dim=2).clamp(min=0)
+    bottom = w.amin(dim=2).clamp(max=0)
+    if scheme.sym:
+        top = torch.maximum(top, -bottom)
+        bottom = -top
+    upper = top.clone()  # [n, G]: the chosen range of each (row, group)
+    lower = bottom.clone()
+    delta = _fake_quantize_rows(weight.reshape(-1, size), scheme, search).reshape(n, groups, size) - w
+    batch = max(1, _CLIP_BATCH_ELEMENTS // (len(hi_factors) * size))
+    for walk in range(1 + _CLIP_PASSES):
+        for g in range(groups):
+            block = hessian[g * size : (g + 1) * size, g * size : (g + 1) * size]
+            # The first walk uses the diagonal blocks alone: every group's own best range is the start.
+            cross = (delta.reshape(n, k) @ hessian[:, g * size : (g + 1) * size] - delta[:, g] @ block if walk
+                     else torch.zeros_like(delta[:, g]))
+            for rows in torch.arange(n, device=weight.device).split(batch):
+                trial_upper = top[rows, g] * hi_factors.unsqueeze(1)  # [P, r]
+                trial_lower = bottom[rows, g] * lo_factors.unsqueeze(1)
+                wg = w[rows, g]
+                trials = torch.maximum(torch.minimum(wg, trial_upper.unsqueeze(2)), trial_lower.unsqueeze(2))
+                deltas = _fake_quantize_rows(trials.reshape(-1, size), scheme, search).reshape(trials.shape) - wg
+                error = ((deltas @ block) * deltas + 2 * deltas * cross[rows]).sum(dim=2)  # [P, r]
+                best = error.argmin(dim=0)  # the first minimum: the widest range among equals
+                pick = best.view(1, -1, 1).expand(1, len(rows), size)
+                delta[rows, g] = deltas.gather(0, pick).squeeze(0)
+                upper[rows, g] = trial_upper.gather(0, best.unsqueeze(0)).squeeze(0)
+                lower[rows, g] = trial_lower.gather(0, best.unsqueeze(0)).squeeze(0)
+    clipped = torch.maximum(torch.minimum(w, upper.unsqueeze(2)), lower.unsqueeze(2))
+    return clipped.reshape(n, k), float(((upper != top) | (lower != bottom)).float().mean())
 
 
 def _hessian_loss(delta: torch.Tensor, hessian: torch.Tensor) -> float:
