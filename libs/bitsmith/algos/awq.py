@@ -193,11 +193,12 @@ def _clip(
     """`search_clip`'s weight, and the fraction of (row, group) ranges it shrank.
 
     Each (row, group) range is ``[lo · min(w, 0), hi · max(w, 0)]`` with both factors on the clipping grid
-    (one factor for both ends on a symmetric grid). The search walks the groups `_CLIP_PASSES` times; at each
-    group it tries every pair of factors and keeps, per row, the one with the least error of the row's whole
-    output: the group's own ``δ·H_gg·δᵀ`` plus twice its cross term with the other groups' current rounding
-    errors, ``2·δ·Σ_h H_gh·δ_hᵀ`` (after a first walk on the diagonal blocks alone, AutoAWQ's search, which
-    gives every group its own best start). Clipping errors are not noise: every clipped weight moves towards
+    (one factor for both ends on a symmetric grid). A first walk over the groups scores each group on its own
+    diagonal block (AutoAWQ's search), which gives every group its own best start. Then `_CLIP_PASSES` more
+    walks try, at each group, every pair of factors again and keep, per row, the one with the least error of
+    the row's whole output: the group's own ``δ·H_gg·δᵀ`` plus twice its cross term with the other groups'
+    current rounding errors, ``2·δ·Σ_h H_gh·δ_hᵀ``; the current pair is among the trials, so no walk raises
+    that error. Clipping errors are not noise: every clipped weight moves towards
     zero, so the groups' errors add up along the weights' direction, which the diagonal blocks do not see.
     Letting each end move on its own fits the asymmetric grid's zero as well.
     """
