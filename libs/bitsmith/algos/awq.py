@@ -227,15 +227,16 @@ def _clip(
         for g in range(groups):
             block = hessian[g * size : (g + 1) * size, g * size : (g + 1) * size]
             # The first walk uses the diagonal blocks alone: every group's own best range is the start.
-            cross = (delta.reshape(n, k) @ hessian[:, g * size : (g + 1) * size] - delta[:, g] @ block if walk
-                     else torch.zeros_like(delta[:, g]))
+            cross = delta.reshape(n, k) @ hessian[:, g * size : (g + 1) * size] - delta[:, g] @ block if walk else None
             for rows in torch.arange(n, device=weight.device).split(batch):
                 trial_upper = top[rows, g] * hi_factors.unsqueeze(1)  # [P, r]
                 trial_lower = bottom[rows, g] * lo_factors.unsqueeze(1)
                 wg = w[rows, g]
                 trials = torch.maximum(torch.minimum(wg, trial_upper.unsqueeze(2)), trial_lower.unsqueeze(2))
                 deltas = _fake_quantize_rows(trials.reshape(-1, size), scheme, search).reshape(trials.shape) - wg
-                error = ((deltas @ block) * deltas + 2 * deltas * cross[rows]).sum(dim=2)  # [P, r]
+                error = ((deltas @ block) * deltas).sum(dim=2)  # [P, r]
+                if cross is not None:
+                    error += 2 * (deltas * cross[rows]).sum(dim=2)
                 best = error.argmin(dim=0)  # the first minimum: the widest range among equals
                 pick = best.view(1, -1, 1).expand(1, len(rows), size)
                 delta[rows, g] = deltas.gather(0, pick).squeeze(0)
