@@ -43,7 +43,7 @@ err = Console(stderr=True)
 
 
 RECIPE_FLAGS = ("method", "bits", "group_size", "sym", "act_order", "static_groups", "mse", "damp_percent",
-                "no_true_sequential", "fp8_per_tensor", "fp8_static_activations")
+                "no_true_sequential", "asymmetric_calibration", "fp8_per_tensor", "fp8_static_activations")
 """Flags that build a recipe; a --recipe file is the whole recipe, so they are refused beside it."""
 
 
@@ -68,6 +68,7 @@ def _recipe(args: argparse.Namespace) -> Recipe:
                          static_groups=(defaults.gptq.static_groups if args.static_groups is None
                                         else args.static_groups),
                          true_sequential=not args.no_true_sequential,
+                         asymmetric_calibration=args.asymmetric_calibration,
                          grid_search=GridSearch() if args.mse else None),
         fp8=FP8Scheme(per_channel=not args.fp8_per_tensor, static_activations=args.fp8_static_activations),
     )
@@ -359,6 +360,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="fit each group's grid to the clipped range with the least error (GPTQ and RTN)")
     q.add_argument("--damp-percent", type=float, help=f"GPTQ: default {GPTQOptions().damp_percent}")
     q.add_argument("--no-true-sequential", action="store_true", help="GPTQ: one capture per block")
+    q.add_argument("--asymmetric-calibration", action="store_true",
+                   help="GPTQ: solve each linear for the float model's outputs from the quantized model's inputs "
+                        "(runs the float model beside the quantized one; sequential mode)")
     q.add_argument("--fp8-per-tensor", action="store_true",
                    help="fp8: one weight scale per tensor (default: one per output channel)")
     q.add_argument("--fp8-static-activations", action="store_true",

@@ -49,6 +49,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import torch
 
 from bitsmith.algos import GPTQResult, get_method, split_rows
+from bitsmith.algos.gptq import asymmetric_target
 from bitsmith.calib.capture import capture_hessians, forward_block
 from bitsmith.calib.data import calibration_tokens
 from bitsmith.calib.stats import InputStats
@@ -197,6 +198,16 @@ class Plan:
         """Whether any linear's method needs calibration data."""
         return any(unit.assignment.needs_calibration for recipe in self.recipes
                    for bid in range(self.num_blocks) for group in self.units(bid, recipe) for unit in group)
+
+    @property
+    def cross_statistics(self) -> bool:
+        """Whether calibration runs the float model's stream beside the quantized one (asymmetric
+        calibration, `GPTQOptions.asymmetric_calibration`): in sequential mode, when the primary target solves a
+        linear by a method that fits outputs. Extra targets are solved on the primary's statistics
+        without them (see `LocalBackend`)."""
+        return (self.recipe.gptq.asymmetric_calibration and not self.parallel
+                and any(get_method(unit.assignment.method).fits_outputs for bid in range(self.num_blocks)
+                        for group in self.units(bid) for unit in group))
 
     @property
     def solve_steps(self) -> int:
@@ -440,15 +451,17 @@ def collect_stats(
     names: Sequence[str],
     inputs: torch.Tensor,
     overrides: Mapping[str, torch.Tensor],
+    reference: tuple[torch.Tensor, Mapping[str, torch.Tensor]] | None = None,
 ) -> dict[str, InputStats]:
     """Input statistics of `names` in block `bid`; linears sharing an input share one Hessian tensor.
 
     Each shared input is captured once (on its group's first member), so q/k/v cost one
-    accumulation, and callers can recognise the shared Hessian by identity.
+    accumulation, and callers can recognise the shared Hessian by identity. `reference` (the float
+    model's inputs to the block and its overrides) adds each input's cross statistics (`capture_hessians`).
     """
     first_of = {name: group[0] for group in model.groups(bid) for name in group}
     captured = sorted({first_of[name] for name in names})
-    hessians = capture_hessians(model, bid, inputs, captured, overrides)
+    hessians = capture_hessians(model, bid, inputs, captured, overrides, reference=reference)
     return {name: hessians[first_of[name]] for name in names}
 
 
@@ -461,15 +474,21 @@ def solve_group(
     options: GPTQOptions,
     label: str,
     input_absmax: float | None = None,
+    cross: torch.Tensor | None = None,
 ) -> list[GPTQResult]:
     """Solve linears that share one input as one problem (one factorization, rows concatenated).
 
     Rows are independent given H, so this is exactly the per-linear solve, done once. (On the float8
     grid with one scale per tensor, the linears of the group share that scale, which is what runtimes
-    that fuse q/k/v or gate/up into one GEMM need anyway.)
+    that fuse q/k/v or gate/up into one GEMM need anyway.) With `cross` (asymmetric calibration's
+    statistics) GPTQ solves for `asymmetric_target` instead of the weights, and the results' errors are
+    measured against that target; a method that does not fit outputs (`MethodSpec.fits_outputs`) ignores it.
     """
-    result = get_method(method).solve(torch.cat(list(weights)), hessian, scheme, options, label,
-                                      input_absmax=input_absmax)
+    spec = get_method(method)
+    stacked = torch.cat(list(weights))
+    if cross is not None and hessian is not None and spec.fits_outputs:
+        stacked = asymmetric_target(stacked, hessian, cross, options.damp_percent)
+    result = spec.solve(stacked, hessian, scheme, options, label, input_absmax=input_absmax)
     return split_rows(result, [w.shape[0] for w in weights])
 
 
@@ -478,18 +497,29 @@ class LocalBackend:
 
     `results` keeps each linear's solve report (damping used, errors) of the primary target by full
     name, `scale_reports`
-    AWQ's search report per block.
+    AWQ's search report per block. With `cross_statistics` (`Plan.cross_statistics`) the float model's
+    activations run beside the quantized stream, for the cross statistics; only the primary target
+    solves for them, as the quantized stream is its own (an extra target, solved on the primary's
+    statistics, would cancel errors its own file does not make).
     """
 
-    def __init__(self, model: CheckpointModel, *, recipe: Recipe, tokens: torch.Tensor | None = None) -> None:
+    def __init__(self, model: CheckpointModel, *, recipe: Recipe, tokens: torch.Tensor | None = None,
+                 cross_statistics: bool = False) -> None:
         self.model = model
         self.recipe = recipe
         self.tokens = tokens
+        self.cross_statistics = cross_statistics
         self.results: dict[str, GPTQResult] = {}
         self.scale_reports: dict[int, object] = {}
+        self._reference: torch.Tensor | None = None
 
     def start(self) -> torch.Tensor | None:
-        return None if self.tokens is None else self.model.embed(self.tokens)
+        if self.tokens is None:
+            return None
+        inputs = self.model.embed(self.tokens)
+        if self.cross_statistics:
+            self._reference = inputs
+        return inputs
 
     def scale(self, bid: int, inputs: torch.Tensor, targets: Mapping[str, QuantScheme], clip: frozenset[str]
               ) -> dict[str, torch.Tensor]:
@@ -510,7 +540,8 @@ class LocalBackend:
     ) -> Stats:
         if inputs is None:
             return None
-        return collect_stats(self.model, bid, names, inputs, self._overrides(applied, scaled))
+        reference = None if self._reference is None else (self._reference, self._overrides({}, scaled))
+        return collect_stats(self.model, bid, names, inputs, self._overrides(applied, scaled), reference)
 
     def solve(self, bid: int, names: Sequence[str], assignment: Assignment, stats: Stats,
               scaled: Mapping[str, torch.Tensor], *, target: str = "") -> dict[str, Solved]:
@@ -520,13 +551,16 @@ class LocalBackend:
         label = ",".join(self.model.full_name(bid, name) for name in names)
         parts = solve_group(weights, None if first is None else first.hessian, method=assignment.method,
                             scheme=assignment.scheme, options=self.recipe.gptq, label=label,
-                            input_absmax=None if first is None else first.absmax)
+                            input_absmax=None if first is None else first.absmax,
+                            cross=None if first is None or target else first.cross)
         if not target:
             self.results.update({self.model.full_name(bid, n): part for n, part in zip(names, parts, strict=True)})
         return {name: part.weight for name, part in zip(names, parts, strict=True)}
 
     def advance(self, bid: int, inputs: torch.Tensor, applied: Mapping[str, Solved],
                 scaled: Mapping[str, torch.Tensor], *, float_outputs: bool) -> torch.Tensor:
+        if self._reference is not None:
+            self._reference = forward_block(self.model, bid, self._reference, self._overrides({}, scaled))
         return forward_block(self.model, bid, inputs, {} if float_outputs else self._overrides(applied, scaled))
 
     def finish(self, bid: int, applied: Mapping[str, Solved], scaled: Mapping[str, torch.Tensor], *,
@@ -574,8 +608,8 @@ def quantize_in_process(
         if plan.needs_calibration
         else None
     )
-    result = run_sequential(plan, LocalBackend(model, recipe=recipe, tokens=tokens), on_event=on_event,
-                            concurrency=concurrency)
+    backend = LocalBackend(model, recipe=recipe, tokens=tokens, cross_statistics=plan.cross_statistics)
+    result = run_sequential(plan, backend, on_event=on_event, concurrency=concurrency)
     return QuantizedModel(quantized={name: _on_host(q) for name, q in result.quantized.items()},
                           dense={name: t.cpu() for name, t in result.dense.items()},
                           extra={key: {name: _on_host(q) for name, q in table.items()}

@@ -318,6 +318,13 @@ class GPTQOptions:
     grid_search: GridSearch | None = None
     """Fit every group's grid to the shrunk range with the least rounding error instead of min..max
     (GPTQ's "mse" option; RTN honours it too). Off by default: the textbook grid."""
+    asymmetric_calibration: bool = False
+    """Solve each linear for the float model's outputs rather than its own float outputs on the quantized
+    stream's inputs: min ‖W·X - Ŵ·X̃‖² with X the float model's inputs and X̃ those the earlier quantized
+    linears produce (`bitsmith.algos.gptq.asymmetric_target`), so each solve also cancels the error that
+    reaches it. The float model's activations run beside the quantized stream (one more forward of each
+    block, and its activations held twice). Sequential mode only: parallel mode calibrates on the float
+    model, where X̃ = X and the option changes nothing."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.damp_percent <= self.max_damp_percent:

@@ -7,7 +7,8 @@ two passes of sha256 over the whole calibration set per block (4.3 GB for 128 x 
 
 `Activations.HOST` keeps them in this process's memory instead (page-locked when the model computes on
 a GPU). Nothing is written: only this calibrator can resolve the reference it hands out, and it holds
-the latest two per job (the current block's inputs and outputs) until the job's Release, plus the
+the latest two per job and stream (the current block's inputs and outputs; asymmetric calibration runs a
+second stream, the float model's) until the job's Release, plus the
 held-out rows a parallel-mode Advance keeps for the block's Finish (a few samples per block). Since the
 tensor never leaves this process, the reference's `sha256` is not a digest of its bytes (hashing 4.3 GB
 per block cost seconds and protected nothing) but a random handle, `HOST_HANDLE` followed by 32 hex
@@ -25,7 +26,7 @@ import torch
 from bitsmith.errors import NotFoundError
 from bitsmith.store import ArtifactStore, TensorRef, dtype_name
 
-KEPT_PER_JOB = 2
+KEPT_PER_STREAM = 2
 """A block's inputs and its outputs: nothing older is read again by the block loop."""
 
 HOST_HANDLE = "host:"
@@ -37,26 +38,27 @@ class HostActivations:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._jobs: dict[str, OrderedDict[str, tuple[TensorRef, torch.Tensor]]] = {}
+        self._jobs: dict[str, dict[str, OrderedDict[str, tuple[TensorRef, torch.Tensor]]]] = {}
         self._held_out: dict[str, dict[int, torch.Tensor]] = {}
 
-    def put(self, job_id: str, key: str, name: str, tensor: torch.Tensor) -> TensorRef:
-        """Hold `tensor` under `key` (dropping the job's older activations); a reference to it alone."""
+    def put(self, job_id: str, key: str, name: str, tensor: torch.Tensor, *, stream: str = "inputs") -> TensorRef:
+        """Hold `tensor` under `key` (dropping the older activations of the job's `stream`); a reference to
+        it alone."""
         ref = TensorRef(key=key, name=name, dtype=dtype_name(tensor.dtype), shape=tuple(int(d) for d in tensor.shape),
                         sha256=HOST_HANDLE + secrets.token_hex(16))
         with self._lock:
-            held = self._jobs.setdefault(job_id, OrderedDict())
+            held = self._jobs.setdefault(job_id, {}).setdefault(stream, OrderedDict())
             held[key] = (ref, tensor)
             held.move_to_end(key)
-            while len(held) > KEPT_PER_JOB:
+            while len(held) > KEPT_PER_STREAM:
                 held.popitem(last=False)
         return ref
 
     def get(self, job_id: str, ref: TensorRef, store: ArtifactStore) -> torch.Tensor:
         """The tensor `ref` names: held here when it matches exactly, else read (and checked) from the store."""
         with self._lock:
-            job = self._jobs.get(job_id)
-            held = job.get(ref.key) if job is not None else None
+            streams = self._jobs.get(job_id, {}).values()
+            held = next((s[ref.key] for s in streams if ref.key in s), None)
         if held is not None and held[0] == ref:
             return held[1]
         try:

@@ -14,6 +14,11 @@ and the device's peak memory so far (`peak_gpu_bytes`).
 Only what the solver cannot get elsewhere goes to the store: Collect writes a group's Hessian, not
 its weights (the solver reads the checkpoint's own; AWQ's rescaled weights are already in the store).
 
+Asymmetric calibration (`GPTQOptions.asymmetric_calibration`) runs the float model's stream beside the
+quantized one: the coordinator hands each Collect and Advance the float model's inputs to the block
+(`reference`) as well; Collect adds each input's cross statistics with them (stored beside its
+Hessian), and Advance forwards them through the float block into the next block's (`reference_outputs`).
+
 Advance and Finish split the end of a block, so the block loop can move on while solves of a block
 still run: Advance computes the next block's inputs and keeps the block's statistics; Finish, once
 every solve of the block is done, deletes its Hessians. In parallel mode (`float_outputs`) Advance
@@ -203,10 +208,11 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
         stored = tensor_ref_from_proto(ref)
         return self._store.get_tensor(stored) if self._host is None else self._host.get(job_id, stored, self._store)
 
-    def _put_activations(self, job_id: str, name: str, tensor: torch.Tensor) -> common_pb2.TensorRef:
+    def _put_activations(self, job_id: str, name: str, tensor: torch.Tensor, *, stream: str = "inputs"
+                         ) -> common_pb2.TensorRef:
         key = job_key(job_id, name)
         if self._host is not None:
-            return tensor_ref_to_proto(self._host.put(job_id, key, "hidden", tensor))
+            return tensor_ref_to_proto(self._host.put(job_id, key, "hidden", tensor, stream=stream))
         return tensor_ref_to_proto(self._store.put_tensors(key, {"hidden": tensor})["hidden"])
 
     def _overrides(self, job_id: str, applied: RepeatedCompositeFieldContainer[common_pb2.QuantizedRef],
@@ -317,17 +323,25 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
             with times.phase("inputs"):
                 inputs = _calibration_rows(self._inputs(request.job_id, request.inputs), request.holdout)
                 overrides = self._overrides(request.job_id, request.applied, request.block, model, request.scaled)
+                reference = None
+                if request.HasField("reference"):  # asymmetric calibration: the float model's stream beside
+                    reference = (_calibration_rows(self._inputs(request.job_id, request.reference), request.holdout),
+                                 self._scaled(request.scaled))
             with times.phase("forward"):
-                hessians = collect_stats(model, request.block, names, inputs, overrides)
-        # Linears of one group share their input: store each distinct Hessian once.
+                hessians = collect_stats(model, request.block, names, inputs, overrides, reference)
+        elif request.HasField("reference"):
+            raise ConfigError(f"block {request.block}: a Collect without inputs has no stream to cross with "
+                              "the float model's")
+        # Linears of one group share their input: store each distinct Hessian (and cross statistics) once.
         stored: dict[int, str] = {}
         for n, captured in hessians.items():
-            stored.setdefault(id(captured.hessian), f"{n}.hessian")
+            stored.setdefault(id(captured.hessian), n)
+        tensors = {f"{stored[id(c.hessian)]}.{kind}": t for c in hessians.values()
+                   for kind, t in (("hessian", c.hessian), ("cross", c.cross)) if t is not None}
         group = "+".join(n.rsplit(".", 1)[-1] for n in names)
         with times.phase("store"):
             refs = self._store.put_tensors(_stats_key(request.job_id, request.block, f"{group}.safetensors"),
-                                           {stored[id(c.hessian)]: c.hessian for c in hessians.values()},
-                                           durable=False) if hessians else {}
+                                           tensors, durable=False) if tensors else {}
         stats = []
         for n in names:
             msg = common_pb2.LinearStats(name=n)
@@ -335,7 +349,10 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
                 msg.weight.CopyFrom(scaled[f"{n}.weight"])
             if n in hessians:
                 captured = hessians[n]
-                msg.hessian.CopyFrom(tensor_ref_to_proto(refs[stored[id(captured.hessian)]]))
+                owner = stored[id(captured.hessian)]
+                msg.hessian.CopyFrom(tensor_ref_to_proto(refs[f"{owner}.hessian"]))
+                if captured.cross is not None:
+                    msg.cross.CopyFrom(tensor_ref_to_proto(refs[f"{owner}.cross"]))
                 msg.tokens = captured.tokens
                 msg.input_absmax = captured.absmax
             stats.append(msg)
@@ -357,6 +374,17 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
             raise ConfigError(f"block {request.block}: holdout {request.holdout} of {len(inputs)} samples")
         reply = calibrator_pb2.AdvanceResponse()
         held = inputs[len(inputs) - request.holdout:]
+        if request.HasField("reference"):
+            if request.float_outputs:
+                raise ConfigError(f"block {request.block}: parallel mode advances the float model's stream "
+                                  "itself; a second one (asymmetric calibration) is for sequential mode")
+            with times.phase("inputs"):
+                reference = self._inputs(request.job_id, request.reference)
+            with times.phase("forward"):
+                following = forward_block(model, request.block, reference, self._scaled(request.scaled))
+            with times.phase("store"):
+                reply.reference_outputs.CopyFrom(self._put_activations(
+                    request.job_id, f"reference-{request.block + 1}.safetensors", following, stream="reference"))
         if request.float_outputs:
             # Parallel mode: the next block calibrates on the float block's outputs, which need no solve
             # of this block; the output error waits for Finish, on the held-out rows kept here.

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from bitsmith.errors import BitsmithError, CancelledError, GateFailedError
+from bitsmith.errors import BitsmithError, CancelledError, FormatError, GateFailedError
 from bitsmith.rpc.convert import artifact_name, format_from_proto
 from bitsmith.runtimes import ENGINES, HOME_TARGET, Target
 from bitsmith.schemes import Method
@@ -129,10 +129,16 @@ class SolverPool:
 class RpcBackend:
     """`bitsmith.pipeline.Backend` whose handles are TensorRef / LinearStats / QuantizedRef / NamedTensor
     messages; AWQ's scaled parameters travel as block-local NamedTensors. Solves may run on several
-    threads at once (one per leased solver replica); the other steps run on the loop's thread."""
+    threads at once (one per leased solver replica); the other steps run on the loop's thread.
+
+    With `cross_statistics` (`Plan.cross_statistics`) the backend also carries the float model's stream:
+    Start's inputs, advanced by each Advance beside the quantized stream and handed to every Collect, whose
+    stats then bring cross statistics; only the primary target's solves receive them.
+    """
 
     def __init__(self, stubs: Stubs, solvers: SolverPool, job_id: str, spec: job_pb2.QuantizeJob,
-                 prefixes: Sequence[str], recorder: JobRecorder, primary_key: str) -> None:
+                 prefixes: Sequence[str], recorder: JobRecorder, primary_key: str, *,
+                 cross_statistics: bool = False) -> None:
         self._stubs = stubs
         self._solvers = solvers
         self._job_id = job_id
@@ -142,6 +148,8 @@ class RpcBackend:
         self._primary_key = primary_key
         self._holdout = 0
         self._references: dict[int, dict[str, common_pb2.TensorRef]] = {}  # AWQ's pre-clipping weights by block
+        self._cross_statistics = cross_statistics
+        self._float_stream: common_pb2.TensorRef | None = None  # the float model's inputs to the current block
 
     def start(self) -> common_pb2.TensorRef:
         with self._recorder.call("calibrate", Role.CALIBRATOR, "Start"):
@@ -152,6 +160,8 @@ class RpcBackend:
             )
         self._recorder.usage(Role.CALIBRATOR, reply.usage)
         self._holdout = reply.holdout
+        if self._cross_statistics:
+            self._float_stream = reply.inputs  # the embeddings: both streams start equal
         return reply.inputs
 
     def scale(self, bid: int, inputs: common_pb2.TensorRef, targets: Mapping[str, QuantScheme],
@@ -182,6 +192,8 @@ class RpcBackend:
         )
         if inputs is not None:
             request.inputs.CopyFrom(inputs)
+            if self._float_stream is not None:
+                request.reference.CopyFrom(self._float_stream)
         with self._recorder.call("calibrate", Role.CALIBRATOR, "Collect", block=bid):
             reply = self._stubs.calibrator.Collect(request, timeout=STEP_TIMEOUT_S)
         self._recorder.usage(Role.CALIBRATOR, reply.usage)
@@ -202,6 +214,8 @@ class RpcBackend:
         for linear in request.stats:
             if linear.name in references:
                 linear.reference.CopyFrom(references[linear.name])
+            if target:  # an extra target's linears do not see the primary's quantized stream
+                linear.ClearField("cross")
         set_solve_grid(request, assignment.scheme)
         with self._solvers.take() as solver, self._recorder.call("solve", Role.SOLVER, "Solve", block=bid,
                                                                  worker=solver.worker.address):
@@ -215,15 +229,20 @@ class RpcBackend:
 
     def advance(self, bid: int, inputs: common_pb2.TensorRef, applied: Mapping[str, common_pb2.QuantizedRef],
                 scaled: Mapping[str, common_pb2.NamedTensor], *, float_outputs: bool) -> common_pb2.TensorRef:
+        request = calibrator_pb2.AdvanceRequest(job_id=self._job_id, model_path=self._spec.model_path, block=bid,
+                                                inputs=inputs, applied=list(applied.values()),
+                                                scaled=list(scaled.values()), holdout=self._holdout,
+                                                float_outputs=float_outputs)
+        if self._float_stream is not None:
+            request.reference.CopyFrom(self._float_stream)
         with self._recorder.call("calibrate", Role.CALIBRATOR, "Advance", block=bid):
-            reply = self._stubs.calibrator.Advance(
-                calibrator_pb2.AdvanceRequest(job_id=self._job_id, model_path=self._spec.model_path, block=bid,
-                                              inputs=inputs, applied=list(applied.values()),
-                                              scaled=list(scaled.values()), holdout=self._holdout,
-                                              float_outputs=float_outputs),
-                timeout=STEP_TIMEOUT_S,
-            )
+            reply = self._stubs.calibrator.Advance(request, timeout=STEP_TIMEOUT_S)
         self._recorder.usage(Role.CALIBRATOR, reply.usage)
+        if self._float_stream is not None:
+            if not reply.HasField("reference_outputs"):
+                raise FormatError(f"block {bid}: the calibrator did not advance the float model's stream "
+                                  "(a calibrator without asymmetric calibration?)")
+            self._float_stream = reply.reference_outputs
         if reply.HasField("output_error"):
             self._recorder.block(bid, reply.output_error, self._holdout)
         return reply.outputs
@@ -364,7 +383,8 @@ class JobRunner:
                         step=done, total=total)
 
         solvers = SolverPool(self._solvers)
-        backend = RpcBackend(self._stubs, solvers, self._job_id, spec, prefixes, recorder, targets.primary_key)
+        backend = RpcBackend(self._stubs, solvers, self._job_id, spec, prefixes, recorder, targets.primary_key,
+                             cross_statistics=plan.cross_statistics)
         result: QuantizedModel[common_pb2.QuantizedRef, common_pb2.NamedTensor] = (
             run_sequential(plan, backend, on_event=on_event, should_stop=self._stop_requested,
                            concurrency=solvers.size)

@@ -2,7 +2,8 @@
 
 One request carries the linears of one group (those that share an input, like q/k/v); the library
 solves them with one factorization. A linear's weight is read from the checkpoint itself (the
-request's `model_path`) unless its stats carry one (AWQ's rescaled weight, in the store). Results go
+request's `model_path`) unless its stats carry one (AWQ's rescaled weight, in the store); stats with
+cross statistics (asymmetric calibration) are solved for the float model's outputs. Results go
 to the artifact store as job scratch; the reply carries references and the per-linear errors the job
 report shows, with tr(W·H·Wᵀ) of each linear so the report can put errors of layers of any size on
 one scale.
@@ -108,12 +109,19 @@ class Solver(solver_pb2_grpc.SolverServiceServicer):
         first = request.stats[0]
         hessian = (self._store.get_tensor(tensor_ref_from_proto(first.hessian)).to(self._device)
                    if hessian_keys else None)
+        cross_keys = {(s.cross.key, s.cross.name) for s in request.stats if s.HasField("cross")}
+        if cross_keys and (len(cross_keys) > 1 or len(cross_keys) != len(hessian_keys)
+                           or not all(s.HasField("cross") for s in request.stats)):
+            raise ConfigError(f"linears {names}: cross statistics must come with their one shared Hessian, "
+                              "for every linear of the group")
+        cross = self._store.get_tensor(tensor_ref_from_proto(first.cross)).to(self._device) if cross_keys else None
         label = ",".join(_full_name(request, n) for n in names)
         scheme = solve_grid(request)
         options = gptq_from_proto(request.gptq)
         outcomes = solve_group(weights, hessian, method=method_from_proto(request.method), scheme=scheme,
                                options=options, label=label,
-                               input_absmax=first.input_absmax if first.HasField("hessian") else None)
+                               input_absmax=first.input_absmax if first.HasField("hessian") else None,
+                               cross=cross)
         solved = []
         for stats, weight, outcome in zip(request.stats, weights, outcomes, strict=True):
             name = stats.name

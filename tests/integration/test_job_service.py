@@ -188,6 +188,37 @@ def test_parallel_calibration_takes_statistics_from_the_float_model(stack: Stack
         assert torch.equal(weight.codes, local.quantized[name].codes), name
 
 
+def test_asymmetric_calibration_through_the_services_is_the_in_process_solve(stack: Stack, tmp_path: Path) -> None:
+    """With asymmetric calibration the calibrator runs the float model's stream beside the quantized one and
+    hands the solver cross statistics: the codes equal the in-process loop's, and differ from the plain
+    sequential job's where the streams have parted (not at block 0's q/k/v, which see the embeddings on
+    both streams)."""
+    from dataclasses import replace
+
+    from bitsmith.formats.gptq import read
+    from bitsmith.pipeline import quantize_in_process
+    from bitsmith.rpc.convert import recipe_from_proto
+
+    codes = {}
+    for asymmetric in (False, True):
+        request = make_request(tmp_path / str(asymmetric))
+        request = replace(request, recipe=replace(request.recipe, gptq=replace(
+            request.recipe.gptq, asymmetric_calibration=asymmetric)))
+        done = stack.client.submit(request).wait()
+        codes[asymmetric] = read(done.artifacts[0].path).quantized
+    plain, asymmetric = codes[False], codes[True]
+    assert torch.equal(plain["model.layers.0.self_attn.q_proj"].codes,
+                       asymmetric["model.layers.0.self_attn.q_proj"].codes)
+    for changed in ("model.layers.0.mlp.down_proj", "model.layers.3.self_attn.q_proj"):
+        assert not torch.equal(plain[changed].codes, asymmetric[changed].codes), changed
+    calibration = request.calibration
+    assert calibration is not None
+    local = quantize_in_process(DEMO_MODEL, calib_files=calibration.files, samples=calibration.samples,
+                                seq_len=calibration.seq_len, recipe=recipe_from_proto(request.to_proto().recipe))
+    for name, weight in asymmetric.items():
+        assert torch.equal(weight.codes, local.quantized[name].codes), name
+
+
 def test_unknown_job_is_not_found(stack: Stack) -> None:
     with pytest.raises(BitsmithError, match="NOT_FOUND"):
         stack.client.job("nope")

@@ -14,7 +14,7 @@ from bitsmith.devices import MatmulPrecision, resolve_device
 from bitsmith.errors import ConfigError, FormatError, NotFoundError
 from bitsmith.models import load_checkpoint
 from bitsmith.store import ArtifactStore
-from bitsmith_services.calibrator.activations import HOST_HANDLE, KEPT_PER_JOB, HostActivations
+from bitsmith_services.calibrator.activations import HOST_HANDLE, KEPT_PER_STREAM, HostActivations
 from bitsmith_services.registry import Activations, Role, ServiceOptions
 
 
@@ -110,14 +110,22 @@ def test_a_host_reference_names_one_tensor_and_never_resolves_from_the_store(tmp
         host.get("j", first, store)
 
 
-def test_host_activations_keep_the_latest_two_per_job(tmp_path: Path) -> None:
+def test_host_activations_keep_the_latest_two_per_job_and_stream(tmp_path: Path) -> None:
+    """The float model's stream (asymmetric calibration) is kept beside the quantized one: neither's
+    puts evict the other's tensors."""
     store, host = ArtifactStore(tmp_path), HostActivations()
-    refs = [host.put("j", f"jobs/j/inputs-{i}.safetensors", "hidden", torch.full((2, 2), float(i)))
-            for i in range(KEPT_PER_JOB + 1)]
-    assert host.get("j", refs[-1], store)[0, 0] == KEPT_PER_JOB
+    refs, floats = [], []
+    for i in range(KEPT_PER_STREAM + 1):
+        refs.append(host.put("j", f"jobs/j/inputs-{i}.safetensors", "hidden", torch.full((2, 2), float(i))))
+        floats.append(host.put("j", f"jobs/j/reference-{i}.safetensors", "hidden", torch.full((2, 2), -float(i)),
+                               stream="reference"))
+    assert host.get("j", refs[-1], store)[0, 0] == KEPT_PER_STREAM
+    assert host.get("j", refs[-2], store)[0, 0] == KEPT_PER_STREAM - 1
+    assert host.get("j", floats[-2], store)[0, 0] == 1 - KEPT_PER_STREAM
     assert not (tmp_path / "jobs").exists()  # nothing was written
-    with pytest.raises(NotFoundError, match="neither held by this calibrator"):
-        host.get("j", refs[0], store)
+    for dropped in (refs[0], floats[0]):
+        with pytest.raises(NotFoundError, match="neither held by this calibrator"):
+            host.get("j", dropped, store)
     host.release("j")
     with pytest.raises(NotFoundError):
         host.get("j", refs[-1], store)

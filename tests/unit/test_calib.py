@@ -117,7 +117,9 @@ def test_capture_matches_manual_activations(demo_checkpoint) -> None:  # type: i
     hidden = demo_checkpoint.embed(ids)
     captured = capture_hessians(demo_checkpoint, 0, hidden, ["self_attn.q_proj", "mlp.down_proj"], chunk=2)
     assert set(captured) == {"self_attn.q_proj", "mlp.down_proj"}
-    h_q, count, absmax = captured["self_attn.q_proj"]
+    stats = captured["self_attn.q_proj"]
+    h_q, count, absmax = stats.hessian, stats.tokens, stats.absmax
+    assert stats.cross is None
     assert count == 60 and captured["mlp.down_proj"][0].shape == (768, 768)
     layer = demo_checkpoint.block_module(0)
     with torch.no_grad():

@@ -8,6 +8,7 @@ import pytest
 import torch
 from bitsmith.algos import get_method, gptq, solve_gptq, solve_gptq_reference, split_rows
 from bitsmith.algos.gptq import (
+    asymmetric_target,
     column_spans,
     diagonal_inverses,
     factor_row_errors,
@@ -284,3 +285,18 @@ def test_shard_bounds_cut_at_row_multiples() -> None:
     assert shard_bounds(100, 4, 64) == [0, 100]
     assert shard_bounds(1024, 1, 64) == [0, 1024]
     assert shard_bounds(0, 2, 64) == [0, 0]
+
+
+def test_asymmetric_target_is_the_least_squares_fit_of_the_float_outputs() -> None:
+    """W* maps the quantized stream's inputs X̃ onto the float outputs W·X as well as any linear map can
+    (up to the ridge), and is W itself when the streams agree, whatever the ridge and the rank of H."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(512, 16, generator=gen, dtype=torch.float64)
+    x_tilde = x + 0.1 * torch.randn(512, 16, generator=gen, dtype=torch.float64)
+    w = torch.randn(6, 16, generator=gen, dtype=torch.float64)
+    hessian, cross = 2 * x_tilde.T @ x_tilde / 512, 2 * x_tilde.T @ x / 512
+    best = torch.linalg.lstsq(x_tilde, x @ w.T).solution.T
+    assert torch.allclose(asymmetric_target(w, hessian, cross, 1e-12), best, atol=1e-8)
+    few = x[:8]  # rank 8 of 16: the ridge alone decides W* off the calibration's span
+    same = asymmetric_target(w, 2 * few.T @ few / 8, 2 * few.T @ few / 8, 0.01)
+    assert torch.allclose(same, w, atol=1e-10)

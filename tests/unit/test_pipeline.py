@@ -12,6 +12,7 @@ from bitsmith.calib import calibration_tokens, capture_hessians, forward_block
 from bitsmith.demo import CALIB_FILES, DEMO_MODEL
 from bitsmith.errors import CancelledError
 from bitsmith.pipeline import LocalBackend, Plan, ProgressEvent, quantize_in_process, run_sequential
+from bitsmith.quantized import QuantizedWeight
 from bitsmith.recipes import Assignment, ModuleOverride, Recipe
 from bitsmith.schemes import AWQOptions, GPTQOptions, GridSearch, Method, QuantScheme
 
@@ -255,3 +256,52 @@ def test_gptq_local_backend_is_sequential(demo_checkpoint) -> None:  # type: ign
     assert (got != joint.weight.codes).float().mean() < 1e-3
     report = backend.results["model.layers.1.self_attn.k_proj"]
     assert report.error < report.rtn_error and report.damp_percent == pytest.approx(0.01)
+
+
+def test_asymmetric_calibration_follows_the_float_stream_in_sequential_mode_only(demo_checkpoint) -> None:  # type: ignore[no-untyped-def]
+    """Block 0's q/k/v see the embeddings on both streams (X̃ = X, so W* = W: the same solve but for the
+    float64 round trip of W*); later linears are solved for the float model's outputs, so their codes move. Parallel
+    mode calibrates on the float model, where there is nothing to cross, and ignores the option."""
+    scheme = QuantScheme(bits=4, group_size=128)
+
+    def run(asymmetric: bool, parallel: bool = False) -> dict[str, QuantizedWeight]:
+        recipe = Recipe(scheme=scheme, method=Method.GPTQ, gptq=GPTQOptions(asymmetric_calibration=asymmetric))
+        out = quantize_in_process(DEMO_MODEL, calib_files=CALIB_FILES, samples=2, seq_len=32, recipe=recipe,
+                                  parallel=parallel).quantized
+        return {name: qw for name, qw in out.items() if isinstance(qw, QuantizedWeight)}
+
+    plain, asymmetric = run(False), run(True)
+    first, later = "model.layers.0.self_attn.q_proj", "model.layers.2.mlp.down_proj"
+    assert (plain[first].codes != asymmetric[first].codes).float().mean() < 0.02
+    assert (plain[later].codes != asymmetric[later].codes).float().mean() > 0.02
+    parallel = run(False, parallel=True)
+    for name, qw in run(True, parallel=True).items():
+        assert torch.equal(qw.codes, parallel[name].codes), name
+
+
+def test_only_the_primary_target_solves_for_the_cross_statistics(demo_checkpoint) -> None:  # type: ignore[no-untyped-def]
+    """The cross statistics describe the primary target's quantized stream: its solve uses them, an extra
+    target's solve on the same statistics does not, and rounding to nearest never reads them."""
+    from bitsmith.calib.stats import InputStats
+
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    columns = demo_checkpoint.linear_shape(0, names[0])[1]
+    x = torch.randn(512, columns, generator=torch.Generator().manual_seed(0))
+    x_float = x + 0.3 * torch.randn(512, columns, generator=torch.Generator().manual_seed(1))
+    hessian, cross = 2 * x.T @ x / 512, 2 * x.T @ x_float / 512
+    crossed = dict.fromkeys(names, InputStats(hessian=hessian, tokens=512, absmax=1.0, cross=cross))
+    plain = dict.fromkeys(names, InputStats(hessian=hessian, tokens=512, absmax=1.0))
+    backend = LocalBackend(demo_checkpoint, recipe=Recipe())
+
+    def codes(method: Method, stats: dict[str, InputStats], target: str = "") -> list[torch.Tensor]:
+        solved = backend.solve(0, names, Assignment(method=method, scheme=QuantScheme(bits=4, group_size=128)),
+                               stats, {}, target=target)
+        return [solved[n].codes for n in names]  # type: ignore[union-attr]
+
+    def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+        return all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
+
+    base = codes(Method.GPTQ, plain, "extra")
+    assert same(codes(Method.GPTQ, crossed, "extra"), base)
+    assert not same(codes(Method.GPTQ, crossed), base)
+    assert same(codes(Method.RTN, crossed), codes(Method.RTN, plain))

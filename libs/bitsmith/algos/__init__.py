@@ -51,9 +51,12 @@ class Solver(Protocol):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MethodSpec:
-    """The function that runs a method (whether it needs calibration is `Method.needs_calibration`)."""
+    """The function that runs a method (whether it needs calibration is `Method.needs_calibration`), and
+    whether it minimises the Hessian-weighted output error, the objective asymmetric calibration's
+    target (`bitsmith.algos.gptq.asymmetric_target`) is derived for; rounding to nearest is not."""
 
     solve: Solver
+    fits_outputs: bool = False
 
 
 def _solve_rtn(
@@ -106,9 +109,9 @@ def _solve_gptq(
 
 METHODS: Mapping[Method, MethodSpec] = {
     Method.RTN: MethodSpec(solve=_solve_rtn),
-    Method.GPTQ: MethodSpec(solve=_solve_gptq),
+    Method.GPTQ: MethodSpec(solve=_solve_gptq, fits_outputs=True),
     Method.AWQ: MethodSpec(solve=_solve_rtn),
-    Method.AWQ_GPTQ: MethodSpec(solve=_solve_gptq),
+    Method.AWQ_GPTQ: MethodSpec(solve=_solve_gptq, fits_outputs=True),
     Method.FP8: MethodSpec(solve=_solve_rtn),
 }
 

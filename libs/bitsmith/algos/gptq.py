@@ -232,6 +232,30 @@ def hessian_factor(hessian: torch.Tensor, options: GPTQOptions, name: str = "") 
         damp = min(damp * 10, options.max_damp_percent)
 
 
+def asymmetric_target(
+    weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damp_percent: float
+) -> torch.Tensor:
+    """The weights W* [N, K] whose GPTQ solve on `hessian` H̃ = 2/n·X̃ᵀX̃ minimises ‖W·X - Ŵ·X̃‖²: the float
+    model's outputs (inputs X) from the inputs X̃ the quantized stream actually delivers.
+
+    GPTQ's damped objective (Ŵ - W)·(H + λI)·(Ŵ - W)ᵀ is ‖(Ŵ - W)·X‖² + λ‖Ŵ - W‖²; its asymmetric twin
+    ‖Ŵ·X̃ - W·X‖² + λ‖Ŵ - W‖² is (Ŵ - W*)·(H̃ + λI)·(Ŵ - W*)ᵀ + const for W* = W·(Cᵀ + λI)·(H̃ + λI)⁻¹, with
+    `cross` C = 2/n·X̃ᵀX. So the usual solve on W* also cancels, as far as the grid allows, the error the
+    earlier quantized linears left in X̃ (asymmetric calibration, as GPTAQ derives it), and the ridge
+    (`damp_percent` of the mean diagonal, dead inputs given a unit diagonal, as `prepare` does) holds
+    W* to W, not to 0, along directions the calibration did not see: with X̃ = X, W* is W. Float64,
+    returned in `weight`'s dtype.
+    """
+    h = hessian.to(device=weight.device, dtype=torch.float64).clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    ridge = damp_percent * float(torch.diagonal(h).mean())
+    h.diagonal().add_(ridge)
+    w = weight.double().T
+    rhs = cross.to(device=weight.device, dtype=torch.float64) @ w + ridge * w
+    return torch.linalg.solve(h, rhs).T.to(weight.dtype)
+
+
 def prepare(
     weight: torch.Tensor,
     hessian: torch.Tensor,

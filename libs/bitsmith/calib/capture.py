@@ -129,25 +129,55 @@ def capture_hessians(
     names: Sequence[str],
     overrides: Mapping[str, torch.Tensor] | None = None,
     *,
+    reference: tuple[torch.Tensor, Mapping[str, torch.Tensor]] | None = None,
     chunk: int | None = None,
 ) -> dict[str, InputStats]:
     """Hessian, token count and absmax of the input of each linear in `names` while block `bid` runs `inputs`.
 
     `overrides` (block-local parameter name -> value) lets earlier groups' quantized weights shape the
-    activations that later groups see (true-sequential quantization).
+    activations that later groups see (true-sequential quantization). `reference` — the float model's
+    inputs to the block (same rows) and its overrides — adds asymmetric calibration's cross statistics
+    (`InputStats.cross`): the two streams run a chunk at a time in step, so one chunk of the float
+    model's activations is held at a time.
     """
     accumulators = {
-        name: HessianAccumulator(model.linear_shape(bid, name)[1], device=model.device, name=model.full_name(bid, name))
+        name: HessianAccumulator(model.linear_shape(bid, name)[1], device=model.device, name=model.full_name(bid, name),
+                                 cross=reference is not None)
         for name in names
     }
+    if reference is None:
+        def sink_for(acc: HessianAccumulator) -> InputSink:
+            def sink(_part: slice, x: torch.Tensor) -> None:
+                acc.add(x)
 
-    def sink_for(acc: HessianAccumulator) -> InputSink:
+            return sink
+
+        run_with_input_hooks(
+            model, bid, inputs, {name: sink_for(acc) for name, acc in accumulators.items()}, overrides, chunk=chunk
+        )
+        return {name: acc.stats() for name, acc in accumulators.items()}
+
+    float_inputs, float_overrides = reference
+    if float_inputs.shape != inputs.shape:
+        raise ConfigError(f"block {bid}: the float model's inputs have shape {tuple(float_inputs.shape)}, "
+                          f"the quantized stream's {tuple(inputs.shape)}")
+    seen: dict[str, torch.Tensor] = {}  # the current chunk's float inputs, by linear
+
+    def keep(name: str) -> InputSink:
         def sink(_part: slice, x: torch.Tensor) -> None:
-            acc.add(x)
+            seen[name] = x
 
         return sink
 
-    run_with_input_hooks(
-        model, bid, inputs, {name: sink_for(acc) for name, acc in accumulators.items()}, overrides, chunk=chunk
-    )
+    def pair(name: str) -> InputSink:
+        def sink(_part: slice, x: torch.Tensor) -> None:
+            accumulators[name].add(x, seen.pop(name))
+
+        return sink
+
+    size = chunk if chunk is not None else default_chunk(model, inputs.shape[1])
+    keeps, pairs = {n: keep(n) for n in accumulators}, {n: pair(n) for n in accumulators}
+    for part in chunks(len(inputs), size):
+        run_with_input_hooks(model, bid, float_inputs[part], keeps, float_overrides, chunk=size)
+        run_with_input_hooks(model, bid, inputs[part], pairs, overrides, chunk=size)
     return {name: acc.stats() for name, acc in accumulators.items()}

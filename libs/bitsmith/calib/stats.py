@@ -11,15 +11,18 @@ from bitsmith.errors import CalibrationError
 
 class InputStats(NamedTuple):
     """What calibration learns about one linear's input: GPTQ's Hessian, the rows it was made of, and
-    the largest |activation| (FP8's static activation scale is that over 448)."""
+    the largest |activation| (FP8's static activation scale is that over 448); `cross`, where asymmetric
+    calibration asks for it, is 2/n · X̃ᵀX between these inputs X̃ and the float model's X of the same rows."""
 
     hessian: torch.Tensor
     tokens: int
     absmax: float
+    cross: torch.Tensor | None = None
 
 
 class HessianAccumulator:
-    """The GPTQ Hessian H = 2/n · Σ xᵀx over all n input rows seen, for a linear with K inputs.
+    """The GPTQ Hessian H = 2/n · Σ xᵀx over all n input rows seen, for a linear with K inputs, and with
+    `cross` asymmetric calibration's C = 2/n · Σ xᵀx_f, x_f the float model's input on the same row.
 
     Each batch's XᵀX is a float32 matrix product (fast on any device); the running sum is kept in
     float64 so a long calibration run does not lose the small contributions of late batches.
@@ -31,20 +34,35 @@ class HessianAccumulator:
             [0., 9.]]), 2)
     """
 
-    def __init__(self, columns: int, *, device: torch.device | str = "cpu", name: str = "") -> None:
+    def __init__(self, columns: int, *, device: torch.device | str = "cpu", name: str = "", cross: bool = False
+                 ) -> None:
         self.columns = columns
         self.name = name
         self.count = 0
         self._sum = torch.zeros(columns, columns, dtype=torch.float64, device=device)
+        self._cross = torch.zeros(columns, columns, dtype=torch.float64, device=device) if cross else None
         self._absmax = torch.zeros((), dtype=torch.float32, device=device)
 
-    def add(self, x: torch.Tensor) -> None:
-        """Accumulate activations [..., K]; every leading dimension counts as rows."""
+    def _rows(self, x: torch.Tensor, what: str) -> torch.Tensor:
         if x.shape[-1] != self.columns:
-            raise CalibrationError(f"{self.name}: activations have {x.shape[-1]} columns, expected {self.columns}")
+            raise CalibrationError(f"{self.name}: {what} have {x.shape[-1]} columns, expected {self.columns}")
         rows = x.reshape(-1, self.columns).to(device=self._sum.device, dtype=torch.float32)
         if not torch.isfinite(rows).all():
-            raise CalibrationError(f"{self.name}: activations contain NaN or Inf")
+            raise CalibrationError(f"{self.name}: {what} contain NaN or Inf")
+        return rows
+
+    def add(self, x: torch.Tensor, reference: torch.Tensor | None = None) -> None:
+        """Accumulate activations [..., K]; every leading dimension counts as rows. An accumulator made with
+        `cross` also takes the float model's activations of the same rows, `reference`."""
+        rows = self._rows(x, "activations")
+        if self._cross is not None:
+            if reference is None:
+                raise CalibrationError(f"{self.name}: cross statistics need the float model's activations")
+            float_rows = self._rows(reference, "the float model's activations")
+            if float_rows.shape != rows.shape:
+                raise CalibrationError(f"{self.name}: the float model's activations have shape "
+                                       f"{tuple(reference.shape)}, these {tuple(x.shape)}")
+            self._cross.add_(rows.T @ float_rows)
         self._sum.add_(rows.T @ rows)  # widened element by element: no float64 copy of the product
         torch.maximum(self._absmax, rows.abs().amax(), out=self._absmax)  # stays on the device: no sync
         self.count += rows.shape[0]
@@ -56,8 +74,11 @@ class HessianAccumulator:
         return (self._sum * (2.0 / self.count)).float()
 
     def stats(self) -> InputStats:
-        """The Hessian, the number of rows and the absmax seen; raises if nothing was accumulated."""
-        return InputStats(hessian=self.hessian(), tokens=self.count, absmax=float(self._absmax))
+        """The Hessian, the number of rows, the absmax seen and (with `cross`) the cross statistics;
+        raises if nothing was accumulated."""
+        hessian = self.hessian()
+        cross = None if self._cross is None else (self._cross * (2.0 / self.count)).float()
+        return InputStats(hessian=hessian, tokens=self.count, absmax=float(self._absmax), cross=cross)
 
 
 def relative_output_error(inputs: torch.Tensor, quantized: torch.Tensor, reference: torch.Tensor) -> float:

@@ -106,7 +106,7 @@ def gptq_to_proto(options: GPTQOptions) -> common_pb2.GPTQOptions:
     msg = common_pb2.GPTQOptions(
         damp_percent=options.damp_percent, act_order=options.act_order,
         static_groups=options.static_groups, true_sequential=options.true_sequential,
-        block_size=options.block_size,
+        block_size=options.block_size, asymmetric_calibration=options.asymmetric_calibration,
     )
     if options.grid_search is not None:
         msg.grid_search.CopyFrom(grid_search_to_proto(options.grid_search))
@@ -131,6 +131,7 @@ def gptq_from_proto(msg: common_pb2.GPTQOptions) -> GPTQOptions:
         true_sequential=msg.true_sequential,
         block_size=msg.block_size or defaults.block_size,
         grid_search=grid_search_from_proto(msg.grid_search) if msg.HasField("grid_search") else None,
+        asymmetric_calibration=msg.asymmetric_calibration,
     )
 
 

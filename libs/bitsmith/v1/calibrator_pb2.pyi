@@ -60,7 +60,7 @@ class StartResponse(_message.Message):
     def __init__(self, inputs: _Optional[_Union[_common_pb2.TensorRef, _Mapping]] = ..., holdout: _Optional[int] = ..., usage: _Optional[_Union[_common_pb2.ResourceUsage, _Mapping]] = ...) -> None: ...
 
 class CollectRequest(_message.Message):
-    __slots__ = ("job_id", "model_path", "block", "names", "inputs", "applied", "scaled", "holdout")
+    __slots__ = ("job_id", "model_path", "block", "names", "inputs", "applied", "scaled", "holdout", "reference")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     BLOCK_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,7 @@ class CollectRequest(_message.Message):
     APPLIED_FIELD_NUMBER: _ClassVar[int]
     SCALED_FIELD_NUMBER: _ClassVar[int]
     HOLDOUT_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     model_path: str
     block: int
@@ -77,7 +78,8 @@ class CollectRequest(_message.Message):
     applied: _containers.RepeatedCompositeFieldContainer[_common_pb2.QuantizedRef]
     scaled: _containers.RepeatedCompositeFieldContainer[_common_pb2.NamedTensor]
     holdout: int
-    def __init__(self, job_id: _Optional[str] = ..., model_path: _Optional[str] = ..., block: _Optional[int] = ..., names: _Optional[_Iterable[str]] = ..., inputs: _Optional[_Union[_common_pb2.TensorRef, _Mapping]] = ..., applied: _Optional[_Iterable[_Union[_common_pb2.QuantizedRef, _Mapping]]] = ..., scaled: _Optional[_Iterable[_Union[_common_pb2.NamedTensor, _Mapping]]] = ..., holdout: _Optional[int] = ...) -> None: ...
+    reference: _common_pb2.TensorRef
+    def __init__(self, job_id: _Optional[str] = ..., model_path: _Optional[str] = ..., block: _Optional[int] = ..., names: _Optional[_Iterable[str]] = ..., inputs: _Optional[_Union[_common_pb2.TensorRef, _Mapping]] = ..., applied: _Optional[_Iterable[_Union[_common_pb2.QuantizedRef, _Mapping]]] = ..., scaled: _Optional[_Iterable[_Union[_common_pb2.NamedTensor, _Mapping]]] = ..., holdout: _Optional[int] = ..., reference: _Optional[_Union[_common_pb2.TensorRef, _Mapping]] = ...) -> None: ...
 
 class CollectResponse(_message.Message):
     __slots__ = ("stats", "usage")
@@ -88,7 +90,7 @@ class CollectResponse(_message.Message):
     def __init__(self, stats: _Optional[_Iterable[_Union[_common_pb2.LinearStats, _Mapping]]] = ..., usage: _Optional[_Union[_common_pb2.ResourceUsage, _Mapping]] = ...) -> None: ...
 
 class AdvanceRequest(_message.Message):
-    __slots__ = ("job_id", "model_path", "block", "inputs", "applied", "scaled", "holdout", "float_outputs")
+    __slots__ = ("job_id", "model_path", "block", "inputs", "applied", "scaled", "holdout", "float_outputs", "reference")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     BLOCK_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +99,7 @@ class AdvanceRequest(_message.Message):
     SCALED_FIELD_NUMBER: _ClassVar[int]
     HOLDOUT_FIELD_NUMBER: _ClassVar[int]
     FLOAT_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     model_path: str
     block: int
@@ -105,17 +108,20 @@ class AdvanceRequest(_message.Message):
     scaled: _containers.RepeatedCompositeFieldContainer[_common_pb2.NamedTensor]
     holdout: int
     float_outputs: bool
-    def __init__(self, job_id: _Optional[str] = ..., model_path: _Optional[str] = ..., block: _Optional[int] = ..., inputs: _Optional[_Union[_common_pb2.TensorRef, _Mapping]] = ..., applied: _Optional[_Iterable[_Union[_common_pb2.QuantizedRef, _Mapping]]] = ..., scaled: _Optional[_Iterable[_Union[_common_pb2.NamedTensor, _Mapping]]] = ..., holdout: _Optional[int] = ..., float_outputs: _Optional[bool] = ...) -> None: ...
+    reference: _common_pb2.TensorRef
+    def __init__(self, job_id: _Optional[str] = ..., model_path: _Optional[str] = ..., block: _Optional[int] = ..., inputs: _Optional[_Union[_common_pb2.TensorRef, _Mapping]] = ..., applied: _Optional[_Iterable[_Union[_common_pb2.QuantizedRef, _Mapping]]] = ..., scaled: _Optional[_Iterable[_Union[_common_pb2.NamedTensor, _Mapping]]] = ..., holdout: _Optional[int] = ..., float_outputs: _Optional[bool] = ..., reference: _Optional[_Union[_common_pb2.TensorRef, _Mapping]] = ...) -> None: ...
 
 class AdvanceResponse(_message.Message):
-    __slots__ = ("outputs", "output_error", "usage")
+    __slots__ = ("outputs", "output_error", "usage", "reference_outputs")
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_ERROR_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     outputs: _common_pb2.TensorRef
     output_error: float
     usage: _common_pb2.ResourceUsage
-    def __init__(self, outputs: _Optional[_Union[_common_pb2.TensorRef, _Mapping]] = ..., output_error: _Optional[float] = ..., usage: _Optional[_Union[_common_pb2.ResourceUsage, _Mapping]] = ...) -> None: ...
+    reference_outputs: _common_pb2.TensorRef
+    def __init__(self, outputs: _Optional[_Union[_common_pb2.TensorRef, _Mapping]] = ..., output_error: _Optional[float] = ..., usage: _Optional[_Union[_common_pb2.ResourceUsage, _Mapping]] = ..., reference_outputs: _Optional[_Union[_common_pb2.TensorRef, _Mapping]] = ...) -> None: ...
 
 class FinishRequest(_message.Message):
     __slots__ = ("job_id", "model_path", "block", "applied", "scaled", "holdout", "measure")

@@ -115,20 +115,22 @@ class GridSearch(_message.Message):
     def __init__(self, steps: _Optional[int] = ..., max_shrink: _Optional[float] = ..., norm: _Optional[float] = ...) -> None: ...
 
 class GPTQOptions(_message.Message):
-    __slots__ = ("damp_percent", "act_order", "static_groups", "true_sequential", "block_size", "grid_search")
+    __slots__ = ("damp_percent", "act_order", "static_groups", "true_sequential", "block_size", "grid_search", "asymmetric_calibration")
     DAMP_PERCENT_FIELD_NUMBER: _ClassVar[int]
     ACT_ORDER_FIELD_NUMBER: _ClassVar[int]
     STATIC_GROUPS_FIELD_NUMBER: _ClassVar[int]
     TRUE_SEQUENTIAL_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     GRID_SEARCH_FIELD_NUMBER: _ClassVar[int]
+    ASYMMETRIC_CALIBRATION_FIELD_NUMBER: _ClassVar[int]
     damp_percent: float
     act_order: bool
     static_groups: bool
     true_sequential: bool
     block_size: int
     grid_search: GridSearch
-    def __init__(self, damp_percent: _Optional[float] = ..., act_order: _Optional[bool] = ..., static_groups: _Optional[bool] = ..., true_sequential: _Optional[bool] = ..., block_size: _Optional[int] = ..., grid_search: _Optional[_Union[GridSearch, _Mapping]] = ...) -> None: ...
+    asymmetric_calibration: bool
+    def __init__(self, damp_percent: _Optional[float] = ..., act_order: _Optional[bool] = ..., static_groups: _Optional[bool] = ..., true_sequential: _Optional[bool] = ..., block_size: _Optional[int] = ..., grid_search: _Optional[_Union[GridSearch, _Mapping]] = ..., asymmetric_calibration: _Optional[bool] = ...) -> None: ...
 
 class AWQOptions(_message.Message):
     __slots__ = ("grid", "duo_scaling", "clip", "clip_grid", "max_shrink", "clip_tokens")
@@ -305,20 +307,22 @@ class NamedTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[TensorRef, _Mapping]] = ...) -> None: ...
 
 class LinearStats(_message.Message):
-    __slots__ = ("name", "weight", "hessian", "tokens", "reference", "input_absmax")
+    __slots__ = ("name", "weight", "hessian", "tokens", "reference", "input_absmax", "cross")
     NAME_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     HESSIAN_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_FIELD_NUMBER: _ClassVar[int]
     INPUT_ABSMAX_FIELD_NUMBER: _ClassVar[int]
+    CROSS_FIELD_NUMBER: _ClassVar[int]
     name: str
     weight: TensorRef
     hessian: TensorRef
     tokens: int
     reference: TensorRef
     input_absmax: float
-    def __init__(self, name: _Optional[str] = ..., weight: _Optional[_Union[TensorRef, _Mapping]] = ..., hessian: _Optional[_Union[TensorRef, _Mapping]] = ..., tokens: _Optional[int] = ..., reference: _Optional[_Union[TensorRef, _Mapping]] = ..., input_absmax: _Optional[float] = ...) -> None: ...
+    cross: TensorRef
+    def __init__(self, name: _Optional[str] = ..., weight: _Optional[_Union[TensorRef, _Mapping]] = ..., hessian: _Optional[_Union[TensorRef, _Mapping]] = ..., tokens: _Optional[int] = ..., reference: _Optional[_Union[TensorRef, _Mapping]] = ..., input_absmax: _Optional[float] = ..., cross: _Optional[_Union[TensorRef, _Mapping]] = ...) -> None: ...
 
 class QuantizedRef(_message.Message):
     __slots__ = ("name", "codes", "scales", "zeros", "g_idx", "scheme", "blocks", "ggml", "in_features", "fp8_data", "fp8_scale", "fp8_input_scale", "fp8")
