@@ -195,16 +195,18 @@ def call_medians(calls: list[dict[str, Any]], field: str | None = None) -> dict[
 
 
 def job_request(model_dir: Path, calib: Path, out: Path, samples: int, seq_len: int, *,
-                true_sequential: bool = True) -> Any:
+                true_sequential: bool = True, asymmetric_calibration: bool = False) -> Any:
     """GPTQ w4 g128 asym in column order (the options the recorded numbers used), a GPTQ v2 checkpoint;
-    without `true_sequential`, one Collect per block captures every group's Hessian from one forward."""
+    without `true_sequential`, one Collect per block captures every group's Hessian from one forward;
+    with `asymmetric_calibration` the float model's stream runs beside the quantized one."""
     from bitsmith.recipes import Recipe
     from bitsmith.rpc import Calibration, QuantizeRequest
     from bitsmith.schemes import GPTQOptions, Method, QuantScheme
 
     recipe = Recipe(method=Method.GPTQ, scheme=QuantScheme(bits=4, group_size=128),
                     gptq=GPTQOptions(damp_percent=0.01, act_order=False, static_groups=False,
-                                      true_sequential=true_sequential))
+                                      true_sequential=true_sequential,
+                                      asymmetric_calibration=asymmetric_calibration))
     return QuantizeRequest(model=model_dir, out=out, recipe=recipe, checkpoint_format="gptq_v2",
                            calibration=Calibration(files=[calib], samples=samples, seq_len=seq_len, seed=0))
 
@@ -257,7 +259,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         client = stack.enter_context(Client(local.address))
         t0 = time.perf_counter()
         job = client.submit(job_request(model_dir, calib, work / "out", args.samples, args.seq_len,
-                                       true_sequential=not args.no_true_sequential))
+                                       true_sequential=not args.no_true_sequential,
+                                       asymmetric_calibration=args.asymmetric_calibration))
         events = []
         for event in job.watch():
             events.append(event)
@@ -269,7 +272,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     result: dict[str, Any] = {
         "shape": args.shape, "layers": layers, "samples": args.samples, "seq_len": args.seq_len,
         "activations": args.activations, "matmul_precision": args.matmul_precision,
-        "true_sequential": not args.no_true_sequential,
+        "true_sequential": not args.no_true_sequential, "asymmetric_calibration": args.asymmetric_calibration,
         "checkpoint_gib": checkpoint_bytes / 2**30, "build_s": build_s,
         "job_wall_s": wall_s, "seconds": seconds,
         "per_block_median_s": {phase: statistics.median(v) for phase, v in per_block.items() if v},
@@ -301,7 +304,8 @@ def report(result: Mapping[str, Any]) -> None:
     print(f"# {result['shape']}-shaped, {result['layers']} layers ({result['checkpoint_gib']:.1f} GiB bf16), "
           f"GPTQ w4 g128 asym, {result['samples']} x {result['seq_len']} calibration tokens, "
           f"activations in {result['activations']}, calibrator matmuls {result['matmul_precision']}, "
-          f"{'true-sequential' if result.get('true_sequential', True) else 'one Collect per block'}")
+          f"{'true-sequential' if result.get('true_sequential', True) else 'one Collect per block'}"
+          f"{', asymmetric calibration' if result.get('asymmetric_calibration') else ''}")
     print(f"{'job wall s':>11} {'start s':>8} {'calib s':>8} {'solve s':>8} {'pack s':>7} "
           f"{'calib/blk':>10} {'solve/blk':>10} {'calibrator GiB':>15} {'solver GiB':>11}")
     med = result["per_block_median_s"]
@@ -338,6 +342,8 @@ def main() -> None:
     parser.add_argument("--no-true-sequential", action="store_true",
                         help="one Collect per block (every group's statistics from the float block) instead of one "
                              "per group with the block's earlier groups quantized")
+    parser.add_argument("--asymmetric-calibration", action="store_true",
+                        help="run the float model's stream beside the quantized one (cross statistics)")
     parser.add_argument("--json", help="also write the result here")
     parser.add_argument("--work", help="work directory (default: a temporary one, removed afterwards)")
     args = parser.parse_args()

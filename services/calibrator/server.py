@@ -373,18 +373,20 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
         if not 0 <= request.holdout < len(inputs):
             raise ConfigError(f"block {request.block}: holdout {request.holdout} of {len(inputs)} samples")
         reply = calibrator_pb2.AdvanceResponse()
-        held = inputs[len(inputs) - request.holdout:]
+        tail = len(inputs) - request.holdout
+        held = inputs[tail:]
+        stream: tuple[torch.Tensor, torch.Tensor] | None = None  # the float model's inputs and outputs
         if request.HasField("reference"):
             if request.float_outputs:
                 raise ConfigError(f"block {request.block}: parallel mode advances the float model's stream "
                                   "itself; a second one (asymmetric calibration) is for sequential mode")
             with times.phase("inputs"):
-                reference = self._inputs(request.job_id, request.reference)
+                float_inputs = self._inputs(request.job_id, request.reference)
             with times.phase("forward"):
-                following = forward_block(model, request.block, reference, self._scaled(request.scaled))
+                stream = float_inputs, forward_block(model, request.block, float_inputs, self._scaled(request.scaled))
             with times.phase("store"):
                 reply.reference_outputs.CopyFrom(self._put_activations(
-                    request.job_id, f"reference-{request.block + 1}.safetensors", following, stream="reference"))
+                    request.job_id, f"reference-{request.block + 1}.safetensors", stream[1], stream="reference"))
         if request.float_outputs:
             # Parallel mode: the next block calibrates on the float block's outputs, which need no solve
             # of this block; the output error waits for Finish, on the held-out rows kept here.
@@ -393,16 +395,17 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
             if request.holdout:
                 self._keep_held_out(request.job_id, request.block, held)
         else:
-            # The quantized block's outputs; the held-out rows run through the float block too, for the
-            # block's output error.
+            # The quantized block's outputs, and its output error on the held-out rows: against the float
+            # block on the same inputs or, with the float model's stream (asymmetric calibration, which
+            # solves for it), against the float model's outputs, relative to what its float block adds.
             with times.phase("inputs"):
                 overrides = self._overrides(request.job_id, request.applied, request.block, model, request.scaled)
             with times.phase("forward"):
                 hidden = forward_block(model, request.block, inputs, overrides)
                 if request.holdout:
-                    reference = forward_block(model, request.block, held, {})
-                    reply.output_error = relative_output_error(held, hidden[len(inputs) - request.holdout:],
-                                                               reference)
+                    start, end = stream if stream is not None else (held, forward_block(model, request.block, held, {}))
+                    reply.output_error = relative_output_error(start[-request.holdout:], hidden[tail:],
+                                                               end[-request.holdout:])
         with times.phase("store"):
             outputs = self._put_activations(request.job_id, f"inputs-{request.block + 1}.safetensors", hidden)
         reply.outputs.CopyFrom(outputs)

@@ -51,3 +51,28 @@ def test_tf32_hessians_and_outputs_stay_within_its_rounding_and_gptq_loses_nothi
             delta = solved.weight.dequantize().float().cuda() - weight
             errors.append(float(torch.einsum("ij,jk,ik->", delta, h_exact.cuda(), delta)))
         assert errors[1] <= 1.01 * errors[0], (name, errors)
+
+
+def test_cross_statistics_on_cuda_are_the_cpus_within_tf32_rounding(tmp_path: Path) -> None:
+    """Asymmetric calibration's two streams on the GPU: the Hessians and cross statistics of a block whose
+    two streams differ match a float64 CPU computation, and with equal streams the cross statistics are the
+    Hessian itself, bit for bit (the same products of the same rows)."""
+    path = random_llama(tmp_path / "m", layers=1, hidden=1024, ffn=2816)
+    tokens = torch.randint(0, 1000, (8, 256), generator=torch.Generator().manual_seed(0))
+    names = [n for group in (load_checkpoint(path, device="cpu").groups(0)) for n in group]
+    results = {}
+    for device in ("cpu", "cuda"):
+        model = load_checkpoint(path, device=device)
+        hidden = model.embed(tokens)
+        shifted = hidden + 0.05 * torch.randn(hidden.shape, generator=torch.Generator().manual_seed(1)).to(hidden)
+        with matmul_precision(torch.device(device), MatmulPrecision.HIGH):
+            results[device] = collect_stats(model, 0, names, shifted, {}, (hidden, {}))
+            if device == "cuda":
+                same = collect_stats(model, 0, names, hidden, {}, (hidden, {}))
+    for name in ("self_attn.q_proj", "mlp.down_proj"):
+        cpu, gpu = results["cpu"][name], results["cuda"][name]
+        assert cpu.cross is not None and gpu.cross is not None
+        assert _relative(gpu.hessian.cpu(), cpu.hessian) < 5e-3
+        assert _relative(gpu.cross.cpu(), cpu.cross) < 5e-3
+        assert not torch.equal(gpu.cross, gpu.hessian)
+        assert torch.equal(same[name].cross, same[name].hessian)

@@ -206,6 +206,8 @@ def test_asymmetric_calibration_through_the_services_is_the_in_process_solve(sta
             request.recipe.gptq, asymmetric_calibration=asymmetric)))
         done = stack.client.submit(request).wait()
         codes[asymmetric] = read(done.artifacts[0].path).quantized
+        errors = [b.output_error for b in done.diagnostics.blocks]  # against the float model's, when asymmetric
+        assert len(errors) == 4 and all(0 < e < 1 for e in errors), errors
     plain, asymmetric = codes[False], codes[True]
     assert torch.equal(plain["model.layers.0.self_attn.q_proj"].codes,
                        asymmetric["model.layers.0.self_attn.q_proj"].codes)
