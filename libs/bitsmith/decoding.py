@@ -38,7 +38,8 @@ class Decoder(Protocol):
         ...
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
-        """Append `token` [1, 1] and return the logits [vocab] after it."""
+        """Append `token` [1, 1] and return the logits [vocab] after it (a tensor of the caller's own, which
+        no later step overwrites)."""
         ...
 
 
@@ -135,8 +136,10 @@ class StaticDecoder:
             self._capture()
         if self.graph is not None:
             self.graph.replay()
-            logits = self.graph_logits
-            assert logits is not None
+            assert self.graph_logits is not None
+            # A copy: the graph's output buffer is overwritten by the next replay, and a caller that keeps
+            # the logits of several steps would otherwise see the last step's in all of them.
+            logits = self.graph_logits.clone()
         else:
             logits = self._forward(self.token, self.position)
             self.stepped_eagerly = True
