@@ -104,6 +104,9 @@ def test_artifacts_in_the_nvidia_formats_beat_rtn(server: tuple[str, dict[str, s
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="unmet: on eval-code GPTQ on the Q4_K_M mix closes 0.24 of the gap at this "
+                   "calibration seed (0.48 / 0.41 at seeds 1 / 2; docs/benchmarks.md, GGUF: asymmetric calibration); "
+                   "strict, so meeting the bar fails this marker")
 def test_calibrated_gguf_closes_a_third_of_the_k_quant_gap(server: tuple[str, dict[str, str]], tmp_path: Path) -> None:
     """GGUF files in llama-quantize's Q4_K_M and Q3_K_M mixes, scored by llama.cpp through `bitsmith eval`:
     GPTQ with importance on the K-quant grids and asymmetric calibration removes at least a third of the
