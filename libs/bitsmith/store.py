@@ -207,7 +207,7 @@ class ArtifactStore:
             raise ConfigError(f"put_tensors({key!r}) got no tensors")
         path = self.resolve(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        contiguous = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+        contiguous = {name: _on_host(t) for name, t in tensors.items()}
         digests = _write_safetensors(path, contiguous, durable=durable)
         return {
             name: TensorRef(
@@ -312,6 +312,20 @@ class ArtifactStore:
             g_idx=tensors[qref.g_idx.name],
             scheme=qref.scheme,
         )
+
+
+def _on_host(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` contiguous in host memory; from a GPU into page-locked memory (torch's caching host allocator
+    reuses it), because a copy into fresh pageable memory crawls: 0.61 s for an 8B block's 1.1 GB of
+    Hessians on an H100 host against 0.02 s pinned, the largest part of a Collect's store phase."""
+    import torch
+
+    tensor = tensor.detach()
+    if tensor.device.type != "cuda":
+        return tensor.cpu().contiguous()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor)
+    return host
 
 
 def _write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], *, durable: bool) -> dict[str, str]:
