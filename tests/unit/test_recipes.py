@@ -13,7 +13,7 @@ from bitsmith.schemes import AWQOptions, GPTQOptions, GridSearch, Method, QuantS
 MIXED = """
 method: awq+gptq
 scheme: {bits: 4, group_size: 128, sym: false}
-gptq: {damp_percent: 0.02, grid_search: true}
+gptq: {damp_percent: 0.02, grid_search: true, asymmetric_calibration: true}
 awq: {grid: 10, clip: false}
 overrides:
   - pattern: 'layers\\.0\\.self_attn\\.o_proj'
@@ -30,7 +30,7 @@ def test_yaml_recipe_assigns_first_match(tmp_path: Path) -> None:
     path = tmp_path / "recipe.yaml"
     path.write_text(MIXED)
     recipe = Recipe.from_yaml(path)
-    assert recipe.gptq == GPTQOptions(damp_percent=0.02, grid_search=GridSearch())
+    assert recipe.gptq == GPTQOptions(damp_percent=0.02, grid_search=GridSearch(), asymmetric_calibration=True)
     assert recipe.awq == AWQOptions(grid=10, clip=False)
     assert recipe.assign("model.layers.0.self_attn.o_proj") is None
     assert recipe.assign("model.layers.1.self_attn.o_proj") == Assignment(
