@@ -361,8 +361,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--damp-percent", type=float, help=f"GPTQ: default {GPTQOptions().damp_percent}")
     q.add_argument("--no-true-sequential", action="store_true", help="GPTQ: one capture per block")
     q.add_argument("--asymmetric-calibration", action="store_true",
-                   help="GPTQ: solve each linear for the float model's outputs from the quantized model's inputs "
-                        "(runs the float model beside the quantized one; sequential mode)")
+                   help="GPTQ and AWQ: fit each linear to the float model's outputs from the quantized model's "
+                        "inputs (runs the float model beside the quantized one; sequential mode)")
     q.add_argument("--fp8-per-tensor", action="store_true",
                    help="fp8: one weight scale per tensor (default: one per output channel)")
     q.add_argument("--fp8-static-activations", action="store_true",

@@ -322,7 +322,8 @@ class GPTQOptions:
     """Solve each linear for the float model's outputs rather than its own float outputs on the quantized
     stream's inputs: min ‖W·X - Ŵ·X̃‖² with X the float model's inputs and X̃ those the earlier quantized
     linears produce (`bitsmith.algos.gptq.asymmetric_target`), so each solve also cancels the error that
-    reaches it. The float model's activations run beside the quantized stream (one more forward of each
+    reaches it; GPTQ (also after AWQ) solves for that target, AWQ rounds it (`MethodSpec.fits_outputs`).
+    The float model's activations run beside the quantized stream (one more forward of each
     block, and its activations held twice). Sequential mode only: parallel mode calibrates on the float
     model, where X̃ = X and the option changes nothing."""
 

@@ -281,7 +281,7 @@ def test_asymmetric_calibration_follows_the_float_stream_in_sequential_mode_only
 
 def test_only_the_primary_target_solves_for_the_cross_statistics(demo_checkpoint) -> None:  # type: ignore[no-untyped-def]
     """The cross statistics describe the primary target's quantized stream: its solve uses them, an extra
-    target's solve on the same statistics does not, and rounding to nearest never reads them."""
+    target's solve on the same statistics does not, and plain rounding to nearest never reads them."""
     from bitsmith.calib.stats import InputStats
 
     names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
@@ -305,3 +305,4 @@ def test_only_the_primary_target_solves_for_the_cross_statistics(demo_checkpoint
     assert same(codes(Method.GPTQ, crossed, "extra"), base)
     assert not same(codes(Method.GPTQ, crossed), base)
     assert same(codes(Method.RTN, crossed), codes(Method.RTN, plain))
+    assert not same(codes(Method.AWQ, crossed), codes(Method.AWQ, plain))  # AWQ rounds the float model's target

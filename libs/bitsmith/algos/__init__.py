@@ -52,8 +52,10 @@ class Solver(Protocol):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MethodSpec:
     """The function that runs a method (whether it needs calibration is `Method.needs_calibration`), and
-    whether it minimises the Hessian-weighted output error, the objective asymmetric calibration's
-    target (`bitsmith.algos.gptq.asymmetric_target`) is derived for; rounding to nearest is not."""
+    whether it fits the layer's outputs on calibration data, so that asymmetric calibration's target
+    (`bitsmith.algos.gptq.asymmetric_target`, the float model's outputs) is what it should fit: GPTQ's
+    solve and AWQ's output-weighted scale and clipping searches (which then round that target) do;
+    plain rounding to nearest, which sees no data, does not."""
 
     solve: Solver
     fits_outputs: bool = False
@@ -110,7 +112,7 @@ def _solve_gptq(
 METHODS: Mapping[Method, MethodSpec] = {
     Method.RTN: MethodSpec(solve=_solve_rtn),
     Method.GPTQ: MethodSpec(solve=_solve_gptq, fits_outputs=True),
-    Method.AWQ: MethodSpec(solve=_solve_rtn),
+    Method.AWQ: MethodSpec(solve=_solve_rtn, fits_outputs=True),
     Method.AWQ_GPTQ: MethodSpec(solve=_solve_gptq, fits_outputs=True),
     Method.FP8: MethodSpec(solve=_solve_rtn),
 }
