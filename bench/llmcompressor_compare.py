@@ -74,6 +74,13 @@ def venv_python() -> Path:
     return VENV / "bin" / "python"
 
 
+def runner(*args: str) -> list[str]:
+    """The command running `bench/llmcompressor_run.py` in the venv. `-P`: without the script's folder on
+    sys.path, since bench/ holds modules whose names libraries import optionally (transformers tries
+    `import kernels`, and bench/kernels.py is not Hugging Face's package)."""
+    return [str(venv_python()), "-P", str(RUNNER), *args]
+
+
 def _pip(*args: str) -> list[str]:
     return [str(venv_python()), "-m", "pip", "--disable-pip-version-check", *args]
 
@@ -219,9 +226,9 @@ def run_llmcompressor(job: Job, args: argparse.Namespace, work: Path, tokens: Pa
 
     name = job.name + (f"-r{attempt}" if attempt else "")
     out, result = work / name, work / f"{name}.json"
-    cmd = [str(venv_python()), str(RUNNER), "quantize", "--model", str(DEMO_MODEL), "--tokens", str(tokens),
-           "--method", job.method, "--bits", str(job.bits), "--group-size", str(args.group_size),
-           "--out", str(out), "--result", str(result), *args.llmc_arg]
+    cmd = runner("quantize", "--model", str(DEMO_MODEL), "--tokens", str(tokens),
+                 "--method", job.method, "--bits", str(job.bits), "--group-size", str(args.group_size),
+                 "--out", str(out), "--result", str(result), *args.llmc_arg)
     where, code, wall, load, _ = _job_run(cmd, args, work, name, reusable=True)
     if code != 0:
         job.error = f"exit {code}: {_tail(where / f'{name}.log')}"
@@ -308,8 +315,7 @@ def max_weight_difference(a: Path, b: Path) -> tuple[float, int]:
 
 def ct_decompress(checkpoint: Path, out: Path, log: Path) -> Path | None:
     """compressed-tensors' own dequantization of `checkpoint` (in the llm-compressor venv), or None."""
-    code, _, _ = _run_logged([str(venv_python()), str(RUNNER), "decompress", "--checkpoint", str(checkpoint),
-                              "--out", str(out)], log)
+    code, _, _ = _run_logged(runner("decompress", "--checkpoint", str(checkpoint), "--out", str(out)), log)
     return out if code == 0 else None
 
 
