@@ -92,8 +92,8 @@ def test_gptq_artifact_beats_rtn_artifact(server: tuple[str, dict[str, str]], tm
 def test_artifacts_in_the_nvidia_formats_beat_rtn(server: tuple[str, dict[str, str]], tmp_path: Path, method: str,
                                                   bits: int, fmt: str, flags: tuple[str, ...]) -> None:
     """AWQ+GPTQ through the services into the AWQ format and GPTQ into compressed-tensors, scored from those
-    files, clear GPTQ's bars. (The issue's 0.7x / 0.5x targets for AWQ / AWQ+GPTQ are not reached on this
-    model; docs/benchmarks.md has the numbers.)"""
+    files, clear GPTQ's bars. (The 0.5x bar for AWQ+GPTQ is the test below, with the MSE grid and asymmetric
+    calibration; AWQ alone does not reach its 0.7x at w4 on this model: docs/benchmarks.md has the numbers.)"""
     base, rtn = README_PPL["bf16"], README_PPL[f"rtn{bits}"]  # both reproduced by the GPTQ test above
     _quantize(server, tmp_path / "q", method, bits, *flags, fmt=fmt)
     got = _eval(tmp_path / "q")
@@ -101,6 +101,22 @@ def test_artifacts_in_the_nvidia_formats_beat_rtn(server: tuple[str, dict[str, s
     print(f"{method} w{bits} ({fmt}): ppl prose/code {got}; ratios {ratios}")
     for name, ratio in zip(("eval-prose", "eval-code"), ratios, strict=True):
         assert ratio <= BAR[bits], f"{name}: {method}'s increase is {ratio:.3f}x RTN's (bar {BAR[bits]})"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [4, 3])
+def test_awq_gptq_with_asymmetric_calibration_halves_rtns_increase(server: tuple[str, dict[str, str]],
+                                                                   tmp_path: Path, bits: int) -> None:
+    """AWQ+GPTQ with the MSE grid and asymmetric calibration, written as a GPTQ checkpoint and scored from it,
+    keeps at most half of round-to-nearest's perplexity increase on both sets at w4 and w3 (the issue's bar
+    for AWQ+GPTQ)."""
+    base, rtn = README_PPL["bf16"], README_PPL[f"rtn{bits}"]  # both reproduced by the GPTQ test above
+    _quantize(server, tmp_path / "q", "awq+gptq", bits, "--mse", "--asymmetric-calibration")
+    got = _eval(tmp_path / "q")
+    ratios = [(g - b) / (r - b) for g, r, b in zip(got, rtn, base, strict=True)]
+    print(f"awq+gptq w{bits} --mse --asymmetric-calibration: ppl prose/code {got}; ratios {ratios}")
+    for name, ratio in zip(("eval-prose", "eval-code"), ratios, strict=True):
+        assert ratio <= 0.5, f"{name}: AWQ+GPTQ's increase is {ratio:.3f}x RTN's (bar 0.5)"
 
 
 @pytest.mark.slow
