@@ -35,7 +35,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -216,14 +216,13 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
         return tensor_ref_to_proto(self._store.put_tensors(key, {"hidden": tensor})["hidden"])
 
     def _overrides(self, job_id: str, applied: RepeatedCompositeFieldContainer[common_pb2.QuantizedRef],
-                   block: int, model: CheckpointModel,
-                   scaled: RepeatedCompositeFieldContainer[common_pb2.NamedTensor], *, cache: bool = True
+                   block: int, model: CheckpointModel, scaled: Mapping[str, torch.Tensor], *, cache: bool = True
                    ) -> dict[str, torch.Tensor]:
-        """AWQ's rescaled parameters, then the dense weights of the linears already quantized (from
-        them) on top, keyed by block-local parameter name. `cache=False` reads the solved weights
-        without keeping them (a finished block's: the job's current block keeps its own)."""
+        """AWQ's rescaled parameters (`scaled`, as `_scaled` read them), then the dense weights of the linears
+        already quantized (from them) on top, keyed by block-local parameter name. `cache=False` reads the
+        solved weights without keeping them (a finished block's: the job's current block keeps its own)."""
         local = {model.full_name(block, n): n for group in model.groups(block) for n in group}
-        overrides = self._scaled(scaled)
+        overrides = dict(scaled)
         for msg in applied:
             if msg.name not in local:
                 raise ConfigError(f"{msg.name!r} is not a linear of block {block}")
@@ -322,11 +321,12 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
         if request.HasField("inputs"):
             with times.phase("inputs"):
                 inputs = _calibration_rows(self._inputs(request.job_id, request.inputs), request.holdout)
-                overrides = self._overrides(request.job_id, request.applied, request.block, model, request.scaled)
+                awq = self._scaled(request.scaled)
+                overrides = self._overrides(request.job_id, request.applied, request.block, model, awq)
                 reference = None
                 if request.HasField("reference"):  # asymmetric calibration: the float model's stream beside
                     reference = (_calibration_rows(self._inputs(request.job_id, request.reference), request.holdout),
-                                 self._scaled(request.scaled))
+                                 awq)
             with times.phase("forward"):
                 hessians = collect_stats(model, request.block, names, inputs, overrides, reference)
         elif request.HasField("reference"):
@@ -376,14 +376,16 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
         tail = len(inputs) - request.holdout
         held = inputs[tail:]
         stream: tuple[torch.Tensor, torch.Tensor] | None = None  # the float model's inputs and outputs
+        if request.HasField("reference") and request.float_outputs:
+            raise ConfigError(f"block {request.block}: parallel mode advances the float model's stream "
+                              "itself; a second one (asymmetric calibration) is for sequential mode")
+        with times.phase("inputs"):  # AWQ's parameters: unused by parallel mode's float block
+            awq = {} if request.float_outputs else self._scaled(request.scaled)
         if request.HasField("reference"):
-            if request.float_outputs:
-                raise ConfigError(f"block {request.block}: parallel mode advances the float model's stream "
-                                  "itself; a second one (asymmetric calibration) is for sequential mode")
             with times.phase("inputs"):
                 float_inputs = self._inputs(request.job_id, request.reference)
             with times.phase("forward"):
-                stream = float_inputs, forward_block(model, request.block, float_inputs, self._scaled(request.scaled))
+                stream = float_inputs, forward_block(model, request.block, float_inputs, awq)
             with times.phase("store"):
                 reply.reference_outputs.CopyFrom(self._put_activations(
                     request.job_id, f"reference-{request.block + 1}.safetensors", stream[1], stream="reference"))
@@ -399,7 +401,7 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
             # block on the same inputs or, with the float model's stream (asymmetric calibration, which
             # solves for it), against the float model's outputs, relative to what its float block adds.
             with times.phase("inputs"):
-                overrides = self._overrides(request.job_id, request.applied, request.block, model, request.scaled)
+                overrides = self._overrides(request.job_id, request.applied, request.block, model, awq)
             with times.phase("forward"):
                 hidden = forward_block(model, request.block, inputs, overrides)
                 if request.holdout:
@@ -434,8 +436,8 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
                 raise ConfigError(
                     f"block {request.block}: holdout {request.holdout}, but Advance kept {len(held)} rows")
             model = self._model(request.model_path)
-            overrides = self._overrides(request.job_id, request.applied, request.block, model, request.scaled,
-                                        cache=False)
+            overrides = self._overrides(request.job_id, request.applied, request.block, model,
+                                        self._scaled(request.scaled), cache=False)
             quantized = forward_block(model, request.block, held, overrides)
             reference = forward_block(model, request.block, held, {})
             reply.output_error = relative_output_error(held, quantized, reference)
