@@ -20,7 +20,7 @@ asym, GPTQ v2 checkpoint), then prints:
 - the hardware.
 
     python bench/quantize_model.py [--shape 8b|70b|tiny] [--layers N] [--samples 128] [--seq-len 2048]
-                                   [--activations host|store] [--matmul-precision high|highest]
+                                   [--activations host|store] [--matmul-precision high|highest|bfloat16]
                                    [--no-true-sequential] [--json PATH] [--work DIR]
 """
 
@@ -337,8 +337,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--activations", choices=["host", "store"], default="host")
-    parser.add_argument("--matmul-precision", choices=["high", "highest"], default="high",
-                        help="the calibrator's float32 products: TensorFloat-32 (high) or exact (highest)")
+    parser.add_argument("--matmul-precision", choices=["high", "highest", "bfloat16"], default="high",
+                        help="the calibrator's forwards and products: float32 with TensorFloat-32 (high), "
+                             "exact float32 (highest) or bfloat16 forwards")
     parser.add_argument("--no-true-sequential", action="store_true",
                         help="one Collect per block (every group's statistics from the float block) instead of one "
                              "per group with the block's earlier groups quantized")

@@ -99,16 +99,16 @@ def _computes(method: Callable[[Calibrator, Any, grpc.ServicerContext], R]
     return run
 
 
-def _model(path: str, device: str) -> CheckpointModel:
+def _model(path: str, device: str, compute_dtype: torch.dtype) -> CheckpointModel:
     with _LOADING:
-        return _cached_model(path, device)
+        return _cached_model(path, device, compute_dtype)
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_model(path: str, device: str) -> CheckpointModel:
+def _cached_model(path: str, device: str, compute_dtype: torch.dtype) -> CheckpointModel:
     from bitsmith.models import load_checkpoint
 
-    return load_checkpoint(Path(path), device=device)
+    return load_checkpoint(Path(path), device=device, compute_dtype=compute_dtype)
 
 
 def _on_device(weight: Quantized, device: torch.device) -> Quantized:
@@ -188,7 +188,7 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
         self._computing = threading.Lock()
 
     def _model(self, path: str) -> CheckpointModel:
-        return _model(path, str(self._device))
+        return _model(path, str(self._device), self._precision.compute_dtype)
 
     def _report(self, rpc: str, started: float, request_block: int = -1, names: list[str] | None = None,
                 times: PhaseTimes | None = None) -> None:

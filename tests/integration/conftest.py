@@ -14,7 +14,7 @@ from bitsmith.rpc import Calibration, Client, Evaluation, OutputFormat, QualityG
 from bitsmith.schemes import GPTQOptions, Method, QuantScheme
 from bitsmith_services.coordinator.placement import ServiceAddresses, StaticPlacement
 from bitsmith_services.coordinator.server import create_server
-from bitsmith_services.registry import Role, start_service
+from bitsmith_services.registry import Role, ServiceOptions, start_service
 
 
 @dataclass
@@ -27,8 +27,14 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    home = tmp_path_factory.mktemp("stack")
-    servers = {role: start_service(role, "127.0.0.1:0", home / "store") for role in Role}
+    yield from running_stack(tmp_path_factory.mktemp("stack"))
+
+
+def running_stack(home: Path, calibrator: ServiceOptions | None = None) -> Iterator[Stack]:
+    """Every service on loopback with its store under `home`, the calibrator run as `calibrator` says;
+    stopped when the generator is closed."""
+    servers = {role: start_service(role, "127.0.0.1:0", home / "store",
+                                   options=calibrator if role is Role.CALIBRATOR else None) for role in Role}
     addresses = ServiceAddresses({role: f"127.0.0.1:{port}" for role, (_, port) in servers.items()})
     server, port, coordinator = create_server("127.0.0.1:0", db_path=home / "jobs.sqlite",
                                               placement=StaticPlacement(addresses))

@@ -52,6 +52,34 @@ def test_block_forward_is_transformers_layer_on_checkpoint_weights(model_dir: Pa
     assert not any(t.is_meta for t in [*layer.parameters(), *layer.buffers()])
 
 
+def test_bfloat16_blocks_are_transformers_bfloat16_layers_and_keep_bfloat16_activations(model_dir: Path) -> None:
+    """`compute_dtype=bfloat16` runs each block as the bfloat16 model would (weights, activations and the
+    quantized overrides in bfloat16), returns bfloat16 activations, and its Hessians stay within bfloat16's
+    rounding of the float32 blocks'."""
+    import transformers
+
+    reference = transformers.LlamaForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        states = reference(ids, output_hidden_states=True).hidden_states
+    exact, model = load_checkpoint(model_dir), load_checkpoint(model_dir, compute_dtype=torch.bfloat16)
+    hidden = model.embed(ids)
+    out = forward_block(model, 0, hidden)
+    assert out.dtype is torch.bfloat16
+    torch.testing.assert_close(out, states[1])
+    weight = model.linear_weight(0, "mlp.up_proj")
+    halved = {"mlp.up_proj.weight": weight / 2}
+    assert not torch.equal(forward_block(model, 0, hidden, halved), out)
+    names = ["self_attn.q_proj", "mlp.down_proj"]
+    fast, slow = capture_hessians(model, 0, hidden, names), capture_hessians(exact, 0, hidden, names)
+    for name in names:
+        h, h32 = fast[name].hessian, slow[name].hessian
+        assert h.dtype is torch.float32 and not torch.equal(h, h32)
+        assert float((h - h32).norm() / h32.norm()) < 2e-2
+    with pytest.raises(ConfigError, match="float32 or bfloat16"):
+        load_checkpoint(model_dir, compute_dtype=torch.float16)
+
+
 def test_embedding_and_block_outputs_stay_on_the_inputs_device(model_dir: Path) -> None:
     model = load_checkpoint(model_dir)
     hidden = model.embed(torch.zeros(3, 8, dtype=torch.long))

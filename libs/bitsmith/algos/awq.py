@@ -530,7 +530,7 @@ def _search_pair(
             total = torch.zeros((), dtype=torch.float64)
             for part in parts:
                 out = model.module_forward(bid, pair.inspect, inputs[part], overrides)
-                total += (out - reference[part].to(out.device)).double().pow(2).sum().cpu()
+                total += (out.double() - reference[part].to(out.device).double()).pow(2).sum().cpu()
             return float(total) / reference.numel()
 
     plain = loss(None)

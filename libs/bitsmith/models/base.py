@@ -359,7 +359,7 @@ def _check_tensors(
 
 
 class CheckpointModel:
-    """A validated checkpoint, run one decoder block at a time in float32.
+    """A validated checkpoint, run one decoder block at a time in `compute_dtype` (float32 or bfloat16).
 
     The weights stay in the checkpoint's files (memory-mapped) and the embedding on the host; only the
     rotary tables and the final norm live on the compute device. `block_forward` materialises the
@@ -375,13 +375,17 @@ class CheckpointModel:
         adapter: ArchAdapter,
         index: TensorIndex,
         device: torch.device | str = "cpu",
+        compute_dtype: torch.dtype = torch.float32,
     ) -> None:
         import transformers
 
+        if compute_dtype not in (torch.float32, torch.bfloat16):
+            raise ConfigError(f"blocks compute in float32 or bfloat16, not {compute_dtype}")
         self.model_dir = model_dir
         self.config = config
         self.adapter = adapter
         self.device = torch.device(device)
+        self.compute_dtype = compute_dtype
         self._index = index
         self._embed = index.read(adapter.embed)
         with torch.device("meta"):
@@ -437,7 +441,7 @@ class CheckpointModel:
         """
         layer = self.block_module(bid)
         params = self._override_params(bid, layer, overrides or {})
-        hidden = hidden.to(device=self.device, dtype=torch.float32)
+        hidden = hidden.to(device=self.device, dtype=self.compute_dtype)
         with torch.no_grad():
             out = torch.func.functional_call(layer, params, (hidden,), self._context(hidden), strict=False)
         return out[0] if isinstance(out, tuple) else out
@@ -462,7 +466,7 @@ class CheckpointModel:
         if outside:
             raise ConfigError(f"block {bid}: overrides {outside} are not parameters of {local}")
         params = {name[len(prefix) :]: value for name, value in params.items()}
-        hidden = hidden.to(device=self.device, dtype=torch.float32)
+        hidden = hidden.to(device=self.device, dtype=self.compute_dtype)
         kwargs = self._context(hidden) if local == self.adapter.attention else {}
         with torch.no_grad():
             out = torch.func.functional_call(module, params, (hidden,), kwargs, strict=False)
@@ -511,7 +515,8 @@ class CheckpointModel:
         with torch.device("meta"):
             layer = self._layer_cls(self.config, layer_idx=bid)
         prefix = self.adapter.block_prefix.format(bid=bid) + "."
-        state = {name: self._index.read(prefix + name, self.device) for name in layer.state_dict()}
+        state = {name: self._index.read(prefix + name, self.device).to(self.compute_dtype)
+                 for name in layer.state_dict()}
         layer.load_state_dict(state, strict=True, assign=True)
         unset = [name for name, t in [*layer.named_parameters(), *layer.named_buffers()] if t.is_meta]
         if unset:
@@ -533,7 +538,7 @@ class CheckpointModel:
                     f"{self.full_name(bid, name)}: override has shape {tuple(value.shape)}, "
                     f"expected {tuple(current[name].shape)}"
                 )
-            params[name] = value.to(device=self.device, dtype=torch.float32)
+            params[name] = value.to(device=self.device, dtype=self.compute_dtype)
         return params
 
     def _linear_key(self, bid: int, local: str, kind: str) -> str:
@@ -547,7 +552,11 @@ class CheckpointModel:
 
 
 def load_checkpoint(
-    model_dir: str | Path, *, device: torch.device | str = "cpu", check_finite: bool = True
+    model_dir: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    check_finite: bool = True,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> CheckpointModel:
     """Validate a checkpoint directory, then open it for block-by-block use.
 
@@ -564,7 +573,7 @@ def load_checkpoint(
     config, adapter = read_config(model_dir)
     index = TensorIndex(model_dir)
     _check_tensors(index, config, adapter, model_dir, check_finite=check_finite)
-    return CheckpointModel(model_dir, config, adapter, index, device)
+    return CheckpointModel(model_dir, config, adapter, index, device, compute_dtype)
 
 
 def build_causal_lm(model_dir: str | Path, state_dict: Mapping[str, torch.Tensor], *,
