@@ -30,6 +30,7 @@ import argparse
 import itertools
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -136,7 +137,7 @@ def write_calibration_text(path: Path, vocab: int, words: int, seed: int = 0) ->
 @contextmanager
 def worker_services(work: Path, activations: str, precision: str = "high") -> Iterator[dict[str, str]]:
     """Every worker service as a `bitsmith serve` process; yields role -> address, stops them on exit."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
     procs: list[tuple[subprocess.Popen[str], IO[str]]] = []
     addresses: dict[str, str] = {}
     try:
@@ -155,7 +156,14 @@ def worker_services(work: Path, activations: str, precision: str = "high") -> It
     finally:
         for proc, log in procs:
             proc.terminate()
-            proc.wait(timeout=60)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                # Aborted instead: with faulthandler on (set below) its threads' stacks land in its log.
+                proc.send_signal(signal.SIGABRT)
+                proc.wait(timeout=60)
+                print(f"{Path(log.name).stem} did not stop within 60 s of SIGTERM; aborted, see {log.name}",
+                      file=sys.stderr, flush=True)
             log.close()
 
 
