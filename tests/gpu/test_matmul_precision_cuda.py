@@ -28,6 +28,17 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+def _gptq_errors(weight: torch.Tensor, h_exact: torch.Tensor, h_fast: torch.Tensor, name: str) -> list[float]:
+    """GPTQ w4 g128's error tr(ΔW·H·ΔWᵀ) under the exact Hessian, solved on the exact and on the fast one."""
+    scheme, options = QuantScheme(bits=4, group_size=128), GPTQOptions(damp_percent=0.01)
+    errors = []
+    for h in (h_exact, h_fast):
+        (solved,) = solve_group([weight], h, method=Method.GPTQ, scheme=scheme, options=options, label=name)
+        delta = solved.weight.dequantize().float().cuda() - weight
+        errors.append(float(torch.einsum("ij,jk,ik->", delta, h_exact.cuda(), delta)))
+    return errors
+
+
 def test_tf32_hessians_and_outputs_stay_within_its_rounding_and_gptq_loses_nothing(tmp_path: Path) -> None:
     model = load_checkpoint(random_llama(tmp_path / "m", layers=1, hidden=1024, ffn=2816), device="cuda")
     hidden = model.embed(torch.randint(0, 1000, (16, 256), generator=torch.Generator().manual_seed(0)))
@@ -40,16 +51,10 @@ def test_tf32_hessians_and_outputs_stay_within_its_rounding_and_gptq_loses_nothi
     (exact, exact_out), (fast, fast_out) = runs[MatmulPrecision.HIGHEST], runs[MatmulPrecision.HIGH]
     assert not torch.equal(fast_out, exact_out)  # TF32 did run
     assert _relative(fast_out, exact_out) < 5e-3
-    scheme, options = QuantScheme(bits=4, group_size=128), GPTQOptions(damp_percent=0.01)
     for name in ("self_attn.q_proj", "mlp.down_proj"):
         h_exact, h_fast = exact[name][0], fast[name][0]
         assert _relative(h_fast, h_exact) < 5e-3
-        weight = model.linear_weight(0, name).float().cuda()
-        errors = []
-        for h in (h_exact, h_fast):
-            (solved,) = solve_group([weight], h, method=Method.GPTQ, scheme=scheme, options=options, label=name)
-            delta = solved.weight.dequantize().float().cuda() - weight
-            errors.append(float(torch.einsum("ij,jk,ik->", delta, h_exact.cuda(), delta)))
+        errors = _gptq_errors(model.linear_weight(0, name).float().cuda(), h_exact, h_fast, name)
         assert errors[1] <= 1.01 * errors[0], (name, errors)
 
 
@@ -96,16 +101,10 @@ def test_bfloat16_blocks_stay_within_its_rounding_and_gptq_loses_little(tmp_path
         stats, out = collect_stats(fast, 0, names, hidden, {}), forward_block(fast, 0, hidden)
     assert out.dtype is torch.bfloat16
     assert _relative(out.float(), reference_out) < 2e-2
-    scheme, options = QuantScheme(bits=4, group_size=128), GPTQOptions(damp_percent=0.01)
     for name in ("self_attn.q_proj", "mlp.down_proj"):
         h_exact, h_fast = reference[name][0], stats[name][0]
         assert h_fast.dtype is torch.float32 and _relative(h_fast, h_exact) < 2e-2
-        weight = exact.linear_weight(0, name).float().cuda()
-        errors = []
-        for h in (h_exact, h_fast):
-            (solved,) = solve_group([weight], h, method=Method.GPTQ, scheme=scheme, options=options, label=name)
-            delta = solved.weight.dequantize().float().cuda() - weight
-            errors.append(float(torch.einsum("ij,jk,ik->", delta, h_exact.cuda(), delta)))
+        errors = _gptq_errors(exact.linear_weight(0, name).float().cuda(), h_exact, h_fast, name)
         assert errors[1] <= 1.02 * errors[0], (name, errors)
     rows = torch.randn(4096, 512, device="cuda").bfloat16()
     acc = HessianAccumulator(512, device="cuda")
