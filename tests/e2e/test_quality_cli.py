@@ -119,15 +119,20 @@ def test_awq_gptq_with_asymmetric_calibration_halves_rtns_increase(server: tuple
         assert ratio <= 0.5, f"{name}: AWQ+GPTQ's increase is {ratio:.3f}x RTN's (bar 0.5)"
 
 
+NOISY_CELL = ("Q4_K_M", "eval-code")
+"""The one cell whose closure is decided by the calibration draw: its gap is 0.115 perplexity, and at equal KL the
+seeds and machines measured so far put it anywhere in 0.24-0.48 (docs/benchmarks.md, GGUF: asymmetric calibration)."""
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="unmet: on eval-code GPTQ on the Q4_K_M mix closes 0.24 of the gap at this "
-                   "calibration seed (0.48 / 0.41 at seeds 1 / 2; docs/benchmarks.md, GGUF: asymmetric calibration); "
-                   "strict, so meeting the bar fails this marker")
 def test_calibrated_gguf_closes_a_third_of_the_k_quant_gap(server: tuple[str, dict[str, str]], tmp_path: Path) -> None:
     """GGUF files in llama-quantize's Q4_K_M and Q3_K_M mixes, scored by llama.cpp through `bitsmith eval`:
     GPTQ with importance on the K-quant grids and asymmetric calibration removes at least a third of the
     perplexity increase that the round-to-nearest blocks (llama.cpp's reference search, byte-identical to
-    llama-quantize's) leave. Each mix is its own job, the primary target of its calibration."""
+    llama-quantize's) leave. Each mix is its own job, the primary target of its calibration.
+
+    Every cell must meet the bar except `NOISY_CELL`, which is checked after the others and reported as an
+    expected failure where it misses: the issue's bar is not claimed met while it can."""
     base = README_PPL["bf16"]
     mixes = ("Q4_K_M", "Q3_K_M")
     flags = {"rtn": (), "gptq": ("--asymmetric-calibration",)}
@@ -137,9 +142,16 @@ def test_calibrated_gguf_closes_a_third_of_the_k_quant_gap(server: tuple[str, di
         for mix in mixes:
             _quantize(server, tmp_path / method / mix, method, 4, *flags[method], fmt=f"gguf:{mix}")
             files[method][mix] = _eval(tmp_path / method / mix)
+    noisy = None
     for mix in mixes:
         rtn, gptq = files["rtn"][mix], files["gptq"][mix]
         closed = [1 - (g - b) / (r - b) for g, r, b in zip(gptq, rtn, base, strict=True)]
         print(f"{mix}: ppl prose/code rtn {rtn}, gptq {gptq}; gap closed {closed}")
         for name, share in zip(("eval-prose", "eval-code"), closed, strict=True):
-            assert share >= 1 / 3, f"{mix} {name}: calibrated GGUF closes {share:.2f} of the gap (bar 1/3)"
+            if (mix, name) == NOISY_CELL:
+                noisy = share
+            else:
+                assert share >= 1 / 3, f"{mix} {name}: calibrated GGUF closes {share:.2f} of the gap (bar 1/3)"
+    assert noisy is not None
+    if noisy < 1 / 3:
+        pytest.xfail(f"unmet: {' '.join(NOISY_CELL)} closes {noisy:.2f} of the gap at this calibration seed")
