@@ -57,7 +57,7 @@ def matmul_precision(device: torch.device, precision: MatmulPrecision) -> Iterat
         yield
         return
     before = torch.get_float32_matmul_precision()
-    # bfloat16 forwards leave few float32 products (the solver's side of shared helpers): TF32 for those.
+    # With bfloat16 forwards the float32 products left (AWQ's search statistics, for one) take TF32.
     torch.set_float32_matmul_precision(MatmulPrecision.HIGH.value if precision is MatmulPrecision.BFLOAT16
                                        else precision.value)
     try:
