@@ -276,6 +276,15 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 print(f"  {event.message} at {time.perf_counter() - t0:.1f} s", flush=True)
         wall_s = time.perf_counter() - t0
         job = job.wait()
+        # Read before the services stop: a worker that hangs on the way out must not cost the numbers.
+        result = _result(args, layers, checkpoint_bytes, build_s, wall_s, events, job, work)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _result(args: argparse.Namespace, layers: int, checkpoint_bytes: int, build_s: float, wall_s: float,
+            events: list[Any], job: Any, work: Path) -> dict[str, Any]:
     seconds, per_block = phase_seconds(events)
     result: dict[str, Any] = {
         "shape": args.shape, "layers": layers, "samples": args.samples, "seq_len": args.seq_len,
@@ -293,6 +302,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                                      "peak_host_gib": s.usage.peak_host_bytes / 2**30}
                          for s in job.diagnostics.services},
         "block_output_error": [b.output_error for b in job.diagnostics.blocks],
+        "timeline": [[s.name, s.block, round(s.start_s, 4), round(s.duration_s, 4)] for s in job.diagnostics.timeline],
     }
     result["pack_calls"] = call_lines(work / "packer.log")
     for role in ("calibrator", "solver"):
@@ -304,6 +314,23 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         result[f"{role}_peak_gib"] = max((p for _, p in lines), default=0) / 2**30
         result[f"{role}_peak_after_block0_gib"] = max(first, default=0) / 2**30
     return result
+
+
+def block_split(timeline: list[list[Any]]) -> dict[int, dict[str, float]]:
+    """Per block, from the coordinator's timeline of calls: its wall seconds (first call's start to last
+    call's end), the seconds of each call kind, and what no call covers (`gaps`: the loop's own time)."""
+    spans: dict[int, list[tuple[str, float, float]]] = defaultdict(list)
+    for name, block, start, duration in timeline:
+        if block >= 0:
+            spans[block].append((name, start, start + duration))
+    out: dict[int, dict[str, float]] = {}
+    for block, calls in sorted(spans.items()):
+        split: dict[str, float] = defaultdict(float)
+        for name, start, end in calls:
+            split[name] += end - start
+        wall = max(end for _, _, end in calls) - min(start for _, start, _ in calls)
+        out[block] = {"wall": wall, **split, "gaps": wall - sum(split.values())}
+    return out
 
 
 def report(result: Mapping[str, Any]) -> None:
@@ -335,6 +362,8 @@ def report(result: Mapping[str, Any]) -> None:
     for service, u in result["job_services"].items():
         print(f"  {service}: {u['device']}, busy {u['busy_s']:.1f} s, peak device {u['peak_device_gib']:.2f} GiB, "
               f"peak host {u['peak_host_gib']:.2f} GiB")
+    for block, split in block_split(result["timeline"]).items():
+        print(f"  block {block}: " + ", ".join(f"{kind} {s:.2f}" for kind, s in split.items()))
     print("  held-out block output error: " + " ".join(f"{e:.3f}" for e in result["block_output_error"]), flush=True)
 
 
@@ -361,8 +390,6 @@ def main() -> None:
             prefix="bitsmith-bench-")))
         result = run(args, work)
     report(result)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

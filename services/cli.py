@@ -200,6 +200,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+STOP_POLL_S = 0.5
+
+
+def _serve_until_stopped() -> None:
+    """Return once SIGTERM or SIGINT arrives.
+
+    The handlers are installed here, once the service is up: starting a coordinator's local Ray puts in
+    Ray's own (which exit with the signal's number). The wait is in slices: Python runs signal handlers in
+    the main thread only, and a main thread blocked on a lock without a timeout never runs one the kernel
+    delivered to another of the process's threads (a service has many: gRPC's, hashing workers, CUDA's).
+    A calibrator on a GPU once ignored SIGTERM so.
+    """
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    while not stop.wait(STOP_POLL_S):
+        pass
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from bitsmith.logs import configure_json_logging
     from bitsmith.rpc.discovery import default_home, write_stack_file
@@ -207,9 +226,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from bitsmith_services.stack import LocalStack, parse_services
 
     configure_json_logging()
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
     if args.service == "coordinator":
         if args.device != AUTO or args.activations != Activations.STORE or args.matmul_precision is not None:
             raise ConfigError("the coordinator computes nothing: --device, --activations and --matmul-precision "
@@ -223,7 +239,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(local.address, flush=True)  # stdout is the gRPC address (scripts read it)
             logging.getLogger("bitsmith.coordinator").info(
                 "serving", extra={"grpc": local.address, "http": local.http_address})
-            stop.wait()
+            _serve_until_stopped()
         return 0
     if not args.store:
         raise ConfigError(f"bitsmith serve {args.service} needs --store DIR (the artifact store it shares)")
@@ -233,7 +249,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server, port = start_service(args.service, f"{args.host}:{args.port}", Path(args.store), options=options,
                                  security=_security(args))
     print(f"{args.host}:{port}", flush=True)
-    stop.wait()
+    _serve_until_stopped()
     server.stop(grace=5).wait()
     return 0
 
