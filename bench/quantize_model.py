@@ -20,8 +20,8 @@ asym, GPTQ v2 checkpoint), then prints:
 - the hardware.
 
     python bench/quantize_model.py [--shape 8b|70b|tiny] [--layers N] [--samples 128] [--seq-len 2048]
-                                   [--activations host|store] [--matmul-precision high|highest|bfloat16]
-                                   [--no-true-sequential] [--json PATH] [--work DIR]
+                                   [--activations device|host|store] [--matmul-precision high|highest|bfloat16]
+                                   [--no-true-sequential] [--solvers N] [--json PATH] [--work DIR]
 """
 
 from __future__ import annotations
@@ -135,23 +135,26 @@ def write_calibration_text(path: Path, vocab: int, words: int, seed: int = 0) ->
 
 
 @contextmanager
-def worker_services(work: Path, activations: str, precision: str = "high") -> Iterator[dict[str, str]]:
-    """Every worker service as a `bitsmith serve` process; yields role -> address, stops them on exit."""
+def worker_services(work: Path, activations: str, precision: str = "high", solvers: int = 1
+                    ) -> Iterator[dict[str, str]]:
+    """Every worker service as a `bitsmith serve` process, `solvers` solver replicas (`solver`, `solver-2`,
+    ...); yields name -> address, stops them on exit."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
     procs: list[tuple[subprocess.Popen[str], IO[str]]] = []
     addresses: dict[str, str] = {}
+    names = [(role, role) for role in WORKERS] + [("solver", f"solver-{i}") for i in range(2, solvers + 1)]
     try:
-        for role in WORKERS:
+        for role, name in names:
             cmd = [sys.executable, "-m", "bitsmith_services.cli", "serve", role, "--store", str(work / "store")]
             if role == "calibrator":
                 cmd += ["--activations", activations, "--matmul-precision", precision]
-            log: IO[str] = open(work / f"{role}.log", "w")  # noqa: SIM115 - closed with the process
+            log: IO[str] = open(work / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
             procs.append((proc, log))
             line = proc.stdout.readline().strip() if proc.stdout else ""
             if not line:
-                raise SystemExit(f"{role} did not start; see {work / f'{role}.log'}")
-            addresses[role] = line
+                raise SystemExit(f"{name} did not start; see {work / f'{name}.log'}")
+            addresses[name] = line
         yield addresses
     finally:
         for proc, log in procs:
@@ -245,7 +248,7 @@ def phase_seconds(events: list[Any]) -> tuple[dict[str, float], dict[str, list[f
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from bitsmith.rpc import Client
-    from bitsmith_services.coordinator.placement import ServiceAddresses
+    from bitsmith_services.coordinator.placement import ServiceAddresses, Worker
     from bitsmith_services.registry import Role
     from bitsmith_services.stack import LocalStack
 
@@ -261,8 +264,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     print(f"checkpoint: {args.shape}-shaped, {layers} layers, {checkpoint_bytes / 2**30:.1f} GiB bf16, "
           f"built in {build_s:.1f} s", flush=True)
     with ExitStack() as stack:
-        addresses = stack.enter_context(worker_services(work, args.activations, args.matmul_precision))
-        services = ServiceAddresses({Role(role): address for role, address in addresses.items()})
+        addresses = stack.enter_context(worker_services(work, args.activations, args.matmul_precision, args.solvers))
+        services = ServiceAddresses({role: addresses[role.value] for role in Role},
+                                    solvers=tuple(Worker(a) for n, a in addresses.items() if n.startswith("solver")))
         local = stack.enter_context(LocalStack(home=work / "home", services=services))
         client = stack.enter_context(Client(local.address))
         t0 = time.perf_counter()
@@ -288,7 +292,7 @@ def _result(args: argparse.Namespace, layers: int, checkpoint_bytes: int, build_
     seconds, per_block = phase_seconds(events)
     result: dict[str, Any] = {
         "shape": args.shape, "layers": layers, "samples": args.samples, "seq_len": args.seq_len,
-        "activations": args.activations, "matmul_precision": args.matmul_precision,
+        "activations": args.activations, "matmul_precision": args.matmul_precision, "solvers": args.solvers,
         "true_sequential": not args.no_true_sequential, "asymmetric_calibration": args.asymmetric_calibration,
         "checkpoint_gib": checkpoint_bytes / 2**30, "build_s": build_s,
         "job_wall_s": wall_s, "seconds": seconds,
@@ -306,13 +310,14 @@ def _result(args: argparse.Namespace, layers: int, checkpoint_bytes: int, build_
     }
     result["pack_calls"] = call_lines(work / "packer.log")
     for role in ("calibrator", "solver"):
-        calls = call_lines(work / f"{role}.log")
+        # A role's replicas (solver, solver-2, ...): calls pooled, peaks summed (they share the one GPU).
+        logs = [call_lines(log) for log in sorted(work.glob(f"{role}*.log"))]
+        calls = [call for lines in logs for call in lines]
         result[f"{role}_call_median_s"] = call_medians(calls)
         result[f"{role}_phase_median_s"] = call_medians(calls, "phases")
-        lines = peaks(calls)
-        first = [p for block, p in lines if block == 0]
-        result[f"{role}_peak_gib"] = max((p for _, p in lines), default=0) / 2**30
-        result[f"{role}_peak_after_block0_gib"] = max(first, default=0) / 2**30
+        result[f"{role}_peak_gib"] = sum(max((p for _, p in peaks(lines)), default=0) for lines in logs) / 2**30
+        result[f"{role}_peak_after_block0_gib"] = sum(
+            max((p for block, p in peaks(lines) if block == 0), default=0) for lines in logs) / 2**30
     return result
 
 
@@ -373,7 +378,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=0, help="blocks to build (default: the shape's own)")
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--activations", choices=["host", "store"], default="host")
+    parser.add_argument("--activations", choices=["device", "host", "store"], default="device")
     parser.add_argument("--matmul-precision", choices=["high", "highest", "bfloat16"], default="high",
                         help="the calibrator's forwards and products: float32 with TensorFloat-32 (high), "
                              "exact float32 (highest) or bfloat16 forwards")
@@ -382,6 +387,9 @@ def main() -> None:
                              "per group with the block's earlier groups quantized")
     parser.add_argument("--asymmetric-calibration", action="store_true",
                         help="run the float model's stream beside the quantized one (cross statistics)")
+    parser.add_argument("--solvers", type=int, default=1,
+                        help="solver replicas on the one GPU: solves of a block's groups overlap (each is partly "
+                             "host work: reading its Hessian, writing its codes)")
     parser.add_argument("--json", help="also write the result here")
     parser.add_argument("--work", help="work directory (default: a temporary one, removed afterwards)")
     args = parser.parse_args()

@@ -451,9 +451,9 @@ def _parser() -> argparse.ArgumentParser:
                         "faster than exact), highest (exact float32) or bfloat16 (the block forwards in bfloat16, as "
                         "peer tools calibrate: about 3x faster again on a GPU, half the activation memory)")
     s.add_argument("--activations", choices=[a.value for a in Activations], default=Activations.STORE.value,
-                   help="calibrator: where activations wait between blocks: store (any replica can continue) or "
-                        "host (this process's memory; no per-block write of the calibration set, what a GPU "
-                        "calibrator wants)")
+                   help="calibrator: where activations wait between blocks: store (any replica can continue), "
+                        "host (this process's memory; no per-block write of the calibration set) or device (its "
+                        "GPU's memory; no copies either, what a GPU calibrator wants where four calibration sets fit)")
     s.add_argument("--write-stack-file", action="store_true", help=argparse.SUPPRESS)
     _add_security(s)
     s.set_defaults(func=cmd_serve)

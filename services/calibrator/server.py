@@ -3,12 +3,13 @@
 Stateless between calls: every request names the model and the store keys it works on, so any
 replica can serve any block, and a restarted calibrator continues from the activations in the store.
 Loaded checkpoints are cached per process (the skeleton only; block weights load per block).
-The exception is `Activations.HOST`, which keeps a job's activations in this process (see
-`activations`): the price of not writing the calibration set to the store once per block.
+The exceptions are `Activations.HOST` and `Activations.DEVICE`, which keep a job's activations in this
+process (see `activations`): the price of not writing the calibration set to the store once per block.
 
-Blocks compute on the service's device; Hessians and activations leave it for the host as soon as a
-step is done, so the device holds one block and one chunk of activations at a time (plus the
-block's solved weights, see `SolvedWeights`). After every call the service logs the call's seconds
+Blocks compute on the service's device; Hessians leave it for the host as soon as a step is done, and so
+do activations except with `Activations.DEVICE`, so the device holds one block and one chunk of
+activations at a time (plus the block's solved weights, see `SolvedWeights`, and with `DEVICE` the
+calibration set's current inputs and outputs). After every call the service logs the call's seconds
 and the device's peak memory so far (`peak_gpu_bytes`).
 
 Only what the solver cannot get elsewhere goes to the store: Collect writes a group's Hessian, not
@@ -23,7 +24,7 @@ Advance and Finish split the end of a block, so the block loop can move on while
 still run: Advance computes the next block's inputs and keeps the block's statistics; Finish, once
 every solve of the block is done, deletes its Hessians. In parallel mode (`float_outputs`) Advance
 forwards the float block, which needs no solved weight, and keeps the block's held-out input rows (in
-memory with `Activations.HOST`, else in the store beside the Hessians); Finish then measures the
+memory with `Activations.HOST` or `DEVICE`, else in the store beside the Hessians); Finish then measures the
 block's output error on them with the solved weights applied, and drops them. In sequential mode
 Advance has the solved weights anyway and measures the error itself.
 """
@@ -65,7 +66,7 @@ from bitsmith.rpc.server import ServiceBinding
 from bitsmith.rpc.server import create_server as _create_server
 from bitsmith.store import ArtifactStore, StoredWeight, job_key
 from bitsmith.v1 import calibrator_pb2, calibrator_pb2_grpc, common_pb2
-from bitsmith_services.calibrator.activations import HostActivations
+from bitsmith_services.calibrator.activations import HeldActivations, fits_on_device
 from bitsmith_services.registry import Activations
 
 if TYPE_CHECKING:
@@ -183,7 +184,8 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
         self._store = store
         self._device = device
         self._precision = matmul_precision
-        self._host = HostActivations() if activations is Activations.HOST else None
+        self._activations = activations
+        self._held = HeldActivations() if activations is not Activations.STORE else None
         self._solved = SolvedWeights()
         self._computing = threading.Lock()
 
@@ -206,13 +208,18 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
 
     def _inputs(self, job_id: str, ref: common_pb2.TensorRef) -> torch.Tensor:
         stored = tensor_ref_from_proto(ref)
-        return self._store.get_tensor(stored) if self._host is None else self._host.get(job_id, stored, self._store)
+        return self._store.get_tensor(stored) if self._held is None else self._held.get(job_id, stored, self._store)
+
+    def _drop_older(self, job_id: str, ref: common_pb2.TensorRef) -> None:
+        """An Advance has its inputs: the activations held from before them may go (no-op in the store)."""
+        if self._held is not None:
+            self._held.drop_older(job_id, tensor_ref_from_proto(ref))
 
     def _put_activations(self, job_id: str, name: str, tensor: torch.Tensor, *, stream: str = "inputs"
                          ) -> common_pb2.TensorRef:
         key = job_key(job_id, name)
-        if self._host is not None:
-            return tensor_ref_to_proto(self._host.put(job_id, key, "hidden", tensor, stream=stream))
+        if self._held is not None:
+            return tensor_ref_to_proto(self._held.put(job_id, key, "hidden", tensor, stream=stream))
         return tensor_ref_to_proto(self._store.put_tensors(key, {"hidden": tensor})["hidden"])
 
     def _overrides(self, job_id: str, applied: RepeatedCompositeFieldContainer[common_pb2.QuantizedRef],
@@ -234,15 +241,15 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
 
     def _keep_held_out(self, job_id: str, block: int, rows: torch.Tensor) -> None:
         """Keep a block's held-out input rows until its Finish."""
-        if self._host is not None:
-            self._host.keep_held_out(job_id, block, rows)
+        if self._held is not None:
+            self._held.keep_held_out(job_id, block, rows)
         else:
             self._store.put_tensors(_stats_key(job_id, block, *HELD_OUT_KEY), {"hidden": rows}, durable=False)
 
     def _held_out(self, job_id: str, block: int) -> torch.Tensor | None:
         """The held-out input rows Advance kept for `block`; None when there are none."""
-        if self._host is not None:
-            return self._host.held_out(job_id, block)
+        if self._held is not None:
+            return self._held.held_out(job_id, block)
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -256,8 +263,8 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
             raise FormatError(f"store key {key!r} holds no readable held-out rows: {exc}") from exc
 
     def _drop_held_out(self, job_id: str, block: int) -> None:
-        if self._host is not None:
-            self._host.drop_held_out(job_id, block)
+        if self._held is not None:
+            self._held.drop_held_out(job_id, block)
         # In store mode the rows lie under the block's statistics prefix, which Finish deletes.
 
     def _scaled(self, scaled: RepeatedCompositeFieldContainer[common_pb2.NamedTensor]) -> dict[str, torch.Tensor]:
@@ -301,7 +308,9 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
             holdout=spec.holdout_samples if spec.HasField("holdout_samples") else default_holdout(spec.samples),
         )
         hidden = model.embed(torch.cat([tokens, held]))
-        if self._host is not None and self._device.type == "cuda":
+        if self._activations is Activations.DEVICE:
+            hidden = fits_on_device(hidden, self._device)
+        elif self._activations is Activations.HOST and self._device.type == "cuda":
             hidden = hidden.pin_memory()
         inputs = self._put_activations(request.job_id, "inputs-0.safetensors", hidden)
         self._report("Start", started)
@@ -370,6 +379,7 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
         model = self._model(request.model_path)
         with times.phase("inputs"):
             inputs = self._inputs(request.job_id, request.inputs)
+            self._drop_older(request.job_id, request.inputs)
         if not 0 <= request.holdout < len(inputs):
             raise ConfigError(f"block {request.block}: holdout {request.holdout} of {len(inputs)} samples")
         reply = calibrator_pb2.AdvanceResponse()
@@ -384,6 +394,7 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
         if request.HasField("reference"):
             with times.phase("inputs"):
                 float_inputs = self._inputs(request.job_id, request.reference)
+                self._drop_older(request.job_id, request.reference)
             with times.phase("forward"):
                 stream = float_inputs, forward_block(model, request.block, float_inputs, awq)
             with times.phase("store"):
@@ -404,7 +415,8 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
                 overrides = self._overrides(request.job_id, request.applied, request.block, model, awq)
             with times.phase("forward"):
                 hidden = forward_block(model, request.block, inputs, overrides)
-                if request.holdout:
+            if request.holdout:
+                with times.phase("error"):
                     start, end = stream if stream is not None else (held, forward_block(model, request.block, held, {}))
                     reply.output_error = relative_output_error(start[-request.holdout:], hidden[tail:],
                                                                end[-request.holdout:])
@@ -477,8 +489,8 @@ class Calibrator(calibrator_pb2_grpc.CalibratorServiceServicer):
 
     def Release(self, request: calibrator_pb2.ReleaseRequest, context: grpc.ServicerContext
                 ) -> calibrator_pb2.ReleaseResponse:
-        if self._host is not None:
-            self._host.release(request.job_id)
+        if self._held is not None:
+            self._held.release(request.job_id)
         self._solved.release(request.job_id)
         self._store.delete_prefix(job_key(request.job_id))
         return calibrator_pb2.ReleaseResponse()

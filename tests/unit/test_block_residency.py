@@ -14,7 +14,7 @@ from bitsmith.devices import MatmulPrecision, resolve_device
 from bitsmith.errors import ConfigError, FormatError, NotFoundError
 from bitsmith.models import load_checkpoint
 from bitsmith.store import ArtifactStore
-from bitsmith_services.calibrator.activations import HOST_HANDLE, KEPT_PER_STREAM, HostActivations
+from bitsmith_services.calibrator.activations import HOST_HANDLE, KEPT_PER_STREAM, HeldActivations
 from bitsmith_services.registry import Activations, Role, ServiceOptions
 
 
@@ -127,7 +127,7 @@ def test_a_hooked_linear_the_forward_never_reaches_is_an_error(model_dir: Path) 
 
 
 def test_a_host_reference_names_one_tensor_and_never_resolves_from_the_store(tmp_path: Path) -> None:
-    store, host = ArtifactStore(tmp_path), HostActivations()
+    store, host = ArtifactStore(tmp_path), HeldActivations()
     key = "jobs/j/inputs-1.safetensors"
     first = host.put("j", key, "hidden", torch.zeros(2, 2))
     assert first.sha256.startswith(HOST_HANDLE)
@@ -141,7 +141,7 @@ def test_a_host_reference_names_one_tensor_and_never_resolves_from_the_store(tmp
 def test_host_activations_keep_the_latest_two_per_job_and_stream(tmp_path: Path) -> None:
     """The float model's stream (asymmetric calibration) is kept beside the quantized one: neither's
     puts evict the other's tensors."""
-    store, host = ArtifactStore(tmp_path), HostActivations()
+    store, host = ArtifactStore(tmp_path), HeldActivations()
     refs, floats = [], []
     for i in range(KEPT_PER_STREAM + 1):
         refs.append(host.put("j", f"jobs/j/inputs-{i}.safetensors", "hidden", torch.full((2, 2), float(i))))
@@ -195,3 +195,18 @@ def test_services_run_untraced_without_opentelemetry(monkeypatch: pytest.MonkeyP
         wait_until_serving(f"127.0.0.1:{port}", timeout=10)
     finally:
         server.stop(grace=0).wait()
+
+
+def test_an_advance_drops_what_its_stream_held_from_before_its_inputs(tmp_path: Path) -> None:
+    """Once an Advance has block b's inputs, block b-1's are never read again: dropping them before the
+    outputs are made keeps two sets per stream in memory, not three. The other stream is left alone."""
+    store, held = ArtifactStore(tmp_path), HeldActivations()
+    older = held.put("j", "jobs/j/inputs-0.safetensors", "hidden", torch.zeros(2, 2))
+    current = held.put("j", "jobs/j/inputs-1.safetensors", "hidden", torch.ones(2, 2))
+    other = held.put("j", "jobs/j/reference-0.safetensors", "hidden", torch.ones(2, 2), stream="reference")
+    held.drop_older("j", current)
+    with pytest.raises(NotFoundError, match="neither held by this calibrator"):
+        held.get("j", older, store)
+    assert held.get("j", current, store)[0, 0] == 1 and held.get("j", other, store)[0, 0] == 1
+    held.drop_older("j", current)  # again, or with nothing older: a no-op
+    assert held.get("j", current, store)[0, 0] == 1

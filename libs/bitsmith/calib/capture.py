@@ -50,11 +50,10 @@ def forward_block(
     """Block `bid`'s output for all samples, computed `chunk` samples at a time, on the inputs' device.
 
     Host inputs give host outputs (page-locked when the model computes on a GPU, for fast copies):
-    the device holds one chunk's activations, never the set's. Outputs are in the model's compute dtype.
+    the device holds one chunk's activations, never the set's. Outputs are in the model's compute dtype,
+    written chunk by chunk into one tensor: concatenating the chunks' outputs would hold the set twice.
     """
     parts = chunks(len(inputs), chunk if chunk is not None else default_chunk(model, inputs.shape[1]))
-    if inputs.device == model.device:
-        return torch.cat([model.block_forward(bid, inputs[part], overrides) for part in parts])
     pin = inputs.device.type == "cpu" and model.device.type == "cuda"
     out = torch.empty(inputs.shape, dtype=model.compute_dtype, device=inputs.device, pin_memory=pin)
     for part in parts:
