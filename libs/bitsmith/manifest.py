@@ -22,7 +22,8 @@ import hashlib
 import json
 import os
 import platform
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from importlib import metadata
@@ -31,12 +32,20 @@ from typing import Any
 
 import bitsmith
 from bitsmith.errors import FormatError
-from bitsmith.formats.base import discard, publish, read_json_object, stage, write_file_atomic
+from bitsmith.formats.base import (
+    WrittenFiles,
+    discard,
+    hashing_written_files,
+    publish,
+    read_json_object,
+    sha256_of,
+    stage,
+    write_file_atomic,
+)
 from bitsmith.schemes import Format
 
 MANIFEST_FILE = "manifest.json"
 VERSIONED_PACKAGES = ("torch", "transformers", "safetensors", "numpy", "tokenizers")
-_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -110,12 +119,24 @@ class Manifest:
 
 
 def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in 1 MiB chunks (artifacts can be tens of GB)."""
-    h = hashlib.sha256()
+    """sha256 of a file, read piece by piece (artifacts can be tens of GB)."""
     with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+        return sha256_of(f)
+
+
+def files_sha256(paths: Iterable[Path], written: WrittenFiles | None = None) -> list[str]:
+    """sha256 of each file, in order: one file per worker thread (hashlib and reads release the GIL), so an
+    artifact hashes in the time of its largest file rather than of all of them; a file that `written` already
+    hashed (as the writer finished it) is not read again."""
+    paths = list(paths)
+
+    def sha256(path: Path) -> str:
+        known = written.sha256(path) if written is not None else None
+        return known if known is not None else file_sha256(path)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(len(paths), os.cpu_count() or 1)),
+                            thread_name_prefix="bitsmith-manifest-sha256") as pool:
+        return list(pool.map(sha256, paths))
 
 
 def files_digest(files: tuple[FileEntry, ...]) -> str:
@@ -150,12 +171,15 @@ def _list_files(directory: Path) -> list[str]:
     return sorted(found)
 
 
-def scan_files(directory: Path) -> tuple[FileEntry, ...]:
-    """Size and sha256 of every file of an artifact directory (manifest.json excluded)."""
+def scan_files(directory: Path, written: WrittenFiles | None = None) -> tuple[FileEntry, ...]:
+    """Size and sha256 of every file of an artifact directory (manifest.json excluded); `written`: see
+    `files_sha256`."""
     directory = Path(directory)
+    found = _list_files(directory)
+    digests = files_sha256((directory / rel for rel in found), written)
     return tuple(
-        FileEntry(path=rel, bytes=(directory / rel).stat().st_size, sha256=file_sha256(directory / rel))
-        for rel in _list_files(directory)
+        FileEntry(path=rel, bytes=(directory / rel).stat().st_size, sha256=digest)
+        for rel, digest in zip(found, digests, strict=True)
     )
 
 
@@ -173,9 +197,11 @@ def write_manifest(
     metrics: Mapping[str, Any] | None = None,
     trace_id: str = "",
     created_at: str | None = None,
+    written: WrittenFiles | None = None,
 ) -> Manifest:
-    """Hash every file of `directory` and write its `manifest.json` (atomically)."""
-    files = scan_files(directory)
+    """Hash every file of `directory` and write its `manifest.json` (atomically); the files `written` hashed
+    as they were written (`hashing_written_files` around the format's writer) are not read again."""
+    files = scan_files(directory, written)
     manifest = Manifest(
         format=Format(format),
         files=files,
@@ -210,11 +236,12 @@ def verify_manifest(directory: Path) -> Manifest:
         raise FormatError(f"artifact {directory}: file {missing[0]} is in the manifest but missing")
     if extra := sorted(present - set(listed)):
         raise FormatError(f"artifact {directory}: file {extra[0]} is not in the manifest")
-    for rel, entry in sorted(listed.items()):
+    ordered = sorted(listed.items())
+    digests = files_sha256(directory / rel for rel, _ in ordered)
+    for (rel, entry), digest in zip(ordered, digests, strict=True):
         size = (directory / rel).stat().st_size
         if size != entry.bytes:
             raise FormatError(f"artifact {directory}: {rel} has {size} bytes, manifest says {entry.bytes}")
-        digest = file_sha256(directory / rel)
         if digest != entry.sha256:
             raise FormatError(
                 f"artifact {directory}: {rel} has sha256 {digest}, manifest says {entry.sha256}"
@@ -251,8 +278,9 @@ def build_artifact(
     """
     staging = stage(out_dir)
     try:
-        write(staging)
-        manifest = write_manifest(staging, format=format, recipe=recipe, trace_id=trace_id)
+        with hashing_written_files() as written:
+            write(staging)
+            manifest = write_manifest(staging, format=format, recipe=recipe, trace_id=trace_id, written=written)
     except BaseException:
         discard(staging)
         raise

@@ -5,6 +5,14 @@ metrics to the manifest and renames the staging directory into place; Discard re
 staging directories (by their name) are ever published or removed, so a request cannot make the
 packer move or delete anything else. Each Pack logs its seconds split into reading the solved
 weights, writing the format and writing the manifest, the three costs of a job's last step.
+
+Two things keep that step short. The server imports what writing needs (torch, the formats, the
+transformers model code: about 10 s on a GPU host) as it starts, before it serves, rather than in a
+job's first Pack. Not on a thread beside serving: services that share a process (a local stack) would
+import transformers from two threads at once, and its lazy imports are not safe against that (a
+calibrator's Plan failed with "cannot import name 'AutoConfig'" so). And each file the
+writer finishes is hashed for the manifest on worker threads while the writer goes on
+(`bitsmith.formats.base.hashing_written_files`), instead of read again afterwards.
 """
 
 from __future__ import annotations
@@ -17,8 +25,8 @@ from pathlib import Path
 
 import grpc
 from bitsmith.errors import ConfigError
-from bitsmith.formats import get_format
-from bitsmith.formats.base import PARTIAL_MARKER, discard, publish, stage, staging_dirs
+from bitsmith.formats import get_format, preload
+from bitsmith.formats.base import PARTIAL_MARKER, discard, hashing_written_files, publish, stage, staging_dirs
 from bitsmith.manifest import update_manifest, write_manifest
 from bitsmith.rpc.convert import (
     format_from_proto,
@@ -45,6 +53,15 @@ def _staging(path: str) -> Path:
     return staging
 
 
+def _preload() -> None:
+    """`bitsmith.formats.preload`; a failed import only leaves it to the first Pack (which then raises it with its
+    context), so it is logged, not raised."""
+    try:
+        preload()
+    except Exception:
+        log.warning("could not import the formats ahead of the first Pack", exc_info=True)
+
+
 class Packer(packer_pb2_grpc.PackerServiceServicer):
     def __init__(self, store: ArtifactStore) -> None:
         self._store = store
@@ -65,14 +82,15 @@ class Packer(packer_pb2_grpc.PackerServiceServicer):
         staging = stage(out)
         seconds = {"read": time.perf_counter() - started}
         try:
-            handler.write(staging, source_model_dir=Path(request.model_path), quantized=quantized,
-                          options=gptq_from_proto(request.recipe.gptq), variant=request.format.variant or None,
-                          dense=dense)
-            seconds["write"] = time.perf_counter() - started - seconds["read"]
-            manifest = write_manifest(
-                staging, format=fmt, recipe=MessageToDict(request.recipe, preserving_proto_field_name=True),
-                trace_id=current_trace_id(),
-            )
+            with hashing_written_files() as written:
+                handler.write(staging, source_model_dir=Path(request.model_path), quantized=quantized,
+                              options=gptq_from_proto(request.recipe.gptq), variant=request.format.variant or None,
+                              dense=dense)
+                seconds["write"] = time.perf_counter() - started - seconds["read"]
+                manifest = write_manifest(
+                    staging, format=fmt, recipe=MessageToDict(request.recipe, preserving_proto_field_name=True),
+                    trace_id=current_trace_id(), written=written,
+                )
         except BaseException:
             discard(staging)
             raise
@@ -114,5 +132,6 @@ class Packer(packer_pb2_grpc.PackerServiceServicer):
 
 
 def create_server(address: str, *, store_root: Path) -> tuple[grpc.Server, int]:
+    _preload()
     binding = ServiceBinding.of(Packer(ArtifactStore(store_root)), packer_pb2, packer_pb2_grpc, "PackerService")
     return _create_server(address, [binding], component="packer")

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 from bitsmith.errors import AlreadyExistsError, ConfigError, FormatError
-from bitsmith.formats.base import discard, publish, stage, write_file_atomic
+from bitsmith.formats.base import (
+    copy_file_synced,
+    discard,
+    hashing_written_files,
+    publish,
+    save_safetensors_atomic,
+    stage,
+    write_file_atomic,
+)
 from bitsmith.manifest import (
     MANIFEST_FILE,
     build_artifact,
@@ -134,3 +142,31 @@ def test_build_artifact_publishes_with_a_verified_manifest(tmp_path: Path) -> No
     assert verify_manifest(out) == m
     assert m.recipe == {"method": "rtn"} and m.trace_id == "t1"
     assert _siblings(out) == ["art"]
+
+
+def test_files_hashed_as_written_give_the_manifest_of_files_hashed_afterwards(tmp_path: Path) -> None:
+    import torch
+
+    def fill(directory: Path) -> None:
+        _fill(directory)
+        save_safetensors_atomic(directory / "weights.safetensors", {"w": torch.arange(10_000, dtype=torch.int32)})
+        copy_file_synced(directory / "sub" / "tokenizer.json", directory / "copied.json")
+
+    (plain := tmp_path / "plain").mkdir()
+    (hashed := tmp_path / "hashed").mkdir()
+    fill(plain)
+    with hashing_written_files() as written:
+        fill(hashed)
+        assert written.sha256(hashed / "weights.safetensors") is not None
+        m = write_manifest(hashed, format=Format.GPTQ, recipe={}, written=written)
+    assert m.files == write_manifest(plain, format=Format.GPTQ, recipe={}).files
+    assert verify_manifest(hashed).digest == m.digest
+
+
+def test_a_file_changed_after_it_was_hashed_is_hashed_again(tmp_path: Path) -> None:
+    with hashing_written_files() as written:
+        write_file_atomic(tmp_path / "a.bin", b"old bytes")
+        (tmp_path / "a.bin").write_bytes(b"new bytes, longer")  # rewritten in place, not atomically
+        assert written.sha256(tmp_path / "a.bin") is None
+        m = write_manifest(tmp_path, format=Format.GPTQ, recipe={}, written=written)
+    assert m.files == write_manifest(tmp_path, format=Format.GPTQ, recipe={}).files

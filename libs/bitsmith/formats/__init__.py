@@ -53,3 +53,17 @@ def get_format(fmt: Format) -> FormatHandler:
 def known_formats() -> tuple[Format, ...]:
     """Every format with a registered writer and reader."""
     return tuple(_MEMBERS)
+
+
+def preload() -> None:
+    """Import every format's module and the transformers model code that writers build models from
+    (`bitsmith.formats.gptq.writer.linear_names`), so that no later call waits for them.
+
+    Why: a process imports them on its first write otherwise, and on a GPU host torch (with CUDA) and
+    transformers' model base (tensor parallelism, generation, kernel hubs) take about 10 s to import, all
+    of it inside a job's last step. A packer imports them as it starts instead.
+    """
+    for fmt in _MEMBERS:
+        get_format(fmt)
+    import_module("transformers.modeling_utils")  # what every architecture's model module builds on
+    import_module("transformers.generation")

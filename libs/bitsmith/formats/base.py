@@ -17,13 +17,19 @@ step (`stage` → write → `publish`, or `discard` on failure).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import secrets
 import shutil
+import threading
 from collections.abc import Collection, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from io import BufferedReader
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, runtime_checkable
 
@@ -39,6 +45,7 @@ PARTIAL_MARKER = ".partial-"
 """Staging directories are named `.<name>.partial-<random>`: hidden, and obviously incomplete."""
 OS_ERROR = re.compile(r"\(os error (\d+)\)")
 """How the safetensors library's writer ends the message of a write the OS refused."""
+_DIGEST_READ_BYTES = 8 << 20
 
 
 def read_json_object(path: Path, *, missing: str | None = None) -> dict[str, Any]:
@@ -66,6 +73,98 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def sha256_of(f: BufferedReader) -> str:
+    """sha256 of an open file's bytes from its position to its end, read into one reused 8 MiB buffer
+    (the reads and hashlib release the GIL, so files hash on several threads at once)."""
+    digest = hashlib.sha256()
+    buffer = bytearray(_DIGEST_READ_BYTES)
+    view = memoryview(buffer)
+    while read := f.readinto(buffer):
+        digest.update(view[:read])
+    return digest.hexdigest()
+
+
+def _sha256_and_close(f: BufferedReader) -> str:
+    with f:
+        return sha256_of(f)
+
+
+@dataclass(frozen=True, slots=True)
+class _Hashed:
+    """A file as it was when its hashing started: which inode, its size and mtime, and the digest to come."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+    sha256: Future[str]
+
+
+class WrittenFiles:
+    """sha256 of the files the atomic writers below finish inside `hashing_written_files`, each hashed on a
+    worker thread from the finished file while the writer goes on (its fsync, the next shard, the configs).
+
+    Why: the manifest lists every file's sha256, and hashing an 8B model's 4 GB shard is about 3 s of one
+    core; hashed after the whole write, each file's seconds add to the job's, hashed as soon as it is
+    written they overlap what follows. The digest is still the plain sha256 of the file's bytes on disk,
+    read back from the file itself, and it is only given for the very file that was hashed, unchanged:
+    the same path, inode, size and mtime (the rename into place keeps them; a rewrite does not).
+    """
+
+    def __init__(self, pool: ThreadPoolExecutor) -> None:
+        self._pool = pool
+        self._files: dict[Path, _Hashed] = {}
+        self._lock = threading.Lock()
+
+    def hash(self, written: Path, final: Path) -> None:
+        """Start hashing the finished file `written`, which is renamed to `final` next (the file is opened
+        here, so the rename cannot come between)."""
+        f = open(written, "rb")  # noqa: SIM115 (closed by the worker that hashes it)
+        stat = os.fstat(f.fileno())
+        try:
+            sha256 = self._pool.submit(_sha256_and_close, f)
+        except BaseException:
+            f.close()
+            raise
+        with self._lock:
+            self._files[final.resolve()] = _Hashed(stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, sha256)
+
+    def sha256(self, path: Path) -> str | None:
+        """The sha256 of the file now at `path` if it is one this hashed, unchanged since; None otherwise."""
+        with self._lock:
+            hashed = self._files.get(path.resolve())
+        if hashed is None:
+            return None
+        stat = path.stat()
+        if (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns) != (
+            hashed.device, hashed.inode, hashed.size, hashed.mtime_ns
+        ):
+            return None
+        return hashed.sha256.result()
+
+
+_WRITTEN: ContextVar[WrittenFiles | None] = ContextVar("bitsmith_written_files", default=None)
+
+
+@contextmanager
+def hashing_written_files() -> Iterator[WrittenFiles]:
+    """Hash every file that `atomic_file`, `save_safetensors_atomic` and `copy_file_synced` finish in this
+    context (this thread) as soon as it is written (see `WrittenFiles`); the hashing threads are joined on exit."""
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="bitsmith-file-sha256") as pool:
+        written = WrittenFiles(pool)
+        token = _WRITTEN.set(written)
+        try:
+            yield written
+        finally:
+            _WRITTEN.reset(token)
+
+
+def _finished(written: Path, final: Path) -> None:
+    """A writer below finished `written` (renamed to `final` next): hash it now where a context asks for it."""
+    if (files := _WRITTEN.get()) is not None:
+        files.hash(written, final)
+
+
 def temp_sibling(path: Path) -> Path:
     """A hidden, unique name next to `path`, so that the final rename stays on one filesystem."""
     return path.with_name(f".{path.name}{PARTIAL_MARKER}{secrets.token_hex(6)}")
@@ -82,8 +181,9 @@ def atomic_file(path: Path, *, durable: bool = True) -> Iterator[BinaryIO]:
     try:
         with open(tmp, "wb") as f:
             yield f
+            f.flush()
+            _finished(tmp, path)
             if durable:
-                f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -120,6 +220,7 @@ def save_safetensors_atomic(
             if code := OS_ERROR.search(str(exc)):
                 raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from exc
             raise
+        _finished(tmp, path)
         fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -132,6 +233,7 @@ def save_safetensors_atomic(
 def copy_file_synced(src: Path, dst: Path) -> Path:
     """Copy a file's bytes (no metadata) and fsync the copy; used inside staging directories."""
     shutil.copyfile(src, dst)
+    _finished(dst, dst)
     fsync_path(dst)
     return dst
 
