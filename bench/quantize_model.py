@@ -206,12 +206,13 @@ def call_medians(calls: list[dict[str, Any]], field: str | None = None) -> dict[
 
 
 def job_request(model_dir: Path, calib: Path, out: Path, samples: int, seq_len: int, *,
-                true_sequential: bool = True, asymmetric_calibration: bool = False) -> Any:
+                true_sequential: bool = True, asymmetric_calibration: bool = False, solvers: int = 1) -> Any:
     """GPTQ w4 g128 asym in column order (the options the recorded numbers used), a GPTQ v2 checkpoint;
     without `true_sequential`, one Collect per block captures every group's Hessian from one forward;
-    with `asymmetric_calibration` the float model's stream runs beside the quantized one."""
+    with `asymmetric_calibration` the float model's stream runs beside the quantized one; the job leases
+    `solvers` solver replicas."""
     from bitsmith.recipes import Recipe
-    from bitsmith.rpc import Calibration, QuantizeRequest
+    from bitsmith.rpc import Calibration, QuantizeRequest, Resources
     from bitsmith.schemes import GPTQOptions, Method, QuantScheme
 
     recipe = Recipe(method=Method.GPTQ, scheme=QuantScheme(bits=4, group_size=128),
@@ -219,7 +220,8 @@ def job_request(model_dir: Path, calib: Path, out: Path, samples: int, seq_len: 
                                       true_sequential=true_sequential,
                                       asymmetric_calibration=asymmetric_calibration))
     return QuantizeRequest(model=model_dir, out=out, recipe=recipe, checkpoint_format="gptq_v2",
-                           calibration=Calibration(files=[calib], samples=samples, seq_len=seq_len, seed=0))
+                           calibration=Calibration(files=[calib], samples=samples, seq_len=seq_len, seed=0),
+                           resources=Resources(gpus=solvers))
 
 
 def phase_seconds(events: list[Any]) -> tuple[dict[str, float], dict[str, list[float]]]:
@@ -272,7 +274,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         t0 = time.perf_counter()
         job = client.submit(job_request(model_dir, calib, work / "out", args.samples, args.seq_len,
                                        true_sequential=not args.no_true_sequential,
-                                       asymmetric_calibration=args.asymmetric_calibration))
+                                       asymmetric_calibration=args.asymmetric_calibration, solvers=args.solvers))
         events = []
         for event in job.watch():
             events.append(event)

@@ -54,12 +54,15 @@ def _staging(path: str) -> Path:
 
 
 def _preload() -> None:
-    """`bitsmith.formats.preload`; a failed import only leaves it to the first Pack (which then raises it with its
-    context), so it is logged, not raised."""
+    """`bitsmith.formats.preload`, logging the formats it could not import (their first Pack raises the error
+    with its context); any other failure only leaves the imports to the first Pack, so it is logged, not raised."""
     try:
-        preload()
+        missing = preload()
     except Exception:
         log.warning("could not import the formats ahead of the first Pack", exc_info=True)
+        return
+    if missing:
+        log.info("formats not importable on this host", extra={"formats": {f.value: e for f, e in missing.items()}})
 
 
 class Packer(packer_pb2_grpc.PackerServiceServicer):

@@ -55,15 +55,23 @@ def known_formats() -> tuple[Format, ...]:
     return tuple(_MEMBERS)
 
 
-def preload() -> None:
-    """Import every format's module and the transformers model code that writers build models from
-    (`bitsmith.formats.gptq.writer.linear_names`), so that no later call waits for them.
+def preload() -> dict[Format, str]:
+    """Import the transformers model code that writers build models from
+    (`bitsmith.formats.gptq.writer.linear_names`) and every format's module, so that no later call waits for
+    them; returns the formats whose module could not be imported, with the reason.
 
     Why: a process imports them on its first write otherwise, and on a GPU host torch (with CUDA) and
     transformers' model base (tensor parallelism, generation, kernel hubs) take about 10 s to import, all
-    of it inside a job's last step. A packer imports them as it starts instead.
+    of it inside a job's last step. A packer imports them as it starts instead. A format whose optional
+    dependency is missing (`gguf` on a host that writes safetensors only) is skipped, not fatal: the others
+    still load, and a job asking for it fails at its Pack with the import's own error.
     """
-    for fmt in _MEMBERS:
-        get_format(fmt)
     import_module("transformers.modeling_utils")  # what every architecture's model module builds on
     import_module("transformers.generation")
+    missing: dict[Format, str] = {}
+    for fmt in _MEMBERS:
+        try:
+            get_format(fmt)
+        except ImportError as exc:
+            missing[fmt] = str(exc)
+    return missing
