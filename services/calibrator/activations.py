@@ -47,10 +47,10 @@ def fits_on_device(hidden: torch.Tensor, device: torch.device) -> torch.Tensor:
     (a job should not run out of memory blocks later)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        need = DEVICE_SETS * hidden.numel() * hidden.element_size()
-        if need > free:
+        size = hidden.numel() * hidden.element_size()
+        if DEVICE_SETS * size > free:
             raise ConfigError(
-                f"activations of {hidden.numel() * hidden.element_size() / 2**30:.1f} GiB x {DEVICE_SETS} do not fit "
+                f"activations of {size / 2**30:.1f} GiB x {DEVICE_SETS} do not fit "
                 f"in the {free / 2**30:.1f} GiB free on {device}: serve the calibrator with --activations host, or "
                 "calibrate on fewer or shorter samples")
     return hidden.to(device)
