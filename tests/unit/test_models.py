@@ -209,6 +209,22 @@ def test_nan_weight_names_tensor(tmp_path: Path) -> None:
     assert load_checkpoint(model_dir, check_finite=False).num_blocks == 4  # the opt-out for verified copies
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_weight_found_in_its_stored_dtype(tmp_path: Path, dtype: torch.dtype, value: float) -> None:
+    """The check reads each tensor as stored: one bad entry, last in a half-precision tensor, is found."""
+    model_dir = _copy_demo(tmp_path)
+
+    def poison(tensors: dict[str, torch.Tensor]) -> None:
+        for name in tensors:
+            tensors[name] = tensors[name].to(dtype)
+        tensors["model.layers.1.self_attn.o_proj.weight"][-1, -1] = value
+
+    _rewrite_tensors(model_dir, poison)
+    with pytest.raises(FormatError, match=r"model\.layers\.1\.self_attn\.o_proj\.weight contains NaN or Inf"):
+        load_checkpoint(model_dir)
+
+
 def test_missing_and_misshapen_tensors(tmp_path: Path) -> None:
     model_dir = _copy_demo(tmp_path)
     _rewrite_tensors(model_dir, lambda t: t.pop("model.layers.1.self_attn.v_proj.weight"))
