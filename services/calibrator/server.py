@@ -500,7 +500,11 @@ def create_server(address: str, *, store_root: Path, device: str = AUTO,
                   activations: Activations = Activations.STORE,
                   matmul_precision: MatmulPrecision = MatmulPrecision.HIGH) -> tuple[grpc.Server, int]:
     """Serve the calibrator, computing on `device` ("auto": CUDA when there is one) at `matmul_precision`,
-    keeping activations between blocks where `activations` says."""
+    keeping activations between blocks where `activations` says. It imports the model code first, so a
+    job's first Plan does not wait for it."""
+    from bitsmith.models import preload
+
+    preload()
     servicer = Calibrator(ArtifactStore(store_root), device=resolve_device(device), activations=activations,
                           matmul_precision=matmul_precision)
     binding = ServiceBinding.of(servicer, calibrator_pb2, calibrator_pb2_grpc, "CalibratorService")

@@ -225,6 +225,11 @@ class ServiceHost:
         self._server.stop(grace=2).wait()
 
 
+def _suffix(role: Role, replica: int) -> str:
+    """How a replica's actor and messages tell it apart: solvers are numbered, the other roles have one."""
+    return f"-{replica}" if role is Role.SOLVER else ""
+
+
 @dataclass
 class RayPlacement:
     """Start the worker services as Ray actors: a local in-process Ray, or an existing cluster."""
@@ -261,43 +266,58 @@ class RayPlacement:
                               num_cpus=os.cpu_count() or 1)
             _join(ray, kwargs, self.ray_address)
             self._started_ray = True
-        by_role: dict[Role, str] = {}
-        solvers: list[Worker] = []
         labels = _node_labels(ray.nodes())
         host: Any = ray.remote(ServiceHost)
-        # The solvers come last, so "auto" counts what is left beside every other role.
-        for role in sorted(Role, key=lambda r: r is Role.SOLVER):
-            resources = self.resources.get(role, ActorResources())
-            count = (solver_replicas(self.solver_replicas, resources, ray.available_resources())
-                     if role is Role.SOLVER else 1)
-            for replica in range(count):
-                address, node = self._start_actor(ray, host, role, replica, resources)
-                if role is Role.SOLVER:
-                    solvers.append(Worker(address, node, labels.get(node, frozenset())))
-                by_role.setdefault(role, address)
-        return ServiceAddresses(by_role, tuple(solvers))
+        # Each actor imports torch and its service's code as it starts (seconds each), so actors start
+        # together and are waited for together; only "auto" replicas wait for the other roles' actors, to
+        # count what is left beside them.
+        others = [(role, 0) for role in Role if role is not Role.SOLVER]
+        if self.solver_replicas.strip().lower() == "auto":
+            started = self._start_actors(ray, host, others)
+            started |= self._start_actors(ray, host, self._solvers(ray))
+        else:
+            started = self._start_actors(ray, host, others + self._solvers(ray))
+        solvers = {key: value for key, value in started.items() if key[0] is Role.SOLVER}
+        by_role = {role: address for (role, _), (address, _) in started.items() if role is not Role.SOLVER}
+        by_role[Role.SOLVER] = solvers[Role.SOLVER, 0][0]
+        return ServiceAddresses(by_role, tuple(Worker(address, node, labels.get(node, frozenset()))
+                                               for address, node in solvers.values()))
 
-    def _start_actor(self, ray: Any, host: Any, role: Role, replica: int, resources: ActorResources
-                     ) -> tuple[str, str]:
-        """Start one actor of `role` from `host` (`ServiceHost` as a Ray actor class); its address and the
-        node it landed on."""
-        options = resources.ray_options()
-        threads = int(options["num_cpus"]) or self.threads
-        # Named for operators (`ray list actors`), unique per placement so stacks can share a cluster.
-        suffix = f"-{replica}" if role is Role.SOLVER else ""
-        actor = host.options(**options, max_restarts=-1, max_task_retries=-1,
-                             name=f"bitsmith-{role.value}{suffix}-{self._id}").remote(
-            role.value, str(self.store_root), threads, self.security
-        )
-        self._actors.setdefault(role, []).append(actor)
-        try:
-            address, node = ray.get([actor.address.remote(), actor.node_id.remote()], timeout=ACTOR_START_TIMEOUT_S)
-        except ray.exceptions.GetTimeoutError as exc:
-            raise ServiceUnavailableError(
-                f"the {role.value} service{suffix} did not start within {ACTOR_START_TIMEOUT_S:.0f} s; it asks Ray "
-                f"for {options}: does a node of the cluster have that free?") from exc
-        log.info("service started", extra={"role": role.value, "replica": replica, "address": address, "node_id": node})
-        return str(address), str(node)
+    def _solvers(self, ray: Any) -> list[tuple[Role, int]]:
+        """The solver replicas to start, as (role, replica) keys."""
+        count = solver_replicas(self.solver_replicas, self.resources.get(Role.SOLVER, ActorResources()),
+                                ray.available_resources())
+        return [(Role.SOLVER, replica) for replica in range(count)]
+
+    def _start_actors(self, ray: Any, host: Any, replicas: list[tuple[Role, int]]
+                      ) -> dict[tuple[Role, int], tuple[str, str]]:
+        """Start an actor of each (role, replica) from `host` (`ServiceHost` as a Ray actor class), all at
+        once; each one's address and the node it landed on, once every one of them serves."""
+        pending = {}
+        for role, replica in replicas:
+            options = self.resources.get(role, ActorResources()).ray_options()
+            threads = int(options["num_cpus"]) or self.threads
+            # Named for operators (`ray list actors`), unique per placement so stacks can share a cluster.
+            actor = host.options(**options, max_restarts=-1, max_task_retries=-1,
+                                 name=f"bitsmith-{role.value}{_suffix(role, replica)}-{self._id}").remote(
+                role.value, str(self.store_root), threads, self.security
+            )
+            self._actors.setdefault(role, []).append(actor)
+            pending[role, replica] = (options, [actor.address.remote(), actor.node_id.remote()])
+        deadline = time.monotonic() + ACTOR_START_TIMEOUT_S
+        started = {}
+        for (role, replica), (options, refs) in pending.items():
+            try:
+                address, node = ray.get(refs, timeout=max(0.0, deadline - time.monotonic()))
+            except ray.exceptions.GetTimeoutError as exc:
+                raise ServiceUnavailableError(
+                    f"the {role.value} service{_suffix(role, replica)} did not start within "
+                    f"{ACTOR_START_TIMEOUT_S:.0f} s; it asks Ray for {options}: does a node of the cluster have "
+                    "that free?") from exc
+            log.info("service started", extra={"role": role.value, "replica": replica, "address": address,
+                                               "node_id": node})
+            started[role, replica] = (str(address), str(node))
+        return started
 
     def address(self, role: Role, replica: int = 0) -> str:
         """The actor's address; while Ray restarts the actor this waits for the new one."""

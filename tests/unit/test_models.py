@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -278,3 +281,14 @@ def test_load_causal_lm_is_float32_eval() -> None:
     model = load_causal_lm(DEMO_MODEL)
     assert not model.training
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_preload_imports_every_architectures_model_code() -> None:
+    """In a fresh interpreter (this one may have imported them already): what a calibrator or packer
+    imports as it starts, so that no job's first checkpoint waits for it."""
+    modules = [f"transformers.models.{name}.modeling_{name}" for name in ("llama", "mistral", "qwen2")]
+    code = ("import sys; from bitsmith import models; before = [m in sys.modules for m in MODULES]; "
+            "models.preload(); print(before, [m in sys.modules for m in MODULES])").replace("MODULES", repr(modules))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.stdout.split() == ["[False,", "False,", "False]", "[True,", "True,", "True]"]

@@ -66,8 +66,9 @@ def preload() -> dict[Format, str]:
     dependency is missing (`gguf` on a host that writes safetensors only) is skipped, not fatal: the others
     still load, and a job asking for it fails at its Pack with the import's own error.
     """
-    import_module("transformers.modeling_utils")  # what every architecture's model module builds on
-    import_module("transformers.generation")
+    from bitsmith import models
+
+    models.preload()
     missing: dict[Format, str] = {}
     for fmt in _MEMBERS:
         try:

@@ -14,6 +14,7 @@ from bitsmith.models.base import (
     load_causal_lm,
     load_checkpoint,
     meta_causal_lm,
+    preload,
     read_config,
     supported_architectures,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "load_causal_lm",
     "load_checkpoint",
     "meta_causal_lm",
+    "preload",
     "qwen2",
     "read_config",
     "supported_architectures",

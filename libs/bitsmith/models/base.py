@@ -144,6 +144,20 @@ def supported_architectures() -> tuple[str, ...]:
     return tuple(sorted(_ADAPTERS))
 
 
+def preload() -> None:
+    """Import transformers' model code of every supported architecture.
+
+    Why: the first checkpoint a process opens imports it otherwise (transformers' model base, its
+    tensor-parallel and generation machinery, the architecture's module: 2 s on a laptop core, about 10 s
+    with CUDA's torch), inside a job's Submit or last step. A service that opens checkpoints calls this
+    as it starts, before it reports itself ready.
+    """
+    import transformers
+
+    for adapter in _ADAPTERS.values():
+        getattr(transformers, adapter.causal_lm_class)
+
+
 def get_adapter(model_type: str) -> ArchAdapter:
     """The adapter for `model_type`, or `UnsupportedError` listing the supported ones."""
     try:
