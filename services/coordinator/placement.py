@@ -271,14 +271,15 @@ class RayPlacement:
         # Each actor imports torch and its service's code as it starts (seconds each), so actors start
         # together and are waited for together; only "auto" replicas wait for the other roles' actors, to
         # count what is left beside them.
-        others = [(role, 0) for role in Role if role is not Role.SOLVER]
+        others: list[tuple[Role, int]] = [(role, 0) for role in Role if role is not Role.SOLVER]
         if self.solver_replicas.strip().lower() == "auto":
             started = self._start_actors(ray, host, others)
             started |= self._start_actors(ray, host, self._solvers(ray))
         else:
             started = self._start_actors(ray, host, others + self._solvers(ray))
         solvers = {key: value for key, value in started.items() if key[0] is Role.SOLVER}
-        by_role = {role: address for (role, _), (address, _) in started.items() if role is not Role.SOLVER}
+        by_role: dict[Role, str] = {role: address for (role, _), (address, _) in started.items()
+                                    if role is not Role.SOLVER}
         by_role[Role.SOLVER] = solvers[Role.SOLVER, 0][0]
         return ServiceAddresses(by_role, tuple(Worker(address, node, labels.get(node, frozenset()))
                                                for address, node in solvers.values()))
