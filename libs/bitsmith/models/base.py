@@ -417,7 +417,7 @@ class CheckpointModel:
         self.device = torch.device(device)
         self.compute_dtype = compute_dtype
         self._index = index
-        self._embed = index.read(adapter.embed)
+        self._embed = index.read_stored(adapter.embed)  # as stored: only the rows looked up are converted
         with torch.device("meta"):
             skeleton = getattr(transformers, adapter.causal_lm_class)(config)
         self._layer_cls = type(skeleton.model.layers[0])
@@ -457,7 +457,9 @@ class CheckpointModel:
 
         The blocks compute in that dtype anyway, and a calibration set's activations are large (128 x 2048
         tokens of a 4096-wide model: 4.3 GB in float32, 2.1 GB in bfloat16): the caller decides where they
-        live (host or device memory) and each block sees one batch of them at a time.
+        live (host or device memory) and each block sees one batch of them at a time. The rows are looked
+        up in the checkpoint's dtype and converted once, so no float32 copy of the table or of the rows is
+        made on the way to bfloat16.
         """
         return torch.nn.functional.embedding(input_ids.cpu(), self._embed).to(self.compute_dtype)
 
@@ -530,10 +532,11 @@ class CheckpointModel:
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: logits [S, L, V] from the last block's output (read on demand)."""
-        lm_head = self._embed if self.adapter.lm_head not in self._index else self._index.read(self.adapter.lm_head)
+        tied = self.adapter.lm_head not in self._index
+        lm_head = self._embed.to(self.device).float() if tied else self._index.read(self.adapter.lm_head, self.device)
         with torch.no_grad():
             self._norm.weight.copy_(self._index.read(self.adapter.final_norm))
-            return self._norm(hidden.to(device=self.device, dtype=torch.float32)) @ lm_head.to(self.device).T
+            return self._norm(hidden.to(device=self.device, dtype=torch.float32)) @ lm_head.T
 
     def block_module(self, bid: int) -> torch.nn.Module:
         """The decoder layer of block `bid` with its checkpoint weights (one block cached at a time)."""
