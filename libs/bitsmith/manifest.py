@@ -237,11 +237,12 @@ def verify_manifest(directory: Path) -> Manifest:
     if extra := sorted(present - set(listed)):
         raise FormatError(f"artifact {directory}: file {extra[0]} is not in the manifest")
     ordered = sorted(listed.items())
-    digests = files_sha256(directory / rel for rel, _ in ordered)
-    for (rel, entry), digest in zip(ordered, digests, strict=True):
+    for rel, entry in ordered:  # every size before any hash: a truncated file is found without reading gigabytes
         size = (directory / rel).stat().st_size
         if size != entry.bytes:
             raise FormatError(f"artifact {directory}: {rel} has {size} bytes, manifest says {entry.bytes}")
+    digests = files_sha256(directory / rel for rel, _ in ordered)
+    for (rel, entry), digest in zip(ordered, digests, strict=True):
         if digest != entry.sha256:
             raise FormatError(
                 f"artifact {directory}: {rel} has sha256 {digest}, manifest says {entry.sha256}"

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from bitsmith import manifest
 from bitsmith.errors import AlreadyExistsError, ConfigError, FormatError
 from bitsmith.formats.base import (
     copy_file_synced,
@@ -81,6 +82,20 @@ def test_verify_names_the_bad_file(tmp_path: Path, tamper, match: str) -> None:
     verify_manifest(tmp_path)
     tamper(tmp_path)
     with pytest.raises(FormatError, match=match):
+        verify_manifest(tmp_path)
+
+
+def test_a_wrong_size_is_reported_before_any_file_is_hashed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sizes are checked first: a truncated shard of a large artifact is named without reading the rest."""
+    _fill(tmp_path)
+    write_manifest(tmp_path, format=Format.GPTQ, recipe={})
+    (tmp_path / "sub" / "tokenizer.json").write_text("{ }")  # the last file in order, now a different size
+
+    def no_hashing(paths: object) -> list[str]:
+        raise AssertionError("hashed before the sizes were checked")
+
+    monkeypatch.setattr(manifest, "files_sha256", no_hashing)
+    with pytest.raises(FormatError, match=r"sub/tokenizer\.json has 3 bytes"):
         verify_manifest(tmp_path)
 
 
