@@ -180,11 +180,16 @@ def _join(ray: Any, kwargs: dict[str, Any], address: str | None) -> None:
             time.sleep(2 ** attempt)
 
 
+def _counts_free(spec: str) -> bool:
+    """Whether a solver replica `spec` is "auto" (any case or spacing): a count of the cluster's free resources."""
+    return spec.strip().lower() == "auto"
+
+
 def solver_replicas(spec: str, resources: ActorResources, free: Mapping[str, float]) -> int:
     """How many solver replicas to start: `spec` is a count, or "auto": as many as the cluster's `free`
     resources hold of what one replica asks (`{"GPU": 1}`: one per free GPU), at least one. A solver that
     asks for nothing gets one replica: nothing tells how many it should have."""
-    if spec.strip().lower() == "auto":
+    if _counts_free(spec):
         asked = {name: amount for name, amount in resources.amounts.items() if amount > 0}
         return max(1, min(int(free.get(name, 0) // amount) for name, amount in asked.items())) if asked else 1
     return positive_int(spec, SOLVER_REPLICAS_ENV, "count (or 'auto')")
@@ -272,7 +277,7 @@ class RayPlacement:
         # together and are waited for together; only "auto" replicas wait for the other roles' actors, to
         # count what is left beside them.
         others: list[tuple[Role, int]] = [(role, 0) for role in Role if role is not Role.SOLVER]
-        if self.solver_replicas.strip().lower() == "auto":
+        if _counts_free(self.solver_replicas):
             started = self._start_actors(ray, host, others)
             started |= self._start_actors(ray, host, self._solvers(ray))
         else:
