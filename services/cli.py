@@ -29,7 +29,7 @@ from bitsmith.recipes import Recipe
 from bitsmith.rpc.request import Calibration, CheckpointFormat, Evaluation, OutputFormat, QuantizeRequest, Resources
 from bitsmith.runtimes import Target
 from bitsmith.schemes import PER_CHANNEL, Format, FP8Scheme, GPTQOptions, GridSearch, Method, QuantScheme
-from bitsmith_services.registry import Activations, Role
+from bitsmith_services.registry import Activations, Role, ServiceOptions
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -157,6 +157,31 @@ def _security(args: argparse.Namespace) -> SecurityConfig | None:
     return SecurityConfig.load(args.security) if args.security else None
 
 
+def _add_worker_options(parser: argparse.ArgumentParser) -> None:
+    """How worker services compute: `serve`'s own, or those of the workers a coordinator starts on Ray
+    (`serve coordinator`, `up`, the embedded stack of `quantize`)."""
+    parser.add_argument(
+        "--device", default=AUTO,
+        help="calibrator, solver: where to compute: auto (CUDA when torch sees a GPU, else cpu), cpu, cuda, cuda:N; "
+             "the calibrator holds one decoder block on it at a time")
+    parser.add_argument(
+        "--matmul-precision", choices=[p.value for p in MatmulPrecision],
+        help="calibrator: high (float32 with TensorFloat-32 products on a GPU, the default: several times faster "
+             "than exact), highest (exact float32) or bfloat16 (the block forwards in bfloat16, as peer tools "
+             "calibrate: about 3x faster again on a GPU, half the activation memory)")
+    parser.add_argument(
+        "--activations", choices=[a.value for a in Activations], default=Activations.STORE.value,
+        help="calibrator: where activations wait between blocks: store (any replica can continue), host (this "
+             "process's memory; no per-block write of the calibration set) or device (its GPU's memory; no copies "
+             "either, what a GPU calibrator wants where four calibration sets fit)")
+
+
+def _worker_options(args: argparse.Namespace) -> ServiceOptions:
+    return ServiceOptions(device=args.device, activations=Activations(args.activations),
+                          **({"matmul_precision": MatmulPrecision(args.matmul_precision)}
+                             if args.matmul_precision else {}))
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from bitsmith.rpc.discovery import default_home, running_stack
     from bitsmith_services.stack import LocalStack
@@ -164,10 +189,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     request = _request(args)
     with ExitStack() as stack:
         address = args.server or running_stack(default_home())
+        options = _worker_options(args)
         if address is None:
             err.print("[dim]starting an embedded bitsmith stack (local Ray + gRPC services)…[/]")
             home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bitsmith-")))
-            address = stack.enter_context(LocalStack(home=home)).address
+            address = stack.enter_context(LocalStack(home=home, options=options)).address
+        elif options != ServiceOptions():
+            raise ConfigError(f"the stack at {address} computes as it was started: --device, --activations and "
+                              "--matmul-precision are for the embedded stack (or for `bitsmith up`)")
         client = stack.enter_context(_client(args, address))
         job = client.submit(request)
         err.print(f"job [bold]{job.id}[/] submitted to {address}")
@@ -222,18 +251,16 @@ def _serve_until_stopped() -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from bitsmith.logs import configure_json_logging
     from bitsmith.rpc.discovery import default_home, write_stack_file
-    from bitsmith_services.registry import ServiceOptions, start_service
+    from bitsmith_services.registry import start_service
     from bitsmith_services.stack import LocalStack, parse_services
 
     configure_json_logging()
     if args.service == "coordinator":
-        if args.device != AUTO or args.activations != Activations.STORE or args.matmul_precision is not None:
-            raise ConfigError("the coordinator computes nothing: --device, --activations and --matmul-precision "
-                              "are for its workers")
         home = Path(args.home) if args.home else default_home()
         with LocalStack(home=home, host=args.host, port=args.port, ray_address=args.ray_address,
                         services=parse_services(args.services), http_port=args.http_port,
-                        max_concurrent_jobs=args.max_jobs, security=_security(args)) as local:
+                        max_concurrent_jobs=args.max_jobs, security=_security(args),
+                        options=_worker_options(args)) as local:
             if args.write_stack_file:
                 write_stack_file(home, local.address, local.http_address)
             print(local.address, flush=True)  # stdout is the gRPC address (scripts read it)
@@ -243,11 +270,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     if not args.store:
         raise ConfigError(f"bitsmith serve {args.service} needs --store DIR (the artifact store it shares)")
-    options = ServiceOptions(device=args.device, activations=Activations(args.activations),
-                             **({"matmul_precision": MatmulPrecision(args.matmul_precision)}
-                                if args.matmul_precision else {}))
-    server, port = start_service(args.service, f"{args.host}:{args.port}", Path(args.store), options=options,
-                                 security=_security(args))
+    server, port = start_service(args.service, f"{args.host}:{args.port}", Path(args.store),
+                                 options=_worker_options(args), security=_security(args))
     print(f"{args.host}:{port}", flush=True)
     _serve_until_stopped()
     server.stop(grace=5).wait()
@@ -270,6 +294,9 @@ def cmd_up(args: argparse.Namespace) -> int:
            "--http-port", str(args.http_port), "--home", str(home), "--write-stack-file"]
     if args.ray_address:
         cmd += ["--ray-address", args.ray_address]
+    cmd += ["--device", args.device, "--activations", args.activations]
+    if args.matmul_precision:
+        cmd += ["--matmul-precision", args.matmul_precision]
     if args.security:
         cmd += ["--security", str(Path(args.security).resolve())]
     subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -411,6 +438,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--node-label", metavar="LABEL",
                    help="run the job's solves only on nodes with this label (key=value, or a resource such as "
                         "accelerator_type:H100)")
+    _add_worker_options(q)
     q.add_argument("--server", help="HOST:PORT of a JobService (default: a running `bitsmith up`, else embedded)")
     q.add_argument("--request-id", help="client request id: resubmitting it returns the same job")
     q.add_argument("--json", action="store_true", help="print the result as JSON on the last line of stdout")
@@ -443,17 +471,7 @@ def _parser() -> argparse.ArgumentParser:
                                       "(solver=host:port once per solver replica)")
     s.add_argument("--max-jobs", type=int, metavar="N",
                    help="coordinator: jobs running at once at most (default: one per solver replica)")
-    s.add_argument("--device", default=AUTO,
-                   help="calibrator, solver: where to compute: auto (CUDA when torch sees a GPU, else cpu), cpu, "
-                        "cuda, cuda:N; the calibrator holds one decoder block on it at a time")
-    s.add_argument("--matmul-precision", choices=[p.value for p in MatmulPrecision],
-                   help="calibrator: high (float32 with TensorFloat-32 products on a GPU, the default: several times "
-                        "faster than exact), highest (exact float32) or bfloat16 (the block forwards in bfloat16, as "
-                        "peer tools calibrate: about 3x faster again on a GPU, half the activation memory)")
-    s.add_argument("--activations", choices=[a.value for a in Activations], default=Activations.STORE.value,
-                   help="calibrator: where activations wait between blocks: store (any replica can continue), "
-                        "host (this process's memory; no per-block write of the calibration set) or device (its "
-                        "GPU's memory; no copies either, what a GPU calibrator wants where four calibration sets fit)")
+    _add_worker_options(s)
     s.add_argument("--write-stack-file", action="store_true", help=argparse.SUPPRESS)
     _add_security(s)
     s.set_defaults(func=cmd_serve)
@@ -463,6 +481,7 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--http-port", type=int, default=0,
                    help="port of the coordinator's HTTP endpoint (health, metrics, job reports); 0 picks a free one")
     u.add_argument("--ray-address")
+    _add_worker_options(u)
     _add_security(u)
     u.set_defaults(func=cmd_up)
     d = sub.add_parser("down", help="stop the stack `bitsmith up` started")

@@ -69,6 +69,15 @@ class ServiceOptions:
         if self.matmul_precision is not MatmulPrecision.HIGH and role is not Role.CALIBRATOR:
             raise ConfigError(f"{role.value} takes no matmul precision; only the calibrator does")
 
+    def for_role(self, role: Role) -> ServiceOptions:
+        """These options as `role` takes them: the settings it has no use for back at their defaults, so one
+        set of options can start every worker of a stack."""
+        return ServiceOptions(
+            device=self.device if role in COMPUTE_ROLES else AUTO,
+            activations=self.activations if role is Role.CALIBRATOR else Activations.STORE,
+            matmul_precision=self.matmul_precision if role is Role.CALIBRATOR else MatmulPrecision.HIGH,
+        )
+
     def server_kwargs(self, role: Role) -> dict[str, Any]:
         """The keyword arguments of `role`'s `create_server` beside its store root."""
         kwargs: dict[str, Any] = {}

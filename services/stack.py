@@ -22,6 +22,7 @@ from bitsmith.errors import ConfigError, ServiceUnavailableError
 from bitsmith.rpc.discovery import STACK_FILE
 from bitsmith.rpc.security import ClientTls, SecurityConfig
 from bitsmith_services.coordinator.placement import Placement, RayPlacement, ServiceAddresses, StaticPlacement
+from bitsmith_services.registry import ServiceOptions
 
 
 @dataclass
@@ -37,6 +38,8 @@ class LocalStack:
     """The coordinator's HTTP port (health, metrics, job reports) on `host`: 0 picks a free one, None opens none."""
     security: SecurityConfig | None = None
     """TLS, tokens and limits of the coordinator and the workers it starts (None: plaintext, open)."""
+    options: ServiceOptions = field(default_factory=ServiceOptions)
+    """How the workers it starts compute; workers at `services` run as they were started."""
     address: str = ""
     http_address: str | None = None
     _parts: list[Any] = field(default_factory=list)
@@ -44,10 +47,14 @@ class LocalStack:
     def start(self) -> str:
         from bitsmith_services.coordinator.server import create_server
 
+        if self.services and self.options != ServiceOptions():
+            raise ConfigError("workers at given addresses compute as they were started: pass --device, "
+                              "--activations and --matmul-precision to their `bitsmith serve`, not the coordinator's")
         self.home.mkdir(parents=True, exist_ok=True)
         placement: Placement = (
             StaticPlacement(self.services) if self.services
-            else RayPlacement(store_root=self.home / "store", ray_address=self.ray_address, security=self.security)
+            else RayPlacement(store_root=self.home / "store", ray_address=self.ray_address, security=self.security,
+                              options=self.options)
         )
         try:
             server, port, coordinator = create_server(

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 from bitsmith.errors import ConfigError, ServiceUnavailableError
 from bitsmith.rpc.security import SecurityConfig
 from bitsmith.settings import positive_int
-from bitsmith_services.registry import Role, start_service
+from bitsmith_services.registry import Role, ServiceOptions, start_service
 
 log = logging.getLogger("bitsmith.coordinator")
 
@@ -207,14 +207,15 @@ def _node_labels(nodes: list[dict[str, Any]]) -> dict[str, frozenset[str]]:
 class ServiceHost:
     """Hosts one worker service's gRPC server inside a Ray actor (wrapped with ray.remote at the edge)."""
 
-    def __init__(self, role: str, store_root: str, threads: int, security: SecurityConfig | None = None) -> None:
+    def __init__(self, role: str, store_root: str, threads: int, security: SecurityConfig | None = None,
+                 options: ServiceOptions | None = None) -> None:
         import ray
 
         # Ray starts a zero-CPU actor with OMP_NUM_THREADS=1; the services compute in torch, which reads
         # it on first import (lazily, in the first request), so give them the threads they are meant to use.
         os.environ["OMP_NUM_THREADS"] = str(threads)
         host = ray.util.get_node_ip_address()
-        self._server, port = start_service(role, f"{host}:0", Path(store_root), security=security)
+        self._server, port = start_service(role, f"{host}:0", Path(store_root), options=options, security=security)
         self._address = f"{host}:{port}"
 
     def address(self) -> str:
@@ -247,6 +248,8 @@ class RayPlacement:
     """What each role's actor asks Ray for (default: $BITSMITH_RAY_RESOURCES, else nothing)."""
     security: SecurityConfig | None = None
     """Secures every service it starts (its files must be readable where the actors run)."""
+    options: ServiceOptions = field(default_factory=ServiceOptions)
+    """How the services it starts compute (device, the calibrator's activations and matmul precision)."""
     solver_replicas: str = field(default_factory=lambda: os.environ.get(SOLVER_REPLICAS_ENV, "1"))
     """Solver replicas to start: a count or "auto" (see `solver_replicas`); default $BITSMITH_SOLVER_REPLICAS,
     else 1."""
@@ -306,7 +309,7 @@ class RayPlacement:
             # Named for operators (`ray list actors`), unique per placement so stacks can share a cluster.
             actor = host.options(**options, max_restarts=-1, max_task_retries=-1,
                                  name=f"bitsmith-{role.value}{_suffix(role, replica)}-{self._id}").remote(
-                role.value, str(self.store_root), threads, self.security
+                role.value, str(self.store_root), threads, self.security, self.options.for_role(role)
             )
             self._actors.setdefault(role, []).append(actor)
             pending[role, replica] = (options, [actor.address.remote(), actor.node_id.remote()])

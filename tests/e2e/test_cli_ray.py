@@ -66,3 +66,26 @@ def test_quantize_against_an_unreachable_server_fails_clearly(tmp_path: Path) ->
     assert proc.returncode == 2
     assert "cannot reach a bitsmith service at 127.0.0.1:9" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_worker_options_are_refused_for_a_stack_already_running(tmp_path: Path) -> None:
+    proc = run_cli("quantize", str(DEMO_MODEL), "--method", "rtn", "--out", str(tmp_path / "o"),
+                   "--server", "127.0.0.1:9", "--activations", "host", timeout=120)
+    assert proc.returncode == 2
+    assert "computes as it was started" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_the_embedded_stack_computes_as_its_options_say(tmp_path: Path) -> None:
+    """`--matmul-precision bfloat16 --activations host` reach the calibrator the embedded stack starts on Ray:
+    the same job, calibrated in bfloat16, writes another artifact than at the defaults."""
+    digests = []
+    for name, options in (("default", ()), ("bfloat16", ("--matmul-precision", "bfloat16", "--activations", "host"))):
+        out = tmp_path / name
+        proc = run_cli("quantize", str(DEMO_MODEL), "--method", "gptq", "--calib", str(CALIB_FILES[0]),
+                       "--samples", "8", "--seq-len", "128", "--format", "gptq", "--out", str(out), *options,
+                       env={"BITSMITH_HOME": str(tmp_path / "home")})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        digests.append(verify_manifest(out).digest)
+    assert digests[0] != digests[1]

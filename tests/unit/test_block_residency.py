@@ -179,6 +179,24 @@ def test_device_settings_go_only_to_the_roles_that_compute() -> None:
         ServiceOptions(activations=Activations.HOST).check(Role.SOLVER)
 
 
+def test_one_set_of_options_starts_every_role_of_a_stack(tmp_path: Path) -> None:
+    """A coordinator that starts its workers hands each role what it takes of one `ServiceOptions`; workers
+    someone else started at given addresses cannot be told how to compute, so options there are refused."""
+    from bitsmith_services.coordinator.placement import ServiceAddresses
+    from bitsmith_services.stack import LocalStack
+
+    options = ServiceOptions(device="cpu", activations=Activations.HOST, matmul_precision=MatmulPrecision.BFLOAT16)
+    for role in Role:
+        options.for_role(role).check(role)
+    assert options.for_role(Role.CALIBRATOR) == options
+    assert options.for_role(Role.SOLVER) == ServiceOptions(device="cpu")
+    assert options.for_role(Role.PACKER) == ServiceOptions()
+    addresses = ServiceAddresses(dict.fromkeys(Role, "127.0.0.1:9"))
+    with pytest.raises(ConfigError, match="compute as they were started"):
+        LocalStack(home=tmp_path, services=addresses, options=options).start()
+    assert not (tmp_path / "jobs.sqlite").exists()
+
+
 def test_services_run_untraced_without_opentelemetry(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from bitsmith.telemetry import current_trace_id, setup_tracing, tracing_available
     from bitsmith_services.registry import start_service
